@@ -1,0 +1,1 @@
+"""Small explicit cache state objects (VAE causal feature cache, step-skipping caches)."""

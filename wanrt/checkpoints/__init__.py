@@ -1,0 +1,1 @@
+"""Checkpoint layouts: detection, key maps, lazy loading, tiny checkpoint writer."""

@@ -1,0 +1,1 @@
+"""Graph capture (CUDA graphs) and engine export; filled in by the fast-loop work."""

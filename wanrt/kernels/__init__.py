@@ -1,0 +1,1 @@
+"""Triton kernels (one file per op family); filled in by the fused-kernel work."""
