@@ -1,0 +1,254 @@
+"""Lazy tensor sources (safetensors, sharded safetensors, torch pickles) and loading into meta modules.
+
+Loading never holds two copies of the weights: a module is built on the ``meta`` device, then each
+tensor is read from its file (memory-mapped), converted to its target dtype on its target device and
+handed to ``load_state_dict(assign=True)``. Every error names the file and, where there is one, the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing pieces, corrupt, or does not fit the model.
+
+    Attributes:
+        file: the file concerned (or None).
+        key: the tensor key concerned (or None).
+    """
+
+    def __init__(self, message: str, file: str | os.PathLike | None = None, key: str | None = None):
+        self.file = str(file) if file is not None else None
+        self.key = key
+        where = []
+        if file is not None:
+            where.append(f"file {self.file}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        super().__init__(message + (f" ({', '.join(where)})" if where else ""))
+
+
+class TensorSource:
+    """A read-only, lazily loaded ``key -> tensor`` view over one or more checkpoint files.
+
+    Use :func:`open_tensor_source` to build one. ``shape(key)`` reads only headers; ``get(key)``
+    reads one tensor. Call ``close()`` (or use it as a context manager) to release file handles.
+    """
+
+    def __init__(self) -> None:
+        self._file_of: dict[str, Path] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._getters: dict[Path, Callable[[str], torch.Tensor]] = {}
+        self._closers: list[Callable[[], None]] = []
+        self.metadata: dict[str, str] = {}
+
+    # -- construction -------------------------------------------------------------------------
+    def _add_safetensors(self, path: Path, only: Iterable[str] | None = None) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        if not path.is_file():
+            raise CheckpointError("checkpoint file not found", path)
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            handle.__enter__()
+        except SafetensorError as e:
+            raise CheckpointError(f"corrupt or truncated safetensors file: {e}", path) from e
+        except Exception as e:  # pragma: no cover - unusual I/O errors
+            raise CheckpointError(f"cannot open safetensors file: {e}", path) from e
+        self._closers.append(lambda h=handle: h.__exit__(None, None, None))
+        self.metadata.update(handle.metadata() or {})
+        keys = handle.keys() if only is None else list(only)
+        available = set(handle.keys())
+        for k in keys:
+            if k not in available:
+                raise CheckpointError("the shard index names this key but the shard does not hold it", path, k)
+            if k in self._file_of and self._file_of[k] != path:
+                raise CheckpointError(f"key also stored in {self._file_of[k]}", path, k)
+            self._file_of[k] = path
+            self._shape[k] = tuple(handle.get_slice(k).get_shape())
+
+        def getter(key: str, h=handle, p=path) -> torch.Tensor:
+            try:
+                return h.get_tensor(key)
+            except Exception as e:
+                raise CheckpointError(f"cannot read tensor: {e}", p, key) from e
+
+        self._getters[path] = getter
+
+    def _add_pickle(self, path: Path) -> None:
+        if not path.is_file():
+            raise CheckpointError("checkpoint file not found", path)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"corrupt, truncated or unsafe torch checkpoint: {e}", path) from e
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError("expected a state dict of tensors", path)
+        for k, v in obj.items():
+            self._file_of[k] = path
+            self._shape[k] = tuple(v.shape)
+        self._getters[path] = lambda key, d=obj: d[key]
+
+    # -- access -------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def file_of(self, key: str) -> Path:
+        return self._file_of[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shape[key]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._file_of:
+            raise CheckpointError("key not in checkpoint", self.describe(), key)
+        return self._getters[self._file_of[key]](key)
+
+    def describe(self) -> str:
+        files = sorted({str(p) for p in self._file_of.values()})
+        return files[0] if len(files) == 1 else f"{len(files)} files under {os.path.commonpath(files)}" if files else "<empty>"
+
+    def close(self) -> None:
+        for c in self._closers:
+            c()
+        self._closers.clear()
+
+    def __enter__(self) -> "TensorSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_tensor_source(path: str | os.PathLike) -> TensorSource:
+    """Open a weights file lazily.
+
+    Args:
+        path: a ``.safetensors`` file, a ``*.safetensors.index.json`` shard index (every shard it names
+            is opened), or a torch pickle (``.pth``/``.pt``/``.bin``, loaded with ``weights_only=True``
+            and ``mmap=True``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: a shard named by the index is missing, a file is corrupt or truncated, or the
+            index is malformed; the message names the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    src = TensorSource()
+    try:
+        if path.name.endswith(".index.json"):
+            try:
+                index = json.loads(path.read_text())
+                weight_map: Mapping[str, str] = index["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"malformed shard index (need a 'weight_map'): {e}", path) from e
+            by_shard: dict[str, list[str]] = {}
+            for key, shard in weight_map.items():
+                by_shard.setdefault(shard, []).append(key)
+            for shard, keys in by_shard.items():
+                shard_path = path.parent / shard
+                if not shard_path.is_file():
+                    raise CheckpointError(
+                        f"shard {shard!r} named by the index is missing (it holds {len(keys)} keys, e.g. {keys[0]!r})",
+                        shard_path,
+                    )
+                src._add_safetensors(shard_path, only=keys)
+        elif path.suffix == ".safetensors":
+            src._add_safetensors(path)
+        else:
+            src._add_pickle(path)
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def load_into_module(
+    module: torch.nn.Module,
+    source: TensorSource,
+    *,
+    to_official: Callable[[str], str | None] | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    keep_fp32: Callable[[str], bool] = lambda name: False,
+    what: str = "model",
+) -> torch.nn.Module:
+    """Materialize a meta-device module from a tensor source, one tensor at a time.
+
+    Args:
+        module: built under ``torch.device("meta")``; its state-dict keys are the official keys.
+        source: where the tensors are (see :func:`open_tensor_source`).
+        to_official: maps a source key to the module's key; returning None drops the key
+            (e.g. a tied duplicate). Identity when None.
+        device: target device of every parameter.
+        dtype: target dtype of floating-point parameters (None keeps the stored dtype), except those
+            for which ``keep_fp32(name)`` is true, which become float32.
+        keep_fp32: see above.
+        what: a name for messages ("DiT", "VAE", ...).
+
+    Returns:
+        ``module``, with real tensors, in eval mode.
+
+    Raises:
+        CheckpointError: missing keys, unexpected keys, two source keys mapping to one module key, or a
+            shape mismatch; the message names the file and the key.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    mapped: dict[str, str] = {}
+    unexpected: list[str] = []
+    for src_key in source.keys():
+        key = to_official(src_key) if to_official else src_key
+        if key is None:
+            continue
+        if key in mapped:
+            raise CheckpointError(
+                f"{what}: keys {mapped[key]!r} and {src_key!r} both map to {key!r}", source.file_of(src_key), src_key
+            )
+        mapped[key] = src_key
+        if key not in expected:
+            unexpected.append(src_key)
+    if unexpected:
+        k = unexpected[0]
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{what}: unexpected key in checkpoint{more}", source.file_of(k), k)
+    missing = [k for k in expected if k not in mapped]
+    if missing:
+        more = f" and {len(missing) - 1} more ({', '.join(missing[1:4])}...)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{what}: checkpoint lacks a parameter{more}", source.describe(), missing[0])
+    for key, shape in expected.items():
+        src_key = mapped[key]
+        if source.shape(src_key) != shape:
+            raise CheckpointError(
+                f"{what}: shape mismatch for {key!r}: checkpoint {list(source.shape(src_key))}, model {list(shape)}",
+                source.file_of(src_key), src_key,
+            )
+    state: dict[str, torch.Tensor] = {}
+    for key in expected:
+        t = source.get(mapped[key])
+        if t.is_floating_point():
+            target = torch.float32 if keep_fp32(key) else (dtype or t.dtype)
+            t = t.to(device=device, dtype=target)
+        else:
+            t = t.to(device=device)
+        state[key] = t
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval().requires_grad_(False)

@@ -1,0 +1,134 @@
+"""Detect which checkpoint layout a path is, from its files and keys (never from its name).
+
+Layouts (docs: checkpoints-and-formats.md):
+
+- **official** (Wan-AI/Wan2.1-*): ``config.json`` (WanModel fields), ``diffusion_pytorch_model.safetensors``
+  or shards + ``diffusion_pytorch_model.safetensors.index.json``, ``Wan2.1_VAE.pth``,
+  ``models_t5_umt5-xxl-enc-bf16.pth`` and the tokenizer folder ``google/umt5-xxl/``.
+- **diffusers** (``*-Diffusers``): ``model_index.json`` with ``transformer/``, ``vae/``, ``text_encoder/``,
+  ``tokenizer/`` (and ``scheduler/``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+OFFICIAL_DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"
+OFFICIAL_VAE = "Wan2.1_VAE.pth"
+OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+OFFICIAL_TOKENIZER = "google/umt5-xxl"
+
+
+class LayoutError(ValueError):
+    """A path is neither checkpoint layout, or a layout is missing a part."""
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where each part of a Wan2.1 checkpoint lives.
+
+    Attributes:
+        kind: "official" or "diffusers".
+        root: the checkpoint folder.
+        transformer: DiT folder (holding config.json and the weights).
+        vae: VAE file (official ``.pth``) or diffusers ``vae/`` folder; None when absent.
+        text_encoder: T5 ``.pth`` (official) or diffusers ``text_encoder/`` folder; None when absent.
+        tokenizer: tokenizer folder; None when absent.
+    """
+
+    kind: str
+    root: Path
+    transformer: Path
+    vae: Path | None
+    text_encoder: Path | None
+    tokenizer: Path | None
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON file; errors name the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LayoutError(f"{path}: not valid JSON ({e})") from e
+
+
+def dit_weights_file(folder: Path) -> Path:
+    """The DiT weights entry point in ``folder``: the shard index if there is one, else the single file.
+
+    Raises:
+        LayoutError: neither exists; names the folder and the expected names.
+    """
+    index = folder / (OFFICIAL_DIT_WEIGHTS + ".index.json")
+    if index.is_file():
+        return index
+    single = folder / OFFICIAL_DIT_WEIGHTS
+    if single.is_file():
+        return single
+    others = sorted(folder.glob("*.safetensors"))
+    if len(others) == 1:
+        return others[0]
+    raise LayoutError(
+        f"{folder}: no DiT weights (expected {OFFICIAL_DIT_WEIGHTS} or {OFFICIAL_DIT_WEIGHTS}.index.json)"
+    )
+
+
+def config_kind(cfg: dict) -> str | None:
+    """'official' for a WanModel config.json, 'diffusers' for a WanTransformer3DModel one, else None."""
+    if "num_attention_heads" in cfg and "attention_head_dim" in cfg:
+        return "diffusers"
+    if "dim" in cfg and "num_heads" in cfg and "num_layers" in cfg:
+        return "official"
+    return None
+
+
+def detect_layout(path: str | Path) -> CheckpointLayout:
+    """Detect the layout of a checkpoint folder.
+
+    Args:
+        path: an official checkpoint folder or a diffusers pipeline folder.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        LayoutError: the folder is neither layout (the message lists what was found).
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {root}")
+    if not root.is_dir():
+        raise LayoutError(f"{root} is a file; a whole checkpoint is a folder (a single DiT file loads with load_transformer)")
+    if (root / "model_index.json").is_file():
+        read_json(root / "model_index.json")
+
+        def part(name: str) -> Path | None:
+            p = root / name
+            return p if p.is_dir() else None
+
+        if part("transformer") is None:
+            raise LayoutError(f"{root}: diffusers layout (model_index.json) without a transformer/ folder")
+        return CheckpointLayout(
+            "diffusers", root, root / "transformer", part("vae"), part("text_encoder"), part("tokenizer")
+        )
+    cfg_path = root / "config.json"
+    if cfg_path.is_file():
+        kind = config_kind(read_json(cfg_path))
+        if kind == "official":
+
+            def file(name: str) -> Path | None:
+                p = root / name
+                return p if p.exists() else None
+
+            return CheckpointLayout(
+                "official", root, root, file(OFFICIAL_VAE), file(OFFICIAL_T5), file(OFFICIAL_TOKENIZER)
+            )
+        if kind == "diffusers":
+            # a bare diffusers transformer/ folder
+            return CheckpointLayout("diffusers", root, root, None, None, None)
+    found = sorted(p.name for p in root.iterdir())[:12]
+    raise LayoutError(
+        f"{root} is neither an official Wan2.1 checkpoint (config.json with WanModel fields + "
+        f"{OFFICIAL_DIT_WEIGHTS}) nor a diffusers one (model_index.json); found: {found}"
+    )

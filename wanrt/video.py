@@ -1,0 +1,110 @@
+"""The result of a generation and MP4 writing through PyAV."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """Map a decoded video in [-1, 1] to uint8 frames.
+
+    Args:
+        video: ``[3, F, H, W]`` (or ``[1, 3, F, H, W]``) float tensor in [-1, 1].
+
+    Returns:
+        ``[F, H, W, 3]`` uint8 array, ``round((x + 1) / 2 * 255)`` clamped to [0, 255]
+        (the official ``cache_video`` maps (x+1)/2 to [0, 255]).
+    """
+    if video.ndim == 5:
+        if video.shape[0] != 1:
+            raise ValueError(f"expected a single video, got batch {video.shape[0]}")
+        video = video[0]
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected [3, F, H, W], got {tuple(video.shape)}")
+    x = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().numpy()  # [F, H, W, 3]
+
+
+def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16, crf: int = 18) -> Path:
+    """Write uint8 RGB frames to an H.264 MP4 with PyAV.
+
+    Args:
+        frames: ``[F, H, W, 3]`` uint8.
+        path: output file; parent folders are created.
+        fps: frames per second (Wan's native rate is 16).
+        crf: x264 constant rate factor (lower is better quality).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: frames of the wrong shape or dtype, or odd height/width (yuv420p needs even sizes).
+    """
+    import av  # PyAV: imported here so that importing wanrt stays light
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
+    f, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 yuv420p needs even height and width, got {h}x{w}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with av.open(str(tmp), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"crf": str(crf)})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(f):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i], format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+    return path
+
+
+def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Decode an MP4 back to uint8 frames ``[F, H, W, 3]`` and its frame rate (for checks and tests)."""
+    import av
+
+    with av.open(str(path)) as inp:
+        stream = inp.streams.video[0]
+        frames = [fr.to_ndarray(format="rgb24") for fr in inp.decode(stream)]
+        rate = float(stream.average_rate) if stream.average_rate else float("nan")
+    return np.stack(frames), rate
+
+
+@dataclass
+class Video:
+    """A generated video.
+
+    Attributes:
+        frames: ``[F, H, W, 3]`` uint8 RGB frames.
+        fps: frames per second (16 for Wan2.1).
+        seed: the seed actually used (drawn and reported when none was given).
+        latents: the final denoised latents ``[1, 16, F', H/8, W/8]`` float32 on the CPU.
+        timings: seconds per stage ("text_encoder", "denoise", "vae_decode", "total").
+    """
+
+    frames: np.ndarray
+    fps: int
+    seed: int
+    latents: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    def save(self, path: str | os.PathLike, crf: int = 18) -> Path:
+        """Write the video as H.264 MP4 at ``self.fps`` (see :func:`write_mp4`)."""
+        return write_mp4(self.frames, path, fps=self.fps, crf=crf)
+
+    def __repr__(self) -> str:
+        f, h, w, _ = self.frames.shape
+        return f"Video(frames={f}, size={h}x{w}, fps={self.fps}, seed={self.seed})"
