@@ -112,7 +112,7 @@ _ARCH_FLF2V = Architecture("flf2v", dim=5120, ffn_dim=13824, num_heads=40, num_l
 #: The tiny model: random weights, real architecture family, small enough for a whole video in seconds
 #: on a CPU. Used by the tests, the README quick start and ``wanrt make-tiny-checkpoint``.
 TINY_ARCH = Architecture(
-    "t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, text_dim=64, text_len=32
+    "t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, text_dim=64
 )
 
 PRESETS: Mapping[str, Preset] = {

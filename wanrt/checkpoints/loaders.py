@@ -1,0 +1,389 @@
+"""Public loaders: ``load_transformer``, ``load_vae``, ``load_text_encoder``.
+
+Each accepts the official layout, the diffusers layout, or a single weights file, detects which from
+files and keys, builds the module on the meta device and materializes the weights one tensor at a
+time in the target dtype on the target device (see :mod:`wanrt.checkpoints.io`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .io import CheckpointError, TensorSource, load_into_module, open_tensor_source
+from .layout import (
+    OFFICIAL_T5,
+    OFFICIAL_TOKENIZER,
+    OFFICIAL_VAE,
+    LayoutError,
+    config_kind,
+    detect_layout,
+    dit_weights_file,
+    read_json,
+)
+
+COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT
+# ---------------------------------------------------------------------------------------------
+def _dit_key_mapper(keys: list[str]):
+    """Pick the key map from the keys themselves: official (possibly Comfy-prefixed) or diffusers."""
+    from .keymap_dit import dit_to_official
+
+    prefix = ""
+    for p in COMFY_PREFIXES:
+        if keys and all(k.startswith(p) for k in keys if not k.startswith("scaled_fp8")):
+            prefix = p
+            break
+    stripped = [k[len(prefix):] for k in keys]
+    diffusers = any(k.startswith(("condition_embedder.", "scale_shift_table", "proj_out.")) or ".attn1." in k for k in stripped)
+    if diffusers:
+        return "diffusers", lambda k: dit_to_official(k[len(prefix):])
+    return "official", lambda k: k[len(prefix):]
+
+
+def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], text_len: int = 512):
+    """Infer the DiT config from official-key tensor shapes (for single files without a config).
+
+    The official Wan2.1 models all use head_dim 128, so ``num_heads = dim // 128``.
+    """
+    from ..models.dit import DiTConfig
+
+    try:
+        dim, in_dim = shapes["patch_embedding.weight"][:2]
+        layers = 1 + max(int(m.group(1)) for k in shapes if (m := _BLOCK.match(k)))
+        cfg = dict(
+            model_type="flf2v" if "img_emb.emb_pos" in shapes else "i2v" if "img_emb.proj.0.weight" in shapes else "t2v",
+            dim=dim, in_dim=in_dim, num_layers=layers,
+            ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+            freq_dim=shapes["time_embedding.0.weight"][1],
+            text_dim=shapes["text_embedding.0.weight"][1],
+            out_dim=shapes["head.head.weight"][0] // 4,
+            num_heads=max(1, dim // 128), text_len=text_len,
+        )
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"cannot infer the DiT architecture from the keys (missing {e})") from e
+    return DiTConfig(**cfg)
+
+
+def _resolve_dit(path: Path):
+    """Return (weights entry file, config or None, config source) for any accepted DiT path."""
+    from ..models.dit import DiTConfig
+
+    if path.is_file():
+        if path.suffix != ".safetensors" and not path.name.endswith(".index.json"):
+            raise LayoutError(f"{path}: a DiT file must be .safetensors (or a .safetensors.index.json)")
+        sibling = path.parent / "config.json"
+        cfg = None
+        if sibling.is_file():
+            raw = read_json(sibling)
+            kind = config_kind(raw)
+            if kind == "official":
+                cfg = DiTConfig.from_official_config(raw)
+            elif kind == "diffusers":
+                cfg = DiTConfig.from_diffusers_config(raw)
+        return path, cfg
+    layout = detect_layout(path)
+    folder = layout.transformer
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise LayoutError(f"{folder}: missing config.json for the DiT")
+    raw = read_json(cfg_path)
+    kind = config_kind(raw)
+    if kind is None:
+        raise LayoutError(f"{cfg_path}: not a WanModel or WanTransformer3DModel config")
+    cfg = DiTConfig.from_official_config(raw) if kind == "official" else DiTConfig.from_diffusers_config(raw)
+    return dit_weights_file(folder), cfg
+
+
+def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None):
+    """Load the Wan2.1 DiT from any supported layout.
+
+    Args:
+        path: an official checkpoint folder, a diffusers pipeline folder or its ``transformer/`` folder,
+            or one ``.safetensors`` file (official keys, optionally ComfyUI-prefixed
+            ``model.diffusion_model.``, or diffusers keys; architecture from a sibling ``config.json``,
+            the file's ``config`` metadata, or inferred from shapes).
+        device: target device (default: CUDA when available, else CPU).
+        dtype: dtype of the large Linear/Conv weights (default bf16, whose GEMMs equal the official
+            bf16 autocast); modulation tables, time MLP, head and norms stay float32 (``WanDiT.keep_fp32``).
+            float32 gives a pure fp32 model.
+        config: a ``DiTConfig`` that overrides the checkpoint's.
+
+    Returns:
+        ``WanDiT`` in eval mode, called as ``model(x, t, context)``: x ``[B, C_in, F, H, W]``, t ``[B]``
+        on the 0..1000 scale, context ``[B, L, text_dim]``; returns the velocity ``[B, C_out, F, H, W]`` fp32.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        LayoutError: the folder is neither layout, or lacks config/weights.
+        CheckpointError: missing/unexpected keys, shape mismatch, corrupt or truncated file (names file, key).
+    """
+    from ..models.dit import DiTConfig, WanDiT
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    dtype = _check_dtype(dtype)
+    weights, cfg = _resolve_dit(path)
+    with open_tensor_source(weights) as src:
+        _, mapper = _dit_key_mapper(src.keys())
+        if config is not None:
+            cfg = config
+        elif cfg is None and "config" in src.metadata:
+            raw = json.loads(src.metadata["config"])
+            cfg = DiTConfig.from_official_config(raw) if config_kind(raw) == "official" else DiTConfig.from_diffusers_config(raw)
+        elif cfg is None:
+            shapes = {}
+            for k, s in src.shapes().items():
+                mk = mapper(k)
+                if mk is not None:
+                    shapes[mk] = s
+            cfg = dit_config_from_shapes(shapes)
+        with torch.device("meta"):
+            model = WanDiT(cfg)
+        load_into_module(
+            model, src, to_official=_skip_markers(mapper), device=_device(device), dtype=dtype,
+            keep_fp32=WanDiT.keep_fp32, what="DiT",
+        )
+    return model
+
+
+def _skip_markers(mapper):
+    def f(k: str):
+        if k == "scaled_fp8":
+            raise CheckpointError(
+                "scaled-fp8 checkpoints are not supported yet (quantized loading is a later feature)", key=k
+            )
+        return mapper(k)
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------
+def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]):
+    """Infer a ``VAEConfig`` from official-key tensor shapes (``Wan2.1_VAE.pth`` carries no config).
+
+    Walks ``encoder.downsamples.N``: residual blocks (``.residual.2.weight``), attention blocks
+    (``.to_qkv.weight``) and resamples (``.resample.1.weight``, with ``.time_conv.weight`` when the
+    resample also halves time) give num_res_blocks, dim_mult, attn_scales and temporal_downsample.
+    """
+    from ..models.vae import VAEConfig
+
+    try:
+        base = shapes["encoder.conv1.weight"][0]
+        z_dim = shapes["conv2.weight"][0]
+        idx = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.downsamples.")})
+        levels: list[list[str]] = [[]]
+        temporal: list[bool] = []
+        for i in idx:
+            p = f"encoder.downsamples.{i}."
+            if p + "resample.1.weight" in shapes:
+                temporal.append(p + "time_conv.weight" in shapes)
+                levels.append([])
+            elif p + "to_qkv.weight" in shapes:
+                levels[-1].append("attn")
+            else:
+                levels[-1].append(p + "residual.6.weight")
+        dim_mult, attn_scales = [], []
+        for li, level in enumerate(levels):
+            res = [k for k in level if k != "attn"]
+            dim_mult.append(shapes[res[-1]][0] // base)
+            if "attn" in level:
+                attn_scales.append(1.0 / 2**li)
+        num_res_blocks = len([k for k in levels[0] if k != "attn"])
+    except (KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"cannot infer the VAE architecture from the keys (missing {e})") from e
+    return VAEConfig(
+        base_dim=base, z_dim=z_dim, dim_mult=tuple(dim_mult), num_res_blocks=num_res_blocks,
+        attn_scales=tuple(attn_scales), temporal_downsample=tuple(temporal),
+    )
+
+
+def load_vae(path, device=None, dtype=torch.float32):
+    """Load the Wan2.1 causal 3D VAE.
+
+    Args:
+        path: ``Wan2.1_VAE.pth``, an official checkpoint folder holding it, a diffusers pipeline folder,
+            or a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.safetensors).
+        device: target device (default: CUDA when available, else CPU).
+        dtype: weight and compute dtype (the official VAE runs in float32, the default).
+
+    Returns:
+        ``WanVAE``: ``.encode(video [B,3,F,H,W] in [-1,1])`` → normalized latents
+        ``[B,16,1+(F-1)/4,H/8,W/8]``; ``.decode(latents)`` → video in [-1,1].
+
+    Raises:
+        FileNotFoundError, LayoutError, CheckpointError: as for :func:`load_transformer`.
+    """
+    from ..models.vae import VAEConfig, WanVAE
+    from .keymap_vae import vae_to_official
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    dtype = _check_dtype(dtype)
+    cfg = None
+    if path.is_dir():
+        if (path / "config.json").is_file() and "z_dim" in read_json(path / "config.json"):
+            folder = path
+        else:
+            layout = detect_layout(path)
+            if layout.vae is None:
+                raise LayoutError(f"{path}: no VAE found (expected {OFFICIAL_VAE} or a vae/ folder)")
+            folder = layout.vae
+        if folder.is_dir():
+            cfg = VAEConfig.from_diffusers_config(read_json(folder / "config.json"))
+            weights = folder / "diffusion_pytorch_model.safetensors"
+            if not weights.is_file() and (folder / "diffusion_pytorch_model.safetensors.index.json").is_file():
+                weights = folder / "diffusion_pytorch_model.safetensors.index.json"
+        else:
+            weights = folder
+    else:
+        weights = path
+    with open_tensor_source(weights) as src:
+        keys = src.keys()
+        diffusers = any(k.startswith(("quant_conv", "post_quant_conv")) or ".conv_in." in k or "up_blocks" in k for k in keys)
+        if diffusers:
+            mapper = _vae_mapper(vae_to_official, cfg)
+        else:
+            mapper = None
+        if cfg is None:
+            shapes = {(mapper(k) if mapper else k): s for k, s in src.shapes().items()}
+            cfg = vae_config_from_shapes(shapes)
+            if diffusers:
+                mapper = _vae_mapper(vae_to_official, cfg)
+        with torch.device("meta"):
+            vae = WanVAE(cfg)
+        load_into_module(vae, src, to_official=mapper, device=_device(device), dtype=dtype,
+                         keep_fp32=WanVAE.keep_fp32, what="VAE")
+    return vae
+
+
+def _vae_mapper(fn, cfg):
+    import inspect
+
+    if cfg is not None and len(inspect.signature(fn).parameters) > 1:
+        return lambda k: fn(k, cfg)
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoder
+# ---------------------------------------------------------------------------------------------
+def load_tokenizer(folder: str | Path):
+    """Load a tokenizer folder through transformers' AutoTokenizer (local files only).
+
+    Raises:
+        LayoutError: the folder is missing or transformers cannot read it.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LayoutError(f"tokenizer folder not found: {folder}")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise LayoutError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from e
+
+
+def load_text_encoder(path, device=None, dtype=torch.bfloat16, *, tokenizer=None, text_len: int = 512):
+    """Load the UMT5-XXL text encoder and its tokenizer.
+
+    Args:
+        path: an official checkpoint folder (``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl/``),
+            that ``.pth`` file (tokenizer from ``google/umt5-xxl/`` beside it), a diffusers pipeline folder
+            (``text_encoder/`` + ``tokenizer/``), or a transformers ``UMT5EncoderModel`` folder.
+        device: target device (default: CUDA when available, else CPU).
+        dtype: weight dtype (bf16 as the official code; float32 for reference checks).
+        tokenizer: a tokenizer folder overriding the detected one.
+        text_len: tokens per prompt after padding/truncation (512).
+
+    Returns:
+        ``TextEncoder`` with ``.encode(list[str]) -> list[Tensor [L_i, dim]]``, trimmed to the real tokens.
+
+    Raises:
+        FileNotFoundError, LayoutError, CheckpointError: as for :func:`load_transformer`.
+    """
+    from ..models.t5 import TextEncoder, UMT5Config, UMT5Encoder
+    from .keymap_t5 import t5_to_official
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    dtype = _check_dtype(dtype)
+    hf_cfg = None
+    tok_dir = Path(tokenizer) if tokenizer is not None else None
+    if path.is_file():
+        weights = path
+        tok_dir = tok_dir or path.parent / OFFICIAL_TOKENIZER
+    elif (path / "config.json").is_file() and "d_model" in read_json(path / "config.json"):
+        folder = path
+        hf_cfg = read_json(folder / "config.json")
+        weights = _hf_weights(folder)
+        tok_dir = tok_dir or folder.parent / "tokenizer"
+    else:
+        layout = detect_layout(path)
+        if layout.text_encoder is None:
+            raise LayoutError(f"{path}: no text encoder found (expected {OFFICIAL_T5} or a text_encoder/ folder)")
+        if layout.text_encoder.is_dir():
+            hf_cfg = read_json(layout.text_encoder / "config.json")
+            weights = _hf_weights(layout.text_encoder)
+        else:
+            weights = layout.text_encoder
+        tok_dir = tok_dir or layout.tokenizer
+    if tok_dir is None:
+        raise LayoutError(f"{path}: no tokenizer folder found")
+    tok = load_tokenizer(tok_dir)
+    with open_tensor_source(weights) as src:
+        hf_keys = any(k.startswith(("encoder.", "shared.")) for k in src.keys())
+        mapper = None
+        if hf_keys:
+            def mapper(k: str):
+                if k == "encoder.embed_tokens.weight" and "shared.weight" in src:
+                    return None  # tied duplicate of shared.weight
+                return t5_to_official(k)
+        if hf_cfg is not None:
+            cfg = UMT5Config.from_hf_config(hf_cfg)
+        else:
+            shapes = {}
+            for k, s in src.shapes().items():
+                mk = mapper(k) if mapper else k
+                if mk is not None:
+                    shapes[mk] = s
+            cfg = UMT5Config.from_state_dict_shapes(shapes)
+        with torch.device("meta"):
+            model = UMT5Encoder(cfg)
+        load_into_module(model, src, to_official=mapper, device=_device(device), dtype=dtype,
+                         keep_fp32=UMT5Encoder.keep_fp32, what="text encoder")
+    return TextEncoder(tok, model, text_len=text_len)
+
+
+def _hf_weights(folder: Path) -> Path:
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    raise LayoutError(f"{folder}: no model.safetensors or model.safetensors.index.json")

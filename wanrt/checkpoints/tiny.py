@@ -1,0 +1,240 @@
+"""Write random-initialized Wan2.1 checkpoints in the real layouts (``wanrt make-tiny-checkpoint``).
+
+Model weights can never be downloaded in CI, so the real loading code is exercised on checkpoints the
+project writes itself: the same files, key names, dtypes and configs as the official and diffusers
+releases, with random weights and a small SentencePiece tokenizer trained on the spot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..presets import Preset, get_preset
+from .layout import OFFICIAL_DIT_WEIGHTS, OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
+
+LAYOUTS = ("official", "diffusers")
+TINY_VOCAB = 384
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, *, std_scale: float = 1.0) -> torch.nn.Module:
+    """Fill every parameter with seeded random values that keep activations O(1).
+
+    Weights of rank ≥ 2 get ``N(0, 1/fan_in)``; 1-D norm weights and VAE gammas ``1 + N(0, 0.1²)``;
+    biases ``N(0, 0.02²)``; modulation tables ``N(0, 0.1²)``; the token embedding ``N(0, 1)``.
+    Deterministic for a given seed and module structure. Returns the module.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if "modulation" in name or "scale_shift" in name or "emb_pos" in name:
+                v = torch.randn(p.shape, generator=g) * 0.1
+            elif leaf == "bias":
+                v = torch.randn(p.shape, generator=g) * 0.02
+            elif leaf == "gamma" or p.ndim == 1 or (p.ndim > 1 and p.shape[1:].numel() == 1 and "norm" in name):
+                v = 1.0 + torch.randn(p.shape, generator=g) * 0.1
+            elif "token_embedding" in name or "embed_tokens" in name or name.endswith("shared.weight"):
+                v = torch.randn(p.shape, generator=g)
+            elif "pos_embedding" in name or "relative_attention_bias" in name:
+                v = torch.randn(p.shape, generator=g) * 0.5
+            else:
+                fan_in = p.shape[1:].numel() if p.ndim > 1 else p.shape[0]
+                v = torch.randn(p.shape, generator=g) * (std_scale / math.sqrt(max(1, fan_in)))
+            p.copy_(v.to(p.dtype))
+    return module
+
+
+def tiny_t5_config(text_dim: int, vocab: int = TINY_VOCAB):
+    """A small UMT5 encoder config whose output width is ``text_dim`` (the DiT's text_dim)."""
+    from ..models.t5 import UMT5Config
+
+    heads = 4 if text_dim <= 256 else 32
+    return UMT5Config(vocab_size=vocab, dim=text_dim, dim_attn=text_dim, dim_ffn=2 * text_dim,
+                      num_heads=heads, num_layers=2)
+
+
+def tiny_vae_config(preset: Preset):
+    """The VAE config written for ``preset``: the real one for full-size presets, base_dim 8 for tiny."""
+    from ..models.vae import VAEConfig
+
+    return VAEConfig(base_dim=8) if preset.name == "tiny" else VAEConfig()
+
+
+def dit_config_for(preset: Preset):
+    from ..models.dit import DiTConfig
+
+    a = preset.arch
+    return DiTConfig(model_type=a.model_type, in_dim=a.in_dim, dim=a.dim, ffn_dim=a.ffn_dim, out_dim=a.out_dim,
+                     num_heads=a.num_heads, num_layers=a.num_layers, text_dim=a.text_dim, text_len=a.text_len)
+
+
+def _save_safetensors_sharded(state: dict[str, torch.Tensor], folder: Path, base: str, shards: int,
+                              metadata: dict | None = None) -> None:
+    """Save ``state`` as ``base`` (one file) or as ``shards`` files with a ``base.index.json``."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in state.items()}
+    if shards <= 1:
+        save_file(state, str(folder / base), metadata=metadata)
+        return
+    stem = base[: -len(".safetensors")]
+    keys = list(state)
+    per = math.ceil(len(keys) / shards)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        part = keys[i * per:(i + 1) * per]
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({k: state[k] for k in part}, str(folder / name), metadata=metadata)
+        for k in part:
+            weight_map[k] = name
+            total += state[k].numel() * state[k].element_size()
+    (folder / (base + ".index.json")).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    layout: str = "official",
+    preset: str | Preset = "tiny",
+    seed: int = 0,
+    shards: int = 1,
+) -> Path:
+    """Write a random-initialized Wan2.1 checkpoint in a real layout.
+
+    Args:
+        out_dir: destination folder (created; must not hold a checkpoint already).
+        layout: "official" (config.json, diffusion_pytorch_model*.safetensors, Wan2.1_VAE.pth,
+            models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/) or "diffusers" (model_index.json,
+            transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
+        preset: "tiny" (seconds on a CPU) or a full-size preset such as "t2v-1.3b" (the real DiT and VAE
+            architecture for benchmarks; the text encoder is a 2-layer UMT5 of the real width, since the
+            XXL encoder would be 11 GB of random numbers).
+        seed: seed of the random weights.
+        shards: split the DiT weights into this many safetensors shards with an index.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        ValueError: unknown layout or preset, shards < 1, or ``out_dir`` is a non-empty folder.
+    """
+    from ..models.dit import WanDiT
+    from ..models.t5 import UMT5Encoder
+    from ..models.vae import WanVAE
+    from .tiny_tokenizer import build_tiny_tokenizer
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    p = preset if isinstance(preset, Preset) else get_preset(preset)
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; refusing to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+    dit_cfg = dit_config_for(p)
+    dit = randomize_(WanDiT(dit_cfg), seed)
+    vae_cfg = tiny_vae_config(p)
+    vae = randomize_(WanVAE(vae_cfg), seed + 1)
+    t5_cfg = tiny_t5_config(p.arch.text_dim)
+    t5 = randomize_(UMT5Encoder(t5_cfg), seed + 2).to(torch.bfloat16)
+
+    if layout == "official":
+        cfg = dict(dit_cfg.to_official_config())
+        cfg.setdefault("_class_name", "WanModel")
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        _save_safetensors_sharded(dit.state_dict(), out, OFFICIAL_DIT_WEIGHTS, shards)
+        del dit
+        torch.save(vae.state_dict(), out / OFFICIAL_VAE)
+        torch.save(t5.state_dict(), out / OFFICIAL_T5)
+        build_tiny_tokenizer(out / OFFICIAL_TOKENIZER, vocab_size=t5_cfg.vocab_size)
+        return out
+
+    from ..models.dit import dit_config_to_diffusers
+    from .keymap_dit import dit_from_official
+    from .keymap_t5 import t5_from_official
+    from .keymap_vae import vae_from_official
+    from .loaders import _vae_mapper
+
+    diffusers_version = _diffusers_version()
+    model_index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": diffusers_version,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    for sub in ("transformer", "vae", "text_encoder", "scheduler"):
+        (out / sub).mkdir()
+    tcfg = {"_class_name": "WanTransformer3DModel", "_diffusers_version": diffusers_version,
+            **dit_config_to_diffusers(dit_cfg)}
+    (out / "transformer" / "config.json").write_text(json.dumps(tcfg, indent=2))
+    _save_safetensors_sharded({dit_from_official(k): v for k, v in dit.state_dict().items()},
+                              out / "transformer", "diffusion_pytorch_model.safetensors", shards)
+    del dit
+    vcfg = {"_class_name": "AutoencoderKLWan", "_diffusers_version": diffusers_version, **vae_cfg.to_diffusers_config()}
+    (out / "vae" / "config.json").write_text(json.dumps(vcfg, indent=2))
+    from_off = _vae_mapper(vae_from_official, vae_cfg)
+    _save_safetensors_sharded({from_off(k): v for k, v in vae.state_dict().items()},
+                              out / "vae", "diffusion_pytorch_model.safetensors", 1)
+    hf = dict(t5_cfg.to_hf_config())
+    hf.setdefault("architectures", ["UMT5EncoderModel"])
+    (out / "text_encoder" / "config.json").write_text(json.dumps(hf, indent=2))
+    _save_safetensors_sharded({t5_from_official(k): v for k, v in t5.state_dict().items()},
+                              out / "text_encoder", "model.safetensors", 1, metadata={"format": "pt"})
+    build_tiny_tokenizer(out / "tokenizer", vocab_size=t5_cfg.vocab_size)
+    sched = {
+        "_class_name": "UniPCMultistepScheduler", "_diffusers_version": diffusers_version,
+        "num_train_timesteps": 1000, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+        "flow_shift": p.shift, "solver_order": 2, "solver_type": "bh2", "lower_order_final": True,
+        "final_sigmas_type": "zero", "predict_x0": True,
+    }
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    return out
+
+
+def _diffusers_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("diffusers")
+    except Exception:
+        return "0.33.0"
+
+
+def cache_dir() -> Path:
+    """wanrt's cache folder: ``$XDG_CACHE_HOME/wanrt`` or ``~/.cache/wanrt`` (read at call time)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "wanrt"
+
+
+def cached_tiny_checkpoint(layout: str = "official") -> Path:
+    """The tiny checkpoint in the user's cache folder, written on first use (atomically)."""
+    final = cache_dir() / f"tiny-{layout}-v1"
+    if (final / ("config.json" if layout == "official" else "model_index.json")).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
+    try:
+        write_checkpoint(tmp / "ckpt", layout=layout, preset="tiny")
+        try:
+            os.replace(tmp / "ckpt", final)
+        except OSError:
+            if not final.is_dir():  # another process won the race: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
