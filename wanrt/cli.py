@@ -1,0 +1,93 @@
+"""The ``wanrt`` command line: ``wanrt generate``, ``wanrt make-tiny-checkpoint``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .presets import PRESETS
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wanrt", description="wanrt: a lean, fast inference runtime for the Wan2.1 video models."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate a video from a text prompt and write an MP4",
+                       description="Generate a video with a Wan2.1 model and write it as an MP4 (16 fps).")
+    g.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint folder (official or diffusers layout); optional for --model tiny")
+    g.add_argument("--prompt", required=True, help="text prompt")
+    g.add_argument("-o", "--output", default="output.mp4", help="output MP4 path (default: output.mp4)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: the official one)")
+    g.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 16")
+    g.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16")
+    g.add_argument("--num-frames", type=int, default=None, help="frames, 4k+1 (81 = 5 s)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps")
+    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--shift", type=float, default=None, help="flow-matching sigma shift")
+    g.add_argument("--solver", default=None, choices=["unipc", "dpm++", "euler"], help="sampling solver")
+    g.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="weights precision")
+    g.add_argument("--backend", default="eager", help="kernel backend: eager or auto")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    t = sub.add_parser("make-tiny-checkpoint",
+                       help="write a random-initialized checkpoint in a real layout (no download)",
+                       description="Write a random-initialized Wan2.1 checkpoint in the official or diffusers "
+                                   "layout, with a small self-built tokenizer.")
+    t.add_argument("dir", help="output folder (must be empty or absent)")
+    t.add_argument("--layout", default="official", choices=["official", "diffusers"])
+    t.add_argument("--preset", default="tiny", help="tiny, or a full-size preset such as t2v-1.3b")
+    t.add_argument("--shards", type=int, default=1, help="split the DiT weights into N safetensors shards")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    return parser
+
+
+def _generate(args) -> int:
+    from .engine import Engine
+
+    if args.checkpoint_dir is None:
+        engine = Engine(args.model, device=args.device, precision=args.precision, backend=args.backend)
+    else:
+        engine = Engine(args.model, args.checkpoint_dir, device=args.device, precision=args.precision,
+                        backend=args.backend)
+    video = engine.generate(
+        args.prompt, args.negative_prompt, height=args.height, width=args.width, num_frames=args.num_frames,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
+        sample_solver=args.solver, seed=args.seed, progress=not args.no_progress,
+    )
+    path = video.save(args.output)
+    f, h, w, _ = video.frames.shape
+    print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps} fps), seed {video.seed}")
+    print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items()))
+    return 0
+
+
+def _make_tiny(args) -> int:
+    from .checkpoints.tiny import write_checkpoint
+
+    out = write_checkpoint(args.dir, layout=args.layout, preset=args.preset, seed=args.seed, shards=args.shards)
+    print(f"wrote a random {args.preset} checkpoint in the {args.layout} layout to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``wanrt`` command. Returns the exit code (2 for bad arguments or input)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"generate": _generate, "make-tiny-checkpoint": _make_tiny}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"wanrt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

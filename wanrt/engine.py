@@ -1,0 +1,381 @@
+"""``Engine``: loads a Wan2.1 checkpoint and generates videos.
+
+The eager path reproduces the official text-to-video pipeline (``wan/text2video.py``; docs:
+wan21-reference.md §6): UMT5 text encoding, two batch-1 DiT passes per step combined by
+classifier-free guidance, a flow-matching solver, and a causal-VAE decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .presets import Preset, check_against, default_shift, get_preset, preset_for_arch
+from .video import Video, to_uint8_frames
+
+log = logging.getLogger("wanrt")
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("eager",)
+SOLVERS = ("unipc", "dpm++", "euler")
+LATENT_CHANNELS = 16
+VAE_STRIDE = (4, 8, 8)
+
+
+class GenerationError(RuntimeError):
+    """A generation failed after denoising; the finished latents are kept.
+
+    Attributes:
+        latents: the denoised latents ``[1, 16, F', H', W']`` (CPU, float32); pass them to
+            ``Engine.decode`` to retry the decode, or to ``generate(latents=...)``.
+        seed: the seed used.
+    """
+
+    def __init__(self, message: str, latents: torch.Tensor | None, seed: int | None):
+        super().__init__(message)
+        self.latents = latents
+        self.seed = seed
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an Engine runs: device, precision and kernel backend (validated on creation).
+
+    Attributes:
+        device: torch device the models run on.
+        precision: "fp32", "bf16" or "fp16": dtype of the DiT's large weights (its modulation, time MLP,
+            head and norms always stay fp32) and, for bf16/fp16, of the text encoder (bf16). The VAE runs
+            in fp32 as in the official code.
+        backend: kernel backend; "eager" (the reference path) or "auto" (the best available: "eager" today).
+    """
+
+    device: torch.device
+    precision: str = "bf16"
+    backend: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.backend == "auto":
+            log.info("backend 'auto' resolved to 'eager'")
+            object.__setattr__(self, "backend", "eager")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS) + ['auto']}, got {self.backend!r}")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available in this torch build")
+
+    @property
+    def dit_dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    @property
+    def text_dtype(self) -> torch.dtype:
+        # UMT5 overflows in fp16; the official encoder runs in bf16.
+        return torch.float32 if self.precision == "fp32" else torch.bfloat16
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    """A loaded Wan2.1 model, ready to generate.
+
+    Example:
+        >>> video = wanrt.Engine("tiny").generate("a corgi surfing a wave", seed=7)
+        >>> video.save("corgi.mp4")
+
+    Args:
+        model: preset name ("t2v-1.3b", "t2v-14b", "tiny", ...; see ``wanrt.PRESETS``).
+        checkpoint_dir: the downloaded checkpoint (official or diffusers layout). May be None only for
+            "tiny", which then generates (once) and caches a random tiny checkpoint in
+            ``~/.cache/wanrt`` (``$XDG_CACHE_HOME/wanrt``).
+        device: torch device (default CUDA when available, else CPU).
+        precision: "fp32", "bf16" or "fp16" (see :class:`EngineConfig`).
+        backend: "eager" or "auto".
+
+    Raises:
+        ValueError: unknown preset/precision/backend, no checkpoint_dir for a non-tiny preset, or a
+            checkpoint whose architecture differs from the preset's.
+        FileNotFoundError, LayoutError, CheckpointError: from the loaders.
+    """
+
+    def __init__(self, model: str, checkpoint_dir: str | Path | None = None, *, device=None,
+                 precision: str = "bf16", backend: str = "eager"):
+        preset = get_preset(model)
+        if checkpoint_dir is None:
+            if preset.name != "tiny":
+                raise ValueError(
+                    f"preset {preset.name!r} needs checkpoint_dir: download the Wan2.1 weights yourself "
+                    "(official or diffusers layout) and pass the folder"
+                )
+            from .checkpoints.tiny import cached_tiny_checkpoint
+
+            checkpoint_dir = cached_tiny_checkpoint("official")
+        self._init(preset, Path(checkpoint_dir), device, precision, backend, check=True)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, *, device=None, precision: str = "bf16",
+                        backend: str = "eager") -> "Engine":
+        """Load a checkpoint folder and infer the task and sampling defaults from its architecture.
+
+        A checkpoint of a size no preset describes gets the defaults of its task (the t2v defaults for
+        t2v). Raises as :class:`Engine`.
+        """
+        self = cls.__new__(cls)
+        self._init(None, Path(checkpoint_dir), device, precision, backend, check=False)
+        return self
+
+    def _init(self, preset: Preset | None, ckpt: Path, device, precision: str, backend: str, check: bool):
+        from .checkpoints.loaders import load_text_encoder, load_transformer, load_vae
+
+        self.config = EngineConfig(_resolve_device(device), precision, backend)
+        self.checkpoint_dir = ckpt
+        dev = self.config.device
+        self.transformer = load_transformer(ckpt, device=dev, dtype=self.config.dit_dtype)
+        arch = self._arch()
+        if preset is None:
+            preset = preset_for_arch(arch) or _generic_preset(arch)
+        elif check:
+            check_against(preset, arch)
+        if preset.task != "t2v":
+            raise NotImplementedError(f"task {preset.task!r} is not supported yet (text-to-video only)")
+        self.preset = preset
+        self.vae = load_vae(ckpt, device=dev, dtype=torch.float32)
+        self.text_encoder = load_text_encoder(
+            ckpt, device=dev, dtype=self.config.text_dtype, text_len=self.transformer.config.text_len
+        )
+
+    def _arch(self) -> dict:
+        c = self.transformer.config
+        return dict(model_type=c.model_type, dim=c.dim, ffn_dim=c.ffn_dim, num_heads=c.num_heads,
+                    num_layers=c.num_layers, in_dim=c.in_dim, out_dim=c.out_dim, text_dim=c.text_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.device
+
+    def __repr__(self) -> str:
+        return (f"Engine(preset={self.preset.name!r}, checkpoint={str(self.checkpoint_dir)!r}, "
+                f"device={self.device}, precision={self.config.precision!r}, backend={self.config.backend!r})")
+
+    # ------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str]) -> list[torch.Tensor]:
+        """UMT5 embeddings, one ``[L_i, text_dim]`` tensor per prompt (trimmed to its real tokens)."""
+        return self.text_encoder.encode(prompts)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode latents ``[1, 16, F', H', W']`` to a video ``[1, 3, 1+4(F'-1), 8H', 8W']`` in [-1, 1]."""
+        return self.vae.decode(latents.to(self.device, torch.float32))
+
+    def _check_embeds(self, name: str, e: torch.Tensor | None) -> torch.Tensor | None:
+        if e is None:
+            return None
+        c = self.transformer.config
+        if not isinstance(e, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor [1, L, {c.text_dim}], got {type(e).__name__}")
+        if e.ndim == 2:
+            e = e[None]
+        if e.ndim != 3 or e.shape[0] != 1:
+            raise ValueError(f"{name} must have shape [1, L, {c.text_dim}], got {tuple(e.shape)}")
+        if e.shape[2] != c.text_dim:
+            raise ValueError(f"{name} has width {e.shape[2]}, but this model's text_dim is {c.text_dim}")
+        if not 1 <= e.shape[1] <= c.text_len:
+            raise ValueError(f"{name} has {e.shape[1]} tokens; the model takes 1..{c.text_len}")
+        if not e.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {e.dtype}")
+        if not torch.isfinite(e).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+        return e
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        shift: float | None = None,
+        sample_solver: str | None = None,
+        seed: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+    ) -> Video:
+        """Generate a video from a text prompt.
+
+        Every argument left None takes the preset's official default; for the Wan2.1 presets these are
+        height 480, width 832, num_frames 81, 50 steps (40 for i2v), guidance 5.0, the task's shift (5.0 for
+        t2v), the UniPC solver and the official Chinese negative prompt. The tiny preset defaults to
+        64x96, 9 frames, 4 steps so that a whole video takes seconds on a CPU.
+
+        Args:
+            prompt: the text prompt (or give ``prompt_embeds``).
+            negative_prompt: the CFG negative prompt; None uses the official default negative prompt.
+            height, width: output size in pixels, multiples of 16.
+            num_frames: output frames, 4k+1 (81 = 5 s at 16 fps).
+            num_inference_steps: denoising steps, >= 1.
+            guidance_scale: classifier-free guidance scale; at 1.0 the negative pass is skipped.
+            shift: flow-matching sigma shift (sigma' = s*sigma / (1 + (s-1)*sigma)).
+            sample_solver: "unipc" (official default), "dpm++" or "euler".
+            seed: seed of the initial noise; None draws one (reported as ``Video.seed``). The noise is drawn
+                on the CPU with ``torch.Generator().manual_seed(seed)``, so a seed gives the same video on
+                any device (it differs from the official code, which draws on the GPU).
+            prompt_embeds: precomputed text embeddings ``[1, L, text_dim]`` (L <= text_len).
+            negative_prompt_embeds: precomputed negative embeddings ``[1, L, text_dim]``.
+            latents: initial noise ``[1, 16, (F-1)/4+1, H/8, W/8]``, replaces the seeded noise.
+            callback: called after every step as ``callback(step_index, timestep, latents)``.
+            progress: show a tqdm progress bar.
+
+        Returns:
+            :class:`~wanrt.video.Video` with ``.frames`` uint8 ``[F, H, W, 3]``, ``.fps``, ``.seed``,
+            ``.latents`` (final denoised latents, CPU float32) and ``.timings`` (seconds per stage).
+
+        Raises:
+            ValueError: invalid arguments (checked before any work is done).
+            FloatingPointError: the DiT produced NaN/Inf (names the step).
+            GenerationError: the VAE decode failed; the finished latents are kept on the exception.
+        """
+        p = self.preset
+        c = self.transformer.config
+        height = p.height if height is None else height
+        width = p.width if width is None else width
+        num_frames = p.num_frames if num_frames is None else num_frames
+        steps = p.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = p.guidance_scale if guidance_scale is None else float(guidance_scale)
+        solver_name = p.sample_solver if sample_solver is None else sample_solver
+        for name, v in (("height", height), ("width", width)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16:
+                raise ValueError(f"{name} must be a positive multiple of 16, got {v!r}")
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
+            raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81), got {num_frames!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
+        if solver_name not in SOLVERS:
+            raise ValueError(f"sample_solver must be one of {SOLVERS}, got {solver_name!r}")
+        shift = default_shift(p, height, width) if shift is None else float(shift)
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give a prompt or prompt_embeds")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give either prompt or prompt_embeds, not both")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("give either negative_prompt or negative_prompt_embeds, not both")
+        prompt_embeds = self._check_embeds("prompt_embeds", prompt_embeds)
+        negative_prompt_embeds = self._check_embeds("negative_prompt_embeds", negative_prompt_embeds)
+        lat_shape = (1, LATENT_CHANNELS, (num_frames - 1) // 4 + 1, height // 8, width // 8)
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != lat_shape:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise ValueError(f"latents must have shape {lat_shape} for this size and frame count, got {got}")
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contain NaN or Inf")
+        if seed is None:
+            seed = random.randint(0, 2**63 - 1)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        do_cfg = guidance_scale != 1.0
+
+        from .sampling.schedulers import make_solver
+
+        solver = make_solver(solver_name, steps, shift)
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+
+        # 1. text
+        t0 = time.perf_counter()
+        if prompt_embeds is None:
+            texts = [prompt]
+        else:
+            texts = []
+        if do_cfg and negative_prompt_embeds is None:
+            texts.append(p.negative_prompt if negative_prompt is None or negative_prompt == "" else negative_prompt)
+        encoded = self.encode_prompt(texts) if texts else []
+        cond = prompt_embeds if prompt_embeds is not None else encoded.pop(0)[None]
+        uncond = None
+        if do_cfg:
+            uncond = negative_prompt_embeds if negative_prompt_embeds is not None else encoded.pop(0)[None]
+        cond = cond.to(self.device)
+        uncond = uncond.to(self.device) if uncond is not None else None
+        self._sync()
+        timings["text_encoder"] = time.perf_counter() - t0
+
+        # 2. noise (on the CPU so that a seed means the same video everywhere)
+        if latents is None:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            latents = torch.randn(lat_shape, generator=g, dtype=torch.float32)
+        x = latents.to(self.device, torch.float32)
+
+        # 3. denoising loop
+        t0 = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, disable=not progress, desc="denoise", unit="step")
+        try:
+            for i, t in enumerate(solver.timesteps.tolist()):
+                tt = torch.full((1,), t, device=self.device, dtype=torch.int64)
+                v = self.transformer(x, tt, cond)
+                if do_cfg:
+                    v_u = self.transformer(x, tt, uncond)
+                    v = v_u + guidance_scale * (v - v_u)
+                if not torch.isfinite(v).all():
+                    raise FloatingPointError(f"the DiT produced NaN/Inf at step {i} (timestep {t})")
+                x = solver.step(v, i, x)
+                bar.update(1)
+                if callback is not None:
+                    callback(i, int(t), x)
+        finally:
+            bar.close()
+        self._sync()
+        timings["denoise"] = time.perf_counter() - t0
+        final = x.detach().float().cpu()
+
+        # 4. decode; keep the latents if it fails
+        t0 = time.perf_counter()
+        try:
+            video = self.decode(x)
+            frames = to_uint8_frames(video)
+        except Exception as e:
+            raise GenerationError(
+                f"VAE decode failed ({type(e).__name__}: {e}); the denoised latents are kept as .latents",
+                final, seed,
+            ) from e
+        self._sync()
+        timings["vae_decode"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        return Video(frames=frames, fps=p.fps, seed=seed, latents=final, timings=timings)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _generic_preset(arch: dict) -> Preset:
+    """Sampling defaults for a checkpoint no preset describes (same task defaults, its own architecture)."""
+    from dataclasses import replace
+
+    from .presets import Architecture
+
+    base = next(p for p in (get_preset("t2v-1.3b"), get_preset("i2v-14b-480p"), get_preset("flf2v-14b"))
+                if p.task == arch["model_type"])
+    a = Architecture(**{k: arch[k] for k in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers",
+                                              "in_dim", "out_dim", "text_dim")})
+    return replace(base, name="custom", arch=a, supported_sizes=())
