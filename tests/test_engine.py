@@ -1,0 +1,163 @@
+"""The public Engine API on the tiny model: validation, seeds, outputs, failure handling."""
+
+import numpy as np
+import pytest
+import torch
+
+import wanrt
+from wanrt.engine import GenerationError
+
+SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=3, progress=False)
+
+
+def test_generate_outputs(tiny_engine):
+    steps = []
+    v = tiny_engine.generate("a corgi surfing a wave", seed=7, callback=lambda i, t, x: steps.append((i, t, x.shape)),
+                             **SMALL)
+    assert isinstance(v, wanrt.Video)
+    assert v.frames.dtype == np.uint8 and v.frames.shape == (5, 32, 48, 3)
+    assert v.fps == 16 and v.seed == 7
+    assert v.latents.shape == (1, 16, 2, 4, 6) and v.latents.dtype == torch.float32
+    assert set(v.timings) >= {"text_encoder", "denoise", "vae_decode", "total"}
+    assert all(t >= 0 for t in v.timings.values())
+    assert [s[0] for s in steps] == [0, 1, 2] and steps[0][1] == 999 and steps[0][2] == (1, 16, 2, 4, 6)
+    assert v.frames.std() > 0  # not a blank video
+
+
+def test_same_seed_same_video_other_seed_differs(tiny_engine):
+    a = tiny_engine.generate("a cat", seed=1, **SMALL)
+    b = tiny_engine.generate("a cat", seed=1, **SMALL)
+    c = tiny_engine.generate("a cat", seed=2, **SMALL)
+    np.testing.assert_array_equal(a.frames, b.frames)
+    assert not np.array_equal(a.frames, c.frames)
+    assert not torch.equal(a.latents, c.latents)
+
+
+def test_random_seed_is_reported_and_reproduces(tiny_engine):
+    a = tiny_engine.generate("a cat", **SMALL)
+    assert isinstance(a.seed, int) and 0 <= a.seed < 2**63
+    b = tiny_engine.generate("a cat", seed=a.seed, **SMALL)
+    np.testing.assert_array_equal(a.frames, b.frames)
+
+
+def test_prompt_embeds_equal_prompt(tiny_engine):
+    emb = tiny_engine.encode_prompt(["a red fox", tiny_engine.preset.negative_prompt])
+    a = tiny_engine.generate("a red fox", seed=3, **SMALL)
+    b = tiny_engine.generate(prompt_embeds=emb[0][None], seed=3, **SMALL)
+    c = tiny_engine.generate(prompt_embeds=emb[0][None], negative_prompt_embeds=emb[1][None], seed=3, **SMALL)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+    torch.testing.assert_close(a.latents, c.latents, rtol=0, atol=0)
+    d = tiny_engine.generate("a red fox", negative_prompt="blurry", seed=3, **SMALL)
+    assert not torch.equal(a.latents, d.latents)
+
+
+def test_latents_argument_and_solvers(tiny_engine):
+    noise = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(5))
+    a = tiny_engine.generate("x", latents=noise, seed=0, **SMALL)
+    b = tiny_engine.generate("x", latents=noise, seed=99, **SMALL)  # latents override the seed's noise
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+    for solver in ("dpm++", "euler"):
+        c = tiny_engine.generate("x", latents=noise, sample_solver=solver, **SMALL)
+        assert torch.isfinite(c.latents).all() and not torch.equal(c.latents, a.latents)
+
+
+def test_guidance_one_skips_negative_pass(tiny_engine, monkeypatch):
+    calls = []
+    orig = tiny_engine.transformer.forward
+    monkeypatch.setattr(tiny_engine.transformer, "forward", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    tiny_engine.generate("x", seed=0, guidance_scale=1.0, **SMALL)
+    assert len(calls) == 3
+    calls.clear()
+    tiny_engine.generate("x", seed=0, guidance_scale=5.0, **SMALL)
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(height=30), "height must be a positive multiple of 16"),
+        (dict(width=40), "width must be a positive multiple of 16"),
+        (dict(height=0), "height"),
+        (dict(num_frames=6), "num_frames must be 4k\\+1"),
+        (dict(num_frames=0), "num_frames"),
+        (dict(num_inference_steps=0), "num_inference_steps must be an int >= 1"),
+        (dict(sample_solver="ddim"), "sample_solver must be one of"),
+        (dict(shift=0.0), "shift must be > 0"),
+        (dict(seed=-1), "seed must be an int"),
+    ],
+)
+def test_invalid_arguments(tiny_engine, kwargs, match):
+    args = dict(SMALL)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        tiny_engine.generate("a cat", **args)
+
+
+def test_invalid_prompts_and_embeddings(tiny_engine):
+    d = tiny_engine.transformer.config.text_dim
+    with pytest.raises(ValueError, match="give a prompt or prompt_embeds"):
+        tiny_engine.generate(**SMALL)
+    with pytest.raises(ValueError, match="not both"):
+        tiny_engine.generate("x", prompt_embeds=torch.randn(1, 4, d), **SMALL)
+    with pytest.raises(ValueError, match=f"width {d + 1}.*text_dim is {d}"):
+        tiny_engine.generate(prompt_embeds=torch.randn(1, 4, d + 1), **SMALL)
+    with pytest.raises(ValueError, match=f"negative_prompt_embeds has width 3"):
+        tiny_engine.generate("x", negative_prompt_embeds=torch.randn(1, 4, 3), **SMALL)
+    with pytest.raises(ValueError, match="tokens"):
+        tiny_engine.generate(prompt_embeds=torch.randn(1, 10_000, d), **SMALL)
+    with pytest.raises(ValueError, match="NaN"):
+        tiny_engine.generate(prompt_embeds=torch.full((1, 4, d), float("nan")), **SMALL)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        tiny_engine.generate("x", latents=torch.randn(1, 16, 3, 4, 6), **SMALL)
+
+
+def test_bad_engine_arguments(tiny_official):
+    with pytest.raises(ValueError, match="unknown model preset"):
+        wanrt.Engine("t2v-2b", tiny_official)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        wanrt.Engine("tiny", tiny_official, device="cpu", precision="int3")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        wanrt.Engine("tiny", tiny_official, device="cpu", backend="magic")
+    with pytest.raises(ValueError, match="needs checkpoint_dir"):
+        wanrt.Engine("t2v-14b")
+    with pytest.raises(ValueError, match=r"does not match preset 't2v-1.3b'.*dim.*matches preset\(s\) \['tiny'\]"):
+        wanrt.Engine("t2v-1.3b", tiny_official, device="cpu")
+
+
+def test_from_pretrained_infers_tiny(tiny_diffusers):
+    e = wanrt.Engine.from_pretrained(tiny_diffusers, device="cpu", precision="bf16")
+    assert e.preset.name == "tiny"
+    v = e.generate("a cat", seed=0, **SMALL)
+    assert v.frames.shape == (5, 32, 48, 3)
+
+
+def test_nan_in_dit_is_reported_with_step(tiny_engine, monkeypatch):
+    monkeypatch.setattr(tiny_engine.transformer, "forward", lambda x, t, c: torch.full_like(x, float("nan")))
+    with pytest.raises(FloatingPointError, match="step 0"):
+        tiny_engine.generate("x", seed=0, **SMALL)
+
+
+def test_decode_failure_keeps_latents(tiny_engine, monkeypatch):
+    ok = tiny_engine.generate("x", seed=4, **SMALL)
+
+    def boom(z):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(tiny_engine.vae, "decode", boom)
+    with pytest.raises(GenerationError, match="out of memory") as e:
+        tiny_engine.generate("x", seed=4, **SMALL)
+    torch.testing.assert_close(e.value.latents, ok.latents, rtol=0, atol=0)
+    assert e.value.seed == 4
+    monkeypatch.undo()
+    video = tiny_engine.decode(e.value.latents)
+    assert video.shape == (1, 3, 5, 32, 48)
+
+
+def test_tiny_engine_without_checkpoint_uses_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    e = wanrt.Engine("tiny", device="cpu", precision="fp32")
+    assert (tmp_path / "wanrt").is_dir() and str(e.checkpoint_dir).startswith(str(tmp_path))
+    v = e.generate("a corgi", seed=7, progress=False)  # the preset defaults: 64x96, 9 frames, 4 steps
+    assert v.frames.shape == (9, 64, 96, 3)
+    e2 = wanrt.Engine("tiny", device="cpu", precision="fp32")  # reuses the cached checkpoint
+    assert e2.checkpoint_dir == e.checkpoint_dir

@@ -1,0 +1,699 @@
+"""Wan2.1 causal 3D VAE (Wan-VAE) in eager PyTorch, with the official numerics.
+
+Reproduces ``WanVAE_`` of the official ``wan/modules/vae.py`` (docs/wan21-reference.md §4, §9.8):
+parameter names are the ``Wan2.1_VAE.pth`` keys, the encoder runs on chunks of 1, 4, 4, ... frames
+and the decoder on one latent frame at a time, with an explicit :class:`CausalCache` in place of
+the official ``feat_cache`` list and counter. Everything runs in the weights' dtype (float32 in the
+official code); ``encode``/``decode`` return float32.
+
+Shapes: video ``[B, 3, F, H, W]`` in [-1, 1] with ``F = 1 + 4k`` and ``H, W`` multiples of 8 (for the
+Wan2.1 config) <-> latents ``[B, 16, 1 + (F - 1) / 4, H / 8, W / 8]``, normalized with the published
+per-channel mean/std.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wanrt.cache.causal_cache import CausalCache, SlotState, assign_cache_slots
+
+__all__ = [
+    "WAN21_LATENTS_MEAN",
+    "WAN21_LATENTS_STD",
+    "VAEConfig",
+    "WanVAE",
+    "CausalConv3d",
+    "RMSNorm",
+    "ResidualBlock",
+    "AttentionBlock",
+    "Resample",
+    "ResampleMode",
+    "Encoder3d",
+    "Decoder3d",
+]
+
+WAN21_LATENTS_MEAN: tuple[float, ...] = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN21_LATENTS_STD: tuple[float, ...] = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of a Wan2.1-style VAE (defaults: the released ``Wan2.1_VAE.pth``).
+
+    Attributes:
+        base_dim: channels of the first stage (official ``dim``; 96).
+        z_dim: latent channels (16).
+        dim_mult: channel multiplier per stage; ``len(dim_mult) - 1`` stages halve H and W.
+        num_res_blocks: residual blocks per encoder stage (the decoder has one more per stage).
+        attn_scales: spatial scales (1.0, 0.5, ...) that get an AttentionBlock after each residual
+            block (empty for Wan2.1; diffusers' decoder does not implement them).
+        temporal_downsample: per downsampling stage, whether it also halves time (official and
+            diffusers spell it ``temperal_downsample``); the decoder uses it reversed.
+        latents_mean: per-channel latent mean, ``z_dim`` values (published Wan2.1 values).
+        latents_std: per-channel latent std, ``z_dim`` positive values (published Wan2.1 values).
+
+    Raises:
+        ValueError: on inconsistent values (see ``__post_init__``).
+    """
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
+    latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. from JSON) but store tuples so the config stays hashable and frozen.
+        for name, conv in (
+            ("dim_mult", int),
+            ("attn_scales", float),
+            ("temporal_downsample", bool),
+            ("latents_mean", float),
+            ("latents_std", float),
+        ):
+            object.__setattr__(self, name, tuple(conv(v) for v in getattr(self, name)))
+        if self.base_dim < 1 or self.z_dim < 1 or self.num_res_blocks < 1:
+            raise ValueError(
+                f"base_dim, z_dim and num_res_blocks must be >= 1, got "
+                f"{self.base_dim}, {self.z_dim}, {self.num_res_blocks}"
+            )
+        if len(self.dim_mult) < 2 or min(self.dim_mult) < 1:
+            raise ValueError(f"dim_mult needs >= 2 positive entries, got {self.dim_mult}")
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temporal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} entries, "
+                f"got {self.temporal_downsample}"
+            )
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(
+                f"latents_mean/latents_std need z_dim={self.z_dim} values each, got "
+                f"{len(self.latents_mean)} and {len(self.latents_std)}"
+            )
+        if min(self.latents_std) <= 0:
+            raise ValueError(f"latents_std must be positive, got {self.latents_std}")
+
+    @property
+    def temporal_factor(self) -> int:
+        """Frames per latent frame after the first (4 for Wan2.1)."""
+        return 2 ** sum(self.temporal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent pixel along H and W (8 for Wan2.1)."""
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_upsample(self) -> tuple[bool, ...]:
+        """Per decoder upsampling stage, whether it doubles time (``temporal_downsample`` reversed)."""
+        return self.temporal_downsample[::-1]
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any]) -> VAEConfig:
+        """Builds the config from diffusers ``AutoencoderKLWan``'s ``config.json`` dict.
+
+        Missing keys take the diffusers defaults (which equal ours); ``_class_name``, ``dropout`` and
+        the scale-factor keys are ignored.
+
+        Raises:
+            ValueError: for a layout this module does not implement (Wan2.2's ``is_residual``,
+                ``patch_size``, a separate ``decoder_base_dim``, other than 3 in/out channels).
+        """
+        unsupported = []
+        if config.get("is_residual", False):
+            unsupported.append("is_residual=True (Wan2.2 VAE)")
+        if config.get("patch_size") not in (None, 1):
+            unsupported.append(f"patch_size={config['patch_size']}")
+        dec_dim = config.get("decoder_base_dim")
+        if dec_dim is not None and dec_dim != config.get("base_dim", 96):
+            unsupported.append(f"decoder_base_dim={dec_dim}")
+        for key in ("in_channels", "out_channels"):
+            if config.get(key, 3) != 3:
+                unsupported.append(f"{key}={config[key]}")
+        if unsupported:
+            raise ValueError(f"unsupported AutoencoderKLWan config: {', '.join(unsupported)}")
+        d = cls()
+        return cls(
+            base_dim=config.get("base_dim", d.base_dim),
+            z_dim=config.get("z_dim", d.z_dim),
+            dim_mult=config.get("dim_mult", d.dim_mult),
+            num_res_blocks=config.get("num_res_blocks", d.num_res_blocks),
+            attn_scales=config.get("attn_scales", d.attn_scales),
+            temporal_downsample=config.get("temperal_downsample", d.temporal_downsample),
+            latents_mean=config.get("latents_mean", d.latents_mean),
+            latents_std=config.get("latents_std", d.latents_std),
+        )
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """The ``AutoencoderKLWan`` constructor kwargs for this config (JSON-serializable lists)."""
+        return {
+            "base_dim": self.base_dim,
+            "z_dim": self.z_dim,
+            "dim_mult": list(self.dim_mult),
+            "num_res_blocks": self.num_res_blocks,
+            "attn_scales": list(self.attn_scales),
+            "temperal_downsample": list(self.temporal_downsample),
+            "latents_mean": list(self.latents_mean),
+            "latents_std": list(self.latents_std),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D convolution that is causal in time (official ``CausalConv3d``).
+
+    With ``padding=(pt, ph, pw)`` the input is zero-padded by ``2*pt`` frames in front and none
+    after, ``ph``/``pw`` on both spatial sides. Frames given as a prefix (from the cache) replace
+    that many leading zero frames.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride: as ``nn.Conv3d``.
+        padding: ``(pt, ph, pw)`` or an int; never passed to ``nn.Conv3d`` (its padding is 0).
+        cached: the layer keeps its own frame cache slot (the standard rule of
+            :meth:`CausalCache.push`); needs ``pt > 0``.
+
+    Raises:
+        ValueError: if ``cached`` and there is no temporal padding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        *,
+        cached: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, _triple(kernel_size), stride=_triple(stride), padding=0)
+        pt, ph, pw = _triple(padding)
+        self.front_pad = 2 * pt
+        self.spatial_pad = (pw, pw, ph, ph)
+        if cached and self.front_pad == 0:
+            raise ValueError("a cached CausalConv3d needs temporal padding")
+        self.needs_cache_slot = cached
+        self.cache_slot: int | None = None
+
+    def causal_conv(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Pads causally (after prepending ``prefix``) and convolves.
+
+        Args:
+            x: ``[B, C_in, T, H, W]``.
+            prefix: ``[B, C_in, n, H, W]`` with ``n <= 2*pt`` earlier frames, or ``None``.
+
+        Returns:
+            ``[B, C_out, T', H', W']`` in the weight dtype.
+        """
+        front = self.front_pad
+        if prefix is not None and front > 0:
+            x = torch.cat([prefix.to(x), x], dim=2)  # [B, C_in, n + T, H, W]
+            front -= prefix.shape[2]
+        if front > 0 or any(self.spatial_pad):
+            x = F.pad(x, (*self.spatial_pad, front, 0))
+        return super().forward(x)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """``[B, C_in, T, H, W] -> [B, C_out, T', H', W']``, reading and updating this layer's slot."""
+        prefix = None
+        if cache is not None and self.cache_slot is not None:
+            prefix = cache.push(self.cache_slot, x)
+        return self.causal_conv(x, prefix)
+
+
+class RMSNorm(nn.Module):
+    """Channel-first L2 "RMS" norm of the official VAE: ``F.normalize(x, dim=1) * sqrt(C) * gamma``.
+
+    ``F.normalize`` divides by ``max(||x||_2, 1e-12)`` over channels; there is no mean and no eps
+    inside a square root (docs/wan21-reference.md §4). The official ``bias`` is the constant 0, so
+    there is no bias parameter. Low-precision inputs are normalized in float32.
+
+    Args:
+        dim: channels C.
+        images: gamma is ``[C, 1, 1]`` for 4D ``[N, C, H, W]`` inputs, else ``[C, 1, 1, 1]`` for 5D.
+    """
+
+    def __init__(self, dim: int, *, images: bool) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, ...] -> [N, C, ...]``, same dtype."""
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        return F.normalize(xf, dim=1).to(x.dtype) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    """``shortcut(x) + conv(drop(silu(norm(conv(silu(norm(x)))))))`` (official ``ResidualBlock``).
+
+    Parameters sit at ``residual.{0,2,3,6}`` and ``shortcut`` (a 1x1x1 conv when channels change).
+    Index 5 is the official ``Dropout`` (p = 0 in every released config; an identity here).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1, cached=True),
+            RMSNorm(out_dim, images=False),
+            nn.SiLU(),
+            nn.Identity(),
+            CausalConv3d(out_dim, out_dim, 3, padding=1, cached=True),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """``[B, C_in, T, H, W] -> [B, C_out, T, H, W]``."""
+        r = self.residual
+        h = self.shortcut(x)
+        x = r[2](r[1](r[0](x)), cache)
+        x = r[6](r[5](r[4](r[3](x))), cache)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Per-frame single-head spatial self-attention (official ``AttentionBlock``).
+
+    For each frame: RMSNorm, 1x1 conv to q, k, v (C channels each), softmax(q k^T / sqrt(C)) v over
+    the H*W positions, 1x1 projection, plus the input. No temporal mixing, so no cache.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """``[B, C, T, H, W] -> [B, C, T, H, W]``; ``cache`` is ignored."""
+        b, c, t, h, w = x.shape
+        y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # [B*T, C, H, W]
+        qkv = self.to_qkv(self.norm(y))  # [B*T, 3C, H, W]
+        qkv = qkv.reshape(b * t, 1, 3 * c, h * w).transpose(2, 3)  # [B*T, 1, H*W, 3C]
+        q, k, v = qkv.chunk(3, dim=-1)  # each [B*T, 1, H*W, C]
+        o = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))  # [B*T, 1, H*W, C]
+        o = o.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)  # [B*T, C, H, W]
+        o = self.proj(o).view(b, t, c, h, w).permute(0, 2, 1, 3, 4)  # [B, C, T, H, W]
+        return o + x
+
+
+class _NearestUpsample2x(nn.Module):
+    """2x spatial 'nearest-exact' upsampling computed in float32 (official ``Upsample``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W] -> [N, C, 2H, 2W]``, same dtype."""
+        return F.interpolate(x.float(), scale_factor=(2.0, 2.0), mode="nearest-exact").to(x.dtype)
+
+
+class ResampleMode(enum.Enum):
+    """Kinds of :class:`Resample` (official ``Resample.mode``)."""
+
+    UPSAMPLE2D = "upsample2d"
+    UPSAMPLE3D = "upsample3d"
+    DOWNSAMPLE2D = "downsample2d"
+    DOWNSAMPLE3D = "downsample3d"
+
+
+class Resample(nn.Module):
+    """Spatial (and optionally temporal) 2x resampling (official ``Resample``).
+
+    * upsample: nearest-exact 2x (float32) then ``Conv2d(C, C/2, 3, p=1)`` per frame
+      (``resample.1``). ``UPSAMPLE3D`` first doubles time with ``time_conv``:
+      ``CausalConv3d(C, 2C, (3,1,1), pad (1,0,0))`` whose two channel halves become frames 2i, 2i+1.
+    * downsample: ``ZeroPad2d((0,1,0,1))`` then ``Conv2d(C, C, 3, stride 2)`` per frame.
+      ``DOWNSAMPLE3D`` then halves time with ``time_conv``: ``CausalConv3d(C, C, (3,1,1), stride (2,1,1))``
+      over ``[last cached frame, x]``.
+
+    The 3D modes own one cache slot with the official first-chunk rules: the first chunk skips
+    ``time_conv`` (upsample: slot -> ``REPLICATE``, so latent frame 0 gives one frame; downsample:
+    the chunk's last frame is stored); see :meth:`CausalCache.push`.
+    """
+
+    def __init__(self, dim: int, mode: ResampleMode) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode in (ResampleMode.UPSAMPLE2D, ResampleMode.UPSAMPLE3D):
+            self.resample = nn.Sequential(_NearestUpsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        if mode is ResampleMode.UPSAMPLE3D:
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode is ResampleMode.DOWNSAMPLE3D:
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        self.needs_cache_slot = mode in (ResampleMode.UPSAMPLE3D, ResampleMode.DOWNSAMPLE3D)
+        self.cache_slot: int | None = None
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """``[B, C, T, H, W] -> [B, C', T', H', W']``.
+
+        Raises:
+            ValueError: for a 3D mode without a cache (the official code then silently skips
+                ``time_conv``; wanrt always runs chunked).
+        """
+        if self.needs_cache_slot and cache is None:
+            raise ValueError(f"{self.mode.value} needs a CausalCache")
+        if self.mode is ResampleMode.UPSAMPLE3D:
+            x = self._upsample_time(x, cache)
+        b, c, t, h, w = x.shape
+        y = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # [B*T, C', H', W']
+        x = y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)  # [B, C', T, H', W']
+        if self.mode is ResampleMode.DOWNSAMPLE3D:
+            x = self._downsample_time(x, cache)
+        return x
+
+    def _upsample_time(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        slot = self.cache_slot
+        if cache.state(slot) is SlotState.EMPTY:
+            cache.mark_replicate(slot)  # first chunk: no time_conv, T frames stay T
+            return x
+        prefix = cache.push(slot, x)  # None after REPLICATE: plain zero padding
+        y = self.time_conv.causal_conv(x, prefix)  # [B, 2C, T, H, W]
+        b, c2, t, h, w = y.shape
+        y = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5)  # [B, C, T, 2, H, W]
+        return y.reshape(b, c2 // 2, 2 * t, h, w)  # frames 2i (half 0), 2i+1 (half 1)
+
+    def _downsample_time(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        prev = cache.push(self.cache_slot, x, num_frames=1)
+        if prev is None:  # first chunk: keep its last frame, skip time_conv
+            return x
+        return self.time_conv.causal_conv(torch.cat([prev.to(x), x], dim=2))  # [B, C, (T+1-3)//2+1, H, W]
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder / decoder
+# --------------------------------------------------------------------------------------------------
+
+
+class Encoder3d(nn.Module):
+    """Official ``Encoder3d``: conv1, flat ``downsamples``, ``middle`` (Res, Attn, Res), ``head``.
+
+    Output channels are ``2 * z_dim`` (mu and log-variance). Cache slots are numbered at build time.
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        dims = [config.base_dim * m for m in (1, *config.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1, cached=True)
+        blocks: list[nn.Module] = []
+        scale = 1.0
+        last = len(config.dim_mult) - 1
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                if scale in config.attn_scales:
+                    blocks.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != last:
+                temporal = config.temporal_downsample[i]
+                blocks.append(Resample(out_dim, ResampleMode.DOWNSAMPLE3D if temporal else ResampleMode.DOWNSAMPLE2D))
+                scale /= 2.0
+        self.downsamples = nn.ModuleList(blocks)
+        c = dims[-1]
+        self.middle = nn.ModuleList([ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c)])
+        self.head = nn.ModuleList(
+            [RMSNorm(c, images=False), nn.SiLU(), CausalConv3d(c, 2 * config.z_dim, 3, padding=1, cached=True)]
+        )
+        self.num_cache_slots = assign_cache_slots(self)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """One chunk ``[B, 3, T, H, W]`` -> ``[B, 2*z_dim, T', H/s, W/s]`` (T'=1 for T in {1, 4})."""
+        x = self.conv1(x, cache)
+        for block in self.downsamples:
+            x = block(x, cache)
+        for block in self.middle:
+            x = block(x, cache)
+        return self.head[2](self.head[1](self.head[0](x)), cache)
+
+
+class Decoder3d(nn.Module):
+    """Official ``Decoder3d``: conv1, ``middle`` (Res, Attn, Res), flat ``upsamples``, ``head``.
+
+    Each stage has ``num_res_blocks + 1`` residual blocks, then (except the last) a Resample that
+    halves the channels, so stages after the first start from ``dims[i] // 2`` channels.
+    """
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        dims = [config.base_dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])]
+        self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1, cached=True)
+        c = dims[0]
+        self.middle = nn.ModuleList([ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c)])
+        blocks: list[nn.Module] = []
+        scale = 1.0 / 2 ** (len(config.dim_mult) - 2)
+        last = len(config.dim_mult) - 1
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous stage's Resample halved the channels
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim))
+                if scale in config.attn_scales:
+                    blocks.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != last:
+                temporal = config.temporal_upsample[i]
+                blocks.append(Resample(out_dim, ResampleMode.UPSAMPLE3D if temporal else ResampleMode.UPSAMPLE2D))
+                scale *= 2.0
+        self.upsamples = nn.ModuleList(blocks)
+        c = dims[-1]
+        self.head = nn.ModuleList([RMSNorm(c, images=False), nn.SiLU(), CausalConv3d(c, 3, 3, padding=1, cached=True)])
+        self.num_cache_slots = assign_cache_slots(self)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """One latent frame ``[B, z_dim, 1, h, w]`` -> ``[B, 3, 1 or 4, 8h, 8w]`` (unclamped)."""
+        x = self.conv1(x, cache)
+        for block in self.middle:
+            x = block(x, cache)
+        for block in self.upsamples:
+            x = block(x, cache)
+        return self.head[2](self.head[1](self.head[0](x)), cache)
+
+
+# --------------------------------------------------------------------------------------------------
+# The VAE
+# --------------------------------------------------------------------------------------------------
+
+
+class WanVAE(nn.Module):
+    """The Wan2.1 VAE; ``state_dict()`` keys are exactly those of the official ``Wan2.1_VAE.pth``.
+
+    Build on the meta device and load with ``load_state_dict(sd, assign=True)``. The module has no
+    buffers: the latent mean/std are config values, turned into tensors on first use per device.
+    Computation runs in the weights' dtype (float32 for the official numerics).
+
+    Args:
+        config: the architecture (default: Wan2.1).
+    """
+
+    def __init__(self, config: VAEConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or VAEConfig()
+        self.encoder = Encoder3d(config)
+        self.conv1 = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1)
+        self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder3d(config)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @staticmethod
+    def keep_fp32(name: str) -> bool:
+        """Parameters kept float32 when the rest is loaded in bf16/fp16: none.
+
+        The VAE is normally loaded and run entirely in float32 (the official code does). With
+        low-precision weights every layer runs in that dtype; norms still normalize in float32.
+        """
+        return False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the weights' dtype)."""
+        return self.conv1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv1.weight.device
+
+    def new_encoder_cache(self) -> CausalCache:
+        """An empty cache for one :meth:`encode_chunk` sequence (24 slots for Wan2.1)."""
+        return CausalCache.for_module(self.encoder)
+
+    def new_decoder_cache(self) -> CausalCache:
+        """An empty cache for one :meth:`decode_chunk` sequence (32 slots for Wan2.1)."""
+        return CausalCache.for_module(self.decoder)
+
+    # ---- latent normalization -----------------------------------------------------------------
+
+    def _latent_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, 1/std)`` as float32 ``[1, z_dim, 1, 1, 1]`` on ``device`` (cached)."""
+        stats = self._stats.get(device)
+        if stats is None:
+            shape = (1, self.config.z_dim, 1, 1, 1)
+            mean = torch.tensor(self.config.latents_mean, dtype=torch.float32, device=device).view(shape)
+            inv_std = 1.0 / torch.tensor(self.config.latents_std, dtype=torch.float32, device=device).view(shape)
+            stats = self._stats[device] = (mean, inv_std)
+        return stats
+
+    def normalize_latents(self, mu: torch.Tensor) -> torch.Tensor:
+        """``(mu - mean) * (1 / std)`` in float32 (official ``scale = [mean, 1/std]``)."""
+        mean, inv_std = self._latent_stats(mu.device)
+        return (mu.float() - mean) * inv_std
+
+    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """``z / (1 / std) + mean`` in float32 (official ``decode(z, scale)``)."""
+        mean, inv_std = self._latent_stats(z.device)
+        return z.float() / inv_std + mean
+
+    # ---- encode -------------------------------------------------------------------------------
+
+    def _check_video(self, video: torch.Tensor, *, frames_rule: bool = True) -> None:
+        if not isinstance(video, torch.Tensor) or video.ndim != 5:
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"video must be a 5D tensor [B, 3, F, H, W], got {shape}")
+        b, c, f, h, w = video.shape
+        s, tf = self.config.spatial_factor, self.config.temporal_factor
+        if c != 3:
+            raise ValueError(f"video must have 3 channels (RGB) at dim 1, got shape {tuple(video.shape)}")
+        if frames_rule and (f < 1 or (f - 1) % tf != 0):
+            raise ValueError(f"video frame count must be 1 + {tf}k (e.g. 1, {1 + tf}, 81), got F={f}")
+        if h < s or w < s or h % s or w % s:
+            raise ValueError(f"video height and width must be positive multiples of {s}, got {h}x{w}")
+
+    def _mu(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features ``[B, 2z, T, h, w]`` -> normalized mu ``[B, z, T, h, w]`` float32."""
+        mu = self.conv1(feats)[:, : self.config.z_dim]  # official: conv1(out).chunk(2, dim=1)[0]
+        return self.normalize_latents(mu)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Encodes a video to normalized latents (the posterior mean; no sampling).
+
+        Runs the encoder on frame 0, then on chunks of ``temporal_factor`` (4) frames, through one
+        :class:`CausalCache` (official ``WanVAE_.encode``), then ``conv1`` on the concatenation.
+
+        Args:
+            video: ``[B, 3, F, H, W]`` in [-1, 1], any float dtype (cast to the weights' dtype),
+                ``F = 1 + 4k``, ``H`` and ``W`` multiples of 8.
+
+        Returns:
+            ``[B, z_dim, 1 + (F - 1) // 4, H // 8, W // 8]`` float32, ``(mu - mean) / std``.
+
+        Raises:
+            ValueError: wrong ndim, channel count, frame count or spatial size.
+        """
+        self._check_video(video)
+        x = video.to(device=self.device, dtype=self.dtype)
+        tf = self.config.temporal_factor
+        cache = self.new_encoder_cache()
+        feats = [self.encoder(x[:, :, :1], cache)]  # frame 0 alone
+        for start in range(1, x.shape[2], tf):
+            feats.append(self.encoder(x[:, :, start : start + tf], cache))  # [B, 2z, 1, h, w]
+        return self._mu(torch.cat(feats, dim=2))  # [B, z, T, h, w]
+
+    @torch.no_grad()
+    def encode_chunk(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """Encodes one chunk of a video, for streaming; ``cache`` carries the state between chunks.
+
+        Successive calls on frame 0, then frames 1..4, 5..8, ... give the latents of :meth:`encode`
+        (up to the GEMM order of the pointwise ``conv1``). Later chunks may also hold any multiple
+        of 4 frames (the computation is then identical to several 4-frame chunks).
+
+        Args:
+            x: ``[B, 3, T, H, W]``; ``T = 1`` when ``cache.is_fresh``, else a multiple of 4.
+            cache: from :meth:`new_encoder_cache`; updated in place.
+
+        Returns:
+            ``[B, z_dim, 1 (first chunk) or T / 4, H // 8, W // 8]`` float32 normalized latents.
+
+        Raises:
+            ValueError: bad shape or chunk length, or a cache of the wrong size.
+        """
+        self._check_video(x, frames_rule=False)
+        if len(cache) != self.encoder.num_cache_slots:
+            raise ValueError(f"cache has {len(cache)} slots, the encoder needs {self.encoder.num_cache_slots}")
+        t, tf = x.shape[2], self.config.temporal_factor
+        if cache.is_fresh and t != 1:
+            raise ValueError(f"the first chunk must be exactly 1 frame, got {t}")
+        if not cache.is_fresh and t % tf:
+            raise ValueError(f"chunks after the first must hold a multiple of {tf} frames, got {t}")
+        x = x.to(device=self.device, dtype=self.dtype)
+        return self._mu(self.encoder(x, cache))
+
+    # ---- decode -------------------------------------------------------------------------------
+
+    def _check_latents(self, z: torch.Tensor) -> None:
+        if not isinstance(z, torch.Tensor) or z.ndim != 5:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"latents must be a 5D tensor [B, {self.config.z_dim}, T, h, w], got {shape}")
+        if z.shape[1] != self.config.z_dim:
+            raise ValueError(f"latents must have z_dim={self.config.z_dim} channels at dim 1, got {tuple(z.shape)}")
+        if min(z.shape[2:]) < 1:
+            raise ValueError(f"latents must have T, h, w >= 1, got {tuple(z.shape)}")
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decodes normalized latents to a video, one latent frame at a time (official ``decode``).
+
+        ``z = latents * std + mean`` (as ``latents / (1/std) + mean``), ``conv2`` over all frames,
+        then the decoder per latent frame through one :class:`CausalCache`; clamped to [-1, 1].
+
+        Args:
+            latents: ``[B, z_dim, T, h, w]``, normalized, any float dtype.
+
+        Returns:
+            ``[B, 3, 1 + 4 (T - 1), 8h, 8w]`` float32 in [-1, 1].
+
+        Raises:
+            ValueError: wrong ndim or channel count.
+        """
+        self._check_latents(latents)
+        z = self.denormalize_latents(latents.to(self.device)).to(self.dtype)
+        x = self.conv2(z)  # [B, z, T, h, w]
+        cache = self.new_decoder_cache()
+        frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
+        return torch.cat(frames, dim=2).float().clamp_(-1.0, 1.0)  # [B, 3, 1 + 4(T-1), H, W]
+
+    @torch.no_grad()
+    def decode_chunk(self, latent_frame: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        """Decodes one latent frame, for streaming; ``cache`` carries the state between frames.
+
+        Args:
+            latent_frame: ``[B, z_dim, 1, h, w]`` normalized latents.
+            cache: from :meth:`new_decoder_cache`; updated in place.
+
+        Returns:
+            ``[B, 3, 1 (first frame) or 4, 8h, 8w]`` float32 in [-1, 1].
+
+        Raises:
+            ValueError: bad shape (more than one frame), or a cache of the wrong size.
+        """
+        self._check_latents(latent_frame)
+        if latent_frame.shape[2] != 1:
+            raise ValueError(f"decode_chunk takes exactly 1 latent frame, got {latent_frame.shape[2]}")
+        if len(cache) != self.decoder.num_cache_slots:
+            raise ValueError(f"cache has {len(cache)} slots, the decoder needs {self.decoder.num_cache_slots}")
+        z = self.denormalize_latents(latent_frame.to(self.device)).to(self.dtype)
+        return self.decoder(self.conv2(z), cache).float().clamp_(-1.0, 1.0)

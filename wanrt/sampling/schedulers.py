@@ -1,0 +1,538 @@
+"""Flow-matching sampling schedules and solvers of Wan2.1 ("unipc", "dpm++", "euler").
+
+Flow matching in Wan2.1 interpolates ``x_σ = (1 − σ)·x0 + σ·ε`` and the DiT predicts the
+velocity ``v ≈ ε − x0``, so the data prediction is ``x0_pred = x − σ·v``. Sampling integrates
+``dx/dσ = v(x, σ)`` from σ ≈ 1 down to σ = 0 on a shifted grid ``σ' = sσ / (1 + (s − 1)σ)``.
+
+This module has two layers:
+
+* schedules, pure functions of ``(num_steps, shift)``: :func:`shift_sigmas`,
+  :func:`unipc_sigmas`, :func:`dpm_sigmas`, :func:`euler_sigmas`;
+* solvers with one interface, built by :func:`make_solver`. A solver precomputes its
+  per-step scalar coefficients on the host when it is built (the "plan"); ``step`` then only
+  does elementwise tensor math on the sample, with the few tensors a multistep method must
+  remember held in an explicit :class:`SolverState`.
+
+The denoising loop::
+
+    solver = make_solver("unipc", num_steps=50, shift=5.0)
+    for i, t in enumerate(solver.timesteps):   # t: int64 timestep fed to the DiT
+        v = cfg(model(x, t))                    # velocity, same shape as x
+        x = solver.step(v, i, x)                # i == 0 starts a fresh trajectory
+
+Numerics follow the official Wan2.1 modules (``wan/utils/fm_solvers_unipc.py``,
+``wan/utils/fm_solvers.py``): schedules are built in float64 and stored as float32 sigmas and
+truncated int64 timesteps; the per-step scalars are evaluated in float32 with the same
+operations in the same order, and the sample update is done with the same elementwise
+operations, so with float32 samples the result matches the official schedulers (and
+diffusers' ``UniPCMultistepScheduler`` / ``DPMSolverMultistepScheduler`` driven with the same
+sigmas) to the last bit or within float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "NUM_TRAIN_TIMESTEPS",
+    "SOLVER_NAMES",
+    "DPMSolver",
+    "EulerSolver",
+    "Solver",
+    "SolverState",
+    "UniPCSolver",
+    "dpm_sigmas",
+    "euler_sigmas",
+    "make_solver",
+    "shift_sigmas",
+    "unipc_sigmas",
+]
+
+NUM_TRAIN_TIMESTEPS = 1000
+"""Training timesteps of Wan2.1; ``t = σ·1000`` truncated to an integer."""
+
+SOLVER_NAMES: tuple[str, ...] = ("unipc", "dpm++", "euler")
+"""Names accepted by :func:`make_solver`."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_num_steps(num_steps: int) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return int(num_steps)
+
+
+def _check_shift(shift: float) -> float:
+    if isinstance(shift, bool) or not isinstance(shift, numbers.Real):
+        raise TypeError(f"shift must be a real number, got {type(shift).__name__}")
+    if not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift must be a finite number > 0, got {shift}")
+    return float(shift)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def shift_sigmas(sigmas, shift: float):
+    """Applies the flow-matching timestep shift ``σ' = s·σ / (1 + (s − 1)·σ)``.
+
+    The map fixes 0 and 1, is increasing in σ, and for ``s > 1`` moves every interior σ
+    towards 1 (more steps at high noise). ``s = 1`` is the identity.
+
+    Args:
+        sigmas: noise levels in [0, 1]; a tensor of any shape (computed in its dtype), a
+            Python float, or anything else supporting ``*``, ``+`` and ``/`` with floats
+            (a NumPy array).
+        shift: the shift ``s``; a finite number > 0.
+
+    Returns:
+        The shifted sigmas, same type, shape and dtype as ``sigmas``.
+
+    Raises:
+        TypeError: ``shift`` is not a real number.
+        ValueError: ``shift`` is not finite or not > 0.
+
+    Source: ``shift * sigma / (1 + (shift - 1) * sigma)`` in Wan2.1
+    ``FlowUniPCMultistepScheduler.set_timesteps`` and ``fm_solvers.get_sampling_sigmas``
+    (SD3, arXiv:2403.03206, eq. 23).
+    """
+    shift = _check_shift(shift)
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def _linspace_f64(start: float, stop: float, num: int) -> torch.Tensor:
+    """``numpy.linspace(start, stop, num)`` bit for bit, in float64 torch.
+
+    NumPy evaluates ``i·step + start`` with ``step = (stop − start)/(num − 1)`` and then sets
+    the last element to ``stop``; ``torch.linspace`` uses another formula for the second
+    half, which can differ by an ulp and change a truncated timestep.
+    """
+    if num == 1:
+        return torch.tensor([start], dtype=torch.float64)
+    step = (stop - start) / (num - 1)
+    y = torch.arange(num, dtype=torch.float64) * step + start
+    y[-1] = stop
+    return y
+
+
+def _finish_schedule(shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 shifted sigmas [n] -> (float32 sigmas [n+1] ending in 0, int64 timesteps [n])."""
+    timesteps = (shifted * NUM_TRAIN_TIMESTEPS).to(torch.int64)  # truncation toward 0
+    sigmas = torch.cat([shifted, shifted.new_zeros(1)]).to(torch.float32)
+    return sigmas, timesteps
+
+
+def _unipc_sigma_max() -> float:
+    # Official training grid: σ = 1 − linspace(1, 1/1000, 1000)[::-1], stored as float32,
+    # so σ_max = float32(1 − 1/1000) = 0.99900001287... and σ_min = 0.
+    return torch.tensor(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS, dtype=torch.float32).item()
+
+
+def unipc_sigmas(num_steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The schedule of Wan2.1's default sampler, ``FlowUniPCMultistepScheduler``.
+
+    ``σ_i = linspace(σ_max, 0, n + 1)[:-1]`` with ``σ_max = float32(0.999)``, then
+    ``σ'_i = shift_sigmas(σ_i, shift)`` in float64, then a final 0 is appended and the
+    sigmas are stored as float32; ``t_i = int64(σ'_i · 1000)`` (truncated, from the float64
+    values). 50 steps at shift 5 give ``t = 999, 995, 991, 987, …, 302, 241, 172, 92``.
+
+    Args:
+        num_steps: number of denoising steps ``n`` (model evaluations), >= 1.
+        shift: the sampling shift ``s`` (Wan2.1: 5.0 for T2V 14B, 8.0 for 1.3B at 480p,
+            3.0 for 480p I2V, …), finite and > 0.
+
+    Returns:
+        ``(sigmas, timesteps)``: float32 tensor [n + 1] decreasing from ``σ'_0 < 1`` to
+        ``σ'_n = 0``, and int64 tensor [n] of the timesteps fed to the DiT. Both on CPU.
+
+    Raises:
+        TypeError: ``num_steps`` is not an int or ``shift`` not a real number.
+        ValueError: ``num_steps < 1`` or ``shift`` not finite and > 0.
+
+    Source: Wan2.1 ``wan/utils/fm_solvers_unipc.py``, ``__init__`` (shift=1) followed by
+    ``set_timesteps(n, shift=s)``.
+    """
+    num_steps = _check_num_steps(num_steps)
+    shift = _check_shift(shift)
+    base = _linspace_f64(_unipc_sigma_max(), 0.0, num_steps + 1)[:-1]  # float64 [n]
+    return _finish_schedule(shift_sigmas(base, shift))
+
+
+def euler_sigmas(num_steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Euler schedule: identical to :func:`unipc_sigmas` (same args, returns, raises)."""
+    return unipc_sigmas(num_steps, shift)
+
+
+def dpm_sigmas(num_steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The schedule of Wan2.1's ``'dpm++'`` sampler, ``FlowDPMSolverMultistepScheduler``.
+
+    ``σ_i = linspace(1, 0, n + 1)[:n]`` (so ``σ_0 = 1`` exactly), ``σ'_i =
+    shift_sigmas(σ_i, shift)`` in float64 (``get_sampling_sigmas``), passed as ``sigmas=`` to
+    a scheduler built with shift 1 (no second shift), then a final 0 appended and stored as
+    float32; ``t_i = int64(σ'_i · 1000)``, so the first timestep is 1000.
+
+    Args:
+        num_steps: number of denoising steps ``n``, >= 1.
+        shift: the sampling shift ``s``, finite and > 0.
+
+    Returns:
+        ``(sigmas, timesteps)``: float32 [n + 1] from 1 to 0, and int64 [n] starting at 1000.
+
+    Raises:
+        TypeError: ``num_steps`` is not an int or ``shift`` not a real number.
+        ValueError: ``num_steps < 1`` or ``shift`` not finite and > 0.
+
+    Source: Wan2.1 ``wan/utils/fm_solvers.py`` (``get_sampling_sigmas``,
+    ``retrieve_timesteps``, ``FlowDPMSolverMultistepScheduler.set_timesteps``).
+    """
+    num_steps = _check_num_steps(num_steps)
+    shift = _check_shift(shift)
+    base = _linspace_f64(1.0, 0.0, num_steps + 1)[:num_steps]
+    return _finish_schedule(shift_sigmas(base, shift))
+
+
+# --------------------------------------------------------------------------- float32 scalars
+
+
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _lam(sigma: torch.Tensor) -> torch.Tensor:
+    """Half log-SNR of the flow path, ``λ(σ) = log(1 − σ) − log σ`` (0-d float32).
+
+    ``λ(1) = −inf`` and ``λ(0) = +inf``; the official code lets these infinities flow through
+    (``expm1(−inf) = −1``, ``1/inf = 0``), which makes the first DPM++ step exact and the last
+    step of every solver return ``x0_pred``. We keep the same arithmetic.
+    """
+    return torch.log(1 - sigma) - torch.log(sigma)
+
+
+# --------------------------------------------------------------------------- solver interface
+
+
+@dataclass
+class SolverState:
+    """What a multistep solver remembers between steps; cleared by ``reset()``.
+
+    Attributes:
+        next_index: the step index the next ``step`` call must carry (0 after a reset).
+        x0_preds: the data predictions ``x0_pred = x − σ·v`` of the last steps, oldest first
+            (at most 2), in the working dtype.
+        last_sample: UniPC only: the (corrected) sample the last predictor started from.
+    """
+
+    next_index: int = 0
+    x0_preds: list[torch.Tensor] = field(default_factory=list)
+    last_sample: torch.Tensor | None = None
+
+
+class Solver:
+    """Common interface of the flow-matching solvers; build them with :func:`make_solver`.
+
+    Attributes:
+        name: the solver's name in :data:`SOLVER_NAMES`.
+        num_steps: number of steps ``n``.
+        shift: the sampling shift.
+        sigmas: float32 [n + 1] on CPU, ``σ'_0 … σ'_{n−1}, 0``.
+        timesteps: int64 [n] on CPU; step ``i`` evaluates the model at ``timesteps[i]``.
+        state: the explicit :class:`SolverState`.
+    """
+
+    name: str = ""
+
+    def __init__(self, num_steps: int, shift: float, sigmas: torch.Tensor, timesteps: torch.Tensor):
+        self.num_steps = num_steps
+        self.shift = shift
+        self.sigmas = sigmas
+        self.timesteps = timesteps
+        self.state = SolverState()
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, num_steps={self.num_steps}, shift={self.shift})"
+
+    def reset(self) -> None:
+        """Forgets the trajectory; the next ``step`` must have ``i == 0``."""
+        self.state = SolverState()
+
+    def step(self, velocity: torch.Tensor, i: int, sample: torch.Tensor) -> torch.Tensor:
+        """Advances ``sample`` from ``σ'_i`` to ``σ'_{i+1}`` given the model's velocity at step i.
+
+        Steps must be taken in order ``0, 1, …, n − 1``; ``i == 0`` always starts a new
+        trajectory (the state is reset), so a solver can be reused across generations.
+
+        Args:
+            velocity: the (guided) model output ``v(sample, σ'_i)`` at ``timesteps[i]``,
+                same shape as ``sample``; any floating dtype.
+            i: the step index, ``0 <= i < num_steps``.
+            sample: the current latent ``x`` at ``σ'_i``, any shape, floating dtype.
+
+        Returns:
+            The latent at ``σ'_{i+1}``, same shape, dtype and device as ``sample``. The math
+            runs in float32 (float64 for float64 samples) and is cast back. At the last step
+            (``σ'_n = 0``) every solver returns ``x0_pred = x − σ'_{n−1}·v``.
+
+        Raises:
+            TypeError: ``i`` is not an int, or a tensor is not floating point.
+            ValueError: ``i`` is out of range or out of order, or the shapes differ.
+        """
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"step index i must be an int, got {type(i).__name__}")
+        i = int(i)
+        if not 0 <= i < self.num_steps:
+            raise ValueError(f"step index {i} out of range for {self.num_steps} steps")
+        if i == 0:
+            self.reset()
+        elif i != self.state.next_index:
+            raise ValueError(
+                f"{self.name}: steps must be taken in order; expected i={self.state.next_index}, got i={i}"
+                " (call with i=0 or reset() to start a new trajectory)"
+            )
+        if velocity.shape != sample.shape:
+            raise ValueError(f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}")
+        if not (sample.is_floating_point() and velocity.is_floating_point()):
+            raise TypeError(f"sample and velocity must be floating point, got {sample.dtype}, {velocity.dtype}")
+        work = torch.promote_types(sample.dtype, torch.float32)
+        out = self._step(velocity.to(work), i, sample.to(work))
+        self.state.next_index = i + 1
+        return out.to(sample.dtype)
+
+    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _x0_pred(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        # x0_pred = x − σ·v with σ the float32 sigma (official ``convert_model_output``).
+        return x - float(self.sigmas[i]) * v
+
+    def _remember(self, x0: torch.Tensor, keep: int = 2) -> None:
+        self.state.x0_preds = (self.state.x0_preds + [x0])[-keep:]
+
+
+# --------------------------------------------------------------------------- Euler
+
+
+class EulerSolver(Solver):
+    """First-order Euler on the UniPC schedule: ``x_{i+1} = x_i + (σ'_{i+1} − σ'_i)·v_i``.
+
+    ``σ'_{i+1} − σ'_i`` is taken between the float32 sigmas. Not in the official Wan2.1
+    release; a reference and debugging sampler.
+    """
+
+    name = "euler"
+
+    def __init__(self, num_steps: int, shift: float):
+        super().__init__(num_steps, shift, *euler_sigmas(num_steps, shift))
+        self._dt = [float(self.sigmas[k + 1] - self.sigmas[k]) for k in range(num_steps)]
+
+    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        return x + self._dt[i] * v
+
+
+# --------------------------------------------------------------------------- UniPC
+
+
+@dataclass(frozen=True)
+class _UniCoef:
+    """Scalars of one UniP (predictor) or UniC (corrector) update from σ_s to σ_t.
+
+    ``base = c_x·x − c_m0·m0`` with ``c_x = σ_t/σ_s``, ``c_m0 = α_t·(e^{−h} − 1)`` and
+    ``c_res = α_t·B(h)``, ``B(h) = e^{−h} − 1`` (bh2), ``h = λ_t − λ_s``; ``rk`` is the
+    ratio ``(λ_{s1} − λ_s)/h`` of the older point (order 2); ``rho`` are the corrector
+    weights ``[ρ_1, ρ_t]`` (order 2) or ``[0.5]`` (order 1).
+    """
+
+    order: int
+    c_x: float
+    c_m0: float
+    c_res: float
+    rk: float = 0.0
+    rho: tuple[float, ...] = ()
+
+
+def _uni_coef(sigmas: torch.Tensor, s: int, t: int, order: int, corrector: bool) -> _UniCoef:
+    """Float32 scalars of a UniPC-bh2 update between grid points ``s`` and ``t = s + 1``.
+
+    Evaluated with the official operations in the official order (0-d float32 tensors), so
+    that the coefficients are bit-identical to ``FlowUniPCMultistepScheduler``'s.
+    """
+    sigma_t, sigma_s = sigmas[t], sigmas[s]
+    alpha_t = 1 - sigma_t
+    lam_s = _lam(sigma_s)
+    h = _lam(sigma_t) - lam_s
+    hh = -h  # predict_x0
+    h_phi_1 = torch.expm1(hh)
+    b_h = torch.expm1(hh)  # bh2
+    c_x = float(sigma_t / sigma_s)
+    c_m0 = float(alpha_t * h_phi_1)
+    c_res = float(alpha_t * b_h)
+    if order == 1:
+        return _UniCoef(1, c_x, c_m0, c_res, rho=(0.5,) if corrector else ())
+    rk = (_lam(sigmas[s - 1]) - lam_s) / h
+    if not corrector:
+        return _UniCoef(2, c_x, c_m0, c_res, rk=float(rk))  # UniP-2 uses ρ = 0.5
+    # UniC-2: solve R ρ = b with R = [[1, 1], [rk, 1]] and b_k = k!·φ_{k+1}(−h)·(−h)/B(h)
+    # (phi recursion φ_{k+1} = (φ_k − 1/k!)/hh as in the reference implementation).
+    h_phi_k = h_phi_1 / hh - 1
+    b1 = h_phi_k * 1 / b_h
+    h_phi_k = h_phi_k / hh - 1 / 2
+    b2 = h_phi_k * 2 / b_h
+    rks = torch.stack([rk, _f32(1.0)])
+    lhs = torch.stack([rks**0, rks**1])
+    rho = torch.linalg.solve(lhs, torch.stack([b1, b2]))
+    return _UniCoef(2, c_x, c_m0, c_res, rk=float(rk), rho=(float(rho[0]), float(rho[1])))
+
+
+class UniPCSolver(Solver):
+    """UniPC-2 with the bh2 B(h), data prediction, UniC corrector and lower-order final step.
+
+    Per step ``i`` with ``x0_i = x_i − σ'_i·v_i`` (from the uncorrected sample the model saw):
+
+    1. Corrector (``i >= 1``): ``x_i ← UniC(x_{i−1}, x0_{i−1}, x0_{i−2}; x0_i)`` of the order
+       used by the previous predictor; ``UniC-1``: ``x_i = σ_t/σ_s·x − α_t(e^{−h}−1)·m0 −
+       α_t·B(h)·½(x0_i − m0)``; ``UniC-2`` adds ``ρ_1·(m1 − m0)/r`` with ``ρ`` from a 2×2 solve.
+    2. Predictor of order ``p_i = min(2, i + 1, n − i)``: ``x_{i+1} = σ_t/σ_s·x_i −
+       α_t(e^{−h}−1)·x0_i − α_t·B(h)·½(x0_{i−1} − x0_i)/r`` (the last term only for
+       ``p_i = 2``), ``h = λ_t − λ_s``, ``r = (λ_{i−1} − λ_i)/h``, ``B(h) = e^{−h} − 1``.
+
+    The last step has ``σ_t = 0``, so ``λ_t = +inf`` and it returns ``x0_{n−1}`` exactly.
+    ``disable_corrector`` is empty, as in Wan2.1.
+
+    Source: Wan2.1 ``wan/utils/fm_solvers_unipc.py`` (``FlowUniPCMultistepScheduler``,
+    solver_order=2, bh2, predict_x0, lower_order_final), itself diffusers'
+    ``UniPCMultistepScheduler`` converted to flow matching; UniPC, Zhao et al. 2023,
+    arXiv:2302.04867.
+    """
+
+    name = "unipc"
+
+    def __init__(self, num_steps: int, shift: float):
+        super().__init__(num_steps, shift, *unipc_sigmas(num_steps, shift))
+        n = num_steps
+        orders = [min(2, k + 1, n - k) for k in range(n)]
+        self._pred = [_uni_coef(self.sigmas, k, k + 1, orders[k], corrector=False) for k in range(n)]
+        # the corrector at step k re-does step k − 1 with its order, now knowing x0_k
+        self._corr = [None] + [_uni_coef(self.sigmas, k - 1, k, orders[k - 1], corrector=True) for k in range(1, n)]
+
+    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        x0 = self._x0_pred(v, i, x)
+        if i > 0:  # UniC on the sample the model just saw
+            c = self._corr[i]
+            m0 = st.x0_preds[-1]
+            base = c.c_x * st.last_sample - c.c_m0 * m0
+            d1_t = x0 - m0
+            if c.order == 1:
+                x = base - c.c_res * (c.rho[0] * d1_t)
+            else:
+                d1 = (st.x0_preds[-2] - m0) / c.rk
+                x = base - c.c_res * (c.rho[0] * d1 + c.rho[1] * d1_t)
+        self._remember(x0)
+        st.last_sample = x
+        p = self._pred[i]
+        out = p.c_x * x - p.c_m0 * x0
+        if p.order == 2:
+            d1 = (st.x0_preds[-2] - x0) / p.rk
+            out = out - p.c_res * (0.5 * d1)
+        return out
+
+
+# --------------------------------------------------------------------------- DPM-Solver++
+
+
+@dataclass(frozen=True)
+class _DPMCoef:
+    """Scalars of one DPM-Solver++ step: ``x' = c_x·x − c_d0·D0 − c_half·(c_d1·(m0 − m1))``."""
+
+    order: int
+    c_x: float
+    c_d0: float
+    c_half: float = 0.0
+    c_d1: float = 0.0
+
+
+def _dpm_coef(sigmas: torch.Tensor, s: int, order: int) -> _DPMCoef:
+    """Float32 scalars of the DPM-Solver++ (midpoint) step from grid point ``s`` to ``s + 1``."""
+    sigma_t, sigma_s = sigmas[s + 1], sigmas[s]
+    alpha_t = 1 - sigma_t
+    lam_s = _lam(sigma_s)
+    h = _lam(sigma_t) - lam_s
+    c_x = sigma_t / sigma_s
+    c_d0 = alpha_t * (torch.exp(-h) - 1.0)
+    if order == 1:
+        return _DPMCoef(1, float(c_x), float(c_d0))
+    r0 = (lam_s - _lam(sigmas[s - 1])) / h
+    # σ_0 = 1 gives λ = −inf, r0 = inf and c_d1 = 0: the second step is first order, as in
+    # the official scheduler.
+    return _DPMCoef(2, float(c_x), float(c_d0), float(0.5 * c_d0), float(1.0 / r0))
+
+
+class DPMSolver(Solver):
+    """Multistep DPM-Solver++(2M), midpoint form, data prediction, first-order final step.
+
+    With ``D0 = x0_i = x_i − σ'_i·v_i``, ``h = λ_{i+1} − λ_i``, ``r = (λ_i − λ_{i−1})/h``:
+    ``x_{i+1} = σ_{i+1}/σ_i·x_i − α_{i+1}(e^{−h} − 1)·D0 − ½·α_{i+1}(e^{−h} − 1)·(x0_i −
+    x0_{i−1})/r``; the last term is dropped at step 0 and at the last step (final σ = 0, which
+    then returns ``x0_{n−1}``). Because ``σ_0 = 1`` (``λ_0 = −inf``), step 1 is also first
+    order in effect (``1/r = 0``), exactly as in the official code.
+
+    Source: Wan2.1 ``wan/utils/fm_solvers.py`` (``FlowDPMSolverMultistepScheduler``,
+    algorithm_type='dpmsolver++', solver_order=2, solver_type='midpoint', lower_order_final,
+    final_sigmas_type='zero'); DPM-Solver++, Lu et al. 2022, arXiv:2211.01095.
+    """
+
+    name = "dpm++"
+
+    def __init__(self, num_steps: int, shift: float):
+        super().__init__(num_steps, shift, *dpm_sigmas(num_steps, shift))
+        n = num_steps
+        self._coef = [_dpm_coef(self.sigmas, k, 1 if k in (0, n - 1) else 2) for k in range(n)]
+
+    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        x0 = self._x0_pred(v, i, x)
+        self._remember(x0)
+        c = self._coef[i]
+        out = c.c_x * x - c.c_d0 * x0
+        if c.order == 2:
+            out = out - c.c_half * (c.c_d1 * (x0 - self.state.x0_preds[-2]))
+        return out
+
+
+# --------------------------------------------------------------------------- factory
+
+_SOLVERS: dict[str, type[Solver]] = {"unipc": UniPCSolver, "dpm++": DPMSolver, "euler": EulerSolver}
+
+
+def make_solver(name: str, num_steps: int, shift: float) -> Solver:
+    """Builds a flow-matching solver by name.
+
+    Args:
+        name: one of :data:`SOLVER_NAMES`: ``"unipc"`` (Wan2.1 default), ``"dpm++"``,
+            ``"euler"``.
+        num_steps: number of denoising steps (model evaluations), >= 1.
+        shift: sampling shift, finite and > 0.
+
+    Returns:
+        A fresh :class:`Solver` with ``timesteps`` (int64 [n]), ``sigmas`` (float32 [n + 1])
+        and ``step(velocity, i, sample)``.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the valid names), ``num_steps < 1``,
+            or ``shift`` not finite and > 0.
+        TypeError: ``num_steps`` not an int or ``shift`` not a real number.
+    """
+    try:
+        cls = _SOLVERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown solver {name!r}; valid names: {', '.join(SOLVER_NAMES)}") from None
+    return cls(_check_num_steps(num_steps), _check_shift(shift))
