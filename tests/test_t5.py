@@ -192,6 +192,17 @@ def test_meta_construction_full_size():
     assert not any(UMT5Encoder.keep_fp32(k) for k in sd)
 
 
+def test_shared_pos_variant():
+    cfg = UMT5Config(**{**TINY.__dict__, "shared_pos": True})
+    model = UMT5Encoder(cfg).eval()
+    sd = model.state_dict()
+    assert "pos_embedding.embedding.weight" in sd and not any("blocks.0.pos_embedding" in k for k in sd)
+    assert UMT5Config.from_state_dict_shapes(sd) == cfg
+    ids, mask = padded_batch([12, 5], cfg.vocab_size)
+    with torch.no_grad():
+        assert model(ids, mask).shape == (2, 12, cfg.dim)
+
+
 def test_meta_then_assign_load():
     torch.manual_seed(0)
     src = UMT5Encoder(TINY).eval()

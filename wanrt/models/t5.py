@@ -469,7 +469,8 @@ class TextEncoder:
 
     Args:
         tokenizer: A transformers tokenizer (``AutoTokenizer.from_pretrained(folder)``, see
-            :meth:`load_tokenizer`); pad id must be 0-masked via its attention mask.
+            :meth:`load_tokenizer`) that appends ``</s>`` and returns ``input_ids`` and
+            ``attention_mask``.
         model: The encoder; runs on its own device and dtype.
         text_len: Tokens per prompt, EOS included (512 for Wan2.1). Longer prompts are truncated.
 

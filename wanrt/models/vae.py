@@ -315,7 +315,7 @@ class AttentionBlock(nn.Module):
         b, c, t, h, w = x.shape
         y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # [B*T, C, H, W]
         qkv = self.to_qkv(self.norm(y))  # [B*T, 3C, H, W]
-        qkv = qkv.reshape(b * t, 1, 3 * c, h * w).transpose(2, 3)  # [B*T, 1, H*W, 3C]
+        qkv = qkv.reshape(b * t, 1, 3 * c, h * w).transpose(2, 3).contiguous()  # [B*T, 1, H*W, 3C]
         q, k, v = qkv.chunk(3, dim=-1)  # each [B*T, 1, H*W, C]
         o = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))  # [B*T, 1, H*W, C]
         o = o.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)  # [B*T, C, H, W]

@@ -1,0 +1,675 @@
+"""Wan2.1 diffusion transformer (DiT): text-to-video, image-to-video and first-last-frame.
+
+Reproduces ``WanModel`` of the official code (``wan/modules/model.py``) with the same
+parameter names, so ``state_dict()`` keys are exactly the official checkpoint keys
+(docs/wan21-reference.md §2, §3, §9). Image conditioning (i2v, flf2v) is an option of the
+same module, selected by ``DiTConfig.model_type``.
+
+Dtype rule (docs/CONTRACTS.md): every Linear / Conv casts its input to its own weight dtype.
+With all weights float32 the whole model runs in float32. With the big Linear weights in
+bf16 and the parameters named by :meth:`WanDiT.keep_fp32` in float32 it reproduces the
+official bf16-autocast numerics: fp32 residual stream, fp32 time MLP, modulation and head,
+float64 RoPE, bf16 GEMMs and attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wanrt.ops import attention, layer_norm, rms_norm, rope_freqs, rope_grid, rope_rotate
+
+MODEL_TYPES = ("t2v", "i2v", "flf2v")
+CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16x16 patches + CLS (§5)
+ROPE_MAX_POS = 1024  # positions per RoPE axis (§2.8)
+IMG_LN_EPS = 1e-5  # nn.LayerNorm default eps used by the official MLPProj (§2.5)
+
+# Fields written to the official config.json (§1); the other fields are constructor defaults.
+_OFFICIAL_FIELDS = (
+    "dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type",
+    "num_heads", "num_layers", "out_dim", "text_len",
+)
+# Not in the official config.json; written by to_official_config only when non-default.
+_EXTRA_FIELDS = ("patch_size", "text_dim", "qk_norm", "cross_attn_norm", "image_dim")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiTConfig:
+    """Architecture of a Wan2.1 DiT (official ``WanModel`` constructor arguments).
+
+    Attributes:
+        model_type: ``'t2v'``, ``'i2v'`` or ``'flf2v'``. i2v/flf2v add the CLIP image
+            projection ``img_emb`` and the image keys/values of cross-attention; flf2v also
+            adds ``img_emb.emb_pos`` (two images, ``2*257`` tokens).
+        patch_size: ``(pt, ph, pw)`` Conv3d kernel and stride of the patch embedding.
+        text_len: Text tokens after zero-padding (512).
+        in_dim: Input channels (16 for t2v; 36 = 16 noise + 20 conditioning for i2v/flf2v).
+        dim: Hidden width.
+        ffn_dim: FFN inner width.
+        freq_dim: Width of the sinusoidal timestep embedding (even).
+        text_dim: Width of the text-encoder features (4096 for UMT5-XXL).
+        out_dim: Output (latent) channels.
+        num_heads: Attention heads; ``head_dim = dim // num_heads`` must be even.
+        num_layers: Transformer blocks.
+        eps: Epsilon of the block/head layer norms and the q/k RMS norms.
+        qk_norm: RMS-normalise q and k over the full ``dim``.
+        cross_attn_norm: Affine layer norm (``norm3``) before cross-attention.
+        image_dim: Width of the CLIP image features (1280), used by i2v/flf2v only.
+
+    Raises:
+        ValueError: from ``__post_init__`` on an inconsistent or unsupported configuration.
+    """
+
+    model_type: str = "t2v"
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    in_dim: int
+    dim: int
+    ffn_dim: int
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int
+    num_heads: int
+    num_layers: int
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    image_dim: int = 1280
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; store a tuple so the config stays hashable.
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}"
+                + (" (VACE is not supported)" if self.model_type == "vace" else "")
+            )
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be 3 positive ints, got {self.patch_size}")
+        for name in ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
+                     "out_dim", "num_heads", "image_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.num_layers, int) or self.num_layers < 0:
+            raise ValueError(f"num_layers must be an int >= 0, got {self.num_layers!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim={self.freq_dim} must be even ([cos, sin] halves)")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+
+    @property
+    def head_dim(self) -> int:
+        """``dim // num_heads`` (128 in every released Wan2.1 model)."""
+        return self.dim // self.num_heads
+
+    @property
+    def has_image_input(self) -> bool:
+        """True for i2v and flf2v (CLIP features and a conditioning latent ``y``)."""
+        return self.model_type in ("i2v", "flf2v")
+
+    @property
+    def image_tokens(self) -> int:
+        """CLIP tokens expected in ``clip_fea``: 257 (i2v), 514 (flf2v), 0 (t2v)."""
+        return {"t2v": 0, "i2v": CLIP_TOKENS, "flf2v": 2 * CLIP_TOKENS}[self.model_type]
+
+    @classmethod
+    def from_official_config(cls, config: Mapping[str, Any]) -> DiTConfig:
+        """Build from an official ``config.json`` dict (§1).
+
+        Reads dim, eps, ffn_dim, freq_dim, in_dim, model_type, num_heads, num_layers,
+        out_dim, text_len; the fields the official code keeps out of config.json
+        (patch_size, text_dim, qk_norm, cross_attn_norm) take the constructor defaults unless
+        present (:meth:`to_official_config` writes them when non-default). Keys starting with
+        ``_`` and unknown keys (e.g. ``window_size``) are ignored.
+
+        Raises:
+            ValueError: if a required field is missing or the values are invalid.
+        """
+        required = ("dim", "ffn_dim", "in_dim", "num_heads", "num_layers", "out_dim")
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise ValueError(f"official DiT config is missing {missing}")
+        kwargs = {k: config[k] for k in _OFFICIAL_FIELDS + _EXTRA_FIELDS if k in config}
+        return cls(**kwargs)
+
+    def to_official_config(self) -> dict[str, Any]:
+        """The official ``config.json`` dict (``_class_name`` 'WanModel' plus the §1 fields).
+
+        Fields that the official config.json never holds (patch_size, text_dim, qk_norm,
+        cross_attn_norm, image_dim) are added only when they differ from the defaults, so
+        tiny test configs round-trip through :meth:`from_official_config`.
+        """
+        out: dict[str, Any] = {"_class_name": "WanModel"}
+        out.update({k: getattr(self, k) for k in _OFFICIAL_FIELDS})
+        for f in dataclasses.fields(self):
+            if f.name in _EXTRA_FIELDS and getattr(self, f.name) != f.default:
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any]) -> DiTConfig:
+        """Build from a diffusers ``WanTransformer3DModel`` ``config.json`` dict (§3).
+
+        ``image_dim`` + ``added_kv_proj_dim`` select i2v, and ``pos_embed_seq_len`` (514)
+        flf2v. Missing fields take the diffusers constructor defaults.
+
+        Raises:
+            ValueError: for configs this model cannot represent (qk_norm other than
+                'rms_norm_across_heads'/None, inconsistent image fields, ...).
+        """
+        heads = config.get("num_attention_heads", 40)
+        dim = heads * config.get("attention_head_dim", 128)
+        qk = config.get("qk_norm", "rms_norm_across_heads")
+        if qk not in ("rms_norm_across_heads", None):
+            raise ValueError(f"unsupported diffusers qk_norm={qk!r}")
+        image_dim = config.get("image_dim")
+        added_kv = config.get("added_kv_proj_dim")
+        pos_len = config.get("pos_embed_seq_len")
+        if image_dim is None and added_kv is None:
+            if pos_len is not None:
+                raise ValueError("pos_embed_seq_len is set but the config has no image input")
+            model_type = "t2v"
+        elif image_dim is not None and added_kv == dim:
+            if pos_len not in (None, 2 * CLIP_TOKENS):
+                raise ValueError(f"pos_embed_seq_len must be {2 * CLIP_TOKENS}, got {pos_len}")
+            model_type = "flf2v" if pos_len else "i2v"
+        else:
+            raise ValueError(
+                "diffusers config needs both image_dim and added_kv_proj_dim == inner dim "
+                f"({dim}) for i2v/flf2v; got image_dim={image_dim}, added_kv_proj_dim={added_kv}"
+            )
+        in_dim = config.get("in_channels", 16)
+        return cls(
+            model_type=model_type,
+            patch_size=tuple(config.get("patch_size", (1, 2, 2))),
+            in_dim=in_dim,
+            dim=dim,
+            ffn_dim=config.get("ffn_dim", 13824),
+            freq_dim=config.get("freq_dim", 256),
+            text_dim=config.get("text_dim", 4096),
+            out_dim=config.get("out_channels") or in_dim,
+            num_heads=heads,
+            num_layers=config.get("num_layers", 40),
+            eps=config.get("eps", 1e-6),
+            qk_norm=qk is not None,
+            cross_attn_norm=config.get("cross_attn_norm", True),
+            image_dim=image_dim if image_dim is not None else 1280,
+        )
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """Constructor kwargs of diffusers ``WanTransformer3DModel`` for this architecture.
+
+        Raises:
+            ValueError: if ``text_len`` is not 512 (diffusers hard-codes 512 text tokens
+                when it splits image and text context).
+        """
+        if self.has_image_input and self.text_len != 512:
+            raise ValueError("diffusers supports image conditioning only with text_len=512")
+        image = self.has_image_input
+        return {
+            "patch_size": tuple(self.patch_size),
+            "num_attention_heads": self.num_heads,
+            "attention_head_dim": self.head_dim,
+            "in_channels": self.in_dim,
+            "out_channels": self.out_dim,
+            "text_dim": self.text_dim,
+            "freq_dim": self.freq_dim,
+            "ffn_dim": self.ffn_dim,
+            "num_layers": self.num_layers,
+            "cross_attn_norm": self.cross_attn_norm,
+            "qk_norm": "rms_norm_across_heads" if self.qk_norm else None,
+            "eps": self.eps,
+            "image_dim": self.image_dim if image else None,
+            "added_kv_proj_dim": self.dim if image else None,
+            "rope_max_seq_len": ROPE_MAX_POS,
+            "pos_embed_seq_len": 2 * CLIP_TOKENS if self.model_type == "flf2v" else None,
+        }
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that casts its input to the weight dtype (the CONTRACTS dtype rule).
+
+    With bf16 weights this is exactly the GEMM the official code runs under bf16 autocast.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in float32 and returned in the input dtype (``WanLayerNorm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """``WanRMSNorm``: ``(x.float() * rsqrt(mean(x^2) + eps)).type_as(x) * weight``."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Timestep embedding ``[cos(t * f_i), sin(t * f_i)]``, ``f_i = 10000^(-i / (dim/2))``.
+
+    Reproduces official ``sinusoidal_embedding_1d``: computed in float64, cos half first.
+
+    Args:
+        t: ``[B]`` timesteps on the 0..1000 scale (int or float).
+        dim: Output width (even).
+
+    Returns:
+        float32 ``[B, dim]``.
+    """
+    half = dim // 2
+    pos = t.to(torch.float64)  # [B]
+    inv = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(pos, inv)  # [B, half]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()  # [B, dim]
+
+
+class SelfAttention(nn.Module):
+    """Official ``WanSelfAttention``: q/k RMS norm over ``dim``, 3-D RoPE, full attention."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
+        self.o = Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """``[B, S, dim]`` (float32 modulated input), rot complex128 ``[S, head_dim/2]`` → ``[B, S, dim]``."""
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).unflatten(2, (n, d))  # [B, S, n, d]
+        k = self.norm_k(self.k(x)).unflatten(2, (n, d))  # [B, S, n, d]
+        v = self.v(x).unflatten(2, (n, d))  # [B, S, n, d], compute dtype = weight dtype
+        # RoPE in float64 → float32, then q/k to the compute dtype (official: cast to bf16
+        # inside flash_attention).
+        q = rope_rotate(q, rot).to(v.dtype)  # [B, S, n, d]
+        k = rope_rotate(k, rot).to(v.dtype)  # [B, S, n, d]
+        out = attention(q, k, v)  # [B, S, n, d]
+        return self.o(out.flatten(2))  # [B, S, dim]
+
+
+class CrossAttention(nn.Module):
+    """Official ``WanT2VCrossAttention`` / ``WanI2VCrossAttention`` (``with_image=True``).
+
+    Unmasked attention over the zero-padded text tokens; with image conditioning a second
+    unmasked attention over the CLIP tokens (own k_img/v_img/norm_k_img, same q) whose
+    output is summed with the text output before ``o`` (§2.9).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: bool, eps: float, with_image: bool
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = Linear(dim, dim)
+        self.k = Linear(dim, dim)
+        self.v = Linear(dim, dim)
+        self.o = Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        if with_image:
+            self.k_img = Linear(dim, dim)
+            self.v_img = Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def _attend(self, q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+        n, d = self.num_heads, self.head_dim
+        k = k_in.unflatten(2, (n, d))  # [B, L, n, d]
+        v = v_in.unflatten(2, (n, d))  # [B, L, n, d]
+        return attention(q.to(v.dtype), k.to(v.dtype), v)  # [B, S, n, d]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_img: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x ``[B, S, dim]``, context ``[B, text_len, dim]``, context_img ``[B, N_img, dim]`` → ``[B, S, dim]``."""
+        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, self.head_dim))  # [B, S, n, d]
+        out = self._attend(q, self.norm_k(self.k(context)), self.v(context))  # [B, S, n, d]
+        if context_img is not None:
+            # Sum of the two attention outputs; a single rounding to the compute dtype, as
+            # the official fp32 sum of two bf16 outputs followed by the bf16 cast of ``o``.
+            out = out + self._attend(
+                q, self.norm_k_img(self.k_img(context_img)), self.v_img(context_img)
+            )  # [B, S, n, d]
+        return self.o(out.flatten(2))  # [B, S, dim]
+
+
+class Block(nn.Module):
+    """Official ``WanAttentionBlock`` (§2.6).
+
+    ``e = modulation + e0`` (fp32) chunks into shift/scale/gate for self-attention and for
+    the FFN; cross-attention has no modulation and no gate. Residual adds are float32.
+    """
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = (
+            LayerNorm(dim, eps=cfg.eps, elementwise_affine=True)
+            if cfg.cross_attn_norm
+            else nn.Identity()
+        )
+        self.cross_attn = CrossAttention(
+            dim, cfg.num_heads, cfg.qk_norm, cfg.eps, with_image=cfg.has_image_input
+        )
+        self.norm2 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        rot: torch.Tensor,
+        context: torch.Tensor,
+        context_img: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x ``[B, S, dim]`` (bf16 or fp32 in block 0, fp32 after), e0 fp32 ``[B, 6, dim]`` → fp32 ``[B, S, dim]``."""
+        mod = (self.modulation.float() + e0).chunk(6, dim=1)  # 6 x [B, 1, dim] fp32
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
+        y = self.self_attn(self.norm1(x).float() * (1 + scale_sa) + shift_sa, rot)
+        x = x + y * gate_sa  # fp32 (gate is fp32)
+        x = x + self.cross_attn(self.norm3(x), context, context_img)
+        y = self.ffn(self.norm2(x).float() * (1 + scale_ff) + shift_ff)
+        return x + y * gate_ff
+
+
+class Head(nn.Module):
+    """Official ``Head``: ``head(norm(x) * (1 + scale) + shift)``, shift/scale from ``modulation + e``."""
+
+    def __init__(self, dim: int, out_features: int, eps: float) -> None:
+        super().__init__()
+        self.norm = LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.head = Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x fp32 ``[B, S, dim]``, e fp32 ``[B, dim]`` (time embedding, no SiLU) → ``[B, S, out]``."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)  # 2 x [B, 1, dim]
+        return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+class MLPProj(nn.Module):
+    """Official ``MLPProj``: LayerNorm, Linear, GELU (exact), Linear, LayerNorm on CLIP features.
+
+    flf2v adds the learned ``emb_pos`` ``[1, 514, image_dim]`` to the two images' tokens.
+    """
+
+    def __init__(self, image_dim: int, dim: int, with_pos: bool) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            LayerNorm(image_dim, eps=IMG_LN_EPS),
+            Linear(image_dim, image_dim),
+            nn.GELU(),
+            Linear(image_dim, dim),
+            LayerNorm(dim, eps=IMG_LN_EPS),
+        )
+        if with_pos:
+            self.emb_pos = nn.Parameter(torch.zeros(1, 2 * CLIP_TOKENS, image_dim))
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        """``[B, N_img, image_dim]`` → ``[B, N_img, dim]``; computed from float32 features."""
+        x = clip_fea.float()  # the official LayerNorms run in fp32 under autocast
+        if hasattr(self, "emb_pos"):
+            x = x + self.emb_pos.float()  # [B, 514, image_dim]
+        return self.proj(x)
+
+
+# --------------------------------------------------------------------------- model
+
+_KEEP_FP32 = re.compile(
+    r"(^|\.)modulation$"  # blocks.N.modulation, head.modulation
+    r"|^time_embedding\.|^time_projection\.|^head\."
+    r"|\.norm_(q|k|k_img)\.weight$|\.norm3\.(weight|bias)$"
+    r"|^img_emb\.proj\.[04]\.(weight|bias)$|^img_emb\.emb_pos$"
+)
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT; ``state_dict()`` keys are exactly the official checkpoint keys (§3).
+
+    Args:
+        config: Architecture; ``config.model_type`` selects t2v / i2v / flf2v.
+
+    Holds no buffers: the RoPE tables are built lazily in ``forward`` and cached per device
+    (and the per-token rotations for the last token grid). Constructible under
+    ``torch.device('meta')`` and loadable with ``load_state_dict(sd, assign=True)``.
+    """
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        cfg = config
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(
+            Linear(cfg.freq_dim, dim), nn.SiLU(), Linear(dim, dim)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(dim, math.prod(cfg.patch_size) * cfg.out_dim, cfg.eps)
+        if cfg.has_image_input:
+            self.img_emb = MLPProj(cfg.image_dim, dim, with_pos=cfg.model_type == "flf2v")
+        self._rope_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._rope_last: tuple[Any, torch.Tensor] | None = None
+
+    @staticmethod
+    def keep_fp32(name: str) -> bool:
+        """True for parameters that stay float32 when the rest is loaded in bf16/fp16.
+
+        These are the modulation tables, time embedding and projection, the head (norm,
+        modulation, Linear), the weighted norms (q/k RMS norms, ``norm3``) and the
+        ``img_emb`` layer norms and ``emb_pos`` (§9.1). Everything else (patch embedding,
+        text embedding, attention and FFN Linears, img_emb Linears) may be low precision.
+
+        Args:
+            name: An official state-dict key, e.g. ``'blocks.3.modulation'``.
+        """
+        return _KEEP_FP32.search(name) is not None
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | int | float,
+        context: torch.Tensor,
+        *,
+        y: torch.Tensor | None = None,
+        clip_fea: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity.
+
+        Args:
+            x: Noisy latents ``[B, C, F, H, W]``; ``C = in_dim`` for t2v, ``in_dim - y.shape[1]``
+                for i2v/flf2v. F, H, W must be divisible by ``patch_size``.
+            t: Timesteps ``[B]`` (or a scalar, used for every sample) on the 0..1000 scale,
+                int or float.
+            context: Text features ``[B, L, text_dim]``, ``L <= text_len``; zero-padded here to
+                ``text_len`` (pad shorter prompts with zeros yourself when batching: the
+                result is the same, cross-attention is unmasked).
+            y: i2v/flf2v only: conditioning ``[B, C_y, F, H, W]`` (mask 4 + VAE latent 16),
+                concatenated after ``x`` on channels before the patch embedding.
+            clip_fea: i2v/flf2v only: CLIP ViT-H/14 penultimate features
+                ``[B, 257, image_dim]`` (i2v) or ``[B, 514, image_dim]`` (flf2v: first then
+                last frame).
+
+        Returns:
+            float32 velocity ``[B, out_dim, F, H, W]``.
+
+        Raises:
+            ValueError: on missing/unexpected conditioning or any shape mismatch.
+        """
+        cfg = self.config
+        x = self._check_video(x, y)  # [B, in_dim, F, H, W]
+        b = x.shape[0]
+        pt, ph, pw = cfg.patch_size
+        grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+
+        # Tokens: idx = f*H'W' + h*W' + w.
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, dim, F', H', W']
+        x = x.flatten(2).transpose(1, 2)  # [B, S, dim]
+
+        # Time: float64 sinusoid, fp32 MLP (keep_fp32 weights).
+        t = self._check_timesteps(t, b, x.device)  # [B]
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim)).float()  # [B, dim]
+        e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))  # [B, 6, dim]
+
+        context = self.text_embedding(self._check_context(context, b))  # [B, text_len, dim]
+        context_img = None
+        if cfg.has_image_input:
+            context_img = self.img_emb(self._check_clip(clip_fea, b))  # [B, N_img, dim]
+        elif clip_fea is not None:
+            raise ValueError("clip_fea is only accepted by i2v/flf2v models (model_type='t2v')")
+
+        rot = self._rope(grid, x.device)  # [S, head_dim/2] complex128
+        for block in self.blocks:
+            x = block(x, e0, rot, context, context_img)  # [B, S, dim] fp32
+        x = self.head(x, e)  # [B, S, pt*ph*pw*out_dim]
+        return self._unpatchify(x, grid).float()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``[B, S, pt*ph*pw*C]`` → ``[B, C, F'*pt, H'*ph, W'*pw]``; channel idx ((p*ph+q)*pw+r)*C + c."""
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        c = self.config.out_dim
+        x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, c)  # [B, F', H', W', pt, ph, pw, C]
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F', pt, H', ph, W', pw]
+        return x.reshape(x.shape[0], c, f * pt, h * ph, w * pw)  # [B, C, F, H, W]
+
+    def _rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        key = (device, grid)
+        if self._rope_last is not None and self._rope_last[0] == key:
+            return self._rope_last[1]
+        tables = self._rope_tables.get(device)
+        if tables is None:
+            # Built on the CPU like the official code, then moved.
+            tables = tuple(
+                f.to(device) for f in rope_freqs(self.config.head_dim, ROPE_MAX_POS)
+            )
+            self._rope_tables[device] = tables
+        rot = rope_grid(grid, tables)  # [S, head_dim/2]
+        self._rope_last = (key, rot)
+        return rot
+
+    def _check_video(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"x must be [B, C, F, H, W], got shape {tuple(x.shape)}")
+        if cfg.has_image_input:
+            if y is None:
+                raise ValueError(f"model_type={cfg.model_type!r} needs the conditioning y")
+            if y.ndim != 5 or y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+                raise ValueError(
+                    f"y must be [B, C_y, F, H, W] matching x {tuple(x.shape)}, "
+                    f"got {tuple(y.shape)}"
+                )
+            if x.shape[1] + y.shape[1] != cfg.in_dim:
+                raise ValueError(
+                    f"x channels ({x.shape[1]}) + y channels ({y.shape[1]}) must equal "
+                    f"in_dim={cfg.in_dim}"
+                )
+            x = torch.cat([x, y.to(x.dtype)], dim=1)  # [B, in_dim, F, H, W]
+        else:
+            if y is not None:
+                raise ValueError("y is only accepted by i2v/flf2v models (model_type='t2v')")
+            if x.shape[1] != cfg.in_dim:
+                raise ValueError(
+                    f"x must have in_dim={cfg.in_dim} channels, got {x.shape[1]} "
+                    f"(shape {tuple(x.shape)})"
+                )
+        for name, size, p in zip("FHW", x.shape[2:], cfg.patch_size):
+            if size % p or size == 0:
+                raise ValueError(
+                    f"x {name}={size} must be a positive multiple of the patch size {p} "
+                    f"(patch_size={cfg.patch_size})"
+                )
+            if size // p > ROPE_MAX_POS:
+                raise ValueError(f"x {name}={size} gives more than {ROPE_MAX_POS} tokens")
+        return x
+
+    @staticmethod
+    def _check_timesteps(
+        t: torch.Tensor | int | float, batch: int, device: torch.device
+    ) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        if t.ndim == 0:
+            t = t.expand(batch)  # [B]
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"t must be a scalar or [B={batch}], got shape {tuple(t.shape)}")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"t must be int or float, got {t.dtype}")
+        return t
+
+    def _check_context(self, context: torch.Tensor, batch: int) -> torch.Tensor:
+        cfg = self.config
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"context must be [B={batch}, L, text_dim={cfg.text_dim}], "
+                f"got shape {tuple(context.shape)}"
+            )
+        length = context.shape[1]
+        if length > cfg.text_len:
+            raise ValueError(
+                f"context has {length} tokens, more than text_len={cfg.text_len}; "
+                "trim the text-encoder output"
+            )
+        if length < cfg.text_len:
+            context = F.pad(context, (0, 0, 0, cfg.text_len - length))  # [B, text_len, text_dim]
+        return context
+
+    def _check_clip(self, clip_fea: torch.Tensor | None, batch: int) -> torch.Tensor:
+        cfg = self.config
+        if clip_fea is None:
+            raise ValueError(f"model_type={cfg.model_type!r} needs clip_fea")
+        expected = (batch, cfg.image_tokens, cfg.image_dim)
+        if tuple(clip_fea.shape) != expected:
+            raise ValueError(
+                f"clip_fea must be {list(expected)} for model_type={cfg.model_type!r}, "
+                f"got {list(clip_fea.shape)}"
+            )
+        return clip_fea
