@@ -96,13 +96,13 @@ def worker_dit(a) -> dict:
 
     from wanrt.checkpoints.keymap_dit import dit_from_official
     from wanrt.checkpoints.tiny import dit_config_for, randomize_
-    from wanrt.models.dit import WanDiT, dit_config_to_diffusers
+    from wanrt.models.dit import WanDiT
     from wanrt.presets import get_preset
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision]
     cfg = dit_config_for(get_preset("t2v-1.3b"))
     ours = randomize_(WanDiT(cfg), 0)
-    ref = diffusers.WanTransformer3DModel(**dit_config_to_diffusers(cfg))
+    ref = diffusers.WanTransformer3DModel(**cfg.to_diffusers_config())
     ref.load_state_dict({dit_from_official(k): v for k, v in ours.state_dict().items()}, strict=True)
     for n, p in ours.named_parameters():
         if not WanDiT.keep_fp32(n):

@@ -84,7 +84,7 @@ def _block_suffix_from_official(suffix: str, key: str) -> str:
     raise _bad(key, "official")
 
 
-def vae_to_official(key: str, *, config: Any = None) -> str:
+def vae_to_official(key: str, config: Any = None) -> str:
     """Maps a diffusers ``AutoencoderKLWan`` state-dict key to the official ``WanVAE_`` key.
 
     Args:
@@ -134,7 +134,7 @@ def vae_to_official(key: str, *, config: Any = None) -> str:
     raise _bad(key, "diffusers")
 
 
-def vae_from_official(key: str, *, config: Any = None) -> str:
+def vae_from_official(key: str, config: Any = None) -> str:
     """Maps an official ``WanVAE_`` key to the diffusers ``AutoencoderKLWan`` key.
 
     Args:

@@ -160,7 +160,7 @@ def write_checkpoint(
         build_tiny_tokenizer(out / OFFICIAL_TOKENIZER, vocab_size=t5_cfg.vocab_size)
         return out
 
-    from ..models.dit import dit_config_to_diffusers
+    pass
     from .keymap_dit import dit_from_official
     from .keymap_t5 import t5_from_official
     from .keymap_vae import vae_from_official
@@ -180,7 +180,7 @@ def write_checkpoint(
     for sub in ("transformer", "vae", "text_encoder", "scheduler"):
         (out / sub).mkdir()
     tcfg = {"_class_name": "WanTransformer3DModel", "_diffusers_version": diffusers_version,
-            **dit_config_to_diffusers(dit_cfg)}
+            **dit_cfg.to_diffusers_config()}
     (out / "transformer" / "config.json").write_text(json.dumps(tcfg, indent=2))
     _save_safetensors_sharded({dit_from_official(k): v for k, v in dit.state_dict().items()},
                               out / "transformer", "diffusion_pytorch_model.safetensors", shards)

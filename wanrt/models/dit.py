@@ -175,6 +175,7 @@ class DiTConfig:
         qk = config.get("qk_norm", "rms_norm_across_heads")
         if qk not in ("rms_norm_across_heads", None):
             raise ValueError(f"unsupported diffusers qk_norm={qk!r}")
+        # diffusers builds the q/k RMS norms whatever qk_norm says, so qk_norm is always True.
         image_dim = config.get("image_dim")
         added_kv = config.get("added_kv_proj_dim")
         pos_len = config.get("pos_embed_seq_len")
@@ -204,7 +205,7 @@ class DiTConfig:
             num_heads=heads,
             num_layers=config.get("num_layers", 40),
             eps=config.get("eps", 1e-6),
-            qk_norm=qk is not None,
+            qk_norm=True,
             cross_attn_norm=config.get("cross_attn_norm", True),
             image_dim=image_dim if image_dim is not None else 1280,
         )
@@ -213,9 +214,12 @@ class DiTConfig:
         """Constructor kwargs of diffusers ``WanTransformer3DModel`` for this architecture.
 
         Raises:
-            ValueError: if ``text_len`` is not 512 (diffusers hard-codes 512 text tokens
-                when it splits image and text context).
+            ValueError: if ``qk_norm`` is False (diffusers always has the q/k norms) or, for
+                i2v/flf2v, ``text_len`` is not 512 (diffusers hard-codes 512 text tokens when
+                it splits image and text context).
         """
+        if not self.qk_norm:
+            raise ValueError("diffusers WanTransformer3DModel cannot represent qk_norm=False")
         if self.has_image_input and self.text_len != 512:
             raise ValueError("diffusers supports image conditioning only with text_len=512")
         image = self.has_image_input
@@ -230,7 +234,7 @@ class DiTConfig:
             "ffn_dim": self.ffn_dim,
             "num_layers": self.num_layers,
             "cross_attn_norm": self.cross_attn_norm,
-            "qk_norm": "rms_norm_across_heads" if self.qk_norm else None,
+            "qk_norm": "rms_norm_across_heads",
             "eps": self.eps,
             "image_dim": self.image_dim if image else None,
             "added_kv_proj_dim": self.dim if image else None,
@@ -305,7 +309,15 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """``[B, S, dim]`` (float32 modulated input), rot complex128 ``[S, head_dim/2]`` → ``[B, S, dim]``."""
+        """Self-attention.
+
+        Args:
+            x: float32 ``[B, S, dim]`` (modulated, normalised hidden states).
+            rot: complex128 ``[S, head_dim/2]`` per-token RoPE rotations.
+
+        Returns:
+            ``[B, S, dim]`` in the dtype of ``o``'s weight.
+        """
         n, d = self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).unflatten(2, (n, d))  # [B, S, n, d]
         k = self.norm_k(self.k(x)).unflatten(2, (n, d))  # [B, S, n, d]
@@ -355,7 +367,11 @@ class CrossAttention(nn.Module):
         context: torch.Tensor,
         context_img: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x ``[B, S, dim]``, context ``[B, text_len, dim]``, context_img ``[B, N_img, dim]`` → ``[B, S, dim]``."""
+        """Cross-attention of ``x [B, S, dim]`` over ``context [B, text_len, dim]``.
+
+        ``context_img [B, N_img, dim]`` (i2v/flf2v) adds the image attention. Returns
+        ``[B, S, dim]`` in the dtype of ``o``'s weight.
+        """
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, self.head_dim))  # [B, S, n, d]
         out = self._attend(q, self.norm_k(self.k(context)), self.v(context))  # [B, S, n, d]
         if context_img is not None:
@@ -401,7 +417,12 @@ class Block(nn.Module):
         context: torch.Tensor,
         context_img: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x ``[B, S, dim]`` (bf16 or fp32 in block 0, fp32 after), e0 fp32 ``[B, 6, dim]`` → fp32 ``[B, S, dim]``."""
+        """One block: ``x [B, S, dim]`` → float32 ``[B, S, dim]``.
+
+        ``x`` is the patch-embedding dtype in block 0 (bf16 with bf16 weights, which rounds
+        norm1's output like the official code) and float32 afterwards. ``e0`` is float32
+        ``[B, 6, dim]``, ``rot`` complex128 ``[S, head_dim/2]``.
+        """
         mod = (self.modulation.float() + e0).chunk(6, dim=1)  # 6 x [B, 1, dim] fp32
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
         y = self.self_attn(self.norm1(x).float() * (1 + scale_sa) + shift_sa, rot)
@@ -412,7 +433,11 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """Official ``Head``: ``head(norm(x) * (1 + scale) + shift)``, shift/scale from ``modulation + e``."""
+    """Official ``Head``: ``head(norm(x) * (1 + scale) + shift)``.
+
+    ``shift, scale = modulation + e`` (chunk 0 = shift, 1 = scale), with ``e`` the time
+    embedding before ``time_projection`` (§2.10).
+    """
 
     def __init__(self, dim: int, out_features: int, eps: float) -> None:
         super().__init__()
@@ -421,7 +446,7 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x fp32 ``[B, S, dim]``, e fp32 ``[B, dim]`` (time embedding, no SiLU) → ``[B, S, out]``."""
+        """x float32 ``[B, S, dim]``, e float32 ``[B, dim]`` → ``[B, S, pt*ph*pw*out_dim]``."""
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)  # 2 x [B, 1, dim]
         return self.head(self.norm(x) * (1 + scale) + shift)
 
@@ -573,7 +598,11 @@ class WanDiT(nn.Module):
     # ---------------------------------------------------------------- helpers
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """``[B, S, pt*ph*pw*C]`` → ``[B, C, F'*pt, H'*ph, W'*pw]``; channel idx ((p*ph+q)*pw+r)*C + c."""
+        """``[B, S, pt*ph*pw*C]`` → ``[B, C, F'*pt, H'*ph, W'*pw]``.
+
+        Head channel index ``((p*ph + q)*pw + r)*C + c`` holds output pixel
+        ``(c, f*pt + p, h*ph + q, w*pw + r)`` (official ``unpatchify``, §2.11).
+        """
         f, h, w = grid
         pt, ph, pw = self.config.patch_size
         c = self.config.out_dim
@@ -622,7 +651,7 @@ class WanDiT(nn.Module):
                     f"x must have in_dim={cfg.in_dim} channels, got {x.shape[1]} "
                     f"(shape {tuple(x.shape)})"
                 )
-        for name, size, p in zip("FHW", x.shape[2:], cfg.patch_size):
+        for name, size, p in zip("FHW", x.shape[2:], cfg.patch_size, strict=True):
             if size % p or size == 0:
                 raise ValueError(
                     f"x {name}={size} must be a positive multiple of the patch size {p} "

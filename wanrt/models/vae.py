@@ -14,7 +14,6 @@ per-channel mean/std.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wanrt.cache.causal_cache import CausalCache, SlotState, assign_cache_slots
+from wanrt.ops import attention
 
 __all__ = [
     "WAN21_LATENTS_MEAN",
@@ -301,7 +301,8 @@ class AttentionBlock(nn.Module):
     """Per-frame single-head spatial self-attention (official ``AttentionBlock``).
 
     For each frame: RMSNorm, 1x1 conv to q, k, v (C channels each), softmax(q k^T / sqrt(C)) v over
-    the H*W positions, 1x1 projection, plus the input. No temporal mixing, so no cache.
+    the H*W positions (through :func:`wanrt.ops.attention`, one head of size C), 1x1 projection,
+    plus the input. No temporal mixing, so no cache.
     """
 
     def __init__(self, dim: int) -> None:
@@ -317,8 +318,9 @@ class AttentionBlock(nn.Module):
         qkv = self.to_qkv(self.norm(y))  # [B*T, 3C, H, W]
         qkv = qkv.reshape(b * t, 1, 3 * c, h * w).transpose(2, 3).contiguous()  # [B*T, 1, H*W, 3C]
         q, k, v = qkv.chunk(3, dim=-1)  # each [B*T, 1, H*W, C]
-        o = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))  # [B*T, 1, H*W, C]
-        o = o.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)  # [B*T, C, H, W]
+        # wanrt.ops.attention takes [N, S, heads, head_dim]; scale 1/sqrt(C), one head.
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B*T, H*W, 1, C]
+        o = o.squeeze(2).transpose(1, 2).reshape(b * t, c, h, w)  # [B*T, C, H, W]
         o = self.proj(o).view(b, t, c, h, w).permute(0, 2, 1, 3, 4)  # [B, C, T, H, W]
         return o + x
 
@@ -635,6 +637,8 @@ class WanVAE(nn.Module):
         if len(cache) != self.encoder.num_cache_slots:
             raise ValueError(f"cache has {len(cache)} slots, the encoder needs {self.encoder.num_cache_slots}")
         t, tf = x.shape[2], self.config.temporal_factor
+        if t < 1:
+            raise ValueError(f"a chunk needs at least 1 frame, got shape {tuple(x.shape)}")
         if cache.is_fresh and t != 1:
             raise ValueError(f"the first chunk must be exactly 1 frame, got {t}")
         if not cache.is_fresh and t % tf:

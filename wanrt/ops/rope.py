@@ -130,7 +130,8 @@ def rope_rotate_eager(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         )
     xr = x[:, :s_rot].to(torch.float64).reshape(b, s_rot, n, d // 2, 2)  # [B, S_grid, n, d/2, 2]
     xc = torch.view_as_complex(xr.contiguous())  # [B, S_grid, n, d/2] complex128
-    out = torch.view_as_real(xc * rot[None, :, None, :]).reshape(b, s_rot, n, d)  # [B, S_grid, n, d]
+    out = torch.view_as_real(xc * rot[None, :, None, :])  # [B, S_grid, n, d/2, 2]
+    out = out.reshape(b, s_rot, n, d)  # [B, S_grid, n, d]
     out = out.float()
     if s_rot < s:
         out = torch.cat([out, x[:, s_rot:].float()], dim=1)  # [B, S, n, d]
