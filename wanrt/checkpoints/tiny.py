@@ -160,7 +160,6 @@ def write_checkpoint(
         build_tiny_tokenizer(out / OFFICIAL_TOKENIZER, vocab_size=t5_cfg.vocab_size)
         return out
 
-    pass
     from .keymap_dit import dit_from_official
     from .keymap_t5 import t5_from_official
     from .keymap_vae import vae_from_official
