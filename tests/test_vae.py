@@ -363,12 +363,16 @@ def test_cache_for_module_rejects_overlapping_slots():
 def test_attn_scales_layout():
     # Official layout: an AttentionBlock after each residual block at the listed scales. diffusers
     # builds the same encoder blocks (flat indices) but none in the decoder.
-    cfg = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2), num_res_blocks=1, attn_scales=(0.5,),
+    # The official scales: encoder stages 1, 1/2, ...; decoder stages (bottom up) start at
+    # 1 / 2**(len(dim_mult) - 2), here 1 then 2.
+    cfg = VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2), num_res_blocks=1, attn_scales=(1.0,),
                     temporal_downsample=(True,), latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
     model = WanVAE(cfg)
     sd = model.state_dict()
-    assert "encoder.downsamples.3.to_qkv.weight" in sd  # res, down, res, attn
-    assert "decoder.upsamples.1.proj.weight" in sd  # res, attn, res, attn, up, ...
+    res, attn, resample = "ResidualBlock", "AttentionBlock", "Resample"
+    assert [type(b).__name__ for b in model.encoder.downsamples] == [res, attn, resample, res]
+    assert [type(b).__name__ for b in model.decoder.upsamples] == [res, attn, res, attn, resample, res, res]
+    assert "encoder.downsamples.1.to_qkv.weight" in sd and "decoder.upsamples.3.proj.weight" in sd
     with torch.device("meta"):
         ref = AutoencoderKLWan(**cfg.to_diffusers_config())
     enc = [k for k in ref.state_dict() if k.startswith("encoder.")]

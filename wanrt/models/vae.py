@@ -316,6 +316,7 @@ class AttentionBlock(nn.Module):
         b, c, t, h, w = x.shape
         y = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)  # [B*T, C, H, W]
         qkv = self.to_qkv(self.norm(y))  # [B*T, 3C, H, W]
+        # contiguous() as in the official code: same q/k/v strides, so SDPA reduces in the same order.
         qkv = qkv.reshape(b * t, 1, 3 * c, h * w).transpose(2, 3).contiguous()  # [B*T, 1, H*W, 3C]
         q, k, v = qkv.chunk(3, dim=-1)  # each [B*T, 1, H*W, C]
         # wanrt.ops.attention takes [N, S, heads, head_dim]; scale 1/sqrt(C), one head.
@@ -458,6 +459,9 @@ class Decoder3d(nn.Module):
 
     Each stage has ``num_res_blocks + 1`` residual blocks, then (except the last) a Resample that
     halves the channels, so stages after the first start from ``dims[i] // 2`` channels.
+    ``attn_scales`` are matched as in the official code, whose decoder scale starts at
+    ``1 / 2**(len(dim_mult) - 2)`` for the bottom stage and doubles per stage (so the same scale
+    value marks different resolutions in the encoder and the decoder).
     """
 
     def __init__(self, config: VAEConfig) -> None:
