@@ -23,7 +23,7 @@ log = logging.getLogger("wanrt")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("eager",)
-SOLVERS = ("unipc", "dpm++", "euler")
+from .sampling import SOLVER_NAMES as SOLVERS
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)
 

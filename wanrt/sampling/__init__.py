@@ -1,1 +1,5 @@
-"""Flow-matching schedulers and the denoising loop."""
+"""Flow-matching schedulers (UniPC, DPM++, Euler) as small explicit solvers for the denoising loop."""
+
+from .schedulers import SOLVER_NAMES, make_solver
+
+__all__ = ["SOLVER_NAMES", "make_solver"]
