@@ -184,3 +184,20 @@ def test_full_size_13b_checkpoint_layout(tmp_path):
     m = wanrt.load_transformer(out, device="cpu", dtype=torch.bfloat16)
     assert len(m.state_dict()) == 825
     assert abs(sum(p.numel() for p in m.parameters()) / 1e9 - 1.419) < 0.001
+
+
+def test_unknown_diffusers_key_is_named(tiny_diffusers, tmp_path):
+    dst = tmp_path / "d"
+    shutil.copytree(tiny_diffusers / "transformer", dst)
+    index = json.loads((dst / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard = dst / sorted(set(index["weight_map"].values()))[0]
+    sd = load_file(str(shard))
+    sd["blocks.0.attn1.to_banana.weight"] = torch.zeros(2)
+    sd["blocks.0.attn2.norm_added_q.weight"] = torch.zeros(2)  # ignored, as diffusers does
+    save_file(sd, str(shard))
+    index["weight_map"]["blocks.0.attn1.to_banana.weight"] = shard.name
+    index["weight_map"]["blocks.0.attn2.norm_added_q.weight"] = shard.name
+    (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="unexpected key") as e:
+        wanrt.load_transformer(dst, device="cpu")
+    assert e.value.key == "blocks.0.attn1.to_banana.weight" and e.value.file == str(shard)

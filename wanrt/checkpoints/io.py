@@ -216,7 +216,11 @@ def load_into_module(
     mapped: dict[str, str] = {}
     unexpected: list[str] = []
     for src_key in source.keys():
-        key = to_official(src_key) if to_official else src_key
+        try:
+            key = to_official(src_key) if to_official else src_key
+        except (KeyError, ValueError):  # the key map does not know this key
+            unexpected.append(src_key)
+            continue
         if key is None:
             continue
         if key in mapped:

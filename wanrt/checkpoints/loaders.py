@@ -58,7 +58,8 @@ def _dit_key_mapper(keys: list[str]):
     stripped = [k[len(prefix):] for k in keys]
     diffusers = any(k.startswith(("condition_embedder.", "scale_shift_table", "proj_out.")) or ".attn1." in k for k in stripped)
     if diffusers:
-        return "diffusers", lambda k: dit_to_official(k[len(prefix):])
+        # diffusers' own loader ignores "norm_added_q" (never used by Wan); so do we.
+        return "diffusers", lambda k: None if k.endswith("norm_added_q.weight") else dit_to_official(k[len(prefix):])
     return "official", lambda k: k[len(prefix):]
 
 
