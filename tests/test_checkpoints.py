@@ -201,3 +201,58 @@ def test_unknown_diffusers_key_is_named(tiny_diffusers, tmp_path):
     with pytest.raises(CheckpointError, match="unexpected key") as e:
         wanrt.load_transformer(dst, device="cpu")
     assert e.value.key == "blocks.0.attn1.to_banana.weight" and e.value.file == str(shard)
+
+
+def test_published_configs_give_the_official_architectures():
+    """config.json files as the real releases ship them parse to the real architectures."""
+    from wanrt.models.dit import DiTConfig
+    from wanrt.models.t5 import UMT5Config
+    from wanrt.models.vae import WAN21_LATENTS_MEAN, VAEConfig
+    from wanrt.presets import get_preset, preset_for_arch
+
+    official = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 1536, "eps": 1e-06,
+                "ffn_dim": 8960, "freq_dim": 256, "in_dim": 16, "model_type": "t2v", "num_heads": 12,
+                "num_layers": 30, "out_dim": 16, "text_len": 512}
+    diff = {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None, "attention_head_dim": 128,
+            "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 8960, "freq_dim": 256, "image_dim": None,
+            "in_channels": 16, "num_attention_heads": 12, "num_layers": 30, "out_channels": 16,
+            "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096}
+    a, b = DiTConfig.from_official_config(official), DiTConfig.from_diffusers_config(diff)
+    assert a == b
+    arch = dict(model_type=a.model_type, dim=a.dim, ffn_dim=a.ffn_dim, num_heads=a.num_heads,
+                num_layers=a.num_layers, in_dim=a.in_dim)
+    assert preset_for_arch(arch) is get_preset("t2v-1.3b")
+    i2v = dict(diff, added_kv_proj_dim=5120, image_dim=1280, in_channels=36, num_attention_heads=40, num_layers=40,
+               ffn_dim=13824)
+    assert DiTConfig.from_diffusers_config(i2v).model_type == "i2v"
+    assert DiTConfig.from_diffusers_config(dict(i2v, pos_embed_seq_len=514)).model_type == "flf2v"
+    vae = {"_class_name": "AutoencoderKLWan", "attn_scales": [], "base_dim": 96, "dim_mult": [1, 2, 4, 4],
+           "dropout": 0.0, "latents_mean": list(WAN21_LATENTS_MEAN), "latents_std": [1.0] * 16,
+           "num_res_blocks": 2, "temperal_downsample": [False, True, True], "z_dim": 16, "in_channels": 3,
+           "out_channels": 3, "is_residual": False, "patch_size": None, "scale_factor_temporal": 4,
+           "scale_factor_spatial": 8, "clip_output": True, "decoder_base_dim": None}
+    assert VAEConfig.from_diffusers_config(vae).base_dim == 96
+    t5 = {"architectures": ["UMT5EncoderModel"], "d_ff": 10240, "d_kv": 64, "d_model": 4096,
+          "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-06, "model_type": "umt5", "num_heads": 64,
+          "num_layers": 24, "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
+          "vocab_size": 256384}
+    assert UMT5Config.from_hf_config(t5) == UMT5Config()
+
+
+def test_architecture_inferred_from_shapes_of_real_sizes():
+    """Wan2.1_VAE.pth and lone DiT files carry no config: the shapes of the real models give it back."""
+    from wanrt.checkpoints.loaders import dit_config_from_shapes, vae_config_from_shapes
+    from wanrt.checkpoints.tiny import dit_config_for
+    from wanrt.models.dit import WanDiT
+    from wanrt.models.vae import VAEConfig, WanVAE
+    from wanrt.presets import get_preset
+
+    with torch.device("meta"):
+        vae = WanVAE(VAEConfig())
+        shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+        assert vae_config_from_shapes(shapes) == VAEConfig()
+        for name in ("t2v-1.3b", "t2v-14b", "i2v-14b-480p", "flf2v-14b"):
+            cfg = dit_config_for(get_preset(name))
+            dit = WanDiT(cfg)
+            got = dit_config_from_shapes({k: tuple(v.shape) for k, v in dit.state_dict().items()})
+            assert got == cfg, name
