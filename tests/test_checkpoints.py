@@ -256,3 +256,15 @@ def test_architecture_inferred_from_shapes_of_real_sizes():
             dit = WanDiT(cfg)
             got = dit_config_from_shapes({k: tuple(v.shape) for k, v in dit.state_dict().items()})
             assert got == cfg, name
+
+
+def test_bad_dtype_and_device(tiny_official):
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        wanrt.load_transformer(tiny_official, device="cpu", dtype=torch.int8)
+    with pytest.raises(ValueError, match="invalid device"):
+        wanrt.load_vae(tiny_official, device="tpu:9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            wanrt.load_transformer(tiny_official, device="cuda")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            wanrt.Engine("tiny", tiny_official, device="cuda")

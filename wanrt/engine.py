@@ -80,10 +80,6 @@ class EngineConfig:
         return torch.float32 if self.precision == "fp32" else torch.bfloat16
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Engine:
@@ -135,9 +131,9 @@ class Engine:
         return self
 
     def _init(self, preset: Preset | None, ckpt: Path, device, precision: str, backend: str, check: bool):
-        from .checkpoints.loaders import load_text_encoder, load_transformer, load_vae
+        from .checkpoints.loaders import _device, load_text_encoder, load_transformer, load_vae
 
-        self.config = EngineConfig(_resolve_device(device), precision, backend)
+        self.config = EngineConfig(_device(device), precision, backend)
         self.checkpoint_dir = ckpt
         dev = self.config.device
         self.transformer = load_transformer(ckpt, device=dev, dtype=self.config.dit_dtype)

@@ -30,9 +30,16 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def _device(device) -> torch.device:
+    """Resolve ``device`` (None: CUDA when available, else CPU); ValueError for an unusable one."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available in this torch build")
+    return dev
 
 
 def _check_dtype(dtype) -> torch.dtype:
