@@ -42,12 +42,14 @@ def _device(device) -> torch.device:
     return dev
 
 
-def _check_dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+def _check_path_and_dtype(path, dtype) -> tuple[Path, torch.dtype | None]:
+    """The checks every loader starts with: the path exists, the dtype is a floating dtype (or None)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    return dtype
+    return path, dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,10 +151,7 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None):
     """
     from ..models.dit import DiTConfig, WanDiT
 
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
-    dtype = _check_dtype(dtype)
+    path, dtype = _check_path_and_dtype(path, dtype)
     weights, cfg = _resolve_dit(path)
     with open_tensor_source(weights) as src:
         _, mapper = _dit_key_mapper(src.keys())
@@ -249,10 +248,7 @@ def load_vae(path, device=None, dtype=torch.float32):
     from ..models.vae import VAEConfig, WanVAE
     from .keymap_vae import vae_to_official
 
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
-    dtype = _check_dtype(dtype)
+    path, dtype = _check_path_and_dtype(path, dtype)
     cfg = None
     if path.is_dir():
         if (path / "config.json").is_file() and "z_dim" in read_json(path / "config.json"):
@@ -339,10 +335,7 @@ def load_text_encoder(path, device=None, dtype=torch.bfloat16, *, tokenizer=None
     from ..models.t5 import TextEncoder, UMT5Config, UMT5Encoder
     from .keymap_t5 import t5_to_official
 
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
-    dtype = _check_dtype(dtype)
+    path, dtype = _check_path_and_dtype(path, dtype)
     hf_cfg = None
     tok_dir = Path(tokenizer) if tokenizer is not None else None
     if path.is_file():
