@@ -72,10 +72,12 @@ class EngineConfig:
 
     @property
     def dit_dtype(self) -> torch.dtype:
+        """Dtype of the DiT's large weights."""
         return PRECISIONS[self.precision]
 
     @property
     def text_dtype(self) -> torch.dtype:
+        """Dtype of the text encoder's weights (fp32, or bf16 for bf16/fp16 precision)."""
         # UMT5 overflows in fp16; the official encoder runs in bf16.
         return torch.float32 if self.precision == "fp32" else torch.bfloat16
 
@@ -157,6 +159,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
+        """The device the models run on."""
         return self.config.device
 
     def __repr__(self) -> str:

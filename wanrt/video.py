@@ -99,6 +99,7 @@ class Video:
 
     @property
     def num_frames(self) -> int:
+        """Number of frames."""
         return int(self.frames.shape[0])
 
     def save(self, path: str | os.PathLike, crf: int = 18) -> Path:

@@ -99,6 +99,7 @@ class TensorSource:
 
     # -- access -------------------------------------------------------------------------------
     def keys(self) -> list[str]:
+        """All tensor keys, in file order."""
         return list(self._file_of)
 
     def __contains__(self, key: str) -> bool:
@@ -108,24 +109,30 @@ class TensorSource:
         return len(self._file_of)
 
     def file_of(self, key: str) -> Path:
+        """The file that stores ``key``."""
         return self._file_of[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of ``key``, read from the header only."""
         return self._shape[key]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``key -> shape`` for every tensor (headers only)."""
         return dict(self._shape)
 
     def get(self, key: str) -> torch.Tensor:
+        """Read one tensor (CPU, stored dtype). Raises CheckpointError naming the file and key."""
         if key not in self._file_of:
             raise CheckpointError("key not in checkpoint", self.describe(), key)
         return self._getters[self._file_of[key]](key)
 
     def describe(self) -> str:
+        """A short name of the files behind this source, for messages."""
         files = sorted({str(p) for p in self._file_of.values()})
         return files[0] if len(files) == 1 else f"{len(files)} files under {os.path.commonpath(files)}" if files else "<empty>"
 
     def close(self) -> None:
+        """Release the file handles."""
         for c in self._closers:
             c()
         self._closers.clear()

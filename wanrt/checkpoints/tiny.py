@@ -68,6 +68,7 @@ def tiny_vae_config(preset: Preset):
 
 
 def dit_config_for(preset: Preset):
+    """The ``DiTConfig`` of the architecture ``preset`` expects."""
     from ..models.dit import DiTConfig
 
     a = preset.arch
