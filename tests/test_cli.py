@@ -40,6 +40,21 @@ def test_make_tiny_checkpoint_then_generate_via_subprocess(tmp_path):
     assert frames.shape == (1, 16, 32, 3)
 
 
+def test_bad_input_is_rejected_before_loading(tmp_path, monkeypatch, capsys):
+    import wanrt.engine
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(wanrt.engine.Engine, "__init__", no_load)
+    for argv, msg in ((["--num-frames", "8"], "num_frames must be 4k+1"), (["--height", "100"], "multiple of 16"),
+                      (["--steps", "0"], "num_inference_steps"), (["-o", "x.gif"], "must end in .mp4"),
+                      (["--seed", "-3"], "seed must be")):
+        rc = main(["generate", "--model", "t2v-14b", "--checkpoint-dir", str(tmp_path), "--prompt", "x", *argv])
+        assert rc == 2
+        assert msg in capsys.readouterr().err
+
+
 def test_bad_input_exits_2_with_message(tmp_path, tiny_official, capsys):
     rc = main(["generate", "--checkpoint-dir", str(tiny_official), "--prompt", "x", "--num-frames", "8",
                "-o", str(tmp_path / "x.mp4"), "--device", "cpu"])
@@ -48,6 +63,16 @@ def test_bad_input_exits_2_with_message(tmp_path, tiny_official, capsys):
     assert not (tmp_path / "x.mp4").exists()
     rc = main(["generate", "--checkpoint-dir", str(tmp_path / "missing"), "--prompt", "x"])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_save_rejects_other_formats(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="must end in .mp4"):
+        write_mp4(np.zeros((1, 16, 16, 3), np.uint8), tmp_path / "a.gif")
+    with pytest.raises(ValueError, match="even height and width"):
+        write_mp4(np.zeros((1, 15, 16, 3), np.uint8), tmp_path / "a.mp4")
+    assert not list(tmp_path.iterdir())
 
 
 def test_mp4_round_trip(tmp_path):

@@ -48,8 +48,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args) -> int:
-    from .engine import Engine
+    from pathlib import Path
 
+    from .engine import Engine, resolve_sampling_args
+    from .presets import get_preset
+
+    # Reject bad input before loading any weights (minutes for a 14B model).
+    sampling = resolve_sampling_args(
+        get_preset(args.model), height=args.height, width=args.width, num_frames=args.num_frames,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
+        sample_solver=args.solver, seed=args.seed,
+    )
+    if Path(args.output).suffix.lower() != ".mp4":
+        raise ValueError(f"--output must end in .mp4, got {args.output!r}")
     if args.checkpoint_dir is None:
         engine = Engine(args.model, device=args.device, precision=args.precision, backend=args.backend)
     else:
@@ -58,7 +69,7 @@ def _generate(args) -> int:
     video = engine.generate(
         args.prompt, args.negative_prompt, height=args.height, width=args.width, num_frames=args.num_frames,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
-        sample_solver=args.solver, seed=args.seed, progress=not args.no_progress,
+        sample_solver=args.solver, seed=sampling.seed, progress=not args.no_progress,
     )
     path = video.save(args.output)
     f, h, w, _ = video.frames.shape

@@ -84,6 +84,72 @@ class EngineConfig:
 
 
 
+@dataclass(frozen=True)
+class SamplingArgs:
+    """The per-call sampling settings of :meth:`Engine.generate`, resolved and validated."""
+
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    shift: float
+    sample_solver: str
+    seed: int
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        """``[1, 16, (F-1)/4+1, H/8, W/8]``: the shape of the initial noise and final latents."""
+        return (1, LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+
+def resolve_sampling_args(
+    preset: Preset,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    shift: float | None = None,
+    sample_solver: str | None = None,
+    seed: int | None = None,
+) -> SamplingArgs:
+    """Fill the preset's defaults into the None arguments and validate everything.
+
+    Needs no model, so front ends (the CLI, a server) can reject bad input before loading weights.
+    A None seed is drawn at random here (and reported back through ``Video.seed``).
+
+    Raises:
+        ValueError: height/width not positive multiples of 16, num_frames not 4k+1, steps < 1,
+            an unknown solver, shift <= 0, or a seed outside [0, 2**63).
+    """
+    p = preset
+    height = p.height if height is None else height
+    width = p.width if width is None else width
+    num_frames = p.num_frames if num_frames is None else num_frames
+    steps = p.num_inference_steps if num_inference_steps is None else num_inference_steps
+    guidance_scale = p.guidance_scale if guidance_scale is None else float(guidance_scale)
+    solver_name = p.sample_solver if sample_solver is None else sample_solver
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16:
+            raise ValueError(f"{name} must be a positive multiple of 16, got {v!r}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
+        raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81), got {num_frames!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
+    if solver_name not in SOLVERS:
+        raise ValueError(f"sample_solver must be one of {SOLVERS}, got {solver_name!r}")
+    shift = default_shift(p, height, width) if shift is None else float(shift)
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    if seed is None:
+        seed = random.randint(0, 2**63 - 1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return SamplingArgs(height, width, num_frames, steps, guidance_scale, shift, solver_name, seed)
+
+
 class Engine:
     """A loaded Wan2.1 model, ready to generate.
 
@@ -251,25 +317,12 @@ class Engine:
             GenerationError: the VAE decode failed; the finished latents are kept on the exception.
         """
         p = self.preset
-        c = self.transformer.config
-        height = p.height if height is None else height
-        width = p.width if width is None else width
-        num_frames = p.num_frames if num_frames is None else num_frames
-        steps = p.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = p.guidance_scale if guidance_scale is None else float(guidance_scale)
-        solver_name = p.sample_solver if sample_solver is None else sample_solver
-        for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16:
-                raise ValueError(f"{name} must be a positive multiple of 16, got {v!r}")
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 4:
-            raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81), got {num_frames!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
-        if solver_name not in SOLVERS:
-            raise ValueError(f"sample_solver must be one of {SOLVERS}, got {solver_name!r}")
-        shift = default_shift(p, height, width) if shift is None else float(shift)
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        a = resolve_sampling_args(
+            p, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, shift=shift, sample_solver=sample_solver, seed=seed,
+        )
+        height, width, num_frames, steps = a.height, a.width, a.num_frames, a.num_inference_steps
+        guidance_scale, shift, solver_name, seed = a.guidance_scale, a.shift, a.sample_solver, a.seed
         if prompt is None and prompt_embeds is None:
             raise ValueError("give a prompt or prompt_embeds")
         if prompt is not None and prompt_embeds is not None:
@@ -280,17 +333,13 @@ class Engine:
             raise ValueError("give either negative_prompt or negative_prompt_embeds, not both")
         prompt_embeds = self._check_embeds("prompt_embeds", prompt_embeds)
         negative_prompt_embeds = self._check_embeds("negative_prompt_embeds", negative_prompt_embeds)
-        lat_shape = (1, LATENT_CHANNELS, (num_frames - 1) // 4 + 1, height // 8, width // 8)
+        lat_shape = a.latent_shape
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != lat_shape:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise ValueError(f"latents must have shape {lat_shape} for this size and frame count, got {got}")
             if not torch.isfinite(latents).all():
                 raise ValueError("latents contain NaN or Inf")
-        if seed is None:
-            seed = random.randint(0, 2**63 - 1)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         do_cfg = guidance_scale != 1.0
 
         from .sampling.schedulers import make_solver

@@ -43,10 +43,13 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16, crf: i
         The path written.
 
     Raises:
-        ValueError: frames of the wrong shape or dtype, or odd height/width (yuv420p needs even sizes).
+        ValueError: a path not ending in .mp4, frames of the wrong shape or dtype, or odd height/width
+            (yuv420p needs even sizes).
     """
     import av  # PyAV: imported here so that importing wanrt stays light
 
+    if Path(path).suffix.lower() != ".mp4":
+        raise ValueError(f"only MP4 output is supported; the path must end in .mp4, got {str(path)!r}")
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
