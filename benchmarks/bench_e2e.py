@@ -33,10 +33,19 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
+def _vm_hwm_mb() -> float:
+    """Peak resident set of this process in MiB (VmHWM; unlike ru_maxrss it is not inherited over exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peak_mb(dev: str) -> float:
     if dev.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return _vm_hwm_mb()
 
 
 def _timed(dev, fn):
