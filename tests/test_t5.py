@@ -280,3 +280,23 @@ def test_clean_prompt():
     assert clean_prompt("“quoted”\u00a0text") == '"quoted" text'
     with pytest.raises(TypeError):
         clean_prompt(None)  # type: ignore[arg-type]
+
+
+def test_truncation_is_reported(tmp_path, caplog):
+    """A prompt longer than text_len is cut, as in the official code, and a warning says so."""
+    import logging
+
+    from wanrt.checkpoints.tiny_tokenizer import build_tiny_tokenizer
+    from wanrt.models.t5 import TextEncoder, UMT5Config, UMT5Encoder
+
+    build_tiny_tokenizer(tmp_path / "tok")
+    enc = TextEncoder(TextEncoder.load_tokenizer(tmp_path / "tok"),
+                      UMT5Encoder(UMT5Config(vocab_size=384, dim=16, dim_attn=16, dim_ffn=32, num_heads=2,
+                                             num_layers=1)), text_len=16)
+    with caplog.at_level(logging.WARNING, logger="wanrt"):
+        short = enc.encode(["a cat"])
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="wanrt"):
+        long = enc.encode(["a corgi surfing a wave at sunset " * 10])
+    assert long[0].shape[0] == 16 and short[0].shape[0] < 16
+    assert "truncated" in caplog.text

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -542,6 +543,11 @@ class TextEncoder:
         """
         ids, mask = self.tokenize(prompts)
         lens = mask.gt(0).sum(dim=1).tolist()
+        if any(n >= self.text_len for n in lens):
+            # The official code truncates silently; say so, since the end of the prompt is lost.
+            logging.getLogger("wanrt").warning(
+                "a prompt reached the %d-token limit and was truncated", self.text_len
+            )
         out = self.model(ids, mask)  # [B, text_len, dim]
         return [u[:n] for u, n in zip(out, lens)]
 
