@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
+
+from common import emit, header, vm_hwm_mb
 
 
 def _sync(dev: str) -> None:
@@ -33,19 +31,11 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def _vm_hwm_mb() -> float:
-    """Peak resident set of this process in MiB (VmHWM; unlike ru_maxrss it is not inherited over exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 
 def _peak_mb(dev: str) -> float:
     if dev.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return _vm_hwm_mb()
+    return vm_hwm_mb()
 
 
 def _timed(dev, fn):
@@ -176,12 +166,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         a.ckpt = str(write_checkpoint(Path(tmp) / "ckpt", layout="diffusers", preset=a.preset))
         res = {k: _run_worker(k, a) for k in ("wanrt", "diffusers")}
-    dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else (platform.processor() or platform.machine())
-    import diffusers as _d
-
     lines = [
-        f"# bench_e2e — {date.today()} — device: {a.device} ({dev_name}, {os.cpu_count()} CPU cores) — "
-        f"torch {torch.__version__}, diffusers {_d.__version__}",
+        header("bench_e2e", a.device),
         "",
         f"Random `{a.preset}` checkpoint (diffusers layout, same weights for both), {a.height}x{a.width}, "
         f"{a.frames} frames, {a.steps} steps, CFG {a.guidance}, UniPC, precision {a.precision}; "
@@ -209,11 +195,7 @@ def main() -> None:
             f"| diffusers WanTransformer3DModel | {r['diffusers']:.3f} | 1.00x |",
             f"| wanrt WanDiT (eager) | {r['wanrt']:.3f} | {r['diffusers'] / r['wanrt']:.2f}x |",
         ]
-    table = "\n".join(lines)
-    print(table)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(table + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -14,47 +14,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
+from common import emit, header, rss_anon_mb, vm_hwm_mb
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _vm_hwm_mb() -> float:
-    """Peak resident set of this process in MiB (VmHWM; unlike ru_maxrss it is not inherited over exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _rss_anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _worker(kind: str, ckpt: str, device: str, dtype: str) -> dict:
     import threading
 
-    base = _vm_hwm_mb()
-    peak_anon = [_rss_anon_mb()]
+    base = vm_hwm_mb()
+    peak_anon = [rss_anon_mb()]
     done = threading.Event()
 
     def sample() -> None:  # anonymous memory has no kernel high-water mark: sample it
         while not done.is_set():
-            peak_anon[0] = max(peak_anon[0], _rss_anon_mb())
+            peak_anon[0] = max(peak_anon[0], rss_anon_mb())
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -75,7 +59,7 @@ def _worker(kind: str, ckpt: str, device: str, dtype: str) -> dict:
     done.set()
     sampler.join()
     n = sum(p.numel() for p in model.parameters())
-    return {"seconds": secs, "peak_rss_mb": _vm_hwm_mb(),
+    return {"seconds": secs, "peak_rss_mb": vm_hwm_mb(),
             "base_rss_mb": base, "peak_anon_mb": peak_anon[0], "params": n,
             "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
             "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0}
@@ -109,11 +93,7 @@ def main() -> None:
                     raise RuntimeError(out.stderr[-3000:])
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append((kind, layout, r))
-    dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else (platform.processor() or platform.machine())
-    import diffusers as _d
-
-    lines = [f"# bench_load — {date.today()} — device: {a.device} ({dev}, {os.cpu_count()} CPU cores) — "
-             f"torch {torch.__version__}, diffusers {_d.__version__}", "",
+    lines = [header("bench_load", a.device), "",
              f"DiT of a random `{a.preset}` checkpoint stored in fp32 (as released), loaded into {a.dtype} on "
              f"{a.device}; one fresh process per row, files in the page cache.", "",
              "| library | layout | seconds | weights MiB | peak anonymous MiB | peak RSS MiB (incl. mapped file) "
@@ -123,11 +103,7 @@ def main() -> None:
         lines.append(f"| {kind} | {layout} | {r['seconds']:.2f} | {r['weights_mb']:.0f} | {r['peak_anon_mb']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | "
                      f"{r['base_rss_mb']:.0f} | {r['cuda_peak_mb']:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(table + "\n")
+    emit(lines, a.out)
 
 
 if __name__ == "__main__":

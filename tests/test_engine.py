@@ -101,7 +101,7 @@ def test_invalid_prompts_and_embeddings(tiny_engine):
         tiny_engine.generate("x", prompt_embeds=torch.randn(1, 4, d), **SMALL)
     with pytest.raises(ValueError, match=f"width {d + 1}.*text_dim is {d}"):
         tiny_engine.generate(prompt_embeds=torch.randn(1, 4, d + 1), **SMALL)
-    with pytest.raises(ValueError, match=f"negative_prompt_embeds has width 3"):
+    with pytest.raises(ValueError, match="negative_prompt_embeds has width 3"):
         tiny_engine.generate("x", negative_prompt_embeds=torch.randn(1, 4, 3), **SMALL)
     with pytest.raises(ValueError, match="tokens"):
         tiny_engine.generate(prompt_embeds=torch.randn(1, 10_000, d), **SMALL)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .io import CheckpointError, TensorSource, load_into_module, open_tensor_source
+from .io import CheckpointError, load_into_module, open_tensor_source
 from .layout import (
     OFFICIAL_T5,
     OFFICIAL_TOKENIZER,
