@@ -294,8 +294,9 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()  # [B, dim]
 
 
-class SelfAttention(nn.Module):
-    """Official ``WanSelfAttention``: q/k RMS norm over ``dim``, 3-D RoPE, full attention."""
+class _Projections(nn.Module):
+    """q/k/v/o projections (dim -> dim, with bias) and the optional full-dim q/k RMS norms that
+    self- and cross-attention share; parameter names are the official ones."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float) -> None:
         super().__init__()
@@ -307,6 +308,10 @@ class SelfAttention(nn.Module):
         self.o = Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+
+class SelfAttention(_Projections):
+    """Official ``WanSelfAttention``: q/k RMS norm over ``dim``, 3-D RoPE, full attention."""
 
     def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         """Self-attention.
@@ -330,7 +335,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))  # [B, S, dim]
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Official ``WanT2VCrossAttention`` / ``WanI2VCrossAttention`` (``with_image=True``).
 
     Unmasked attention over the zero-padded text tokens; with image conditioning a second
@@ -341,15 +346,7 @@ class CrossAttention(nn.Module):
     def __init__(
         self, dim: int, num_heads: int, qk_norm: bool, eps: float, with_image: bool
     ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = Linear(dim, dim)
-        self.k = Linear(dim, dim)
-        self.v = Linear(dim, dim)
-        self.o = Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, qk_norm, eps)
         if with_image:
             self.k_img = Linear(dim, dim)
             self.v_img = Linear(dim, dim)
