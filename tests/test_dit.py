@@ -177,13 +177,15 @@ def test_bf16_weights_keep_fp32_residual_and_output():
     assert mixed.head.head.weight.dtype == torch.float32
     seen = []
     hooks = [
-        blk.register_forward_hook(lambda m, a, o: seen.append(o.dtype)) for blk in mixed.blocks
+        # A block returns (residual, (ffn output, gate)): the residual stream must stay float32.
+        blk.register_forward_hook(lambda m, a, o: seen.append((o[0].dtype, o[1][0].dtype)))
+        for blk in mixed.blocks
     ]
     with torch.no_grad():
         out = mixed(**inputs)
     for h in hooks:
         h.remove()
-    assert seen == [torch.float32] * cfg.num_layers
+    assert seen == [(torch.float32, torch.bfloat16)] * cfg.num_layers
     assert out.dtype == torch.float32
     assert rel_err(out, ref) < 2e-2
 

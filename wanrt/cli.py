@@ -7,6 +7,9 @@ import sys
 
 from .presets import PRESETS
 
+# wanrt.ops.backends.BACKEND_NAMES, kept here so `wanrt --help` does not import torch (a test checks they agree).
+BACKEND_CHOICES = ("eager", "sdpa", "triton", "flash-attn", "sageattention", "xformers", "auto")
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -32,7 +35,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="weights precision")
-    g.add_argument("--backend", default="eager", help="kernel backend: eager or auto")
+    g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="DiT kernels: auto (fastest eligible, default), eager (reference), sdpa, triton, "
+                        "flash-attn, sageattention, xformers")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     t = sub.add_parser("make-tiny-checkpoint",
@@ -74,7 +79,8 @@ def _generate(args) -> int:
     path = video.save(args.output)
     f, h, w, _ = video.frames.shape
     print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps} fps), seed {video.seed}")
-    print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items()))
+    print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
+          + f" (backend {engine.plan.name})")
     return 0
 
 
@@ -95,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return {"generate": _generate, "make-tiny-checkpoint": _make_tiny}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except Exception as e:
+        backends = sys.modules.get("wanrt.ops.backends")  # loaded by then if a backend was resolved
+        usage = (ValueError, FileNotFoundError) + ((backends.BackendUnavailableError,) if backends else ())
+        if not isinstance(e, usage):
+            raise
         print(f"wanrt {args.command}: error: {e}", file=sys.stderr)
         return 2
 

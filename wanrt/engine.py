@@ -22,7 +22,7 @@ from .video import Video, to_uint8_frames
 log = logging.getLogger("wanrt")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("eager",)
+from .ops.backends import BACKEND_NAMES as BACKENDS
 from .sampling import SOLVER_NAMES as SOLVERS
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)
@@ -52,21 +52,20 @@ class EngineConfig:
         precision: "fp32", "bf16" or "fp16": dtype of the DiT's large weights (its modulation, time MLP,
             head and norms always stay fp32) and, for bf16/fp16, of the text encoder (bf16). The VAE runs
             in fp32 as in the official code.
-        backend: kernel backend; "eager" (the reference path) or "auto" (the best available: "eager" today).
+        backend: the DiT's kernels, as requested: "auto" (the fastest eligible on the device, logged),
+            "eager" (the exact reference path), "sdpa", "triton", "flash-attn", "sageattention" or "xformers"
+            (see ``wanrt.ops.backends``). ``Engine.plan`` is what it resolved to.
     """
 
     device: torch.device
     precision: str = "bf16"
-    backend: str = "eager"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.backend == "auto":
-            log.info("backend 'auto' resolved to 'eager'")
-            object.__setattr__(self, "backend", "eager")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS) + ['auto']}, got {self.backend!r}")
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available in this torch build")
 
@@ -164,7 +163,10 @@ class Engine:
             ``~/.cache/wanrt`` (``$XDG_CACHE_HOME/wanrt``).
         device: torch device (default CUDA when available, else CPU).
         precision: "fp32", "bf16" or "fp16" (see :class:`EngineConfig`).
-        backend: "eager" or "auto".
+        backend: the DiT's kernels: "auto" (default: the fastest eligible here, logged), "eager" (the exact
+            reference path), "sdpa", "triton", "flash-attn", "sageattention" or "xformers"; ``engine.plan`` holds
+            the resolution. An explicit backend that cannot run here raises ``BackendUnavailableError`` (a
+            RuntimeError) naming the install command and the available backends, before any weight is read.
 
     Raises:
         ValueError: unknown preset/precision/backend, no checkpoint_dir for a non-tiny preset, or a
@@ -173,7 +175,7 @@ class Engine:
     """
 
     def __init__(self, model: str, checkpoint_dir: str | Path | None = None, *, device=None,
-                 precision: str = "bf16", backend: str = "eager"):
+                 precision: str = "bf16", backend: str = "auto"):
         preset = get_preset(model)
         if checkpoint_dir is None:
             if preset.name != "tiny":
@@ -188,7 +190,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, *, device=None, precision: str = "bf16",
-                        backend: str = "eager") -> "Engine":
+                        backend: str = "auto") -> "Engine":
         """Load a checkpoint folder and infer the task and sampling defaults from its architecture.
 
         A checkpoint of a size no preset describes gets the defaults of its task (the t2v defaults for
@@ -204,7 +206,7 @@ class Engine:
         self.config = EngineConfig(_device(device), precision, backend)
         self.checkpoint_dir = ckpt
         dev = self.config.device
-        self.transformer = load_transformer(ckpt, device=dev, dtype=self.config.dit_dtype)
+        self.transformer = load_transformer(ckpt, device=dev, dtype=self.config.dit_dtype, backend=self.config.backend)
         arch = self._arch()
         if preset is None:
             preset = preset_for_arch(arch) or _generic_preset(arch)
@@ -228,9 +230,14 @@ class Engine:
         """The device the models run on."""
         return self.config.device
 
+    @property
+    def plan(self):
+        """The DiT's resolved backends (``wanrt.ops.OpsPlan``: attention and fused-op backends)."""
+        return self.transformer.plan
+
     def __repr__(self) -> str:
         return (f"Engine(preset={self.preset.name!r}, checkpoint={str(self.checkpoint_dir)!r}, "
-                f"device={self.device}, precision={self.config.precision!r}, backend={self.config.backend!r})")
+                f"device={self.device}, precision={self.config.precision!r}, backend={self.plan.name!r})")
 
     # ------------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> list[torch.Tensor]:

@@ -126,7 +126,7 @@ def _resolve_dit(path: Path):
     return dit_weights_file(folder), cfg
 
 
-def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None):
+def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, backend="auto"):
     """Load the Wan2.1 DiT from any supported layout.
 
     Args:
@@ -139,6 +139,9 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None):
             bf16 autocast); modulation tables, time MLP, head and norms stay float32 (``WanDiT.keep_fp32``).
             float32 gives a pure fp32 model.
         config: a ``DiTConfig`` that overrides the checkpoint's.
+        backend: the kernels that run it (``WanDiT.set_backend``): ``"auto"`` (the fastest eligible on this
+            device, logged), ``"eager"`` (the exact reference path), ``"sdpa"``, ``"triton"``, ``"flash-attn"``,
+            ``"sageattention"`` or ``"xformers"``. The choice is in ``model.plan``.
 
     Returns:
         ``WanDiT`` in eval mode, called as ``model(x, t, context)``: x ``[B, C_in, F, H, W]``, t ``[B]``
@@ -148,8 +151,14 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None):
         FileNotFoundError: the path does not exist.
         LayoutError: the folder is neither layout, or lacks config/weights.
         CheckpointError: missing/unexpected keys, shape mismatch, corrupt or truncated file (names file, key).
+        ValueError: unknown backend name (checked before any weight is read).
+        BackendUnavailableError: an explicit backend that cannot run on this device (install hint in the text).
     """
     from ..models.dit import DiTConfig, WanDiT
+    from ..ops.backends import BACKEND_NAMES
+
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
 
     path, dtype = _check_path_and_dtype(path, dtype)
     weights, cfg = _resolve_dit(path)
@@ -173,6 +182,7 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None):
             model, src, to_official=_skip_markers(mapper), device=_device(device), dtype=dtype,
             keep_fp32=WanDiT.keep_fp32, what="DiT",
         )
+    model.set_backend(backend)
     return model
 
 

@@ -24,12 +24,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanrt.ops import attention, layer_norm, rms_norm, rope_freqs, rope_grid, rope_rotate
+from wanrt.ops import (
+    ATTENTION_BACKENDS,
+    OpsPlan,
+    RopeTable,
+    attention,
+    gated_residual,
+    gated_residual_layer_norm,
+    layer_norm,
+    modulated_layer_norm,
+    qk_norm_rope,
+    rms_norm,
+    rope_freqs,
+    rope_table,
+)
+from wanrt.ops.backends import plan as make_plan
+from wanrt.ops.backends import probe_capabilities
 
 MODEL_TYPES = ("t2v", "i2v", "flf2v")
 CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16x16 patches + CLS (§5)
 ROPE_MAX_POS = 1024  # positions per RoPE axis (§2.8)
 IMG_LN_EPS = 1e-5  # nn.LayerNorm default eps used by the official MLPProj (§2.5)
+_EAGER = OpsPlan()  # the reference path
 
 # Fields written to the official config.json (§1); the other fields are constructor defaults.
 _OFFICIAL_FIELDS = (
@@ -302,6 +318,7 @@ class _Projections(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.eps = eps
         self.q = Linear(dim, dim)
         self.k = Linear(dim, dim)
         self.v = Linear(dim, dim)
@@ -309,29 +326,43 @@ class _Projections(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
+    def _heads(
+        self, x: torch.Tensor, norm: nn.Module, rope: RopeTable | None, dtype: torch.dtype, plan: OpsPlan
+    ) -> torch.Tensor:
+        """QK-norm (when the model has it) + optional RoPE + cast: ``[B, S, dim]`` → ``[B, S, n, d]``
+        in ``dtype``, stored in the layout the attention backend reads best."""
+        weight = norm.weight if isinstance(norm, RMSNorm) else None
+        return qk_norm_rope(
+            x, weight, self.eps, rope, num_heads=self.num_heads, out_dtype=dtype,
+            layout=ATTENTION_BACKENDS[plan.attention].layout, backend=plan.fused,
+        )
+
 
 class SelfAttention(_Projections):
     """Official ``WanSelfAttention``: q/k RMS norm over ``dim``, 3-D RoPE, full attention."""
 
-    def forward(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTable, plan: OpsPlan = _EAGER) -> torch.Tensor:
         """Self-attention.
 
         Args:
-            x: float32 ``[B, S, dim]`` (modulated, normalised hidden states).
-            rot: complex128 ``[S, head_dim/2]`` per-token RoPE rotations.
+            x: ``[B, S, dim]`` (modulated, normalised hidden states).
+            rope: Per-token RoPE rotations of the token grid.
+            plan: Backends; with the ``triton`` attention backend the RoPE is applied inside the
+                attention kernel, otherwise together with the QK-norm (float64 on the eager path).
 
         Returns:
             ``[B, S, dim]`` in the dtype of ``o``'s weight.
         """
-        n, d = self.num_heads, self.head_dim
-        q = self.norm_q(self.q(x)).unflatten(2, (n, d))  # [B, S, n, d]
-        k = self.norm_k(self.k(x)).unflatten(2, (n, d))  # [B, S, n, d]
-        v = self.v(x).unflatten(2, (n, d))  # [B, S, n, d], compute dtype = weight dtype
-        # RoPE in float64 → float32, then q/k to the compute dtype (official: cast to bf16
-        # inside flash_attention).
-        q = rope_rotate(q, rot).to(v.dtype)  # [B, S, n, d]
-        k = rope_rotate(k, rot).to(v.dtype)  # [B, S, n, d]
-        out = attention(q, k, v)  # [B, S, n, d]
+        v = self.v(x).unflatten(2, (self.num_heads, self.head_dim))  # [B, S, n, d], compute dtype
+        if plan.attention == "triton":  # RoPE fused into the attention kernel
+            q = self._heads(self.q(x), self.norm_q, None, v.dtype, plan)  # [B, S, n, d]
+            k = self._heads(self.k(x), self.norm_k, None, v.dtype, plan)  # [B, S, n, d]
+            out = attention(q, k, v, rope=rope, backend="triton")  # [B, S, n, d]
+        else:
+            # Official order: norm, RoPE (float64 → float32), cast to the compute dtype.
+            q = self._heads(self.q(x), self.norm_q, rope, v.dtype, plan)  # [B, S, n, d]
+            k = self._heads(self.k(x), self.norm_k, rope, v.dtype, plan)  # [B, S, n, d]
+            out = attention(q, k, v, backend=plan.attention)  # [B, S, n, d]
         return self.o(out.flatten(2))  # [B, S, dim]
 
 
@@ -352,31 +383,29 @@ class CrossAttention(_Projections):
             self.v_img = Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def _attend(self, q: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
-        n, d = self.num_heads, self.head_dim
-        k = k_in.unflatten(2, (n, d))  # [B, L, n, d]
-        v = v_in.unflatten(2, (n, d))  # [B, L, n, d]
-        return attention(q.to(v.dtype), k.to(v.dtype), v)  # [B, S, n, d]
-
     def forward(
         self,
         x: torch.Tensor,
         context: torch.Tensor,
         context_img: torch.Tensor | None = None,
+        plan: OpsPlan = _EAGER,
     ) -> torch.Tensor:
         """Cross-attention of ``x [B, S, dim]`` over ``context [B, text_len, dim]``.
 
         ``context_img [B, N_img, dim]`` (i2v/flf2v) adds the image attention. Returns
         ``[B, S, dim]`` in the dtype of ``o``'s weight.
         """
-        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, self.head_dim))  # [B, S, n, d]
-        out = self._attend(q, self.norm_k(self.k(context)), self.v(context))  # [B, S, n, d]
+        dtype = self.v.weight.dtype
+        n, d = self.num_heads, self.head_dim
+        q = self._heads(self.q(x), self.norm_q, None, dtype, plan)  # [B, S, n, d]
+        k = self._heads(self.k(context), self.norm_k, None, dtype, plan)  # [B, L, n, d]
+        out = attention(q, k, self.v(context).unflatten(2, (n, d)), backend=plan.attention)  # [B, S, n, d]
         if context_img is not None:
             # Sum of the two attention outputs; a single rounding to the compute dtype, as
             # the official fp32 sum of two bf16 outputs followed by the bf16 cast of ``o``.
-            out = out + self._attend(
-                q, self.norm_k_img(self.k_img(context_img)), self.v_img(context_img)
-            )  # [B, S, n, d]
+            k_img = self._heads(self.k_img(context_img), self.norm_k_img, None, dtype, plan)  # [B, N, n, d]
+            v_img = self.v_img(context_img).unflatten(2, (n, d))  # [B, N, n, d]
+            out = out + attention(q, k_img, v_img, backend=plan.attention)  # [B, S, n, d]
         return self.o(out.flatten(2))  # [B, S, dim]
 
 
@@ -385,6 +414,12 @@ class Block(nn.Module):
 
     ``e = modulation + e0`` (fp32) chunks into shift/scale/gate for self-attention and for
     the FFN; cross-attention has no modulation and no gate. Residual adds are float32.
+
+    The block is written as the fused ops of :mod:`wanrt.ops` so that every residual add is fused
+    with the norm that follows it. Its input is the residual ``x`` and ``h``, the already
+    normalised-and-modulated input of self-attention; it returns the residual before the FFN's
+    gated add and that add's operands ``(y, gate)``, which :class:`WanDiT` fuses with the next
+    block's ``norm1`` (or the head's norm).
     """
 
     def __init__(self, cfg: DiTConfig) -> None:
@@ -406,27 +441,50 @@ class Block(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
+    def chunks(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(modulation + e0).chunk(6)``: shift/scale/gate of self-attention, then of the FFN;
+        each float32 ``[B, 1, dim]``."""
+        return (self.modulation.float() + e0).chunk(6, dim=1)
+
     def forward(
         self,
         x: torch.Tensor,
-        e0: torch.Tensor,
-        rot: torch.Tensor,
+        h: torch.Tensor,
+        mod: tuple[torch.Tensor, ...],
+        rope: RopeTable,
         context: torch.Tensor,
         context_img: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One block: ``x [B, S, dim]`` → float32 ``[B, S, dim]``.
+        plan: OpsPlan = _EAGER,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One block.
 
-        ``x`` is the patch-embedding dtype in block 0 (bf16 with bf16 weights, which rounds
-        norm1's output like the official code) and float32 afterwards. ``e0`` is float32
-        ``[B, 6, dim]``, ``rot`` complex128 ``[S, head_dim/2]``.
+        Args:
+            x: Residual ``[B, S, dim]`` (the patch-embedding dtype in block 0, float32 after).
+            h: ``norm1(x) * (1 + scale_sa) + shift_sa`` in the self-attention GEMM dtype.
+            mod: :meth:`chunks` of this block.
+            rope: RoPE rotations; context, context_img: embedded text/image tokens.
+            plan: Backends.
+
+        Returns:
+            ``(x, (y, gate))``: the float32 residual after cross-attention and the FFN output
+            with its gate; the block's output is ``x + y * gate``.
         """
-        mod = (self.modulation.float() + e0).chunk(6, dim=1)  # 6 x [B, 1, dim] fp32
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
-        y = self.self_attn(self.norm1(x).float() * (1 + scale_sa) + shift_sa, rot)
-        x = x + y * gate_sa  # fp32 (gate is fp32)
-        x = x + self.cross_attn(self.norm3(x), context, context_img)
-        y = self.ffn(self.norm2(x).float() * (1 + scale_ff) + shift_ff)
-        return x + y * gate_ff
+        _, _, gate_sa, shift_ff, scale_ff, gate_ff = mod
+        fused = plan.fused
+        y = self.self_attn(h, rope, plan)  # [B, S, dim]
+        if isinstance(self.norm3, LayerNorm):
+            x, h = gated_residual_layer_norm(
+                x, y, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias,
+                out_dtype=self.cross_attn.q.weight.dtype, backend=fused,
+            )  # x fp32 [B, S, dim], h = norm3(x)
+        else:
+            x = h = gated_residual(x, y, gate_sa, backend=fused)  # [B, S, dim] fp32
+        y = self.cross_attn(h, context, context_img, plan)  # [B, S, dim]
+        x, h = gated_residual_layer_norm(
+            x, y, None, self.norm2.eps, shift=shift_ff, scale=scale_ff,
+            out_dtype=self.ffn[0].weight.dtype, backend=fused,
+        )  # x + cross-attention; h = norm2(x) * (1 + scale_ff) + shift_ff
+        return x, (self.ffn(h), gate_ff)
 
 
 class Head(nn.Module):
@@ -442,10 +500,15 @@ class Head(nn.Module):
         self.head = Linear(dim, out_features)
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
+    def chunks(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shift, scale)`` = ``(modulation + e).chunk(2)``, each float32 ``[B, 1, dim]``."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return shift, scale
+
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x float32 ``[B, S, dim]``, e float32 ``[B, dim]`` → ``[B, S, pt*ph*pw*out_dim]``."""
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)  # 2 x [B, 1, dim]
-        return self.head(self.norm(x) * (1 + scale) + shift)
+        shift, scale = self.chunks(e)
+        return self.head(modulated_layer_norm(x, shift, scale, self.norm.eps, out_dtype=self.head.weight.dtype))
 
 
 class MLPProj(nn.Module):
@@ -515,7 +578,35 @@ class WanDiT(nn.Module):
         if cfg.has_image_input:
             self.img_emb = MLPProj(cfg.image_dim, dim, with_pos=cfg.model_type == "flf2v")
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self._rope_last: tuple[Any, torch.Tensor] | None = None
+        self._rope_last: tuple[Any, RopeTable] | None = None
+        self.plan = _EAGER
+
+    def set_backend(self, backend: str | OpsPlan = "auto", *, fused: str | None = None) -> OpsPlan:
+        """Choose the kernels that run this model (call after the weights are on their device).
+
+        Args:
+            backend: ``"auto"``, a name of :data:`wanrt.ops.ATTENTION_BACKENDS` (``eager``,
+                ``sdpa``, ``triton``, ``flash-attn``, ``sageattention``, ``xformers``), or an
+                :class:`~wanrt.ops.OpsPlan`. ``"eager"`` is the exact reference path. The
+                capabilities are those of the device and compute dtype of the attention weights.
+            fused: Override the fused-ops backend (``"eager"`` or ``"triton"``); see
+                :func:`wanrt.ops.backends.plan`.
+
+        Returns:
+            The resolved :class:`~wanrt.ops.OpsPlan` (also stored as ``self.plan``).
+
+        Raises:
+            ValueError: unknown backend name.
+            BackendUnavailableError: an explicit backend that cannot run here (the message names
+                the missing package's install command and the available backends).
+        """
+        if isinstance(backend, OpsPlan):
+            self.plan = backend
+            return backend
+        ref = self.blocks[0].self_attn.v.weight if len(self.blocks) else self.head.head.weight
+        caps = probe_capabilities(ref.device, ref.dtype, self.config.head_dim)
+        self.plan = make_plan(backend, caps, fused)
+        return self.plan
 
     @staticmethod
     def keep_fp32(name: str) -> bool:
@@ -586,10 +677,28 @@ class WanDiT(nn.Module):
         elif clip_fea is not None:
             raise ValueError("clip_fea is only accepted by i2v/flf2v models (model_type='t2v')")
 
-        rot = self._rope(grid, x.device)  # [S, head_dim/2] complex128
+        rope = self._rope(grid, x.device)  # [S, head_dim/2] rotations
+        plan, eps = self.plan, cfg.eps
+        pending = None  # (y, gate) of the previous block's FFN, fused with the next norm
         for block in self.blocks:
-            x = block(x, e0, rot, context, context_img)  # [B, S, dim] fp32
-        x = self.head(x, e)  # [B, S, pt*ph*pw*out_dim]
+            mod = block.chunks(e0)  # 6 x [B, 1, dim] fp32
+            out_dtype = block.self_attn.q.weight.dtype
+            if pending is None:  # block 0: norm1 of the patch embedding (rounded to its dtype)
+                h = modulated_layer_norm(x, mod[0], mod[1], eps, out_dtype=out_dtype, backend=plan.fused)
+            else:
+                x, h = gated_residual_layer_norm(
+                    x, *pending, eps, shift=mod[0], scale=mod[1], out_dtype=out_dtype, backend=plan.fused
+                )  # previous block's output x + y*gate_ffn, and this block's norm1 + modulation
+            x, pending = block(x, h, mod, rope, context, context_img, plan)
+        shift, scale = self.head.chunks(e)  # 2 x [B, 1, dim]
+        head_dtype = self.head.head.weight.dtype
+        if pending is None:
+            h = modulated_layer_norm(x, shift, scale, eps, out_dtype=head_dtype, backend=plan.fused)
+        else:
+            _, h = gated_residual_layer_norm(
+                x, *pending, eps, shift=shift, scale=scale, out_dtype=head_dtype, backend=plan.fused
+            )
+        x = self.head.head(h)  # [B, S, pt*ph*pw*out_dim]
         return self._unpatchify(x, grid).float()
 
     # ---------------------------------------------------------------- helpers
@@ -607,7 +716,7 @@ class WanDiT(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F', pt, H', ph, W', pw]
         return x.reshape(x.shape[0], c, f * pt, h * ph, w * pw)  # [B, C, F, H, W]
 
-    def _rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    def _rope(self, grid: tuple[int, int, int], device: torch.device) -> RopeTable:
         key = (device, grid)
         if self._rope_last is not None and self._rope_last[0] == key:
             return self._rope_last[1]
@@ -618,9 +727,9 @@ class WanDiT(nn.Module):
                 f.to(device) for f in rope_freqs(self.config.head_dim, ROPE_MAX_POS)
             )
             self._rope_tables[device] = tables
-        rot = rope_grid(grid, tables)  # [S, head_dim/2]
-        self._rope_last = (key, rot)
-        return rot
+        rope = rope_table(grid, tables)  # [S, head_dim/2]
+        self._rope_last = (key, rope)
+        return rope
 
     def _check_video(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config

@@ -320,7 +320,7 @@ class AttentionBlock(nn.Module):
         qkv = qkv.reshape(b * t, 1, 3 * c, h * w).transpose(2, 3).contiguous()  # [B*T, 1, H*W, 3C]
         q, k, v = qkv.chunk(3, dim=-1)  # each [B*T, 1, H*W, C]
         # wanrt.ops.attention takes [N, S, heads, head_dim]; scale 1/sqrt(C), one head.
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B*T, H*W, 1, C]
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="sdpa")  # [B*T, H*W, 1, C]
         o = o.squeeze(2).transpose(1, 2).reshape(b * t, c, h, w)  # [B*T, C, H, W]
         o = self.proj(o).view(b, t, c, h, w).permute(0, 2, 1, 3, 4)  # [B, C, T, H, W]
         return o + x

@@ -14,9 +14,49 @@ Reproduces ``rope_params`` / ``rope_apply`` of ``wan/modules/model.py``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 RopeTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RopeTable:
+    """Per-token rotations of one token grid, in the two forms wanrt's ops consume.
+
+    Attributes:
+        rot: complex128 ``[S_grid, head_dim/2]`` (the eager path multiplies by it in float64,
+            exactly as the official code).
+        cos: float32 ``[S_grid, head_dim/2]``, ``rot.real`` (read by the Triton kernels).
+        sin: float32 ``[S_grid, head_dim/2]``, ``rot.imag``.
+    """
+
+    rot: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def from_rot(cls, rot: torch.Tensor) -> RopeTable:
+        """Build from complex rotations ``[S_grid, head_dim/2]`` (any complex dtype)."""
+        if not rot.is_complex() or rot.ndim != 2:
+            raise ValueError(f"RopeTable needs complex rotations [S, head_dim/2], got {rot.dtype} {tuple(rot.shape)}")
+        rot = rot.to(torch.complex128)
+        return cls(rot, rot.real.float().contiguous(), rot.imag.float().contiguous())
+
+    @property
+    def num_tokens(self) -> int:
+        """Rotated tokens ``S_grid``; later tokens pass unrotated."""
+        return self.rot.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        """Head dim the table rotates (``2 * rot.shape[1]``)."""
+        return 2 * self.rot.shape[1]
+
+    def to(self, device: torch.device | str) -> RopeTable:
+        """The same table on ``device``."""
+        return RopeTable(self.rot.to(device), self.cos.to(device), self.sin.to(device))
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -98,27 +138,64 @@ def rope_grid(grid_sizes: tuple[int, int, int], freqs: RopeTables) -> torch.Tens
     return rot.reshape(f * h * w, -1)  # [S, head_dim/2]
 
 
-def rope_rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` by precomputed per-token rotations, in float64.
+def rope_table(grid_sizes: tuple[int, int, int], freqs: RopeTables) -> RopeTable:
+    """:class:`RopeTable` of a ``(F, H, W)`` grid (see :func:`rope_grid`)."""
+    return RopeTable.from_rot(rope_grid(grid_sizes, freqs))
 
-    ``(x[2j] + i x[2j+1]) * rot[s, j]`` for the first ``rot.shape[0]`` tokens; later tokens
-    (padding) are returned unchanged (cast to float32).
+
+def rope_rotate(
+    x: torch.Tensor,
+    rot: torch.Tensor | RopeTable,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    backend: str = "eager",
+) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` by precomputed per-token rotations.
+
+    ``(x[2j] + i x[2j+1]) * rot[s, j]`` for the first ``S_grid`` tokens; later tokens
+    (padding) are returned unchanged. The eager path computes in float64 like the official code;
+    ``backend="triton"`` computes in float32 from the table's cos/sin.
 
     Args:
         x: ``[B, S, heads, head_dim]``, any float dtype.
-        rot: complex128 ``[S_grid, head_dim/2]`` from :func:`rope_grid`, ``S_grid <= S``.
+        rot: complex ``[S_grid, head_dim/2]`` from :func:`rope_grid`, or a :class:`RopeTable`;
+            ``S_grid <= S``.
+        out_dtype: Output dtype (float32 in the official code, which ends with ``.float()``).
+        backend: ``"eager"`` or ``"triton"`` (the fused-ops backends of :mod:`wanrt.ops.backends`).
 
     Returns:
-        float32 ``[B, S, heads, head_dim]`` (the official code ends with ``.float()``).
+        ``[B, S, heads, head_dim]`` in ``out_dtype``.
 
     Raises:
-        ValueError: on shape mismatch.
+        ValueError: on shape mismatch or an unknown backend.
     """
-    return rope_rotate_eager(x, rot)
+    if backend == "eager":
+        return rope_rotate_eager(x, rot, out_dtype=out_dtype)
+    from wanrt.ops.backends import fused_impl
+
+    table = rot if isinstance(rot, RopeTable) else RopeTable.from_rot(rot)
+    _check_rope_shapes(x, table.rot)
+    return fused_impl(backend).norm_rope(
+        x.flatten(2), None, 0.0, table.cos, table.sin, x.shape[2], out_dtype, "bshd"
+    )
 
 
-def rope_rotate_eager(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+def _check_rope_shapes(x: torch.Tensor, rot: torch.Tensor) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"rope expects x of shape [B, S, heads, head_dim], got {tuple(x.shape)}")
+    if rot.ndim != 2 or 2 * rot.shape[1] != x.shape[3] or rot.shape[0] > x.shape[1]:
+        raise ValueError(
+            f"rope: rotations {tuple(rot.shape)} do not fit x {tuple(x.shape)} "
+            "(need [S_grid <= S, head_dim/2])"
+        )
+
+
+def rope_rotate_eager(
+    x: torch.Tensor, rot: torch.Tensor | RopeTable, *, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Pure-PyTorch :func:`rope_rotate` (complex128 multiply, like the official code)."""
+    if isinstance(rot, RopeTable):
+        rot = rot.rot
     if x.ndim != 4:
         raise ValueError(f"rope expects x of shape [B, S, heads, head_dim], got {tuple(x.shape)}")
     b, s, n, d = x.shape
@@ -135,7 +212,7 @@ def rope_rotate_eager(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     out = out.float()
     if s_rot < s:
         out = torch.cat([out, x[:, s_rot:].float()], dim=1)  # [B, S, n, d]
-    return out
+    return out.to(out_dtype)
 
 
 def rope_apply(

@@ -1,0 +1,91 @@
+"""Numerical comparison helpers shared by wanrt's kernel tests, GPU suite and benchmarks.
+
+A fused op is checked against its eager twin with a tolerance that depends on the dtype the op
+computes in (:data:`TOLERANCES`). A failure reports the relative error of the whole tensor, the
+worst element (its multi-index, both values and the error), and how many elements are out of
+tolerance, so a wrong tile or an unwritten row is visible at a glance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Bounds for ``|out - ref| <= atol + rtol * |ref|`` elementwise and ``‖out - ref‖ / ‖ref‖ <= rel``."""
+
+    atol: float
+    rtol: float
+    rel: float
+
+
+# dtype the op computes/stores in -> tolerance. The low-precision bounds allow one or two roundings of
+# the output (bf16 has 8 mantissa bits: 2^-8 = 3.9e-3 relative half-ulp is 2^-9) plus accumulation-order
+# differences of fp32 reductions.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(atol=1e-10, rtol=1e-10, rel=1e-10),
+    torch.float32: Tolerance(atol=2e-5, rtol=2e-5, rel=1e-5),
+    torch.float16: Tolerance(atol=2e-3, rtol=4e-3, rel=2e-3),
+    torch.bfloat16: Tolerance(atol=1.6e-2, rtol=3.2e-2, rel=1.6e-2),
+}
+
+
+def mismatch_report(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance, name: str = "output") -> str | None:
+    """Compare ``out`` with ``ref`` (both cast to float64); ``None`` when within ``tol``, else a report.
+
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    if tuple(out.shape) != tuple(ref.shape):
+        raise ValueError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    o = out.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    nonfinite = ~torch.isfinite(o)
+    if (nonfinite & torch.isfinite(r)).any():
+        idx = _unravel(int((nonfinite & torch.isfinite(r)).flatten().nonzero()[0]), o.shape)
+        return f"{name}: non-finite value {o[idx].item()} at index {idx} (reference {r[idx].item()})"
+    err = (o - r).abs()
+    bound = tol.atol + tol.rtol * r.abs()
+    bad = err > bound
+    denom = r.norm().item()
+    rel = (o - r).norm().item() / denom if denom > 0 else (o - r).norm().item()
+    if not bad.any() and rel <= tol.rel:
+        return None
+    worst = _unravel(int((err - bound).flatten().argmax()), o.shape)
+    return (
+        f"{name}: {int(bad.sum())}/{o.numel()} elements out of tolerance "
+        f"(atol={tol.atol:g}, rtol={tol.rtol:g}); relative L2 error {rel:.3e} (limit {tol.rel:g}); "
+        f"worst at index {worst}: got {o[worst].item():.6g}, expected {r[worst].item():.6g}, "
+        f"|diff| {err[worst].item():.3e}"
+    )
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None,
+                 name: str = "output", tol: Tolerance | None = None) -> None:
+    """Assert ``out`` matches ``ref`` within :data:`TOLERANCES` for ``dtype`` (default ``out.dtype``).
+
+    Raises:
+        AssertionError: with :func:`mismatch_report`'s message.
+    """
+    tol = tol or TOLERANCES[dtype or out.dtype]
+    report = mismatch_report(out, ref, tol, name)
+    if report is not None:
+        raise AssertionError(report)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖out - ref‖ / ‖ref‖`` in float64."""
+    o = out.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    return ((o - r).norm() / r.norm().clamp_min(1e-300)).item()
+
+
+def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    idx = []
+    for s in reversed(shape):
+        idx.append(flat % s)
+        flat //= s
+    return tuple(reversed(idx))
