@@ -212,3 +212,32 @@ def test_layer_norm_fp32_compute_and_cast_back():
     torch.testing.assert_close(
         got, F.layer_norm(xb.float(), (32,), eps=1e-6).bfloat16(), rtol=0, atol=0
     )
+
+
+# ------------------------------------------------------------------------- entry points by backend
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_entry_point_backends(backend, with_weight):
+    from wanrt.ops import rms_norm_eager
+    from wanrt.testing import assert_close
+
+    g = _gen(3)
+    x = torch.randn(2, 7, 40, generator=g).to(torch.float16)
+    w = 1 + 0.1 * torch.randn(40, generator=g) if with_weight else None
+    out = rms_norm(x, w, 1e-6, out_dtype=torch.float32, backend=backend)
+    assert_close(out, rms_norm_eager(x, w, 1e-6).float(), torch.float16, name=f"rms_norm {backend}")
+    assert out.shape == x.shape and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_rope_rotate_entry_point_backends(backend):
+    from wanrt.ops import rope_table
+    from wanrt.testing import assert_close
+
+    x = torch.randn(2, 33, 3, 16, generator=_gen(4))
+    table = rope_table((2, 3, 5), rope_freqs(16))  # 30 rotated tokens, 3 padding tokens
+    out = rope_rotate(x, table, backend=backend)
+    assert_close(out, _rope_reference(x, (2, 3, 5), 16), name=f"rope {backend}")
+    assert torch.equal(out[:, 30:], x[:, 30:])

@@ -16,14 +16,14 @@ from typing import Callable
 
 import torch
 
+from .ops.backends import BACKEND_NAMES as BACKENDS
 from .presets import Preset, check_against, default_shift, get_preset, preset_for_arch
+from .sampling import SOLVER_NAMES as SOLVERS
 from .video import Video, to_uint8_frames
 
 log = logging.getLogger("wanrt")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-from .ops.backends import BACKEND_NAMES as BACKENDS
-from .sampling import SOLVER_NAMES as SOLVERS
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)
 

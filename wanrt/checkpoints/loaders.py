@@ -155,7 +155,7 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
         BackendUnavailableError: an explicit backend that cannot run on this device (install hint in the text).
     """
     from ..models.dit import DiTConfig, WanDiT
-    from ..ops.backends import BACKEND_NAMES
+    from ..ops.backends import BACKEND_NAMES, plan, probe_capabilities
 
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
@@ -176,13 +176,15 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
                 if mk is not None:
                     shapes[mk] = s
             cfg = dit_config_from_shapes(shapes)
+        # Resolve the kernels before reading any weight, so a backend that cannot run fails fast.
+        ops_plan = plan(backend, probe_capabilities(_device(device), dtype, cfg.head_dim))
         with torch.device("meta"):
             model = WanDiT(cfg)
         load_into_module(
             model, src, to_official=_skip_markers(mapper), device=_device(device), dtype=dtype,
             keep_fp32=WanDiT.keep_fp32, what="DiT",
         )
-    model.set_backend(backend)
+    model.set_backend(ops_plan)
     return model
 
 

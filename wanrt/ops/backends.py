@@ -238,7 +238,9 @@ class OpsPlan:
     @property
     def name(self) -> str:
         """Short description, e.g. ``'sdpa+triton'`` (attention + fused ops)."""
-        return self.attention if self.fused == "eager" or self.attention == "triton" else f"{self.attention}+{self.fused}"
+        if self.fused == "eager" or self.attention == "triton":
+            return self.attention
+        return f"{self.attention}+{self.fused}"
 
 
 def plan(requested: str, caps: Capabilities, fused: str | None = None) -> OpsPlan:

@@ -57,6 +57,8 @@ def rms_norm(
     out_dtype = out_dtype or (x.dtype if weight is None else torch.promote_types(x.dtype, weight.dtype))
     shape = x.shape
     rows = x.reshape(1, -1, shape[-1])  # [1, N, D]
+    if weight is None:  # the kernel reads weight=None as "no norm"; a unit weight normalises unchanged
+        weight = torch.ones(shape[-1], dtype=torch.float32, device=x.device)
     out = _fused(backend).norm_rope(rows, weight, eps, None, None, 1, out_dtype, "bshd")  # [1, N, 1, D]
     return out.reshape(shape)
 
