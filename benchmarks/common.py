@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import resource
+import statistics
+import time
 from datetime import date
 from pathlib import Path
 
@@ -34,13 +37,60 @@ def rss_anon_mb() -> float:
     return v if v is not None else float("nan")
 
 
-def header(name: str, device: str) -> str:
-    """``# name — date — device: ... — versions``: the first line of every results table."""
-    import diffusers
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
+
+def header(name: str, device: str) -> str:
+    """``# name — date — device: ... — versions``: the first line of every results table.
+
+    Versions of torch, triton and diffusers ("not installed" where missing: the lent GPU image has no diffusers).
+    """
     dev = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine())
     return (f"# {name} — {date.today()} — device: {device} ({dev}, {os.cpu_count()} CPU cores) — "
-            f"torch {torch.__version__}, diffusers {diffusers.__version__}")
+            f"torch {torch.__version__}, triton {_version('triton')}, diffusers {_version('diffusers')}")
+
+
+#: bf16 dense tensor-core peak by device-name substring (datasheets), TFLOP/s.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def default_peak(device: str) -> float | None:
+    """The bf16 dense peak of the current CUDA device from :data:`PEAK_TFLOPS`, or None."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def time_ms(fn, device: str, *, rep_ms: float = 100.0, min_reps: int = 5, cpu_reps: int = 5) -> float:
+    """Median milliseconds of ``fn()``.
+
+    CUDA: one warm-up call (compilation, autotuning), a one-call estimate, then
+    ``triton.testing.do_bench`` (its own warm-up, L2 flushed before every run, median) over
+    ``rep_ms`` or at least ``min_reps`` runs.
+    CPU: one warm-up call, then the median of ``cpu_reps`` ``time.perf_counter`` timings.
+    """
+    if device.startswith("cuda"):
+        import triton.testing
+
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est = (time.perf_counter() - t0) * 1e3
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(rep_ms, min_reps * est), return_mode="median"))
+    fn()
+    times = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def emit(lines: list[str], out: str | None) -> None:

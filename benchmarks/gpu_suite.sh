@@ -1,12 +1,39 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (for the lent GPU machine): GPU tests, the full suite on
-# CUDA, and the end-to-end benchmark. Tables go to $OUT (default: benchmarks/results/).
+# Everything that needs a GPU, in one call (for the lent GPU machine): GPU tests, the kernel benchmarks
+# (attention, fused norms), whole-DiT forwards per backend, and the end-to-end benchmark. Tables go to
+# $OUT (default: benchmarks/results/) as <name>_<device>.md, whose first line is the device-stamped header.
+#
+# Expected wall time on one H100 (estimates, not yet measured; the device tool allows 10 min a call):
+#   pytest -m gpu ~1-2 min | bench_attention ~2 min (Triton autotuning at L = 75,600 is most of it) |
+#   bench_norms ~1 min | bench_dit 1.3B ~1.5 min (the eager row alone is ~20 s) | bench_dit 14B, 8 of 40
+#   blocks ~1.5 min | bench_e2e ~2-3 min. About 9 min in all: if a call runs out, run a subset with
+#   PARTS, e.g. `PARTS="kernels dit" bash benchmarks/gpu_suite.sh`, then `PARTS="tests e2e" ...`.
+# Each step has its own timeout so that one hang cannot take the steps after it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
+PARTS=${PARTS:-"tests kernels dit e2e"}
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import wanrt even if the install below fails
 stamp=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 python -m pip install --quiet --no-deps -e . 2>/dev/null || true
-python -m pytest -q -m gpu 2>&1 | tee "$OUT/gpu_tests_${stamp}.txt" | tail -5
-python benchmarks/bench_e2e.py --device cuda --preset t2v-1.3b --height 480 --width 832 --frames 81 --steps 10 \
-    --repeats 1 --dit-latent 21 60 104 --out "$OUT/e2e_${stamp}_1.3b_480p_10steps.md"
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+
+if has tests; then
+    python -m pytest -q -m gpu 2>&1 | tee "$OUT/gpu_tests_${stamp}.txt" | tail -5
+fi
+if has kernels; then
+    timeout 300 python benchmarks/bench_attention.py --device cuda --out "$OUT/attention_${stamp}.md"
+    timeout 180 python benchmarks/bench_norms.py --device cuda --out "$OUT/norms_${stamp}.md"
+fi
+if has dit; then
+    timeout 240 python benchmarks/bench_dit.py --device cuda --model 1.3b --repeats 2 \
+        --out "$OUT/dit_${stamp}_1.3b_480p.md"
+    timeout 240 python benchmarks/bench_dit.py --device cuda --model 14b --layers 8 --repeats 2 \
+        --out "$OUT/dit_${stamp}_14b_480p_8of40blocks.md"
+fi
+if has e2e; then
+    python benchmarks/bench_e2e.py --device cuda --preset t2v-1.3b --height 480 --width 832 --frames 81 --steps 10 \
+        --repeats 1 --dit-latent 21 60 104 --out "$OUT/e2e_${stamp}_1.3b_480p_10steps.md"
+fi
