@@ -206,7 +206,7 @@ def _impl(backend: str) -> AttentionFn:
     if backend not in _IMPLS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {list(ATTENTION_BACKENDS)}")
     fn, packages = _IMPLS[backend]
-    if not _checked_import(packages):
+    if packages and not _checked_import(packages):  # built-ins skip the (cached) package probe
         spec = ATTENTION_BACKENDS[backend]
         raise BackendUnavailableError(
             f"attention backend {backend!r} needs the {' or '.join(packages)} package: {spec.install}")

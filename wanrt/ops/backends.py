@@ -29,11 +29,9 @@ record from the running machine without importing optional packages.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
@@ -276,29 +274,49 @@ def plan(requested: str, caps: Capabilities, fused: str | None = None) -> OpsPla
     return result
 
 
-def fused_impl(backend: str):
-    """The fused-op implementation of ``backend`` (``"triton"``), imported on first use.
+class _TritonFused:
+    """The Triton launchers of :mod:`wanrt.kernels`, imported on first use (a plain class so that
+    ``torch.compile`` traces through the dispatch without a graph break)."""
 
-    Returns a namespace with ``norm_rope``, ``modulated_layer_norm``, ``gated_residual``,
-    ``gated_residual_layer_norm`` (the launchers of :mod:`wanrt.kernels`).
+    @staticmethod
+    def norm_rope(*args):
+        from wanrt.kernels.qk_norm_rope import norm_rope
+
+        return norm_rope(*args)
+
+    @staticmethod
+    def modulated_layer_norm(*args):
+        from wanrt.kernels.modnorm import modulated_layer_norm
+
+        return modulated_layer_norm(*args)
+
+    @staticmethod
+    def gated_residual(*args):
+        from wanrt.kernels.modnorm import gated_residual
+
+        return gated_residual(*args)
+
+    @staticmethod
+    def gated_residual_layer_norm(*args):
+        from wanrt.kernels.modnorm import gated_residual_layer_norm
+
+        return gated_residual_layer_norm(*args)
+
+
+_FUSED_IMPLS = {"triton": _TritonFused}
+
+
+def fused_impl(backend: str):
+    """The fused-op implementation of ``backend`` (``"triton"``).
+
+    Returns an object with ``norm_rope``, ``modulated_layer_norm``, ``gated_residual`` and
+    ``gated_residual_layer_norm`` (the launchers of :mod:`wanrt.kernels`; the module is imported on
+    the first call, which raises ``ImportError`` if triton is missing — :func:`plan` checks first).
 
     Raises:
-        ValueError: unknown backend; BackendUnavailableError: triton is not installed.
+        ValueError: unknown backend.
     """
-    if backend != "triton":
+    impl = _FUSED_IMPLS.get(backend)
+    if impl is None:
         raise ValueError(f"fused-op backend must be one of {FUSED_BACKENDS}, got {backend!r}")
-    return _triton_fused()
-
-
-@functools.cache
-def _triton_fused() -> SimpleNamespace:
-    if importlib.util.find_spec("triton") is None:
-        raise BackendUnavailableError("fused ops 'triton' need the triton package (pip install triton)")
-    from wanrt.kernels import modnorm, qk_norm_rope
-
-    return SimpleNamespace(
-        norm_rope=qk_norm_rope.norm_rope,
-        modulated_layer_norm=modnorm.modulated_layer_norm,
-        gated_residual=modnorm.gated_residual,
-        gated_residual_layer_norm=modnorm.gated_residual_layer_norm,
-    )
+    return impl
