@@ -274,3 +274,47 @@ def test_missing_library_at_call_time(monkeypatch):
     q, k, v = _qkv()
     with pytest.raises(BackendUnavailableError, match=r"pip install 'wanrt\[flash\]'"):
         attention(q, k, v, backend="flash-attn")
+
+
+# ------------------------------------------------------------------------------ Triton self-check
+
+
+def test_failed_self_check_makes_triton_ineligible():
+    c = caps(packages={"triton"}, triton_failed="CompilationError: out of shared memory")
+    assert resolve("auto", c) == "sdpa"
+    assert plan("auto", c) == OpsPlan("sdpa", "eager")
+    with pytest.raises(BackendUnavailableError, match="failed its self-check on this GPU .*shared memory"):
+        resolve("triton", c)
+    with pytest.raises(BackendUnavailableError, match="self-check"):
+        plan("sdpa", c, fused="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_self_check_passes_in_the_interpreter(dtype):
+    from wanrt.kernels.selfcheck import triton_self_check
+
+    assert triton_self_check.__wrapped__(torch.device("cpu"), dtype, 16) is None
+
+
+def test_self_check_reports_a_wrong_kernel(monkeypatch):
+    from wanrt.kernels import modnorm, qk_norm_rope
+    from wanrt.kernels.selfcheck import triton_self_check
+
+    real = qk_norm_rope.norm_rope
+    monkeypatch.setattr(qk_norm_rope, "norm_rope", lambda *a: real(*a) * 1.01)
+    reason = triton_self_check.__wrapped__(torch.device("cpu"), torch.float32, 16)
+    assert reason is not None and reason.startswith("qk_norm_rope:") and "worst at index" in reason
+    monkeypatch.setattr(qk_norm_rope, "norm_rope", real)
+
+    def boom(*a):
+        raise RuntimeError("PTX assembly failed\nmore lines")
+
+    monkeypatch.setattr(modnorm, "gated_residual_layer_norm", boom)
+    assert triton_self_check.__wrapped__(torch.device("cpu"), torch.float32, 16) == "RuntimeError: PTX assembly failed"
+
+
+def test_probe_does_not_self_check_off_cuda(monkeypatch):
+    import wanrt.kernels.selfcheck as sc
+
+    monkeypatch.setattr(sc, "triton_self_check", lambda *a: pytest.fail("self-check ran on the CPU"))
+    assert probe_capabilities("cpu", torch.bfloat16, 128).triton_failed is None

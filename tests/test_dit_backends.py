@@ -42,7 +42,8 @@ def _run(model: WanDiT, plan: OpsPlan, inputs: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_type", ["t2v", "i2v", "flf2v"])
 @pytest.mark.parametrize("plan", [OpsPlan("sdpa", "eager"), OpsPlan("sdpa", "triton"), OpsPlan("triton", "triton"),
-                                  OpsPlan("eager", "triton")], ids=lambda p: p.attention + "+" + p.fused)
+                                  OpsPlan("eager", "triton"), OpsPlan("triton", "triton", fuse_rope=False)],
+                         ids=lambda p: p.attention + "+" + p.fused + ("" if p.fuse_rope else "-rope-in-qk-norm"))
 def test_dit_backends_match_eager_fp32(model_type, plan):
     model = _model(model_type)
     inputs = make_inputs(model.config)

@@ -76,3 +76,10 @@ def test_generate_per_backend_on_cuda(tiny_official, backend):
     a = ref.generate("a corgi", seed=7, **SMALL).latents
     b = e.generate("a corgi", seed=7, **SMALL).latents
     assert ((a - b).norm() / a.norm()).item() < 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_self_check_passes_on_this_gpu(dtype):
+    from wanrt.kernels.selfcheck import triton_self_check
+
+    assert triton_self_check("cuda:0", dtype, 128) is None

@@ -354,7 +354,7 @@ class SelfAttention(_Projections):
             ``[B, S, dim]`` in the dtype of ``o``'s weight.
         """
         v = self.v(x).unflatten(2, (self.num_heads, self.head_dim))  # [B, S, n, d], compute dtype
-        if plan.attention == "triton":  # RoPE fused into the attention kernel
+        if plan.attention == "triton" and plan.fuse_rope:  # RoPE fused into the attention kernel
             q = self._heads(self.q(x), self.norm_q, None, v.dtype, plan)  # [B, S, n, d]
             k = self._heads(self.k(x), self.norm_k, None, v.dtype, plan)  # [B, S, n, d]
             out = attention(q, k, v, rope=rope, backend="triton")  # [B, S, n, d]

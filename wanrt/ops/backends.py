@@ -116,6 +116,9 @@ class Capabilities:
         needs_mask: A key-padding mask must be honoured.
         packages: Import names of the optional packages that are installed.
         interpreter: Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``).
+        triton_failed: Why wanrt's Triton kernels failed their self-check on this GPU
+            (:func:`wanrt.kernels.selfcheck.triton_self_check`), or ``None``. A failed check makes
+            them ineligible (``auto`` then picks another backend and logs the reason).
     """
 
     device_type: str
@@ -125,18 +128,32 @@ class Capabilities:
     needs_mask: bool = False
     packages: frozenset[str] = field(default_factory=frozenset)
     interpreter: bool = False
+    triton_failed: str | None = None
 
 
 def probe_capabilities(device: torch.device | str, dtype: torch.dtype, head_dim: int,
-                       needs_mask: bool = False) -> Capabilities:
-    """Fill :class:`Capabilities` for ``device`` without importing any optional package."""
+                       needs_mask: bool = False, *, self_check: bool = True) -> Capabilities:
+    """Fill :class:`Capabilities` for ``device`` without importing any optional attention package.
+
+    On a CUDA GPU with Triton (sm >= 8.0) and ``self_check``, wanrt's Triton kernels are run once per
+    process and (device, dtype, head_dim) against their eager twins (a fraction of a second after
+    compilation), and a failure is recorded in ``triton_failed``.
+    """
     from wanrt.kernels._common import interpreting
 
     device = torch.device(device)
     sm = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     names = {p for b in ATTENTION_BACKENDS.values() for p in b.packages}
     installed = frozenset(p for p in names if importlib.util.find_spec(p) is not None)
-    return Capabilities(device.type, dtype, head_dim, sm, needs_mask, installed, interpreting())
+    failed = None
+    if self_check and device.type == "cuda" and "triton" in installed and sm >= (8, 0) and dtype in _FLOAT:
+        from wanrt.kernels.selfcheck import triton_self_check
+
+        failed = triton_self_check(str(device), dtype, head_dim)
+        if failed is not None:
+            log.warning("wanrt's Triton kernels failed their self-check on %s (%s): %s; they will not be "
+                        "picked automatically", torch.cuda.get_device_name(device), dtype, failed)
+    return Capabilities(device.type, dtype, head_dim, sm, needs_mask, installed, interpreting(), failed)
 
 
 def ineligibility(name: str, caps: Capabilities, *, for_auto: bool = False) -> str | None:
@@ -161,6 +178,8 @@ def ineligibility(name: str, caps: Capabilities, *, for_auto: bool = False) -> s
     if caps.head_dim > b.max_head_dim or caps.head_dim % b.head_dim_multiple:
         return (f"does not support head_dim {caps.head_dim} (needs a multiple of {b.head_dim_multiple} "
                 f"up to {b.max_head_dim})")
+    if name == "triton" and caps.triton_failed:
+        return f"failed its self-check on this GPU ({caps.triton_failed})"
     if caps.needs_mask and not b.supports_mask:
         return "cannot honour a key-padding mask, and this model needs one"
     if for_auto and not b.exact:
@@ -222,10 +241,16 @@ class OpsPlan:
     ``fused`` (``"eager"`` or ``"triton"``) for QK-norm + RoPE, modulated LayerNorm and residuals.
 
     ``OpsPlan()`` is the reference path (everything eager).
+
+    ``fuse_rope`` (``triton`` attention only): rotate q and k inside the attention kernel as their
+    tiles are loaded (default), or in the QK-norm pass before it. Both are tested; which is faster on a
+    given GPU is what ``benchmarks/bench_dit.py`` measures (the fused form re-rotates each K tile once
+    per query block, the other writes rotated q/k once).
     """
 
     attention: str = "eager"
     fused: str = "eager"
+    fuse_rope: bool = True
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_BACKENDS:
@@ -236,9 +261,9 @@ class OpsPlan:
     @property
     def name(self) -> str:
         """Short description, e.g. ``'sdpa+triton'`` (attention + fused ops)."""
-        if self.fused == "eager" or self.attention == "triton":
-            return self.attention
-        return f"{self.attention}+{self.fused}"
+        if self.attention == "triton":
+            return "triton" if self.fuse_rope else "triton(rope in qk-norm)"
+        return self.attention if self.fused == "eager" else f"{self.attention}+{self.fused}"
 
 
 def plan(requested: str, caps: Capabilities, fused: str | None = None) -> OpsPlan:
@@ -260,13 +285,15 @@ def plan(requested: str, caps: Capabilities, fused: str | None = None) -> OpsPla
             fused = "triton"
         else:
             on_gpu = caps.device_type == "cuda" and "triton" in caps.packages and (caps.sm or (0, 0)) >= (8, 0)
-            fused = "triton" if on_gpu else "eager"
+            fused = "triton" if on_gpu and not caps.triton_failed else "eager"
     elif fused == "triton":
         if "triton" not in caps.packages:
             raise BackendUnavailableError("fused ops 'triton' need the triton package (pip install triton)")
         if caps.device_type != "cuda" and not caps.interpreter:
             raise BackendUnavailableError(
                 "fused ops 'triton' run on CUDA, or on the CPU only with TRITON_INTERPRET=1")
+        if caps.triton_failed:
+            raise BackendUnavailableError(f"fused ops 'triton' failed their self-check here: {caps.triton_failed}")
     result = OpsPlan(attn, fused)
     if requested == "auto":
         log.info("backend 'auto' resolved to %s (device %s, %s, head_dim %d)",
