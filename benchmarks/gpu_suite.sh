@@ -9,6 +9,10 @@
 #   blocks ~1.5 min | bench_e2e ~2-3 min. About 9 min in all: if a call runs out, run a subset with
 #   PARTS, e.g. `PARTS="kernels dit" bash benchmarks/gpu_suite.sh`, then `PARTS="tests e2e" ...`.
 # Each step has its own timeout so that one hang cannot take the steps after it.
+#
+# The GPU image has no ftfy (prompt cleaning) and no diffusers/av. Prepare the small wheels here and carry them:
+#   pip download ftfy wcwidth --no-deps -d build/wheels     # then run with carry=["build/wheels"]
+# (bench_e2e needs diffusers; without it that step fails and the others still run.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -18,6 +22,9 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import wanrt even if the install below fails
 stamp=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 python -m pip install --quiet --no-deps -e . 2>/dev/null || true
+if compgen -G "build/wheels/*.whl" >/dev/null; then
+    python -m pip install --quiet --no-index --no-deps build/wheels/*.whl || echo "carried wheels did not install"
+fi
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if has tests; then
