@@ -82,3 +82,25 @@ def test_mp4_round_trip(tmp_path):
     back, fps = read_mp4(tmp_path / "a.mp4")
     assert back.shape == frames.shape and fps == 16
     assert np.abs(back.astype(int) - frames.astype(int)).mean() < 6  # flat colours survive yuv420p
+
+
+def test_backend_flag(tmp_path, tiny_official, capsys, monkeypatch):
+    """--backend reaches the Engine; the resolved backend is printed; a missing one exits 2 with the install
+    hint before any weight is read."""
+    import wanrt.checkpoints.io as io
+
+    out = tmp_path / "b.mp4"
+    args = ["generate", "--model", "tiny", "--checkpoint-dir", str(tiny_official), "--prompt", "a corgi", "-o",
+            str(out), "--height", "16", "--width", "32", "--num-frames", "1", "--steps", "1", "--device", "cpu",
+            "--precision", "fp32", "--no-progress"]
+    assert main([*args, "--backend", "sdpa"]) == 0
+    assert "(backend sdpa)" in capsys.readouterr().out
+
+    def no_reads(*a, **k):
+        raise AssertionError("weights were read before the backend was checked")
+
+    monkeypatch.setattr(io, "load_into_module", no_reads)
+    monkeypatch.setattr("wanrt.checkpoints.loaders.load_into_module", no_reads)
+    assert main([*args, "--backend", "xformers"]) == 2
+    err = capsys.readouterr().err
+    assert "attention backend 'xformers'" in err and "pip install 'wanrt[xformers]'" in err
