@@ -136,8 +136,8 @@ def plans(device: str, caps, requested: list[str] | None, fused_ok: bool):
         else:
             fused_list = ["triton"] if fused_ok else ["eager"]
         out += [(OpsPlan(name, f), f"{name} + {f} fused ops") for f in fused_list]
-        if name == "triton" and fused_ok:  # RoPE in the QK-norm pass instead of inside the attention kernel
-            out.append((OpsPlan(name, "triton", fuse_rope=False), "triton + triton fused ops, RoPE in QK-norm"))
+        if name == "triton" and fused_ok:  # RoPE inside the attention kernel instead of in the QK-norm pass
+            out.append((OpsPlan(name, "triton", fuse_rope=True), "triton + triton fused ops, RoPE in attention"))
     if not fused_ok:
         skipped.append("Triton fused ops (need CUDA, or --interpret on the CPU)")
     return out, skipped

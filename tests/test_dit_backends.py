@@ -42,8 +42,8 @@ def _run(model: WanDiT, plan: OpsPlan, inputs: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_type", ["t2v", "i2v", "flf2v"])
 @pytest.mark.parametrize("plan", [OpsPlan("sdpa", "eager"), OpsPlan("sdpa", "triton"), OpsPlan("triton", "triton"),
-                                  OpsPlan("eager", "triton"), OpsPlan("triton", "triton", fuse_rope=False)],
-                         ids=lambda p: p.attention + "+" + p.fused + ("" if p.fuse_rope else "-rope-in-qk-norm"))
+                                  OpsPlan("eager", "triton"), OpsPlan("triton", "triton", fuse_rope=True)],
+                         ids=lambda p: p.attention + "+" + p.fused + ("-rope-fused" if p.fuse_rope else ""))
 def test_dit_backends_match_eager_fp32(model_type, plan):
     model = _model(model_type)
     inputs = make_inputs(model.config)
@@ -52,7 +52,8 @@ def test_dit_backends_match_eager_fp32(model_type, plan):
     assert_close(out, ref, name=f"{model_type} velocity, {plan.name}", tol=MODEL_TOL[torch.float32])
 
 
-@pytest.mark.parametrize("plan", [OpsPlan("sdpa", "eager"), OpsPlan("triton", "triton")], ids=lambda p: p.name)
+@pytest.mark.parametrize("plan", [OpsPlan("sdpa", "eager"), OpsPlan("triton", "triton"),
+                                  OpsPlan("triton", "triton", fuse_rope=True)], ids=lambda p: p.name)
 def test_dit_backends_match_eager_bf16_weights(plan):
     """bf16 GEMMs (the official autocast numerics): the fused path may round differently, within bf16."""
     model = _model("t2v", torch.bfloat16)
@@ -116,7 +117,8 @@ def test_generate_with_each_backend(tiny_official, eager_video, backend):
     assert diff <= 1, f"uint8 frames differ by {diff} levels"
 
 
-@pytest.mark.parametrize("plan", [OpsPlan("sdpa", "eager"), OpsPlan("triton", "triton")], ids=lambda p: p.name)
+@pytest.mark.parametrize("plan", [OpsPlan("sdpa", "eager"), OpsPlan("triton", "triton"),
+                                  OpsPlan("triton", "triton", fuse_rope=True)], ids=lambda p: p.name)
 def test_dit_compiles_as_one_graph(plan):
     """The custom ops' fake registrations and the plain dispatch let torch.compile trace the whole
     forward without a graph break (fullgraph=True), and the compiled model gives the same velocity."""

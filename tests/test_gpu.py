@@ -47,7 +47,7 @@ def _real_block_model(dim=1536, heads=12, ffn=8960):
     return model
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+@pytest.mark.parametrize("backend", ["sdpa", "triton", "triton-rope-fused"])
 def test_real_size_block_backend_matches_eager_bf16(backend):
     """One 1.3B-width block over a 21x30x52 latent grid (8 frames x 480x832 here: 6240 tokens)."""
     from wanrt.testing import Tolerance, assert_close
@@ -59,7 +59,12 @@ def test_real_size_block_backend_matches_eager_bf16(backend):
     with torch.no_grad():
         model.set_backend("eager")
         ref = model(x, torch.tensor([700], device="cuda"), ctx)
-        assert model.set_backend(backend).attention == backend
+        if backend == "triton-rope-fused":
+            from wanrt.ops import OpsPlan
+
+            model.set_backend(OpsPlan("triton", "triton", fuse_rope=True))
+        else:
+            assert model.set_backend(backend).attention == backend
         out = model(x, torch.tensor([700], device="cuda"), ctx)
     assert_close(out, ref, name=f"1.3B block velocity, {backend}", tol=Tolerance(atol=0.1, rtol=0.1, rel=2e-2))
 

@@ -48,3 +48,14 @@ def next_pow2(n: int) -> int:
 
 
 TORCH_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def row_kernel_warps(tile: int) -> int:
+    """Warps for a memory-bound kernel whose program holds ``tile`` elements per tensor.
+
+    About 8 elements per thread and tensor (two 16-byte loads of fp32, one of bf16), between 4 and 32 warps.
+    Compiled for sm_90a, this keeps the fused norm kernels at 32-60 registers at the Wan2.1 widths (dim 1536
+    and 5120), where 4 elements more per thread cost up to 223 registers and most of the occupancy
+    (``benchmarks/kernel_resources.py``).
+    """
+    return min(32, max(4, tile // 256))

@@ -24,6 +24,7 @@ from wanrt.kernels._common import (
     check_device,
     interpreting,
     next_pow2,
+    row_kernel_warps,
 )
 from wanrt.kernels.qk_norm_rope import OUT_DTYPES, cast_rne
 
@@ -112,7 +113,7 @@ def _mod_stride(t: torch.Tensor | None) -> int:
 
 
 def _num_warps(tile: int) -> int:
-    return 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+    return row_kernel_warps(tile)
 
 
 def _modnorm_launch(

@@ -20,6 +20,7 @@ from wanrt.kernels._common import (
     check_device,
     interpreting,
     next_pow2,
+    row_kernel_warps,
 )
 
 LAYOUTS = ("bshd", "bhsd")
@@ -144,7 +145,7 @@ def _storage_shape(x: torch.Tensor, num_heads: int, layout: str) -> tuple[int, i
 
 
 def _num_warps(tile: int) -> int:
-    return 4 if tile <= 2048 else (8 if tile <= 8192 else 16)
+    return row_kernel_warps(tile)
 
 
 def _norm_rope_launch(

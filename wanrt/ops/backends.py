@@ -243,14 +243,16 @@ class OpsPlan:
     ``OpsPlan()`` is the reference path (everything eager).
 
     ``fuse_rope`` (``triton`` attention only): rotate q and k inside the attention kernel as their
-    tiles are loaded (default), or in the QK-norm pass before it. Both are tested; which is faster on a
-    given GPU is what ``benchmarks/bench_dit.py`` measures (the fused form re-rotates each K tile once
-    per query block, the other writes rotated q/k once).
+    tiles are loaded, or (default) in the QK-norm pass before it. Wan2.1 always has the QK-norm pass,
+    which writes q and k once either way, so fusing RoPE into attention saves no memory traffic; it
+    re-rotates every K tile once per query block, adds a rounding, and, compiled for sm_90a, spills
+    more registers (benchmarks/results/kernel_resources_*.md). Both forms are tested;
+    ``benchmarks/bench_dit.py`` times both on a GPU.
     """
 
     attention: str = "eager"
     fused: str = "eager"
-    fuse_rope: bool = True
+    fuse_rope: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_BACKENDS:
@@ -262,7 +264,7 @@ class OpsPlan:
     def name(self) -> str:
         """Short description, e.g. ``'sdpa+triton'`` (attention + fused ops)."""
         if self.attention == "triton":
-            return "triton" if self.fuse_rope else "triton(rope in qk-norm)"
+            return "triton(rope fused)" if self.fuse_rope else "triton"
         return self.attention if self.fused == "eager" else f"{self.attention}+{self.fused}"
 
 
