@@ -43,11 +43,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
-from common import default_peak, emit, header, time_ms
+from common import default_peak, emit, header, settle_device_args, time_ms
 
 SDPA_KERNELS = ("flash", "cudnn")
 
@@ -172,14 +171,7 @@ def main() -> None:
     ap.add_argument("--no-sdpa-kernels", action="store_true", help="skip the sdpa[flash|cudnn] rows")
     ap.add_argument("--out", default=None, help="write the markdown table here too")
     a = ap.parse_args()
-    if a.quick:
-        a.device = "cpu"
-    if a.interpret:
-        if a.device != "cpu":
-            ap.error("--interpret runs Triton on the CPU: use it with --quick or --device cpu")
-        os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit module is imported
-    if not a.device.startswith("cuda") and not a.quick:
-        ap.error("the real shapes need CUDA; use --quick on the CPU")
+    settle_device_args(ap, a, "the real shapes")
 
     from wanrt.ops import ATTENTION_BACKENDS
     from wanrt.ops.backends import ineligibility, probe_capabilities

@@ -32,12 +32,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import statistics
 import time
 
 import torch
-from common import default_peak, emit, header, vm_hwm_mb
+from common import default_peak, emit, header, settle_device_args, vm_hwm_mb
 
 MODELS = {"1.3b": "t2v-1.3b", "14b": "t2v-14b"}
 
@@ -159,14 +158,7 @@ def main() -> None:
                     help="bf16 dense peak for '%% of peak' (default: H100/H200 989, A100 312, else none)")
     ap.add_argument("--out", default=None, help="write the markdown table here too")
     a = ap.parse_args()
-    if a.quick:
-        a.device = "cpu"
-    if a.interpret:
-        if a.device != "cpu":
-            ap.error("--interpret runs Triton on the CPU: use it with --quick or --device cpu")
-        os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit module is imported
-    if not a.device.startswith("cuda") and not a.quick:
-        ap.error("the real model needs CUDA; use --quick on the CPU")
+    settle_device_args(ap, a, "the real model")
 
     from wanrt.checkpoints.tiny import dit_config_for
     from wanrt.models.dit import DiTConfig

@@ -25,12 +25,11 @@ Triton's CPU interpreter, on the smallest shape only, one timed run: the interpr
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from common import emit, header, time_ms
+from common import emit, header, settle_device_args, time_ms
 
 HEAD_DIM = 128
 BF16, F32 = torch.bfloat16, torch.float32
@@ -181,14 +180,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per row on the CPU")
     ap.add_argument("--out", default=None, help="write the markdown tables here too")
     a = ap.parse_args()
-    if a.quick:
-        a.device = "cpu"
-    if a.interpret:
-        if a.device != "cpu":
-            ap.error("--interpret runs Triton on the CPU: use it with --quick or --device cpu")
-        os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit module is imported
-    if not a.device.startswith("cuda") and not a.quick:
-        ap.error("the real shapes need CUDA; use --quick on the CPU")
+    settle_device_args(ap, a, "the real shapes")
     fused = a.device.startswith("cuda") or a.interpret
 
     copy_gbs = copy_bandwidth_gbs(a.device, a)

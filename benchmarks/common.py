@@ -100,3 +100,16 @@ def emit(lines: list[str], out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(table + "\n")
+
+
+def settle_device_args(ap, a, what: str = "the real shapes") -> None:
+    """Shared handling of ``--quick`` (forces the CPU), ``--interpret`` (Triton in the CPU interpreter: sets
+    ``TRITON_INTERPRET`` before any kernel module is imported) and ``--device`` for the kernel benchmarks."""
+    if a.quick:
+        a.device = "cpu"
+    if a.interpret:
+        if a.device != "cpu":
+            ap.error("--interpret runs Triton on the CPU: use it with --quick or --device cpu")
+        os.environ["TRITON_INTERPRET"] = "1"
+    if not a.device.startswith("cuda") and not a.quick:
+        ap.error(f"{what} need CUDA; use --quick on the CPU")
