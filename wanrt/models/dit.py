@@ -539,6 +539,29 @@ class MLPProj(nn.Module):
 
 # --------------------------------------------------------------------------- model
 
+@dataclasses.dataclass
+class DiTInputs:
+    """What :meth:`WanDiT.prepare` hands to the blocks and the head.
+
+    Attributes:
+        x: Patch-embedded tokens ``[B, S, dim]`` (the patch embedding's dtype): the blocks' input.
+        e: float32 time embedding ``[B, dim]`` (the head's modulation; TeaCache mode "e").
+        e0: float32 time projection ``[B, 6, dim]`` (the blocks' modulation; TeaCache mode "e0").
+        context: Embedded text ``[B, text_len, dim]``.
+        context_img: Embedded CLIP tokens ``[B, N_img, dim]`` (i2v/flf2v) or None.
+        rope: RoPE rotations of the token grid.
+        grid: Token grid ``(F', H', W')``.
+    """
+
+    x: torch.Tensor
+    e: torch.Tensor
+    e0: torch.Tensor
+    context: torch.Tensor
+    context_img: torch.Tensor | None
+    rope: RopeTable
+    grid: tuple[int, int, int]
+
+
 _KEEP_FP32 = re.compile(
     r"(^|\.)modulation$"  # blocks.N.modulation, head.modulation
     r"|^time_embedding\.|^time_projection\.|^head\."
@@ -655,6 +678,26 @@ class WanDiT(nn.Module):
         Raises:
             ValueError: on missing/unexpected conditioning or any shape mismatch.
         """
+        inp = self.prepare(x, t, context, y=y, clip_fea=clip_fea)
+        x, pending = self.run_blocks(inp)
+        return self.run_head(inp, x, pending)[0]
+
+    # ---------------------------------------------------------------- the forward in three parts
+    # For step caching (TeaCache) and CUDA graphs the denoising loop drives the forward in parts:
+    # ``prepare`` (cheap: patch embedding, time and text embeddings), ``run_blocks`` (the transformer
+    # blocks, nearly all of the work), ``run_head``. ``forward`` is exactly the three in a row.
+
+    def prepare(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        context: torch.Tensor,
+        *,
+        y: torch.Tensor | None = None,
+        clip_fea: torch.Tensor | None = None,
+    ) -> DiTInputs:
+        """Everything before the blocks: checks, patch embedding, time and text (and image) embeddings,
+        RoPE rotations. Arguments and errors as :meth:`forward`."""
         cfg = self.config
         x = self._check_video(x, y)  # [B, in_dim, F, H, W]
         b = x.shape[0]
@@ -676,12 +719,20 @@ class WanDiT(nn.Module):
             context_img = self.img_emb(self._check_clip(clip_fea, b))  # [B, N_img, dim]
         elif clip_fea is not None:
             raise ValueError("clip_fea is only accepted by i2v/flf2v models (model_type='t2v')")
+        return DiTInputs(x, e, e0, context, context_img, self._rope(grid, x.device), grid)
 
-        rope = self._rope(grid, x.device)  # [S, head_dim/2] rotations
-        plan, eps = self.plan, cfg.eps
+    def run_blocks(self, inp: DiTInputs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The transformer blocks on ``inp.x``.
+
+        Returns:
+            ``(x, pending)``: the float32 residual ``[B, S, dim]`` before the last block's gated FFN
+            add, and that add's ``(y, gate)`` (``None`` for a model without blocks). The blocks'
+            output is ``x + y * gate``; :meth:`run_head` computes it fused with the head's norm.
+        """
+        x, plan, eps = inp.x, self.plan, self.config.eps
         pending = None  # (y, gate) of the previous block's FFN, fused with the next norm
         for block in self.blocks:
-            mod = block.chunks(e0)  # 6 x [B, 1, dim] fp32
+            mod = block.chunks(inp.e0)  # 6 x [B, 1, dim] fp32
             out_dtype = block.self_attn.q.weight.dtype
             if pending is None:  # block 0: norm1 of the patch embedding (rounded to its dtype)
                 h = modulated_layer_norm(x, mod[0], mod[1], eps, out_dtype=out_dtype, backend=plan.fused)
@@ -689,17 +740,33 @@ class WanDiT(nn.Module):
                 x, h = gated_residual_layer_norm(
                     x, *pending, eps, shift=mod[0], scale=mod[1], out_dtype=out_dtype, backend=plan.fused
                 )  # previous block's output x + y*gate_ffn, and this block's norm1 + modulation
-            x, pending = block(x, h, mod, rope, context, context_img, plan)
-        shift, scale = self.head.chunks(e)  # 2 x [B, 1, dim]
+            x, pending = block(x, h, mod, inp.rope, inp.context, inp.context_img, plan)
+        return x, pending
+
+    def run_head(
+        self,
+        inp: DiTInputs,
+        x: torch.Tensor,
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head on the blocks' output ``x + y * gate`` (or ``x`` when ``pending`` is None).
+
+        Returns:
+            ``(velocity, blocks_out)``: float32 ``[B, out_dim, F, H, W]`` and the blocks' output
+            ``[B, S, dim]`` (float32 when a block ran), for step caches that store
+            ``blocks_out - inp.x``.
+        """
+        plan, eps = self.plan, self.config.eps
+        shift, scale = self.head.chunks(inp.e)  # 2 x [B, 1, dim]
         head_dtype = self.head.head.weight.dtype
         if pending is None:
             h = modulated_layer_norm(x, shift, scale, eps, out_dtype=head_dtype, backend=plan.fused)
         else:
-            _, h = gated_residual_layer_norm(
+            x, h = gated_residual_layer_norm(
                 x, *pending, eps, shift=shift, scale=scale, out_dtype=head_dtype, backend=plan.fused
             )
-        x = self.head.head(h)  # [B, S, pt*ph*pw*out_dim]
-        return self._unpatchify(x, grid).float()
+        out = self.head.head(h)  # [B, S, pt*ph*pw*out_dim]
+        return self._unpatchify(out, inp.grid).float(), x
 
     # ---------------------------------------------------------------- helpers
 
