@@ -12,15 +12,15 @@ SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=3, progress=
 
 def test_generate_outputs(tiny_engine):
     steps = []
-    v = tiny_engine.generate("a corgi surfing a wave", seed=7, callback=lambda i, t, x: steps.append((i, t, x.shape)),
-                             **SMALL)
+    v = tiny_engine.generate("a corgi surfing a wave", seed=7,
+                             callback=lambda i, n, x: steps.append((i, n, x.shape)), **SMALL)
     assert isinstance(v, wanrt.Video)
     assert v.frames.dtype == np.uint8 and v.frames.shape == (5, 32, 48, 3)
     assert v.fps == 16 and v.seed == 7
     assert v.latents.shape == (1, 16, 2, 4, 6) and v.latents.dtype == torch.float32
     assert set(v.timings) >= {"text_encoder", "denoise", "vae_decode", "total"}
     assert all(t >= 0 for t in v.timings.values())
-    assert [s[0] for s in steps] == [0, 1, 2] and steps[0][1] == 999 and steps[0][2] == (1, 16, 2, 4, 6)
+    assert [s[0] for s in steps] == [0, 1, 2] and steps[0][1] == 3 and steps[0][2] == (1, 16, 2, 4, 6)
     assert v.frames.std() > 0  # not a blank video
 
 
@@ -63,8 +63,8 @@ def test_latents_argument_and_solvers(tiny_engine):
 
 def test_guidance_one_skips_negative_pass(tiny_engine, monkeypatch):
     calls = []
-    orig = tiny_engine.transformer.forward
-    monkeypatch.setattr(tiny_engine.transformer, "forward", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = tiny_engine.transformer.run_blocks  # the blocks: the work of one DiT pass
+    monkeypatch.setattr(tiny_engine.transformer, "run_blocks", lambda inp: calls.append(1) or orig(inp))
     tiny_engine.generate("x", seed=0, guidance_scale=1.0, **SMALL)
     assert len(calls) == 3
     calls.clear()
@@ -132,7 +132,8 @@ def test_from_pretrained_infers_tiny(tiny_diffusers):
 
 
 def test_nan_in_dit_is_reported_with_step(tiny_engine, monkeypatch):
-    monkeypatch.setattr(tiny_engine.transformer, "forward", lambda x, t, c: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(tiny_engine.transformer, "run_blocks",
+                        lambda inp: (torch.full_like(inp.x, float("nan"), dtype=torch.float32), None))
     with pytest.raises(FloatingPointError, match="step 0"):
         tiny_engine.generate("x", seed=0, **SMALL)
 

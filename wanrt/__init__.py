@@ -13,7 +13,7 @@ Public API::
 from .checkpoints.io import CheckpointError
 from .checkpoints.layout import LayoutError
 from .checkpoints.loaders import load_text_encoder, load_transformer, load_vae
-from .engine import Engine, EngineConfig, GenerationError
+from .engine import Cancelled, Engine, EngineConfig, GenerationError
 from .presets import PRESETS, Preset
 from .video import Video
 
@@ -31,4 +31,5 @@ __all__ = [
     "CheckpointError",
     "LayoutError",
     "GenerationError",
+    "Cancelled",
 ]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +45,36 @@ class GenerationError(RuntimeError):
         self.seed = seed
 
 
+class Cancelled(RuntimeError):
+    """``generate()`` was cancelled at a step boundary (the callback returned False, or ``cancel`` was set).
+
+    The VAE decode is skipped. Attributes:
+        step: index of the last completed step (-1 if cancelled before the first).
+        latents: the latents at that point ``[1, 16, F', H', W']`` (CPU, float32; partially denoised).
+        seed: the seed used.
+    """
+
+    def __init__(self, step: int, latents: torch.Tensor | None, seed: int | None):
+        super().__init__(f"generation cancelled after step {step}")
+        self.step = step
+        self.latents = latents
+        self.seed = seed
+
+
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+def _device_lock(device: torch.device) -> threading.Lock:
+    """One lock per device: engines sharing a GPU run their generations one at a time."""
+    key = str(device)
+    with _DEVICE_LOCKS_GUARD:
+        return _DEVICE_LOCKS.setdefault(key, threading.Lock())
+
+
+_UNSET = object()
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How an Engine runs: device, precision and kernel backend (validated on creation).
@@ -55,11 +87,31 @@ class EngineConfig:
         backend: the DiT's kernels, as requested: "auto" (the fastest eligible on the device, logged),
             "eager" (the exact reference path), "sdpa", "triton", "flash-attn", "sageattention" or "xformers"
             (see ``wanrt.ops.backends``). ``Engine.plan`` is what it resolved to.
+        cfg_batch: run the conditional and unconditional branches in one batch-2 DiT forward. None (default):
+            on CUDA when the free memory allows it (else two passes, logged), off on the CPU.
+        cuda_graphs: replay the DiT forward from CUDA graphs captured per shape (an LRU of 4). None
+            (default): on for CUDA; a failed capture falls back to eager with the reason logged.
+        compile: ``torch.compile`` each DiT block (``True`` for the default inductor backend, or a backend
+            name such as ``"aot_eager"``). Off by default.
+        teacache_threshold: default TeaCache threshold of ``generate()`` (None or 0: no step skipping).
+        teacache_mode: "e" (time embedding) or "e0" (time projection, with 5 warm-up steps).
+        teacache_coefficients: the rescaling polynomial (highest power first); None takes the preset's
+            published coefficients (t2v-1.3b, t2v-14b, i2v-14b-480p/720p), or fit your own with
+            ``wanrt calibrate-teacache``.
+        prompt_cache_size: text embeddings kept per prompt (LRU), so repeated prompts and negative prompts
+            skip the text encoder; 0 disables.
     """
 
     device: torch.device
     precision: str = "bf16"
     backend: str = "auto"
+    cfg_batch: bool | None = None
+    cuda_graphs: bool | None = None
+    compile: bool | str = False
+    teacache_threshold: float | None = None
+    teacache_mode: str = "e"
+    teacache_coefficients: tuple[float, ...] | None = None
+    prompt_cache_size: int = 16
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -68,6 +120,34 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available in this torch build")
+        if self.cfg_batch not in (None, True, False):
+            raise ValueError(f"cfg_batch must be None (auto), True or False, got {self.cfg_batch!r}")
+        if self.cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs must be None (auto), True or False, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got {self.device}")
+        if not isinstance(self.compile, (bool, str)):
+            raise ValueError(f"compile must be a bool or a torch.compile backend name, got {self.compile!r}")
+        from .cache.teacache import TEACACHE_MODES
+
+        if self.teacache_mode not in TEACACHE_MODES:
+            raise ValueError(f"teacache_mode must be one of {TEACACHE_MODES}, got {self.teacache_mode!r}")
+        if self.teacache_threshold is not None and not self.teacache_threshold >= 0:
+            raise ValueError(f"teacache_threshold must be None or >= 0, got {self.teacache_threshold!r}")
+        if self.teacache_coefficients is not None:
+            object.__setattr__(self, "teacache_coefficients", tuple(float(c) for c in self.teacache_coefficients))
+        if not isinstance(self.prompt_cache_size, int) or self.prompt_cache_size < 0:
+            raise ValueError(f"prompt_cache_size must be an int >= 0, got {self.prompt_cache_size!r}")
+
+    @property
+    def use_cfg_batch(self) -> bool:
+        """Batch the CFG branches: as set, else on CUDA (when memory allows, checked per call), off on the CPU."""
+        return self.cfg_batch if self.cfg_batch is not None else self.device.type == "cuda"
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        """Replay the DiT from CUDA graphs: as set, else on CUDA."""
+        return self.cuda_graphs if self.cuda_graphs is not None else self.device.type == "cuda"
 
     @property
     def dit_dtype(self) -> torch.dtype:
@@ -175,7 +255,7 @@ class Engine:
     """
 
     def __init__(self, model: str, checkpoint_dir: str | Path | None = None, *, device=None,
-                 precision: str = "bf16", backend: str = "auto"):
+                 precision: str = "bf16", backend: str = "auto", **options):
         preset = get_preset(model)
         if checkpoint_dir is None:
             if preset.name != "tiny":
@@ -186,24 +266,25 @@ class Engine:
             from .checkpoints.tiny import cached_tiny_checkpoint
 
             checkpoint_dir = cached_tiny_checkpoint("official")
-        self._init(preset, Path(checkpoint_dir), device, precision, backend, check=True)
+        self._init(preset, Path(checkpoint_dir), device, precision, backend, check=True, options=options)
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, *, device=None, precision: str = "bf16",
-                        backend: str = "auto") -> "Engine":
+                        backend: str = "auto", **options) -> "Engine":
         """Load a checkpoint folder and infer the task and sampling defaults from its architecture.
 
         A checkpoint of a size no preset describes gets the defaults of its task (the t2v defaults for
         t2v). Raises as :class:`Engine`.
         """
         self = cls.__new__(cls)
-        self._init(None, Path(checkpoint_dir), device, precision, backend, check=False)
+        self._init(None, Path(checkpoint_dir), device, precision, backend, check=False, options=options)
         return self
 
-    def _init(self, preset: Preset | None, ckpt: Path, device, precision: str, backend: str, check: bool):
+    def _init(self, preset: Preset | None, ckpt: Path, device, precision: str, backend: str, check: bool,
+              options: dict):
         from .checkpoints.loaders import _device, load_text_encoder, load_transformer, load_vae
 
-        self.config = EngineConfig(_device(device), precision, backend)
+        self.config = EngineConfig(_device(device), precision, backend, **options)
         self.checkpoint_dir = ckpt
         dev = self.config.device
         self.transformer = load_transformer(ckpt, device=dev, dtype=self.config.dit_dtype, backend=self.config.backend)
@@ -219,6 +300,17 @@ class Engine:
         self.text_encoder = load_text_encoder(
             ckpt, device=dev, dtype=self.config.text_dtype, text_len=self.transformer.config.text_len
         )
+        self._lock = _device_lock(dev)
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        if self.config.compile:
+            backend_name = self.config.compile if isinstance(self.config.compile, str) else "inductor"
+            for block in self.transformer.blocks:
+                block.compile(backend=backend_name, fullgraph=True, dynamic=False)
+        self._graphs = None
+        if self.config.use_cuda_graphs:
+            from .sampling.loop import make_step_graphs
+
+            self._graphs = make_step_graphs(self.transformer)
 
     def _arch(self) -> dict:
         c = self.transformer.config
@@ -241,8 +333,28 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str]) -> list[torch.Tensor]:
-        """UMT5 embeddings, one ``[L_i, text_dim]`` tensor per prompt (trimmed to its real tokens)."""
-        return self.text_encoder.encode(prompts)
+        """UMT5 embeddings, one ``[L_i, text_dim]`` tensor per prompt (trimmed to its real tokens).
+
+        Results are kept in an LRU of ``prompt_cache_size`` prompts (the same text encoder, so the same
+        embeddings): a service that repeats its negative prompt runs the text encoder once for it.
+        """
+        size = self.config.prompt_cache_size
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        fresh = dict(zip(missing, self.text_encoder.encode(missing), strict=True)) if missing else {}
+        out = [fresh[p] if p in fresh else self._prompt_cache[p] for p in prompts]
+        if size:
+            for p in prompts:
+                if p in fresh:
+                    self._prompt_cache[p] = fresh[p]
+                self._prompt_cache.move_to_end(p)
+            while len(self._prompt_cache) > size:
+                self._prompt_cache.popitem(last=False)
+        return out
+
+    @property
+    def prompt_cache_info(self) -> dict[str, int]:
+        """``{"size": cached prompts, "max": prompt_cache_size}``."""
+        return {"size": len(self._prompt_cache), "max": self.config.prompt_cache_size}
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -286,7 +398,11 @@ class Engine:
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
-        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        teacache_threshold: float | None = _UNSET,
+        teacache_mode: str | None = None,
+        teacache_coefficients: tuple[float, ...] | None = None,
+        callback: Callable[[int, int, torch.Tensor], bool | None] | None = None,
+        cancel: threading.Event | None = None,
         progress: bool = True,
     ) -> Video:
         """Generate a video from a text prompt.
@@ -311,18 +427,78 @@ class Engine:
             prompt_embeds: precomputed text embeddings ``[1, L, text_dim]`` (L <= text_len).
             negative_prompt_embeds: precomputed negative embeddings ``[1, L, text_dim]``.
             latents: initial noise ``[1, 16, (F-1)/4+1, H/8, W/8]``, replaces the seeded noise.
-            callback: called after every step as ``callback(step_index, timestep, latents)``.
+            teacache_threshold: TeaCache threshold (default: the Engine's ``teacache_threshold``); None or 0
+                computes every step exactly. Published starting points: 0.08 for t2v-1.3B ("e"), 0.20 for
+                t2v-14B ("e0"); larger skips more steps and drifts further from the uncached video.
+            teacache_mode: "e" or "e0" (default: the Engine's).
+            teacache_coefficients: the rescaling polynomial (default: the Engine's, else the preset's).
+            callback: called after every step as ``callback(step, num_steps, latents)`` (``step`` 0-based,
+                ``latents`` the current ``[1, 16, F', H', W']`` on the device; do not modify them). Returning
+                False cancels.
+            cancel: a ``threading.Event``; when set (e.g. from another thread) the generation stops at the
+                next step boundary.
             progress: show a tqdm progress bar.
 
         Returns:
             :class:`~wanrt.video.Video` with ``.frames`` uint8 ``[F, H, W, 3]``, ``.fps``, ``.seed``,
-            ``.latents`` (final denoised latents, CPU float32) and ``.timings`` (seconds per stage).
+            ``.latents`` (final denoised latents, CPU float32), ``.timings`` (seconds per stage) and
+            ``.stats`` (TeaCache computed/skipped steps per branch, whether CFG was batched, graph use).
 
         Raises:
             ValueError: invalid arguments (checked before any work is done).
             FloatingPointError: the DiT produced NaN/Inf (names the step).
+            Cancelled: the callback returned False or ``cancel`` was set; the VAE decode is skipped and the
+                latents reached so far are on the exception.
             GenerationError: the VAE decode failed; the finished latents are kept on the exception.
+
+        Thread safety: calls are serialized per device (engines sharing a GPU take turns), so several
+        threads may call ``generate()`` on one Engine; each call waits for the ones before it.
         """
+        with self._lock:
+            return self._generate(
+                prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, shift=shift,
+                sample_solver=sample_solver, seed=seed, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+                teacache_threshold=teacache_threshold, teacache_mode=teacache_mode,
+                teacache_coefficients=teacache_coefficients, callback=callback, cancel=cancel, progress=progress,
+            )
+
+    def _teacache(self, threshold, mode, coefficients, steps: int):
+        """The TeaCache state for one generation, or None (resolves Engine defaults; raises ValueError)."""
+        from .cache.teacache import TeaCache, TeaCacheConfig, default_coefficients
+
+        cfg = self.config
+        threshold = cfg.teacache_threshold if threshold is _UNSET else threshold
+        if threshold is None or threshold == 0:
+            return None
+        mode = mode or cfg.teacache_mode
+        coefficients = coefficients or cfg.teacache_coefficients or default_coefficients(self.preset.name, mode)
+        if coefficients is None:
+            raise ValueError(
+                f"no TeaCache coefficients for preset {self.preset.name!r} in mode {mode!r}: pass "
+                "teacache_coefficients=... (fit them with `wanrt calibrate-teacache`)")
+        return TeaCache(TeaCacheConfig(threshold=float(threshold), mode=mode, coefficients=tuple(coefficients)),
+                        num_steps=steps)
+
+    def _batch_cfg_fits(self, lat_shape: tuple[int, ...]) -> bool:
+        """Whether a batch-2 DiT forward fits in the free device memory (CUDA; always True elsewhere).
+
+        Estimate of the extra activations of the second sample, per token: the FFN hidden state, q/k/v/o
+        and the attention output in the compute dtype, the float32 residual and norm outputs; times 1.5.
+        """
+        if self.device.type != "cuda":
+            return True
+        c = self.transformer.config
+        tokens = lat_shape[2] * (lat_shape[3] // c.patch_size[1]) * (lat_shape[4] // c.patch_size[2])
+        per_token = 2 * c.ffn_dim + 2 * 6 * c.dim + 4 * 3 * c.dim
+        need = 1.5 * tokens * per_token
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return need < free
+
+    def _generate(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps,
+                  guidance_scale, shift, sample_solver, seed, prompt_embeds, negative_prompt_embeds, latents,
+                  teacache_threshold, teacache_mode, teacache_coefficients, callback, cancel, progress) -> Video:
         p = self.preset
         a = resolve_sampling_args(
             p, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
@@ -348,7 +524,15 @@ class Engine:
             if not torch.isfinite(latents).all():
                 raise ValueError("latents contain NaN or Inf")
         do_cfg = guidance_scale != 1.0
+        if teacache_mode is not None and teacache_mode not in ("e", "e0"):
+            raise ValueError(f"teacache_mode must be 'e' or 'e0', got {teacache_mode!r}")
+        if teacache_threshold is not _UNSET and teacache_threshold is not None and not teacache_threshold >= 0:
+            raise ValueError(f"teacache_threshold must be None or >= 0, got {teacache_threshold!r}")
+        if cancel is not None and not hasattr(cancel, "is_set"):
+            raise ValueError(f"cancel must be a threading.Event, got {type(cancel).__name__}")
+        teacache = self._teacache(teacache_threshold, teacache_mode, teacache_coefficients, steps)
 
+        from .sampling.loop import GuidedStep
         from .sampling.schedulers import make_solver
 
         solver = make_solver(solver_name, steps, shift)
@@ -383,25 +567,33 @@ class Engine:
         t0 = time.perf_counter()
         from tqdm.auto import tqdm
 
+        batch_cfg = do_cfg and self.config.use_cfg_batch
+        if batch_cfg and not self._batch_cfg_fits(lat_shape):
+            log.info("CFG branches run as two passes: a batch-2 forward would not fit in free memory")
+            batch_cfg = False
+        step_fn = GuidedStep(self.transformer, cond, uncond, guidance_scale, batch_cfg=batch_cfg,
+                             teacache=teacache, graphs=self._graphs)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(-1, x.detach().float().cpu(), seed)
         bar = tqdm(total=steps, disable=not progress, desc="denoise", unit="step")
         try:
             for i, t in enumerate(solver.timesteps.tolist()):
-                tt = torch.full((1,), t, device=self.device, dtype=torch.int64)
-                v = self.transformer(x, tt, cond)
-                if do_cfg:
-                    v_u = self.transformer(x, tt, uncond)
-                    v = v_u + guidance_scale * (v - v_u)
-                if not torch.isfinite(v).all():
+                v = step_fn(x, int(t), i)
+                if not torch.isfinite(v.sum()):  # a NaN/Inf anywhere makes the sum non-finite
                     raise FloatingPointError(f"the DiT produced NaN/Inf at step {i} (timestep {t})")
                 x = solver.step(v, i, x)
                 bar.update(1)
-                if callback is not None:
-                    callback(i, int(t), x)
+                stop = callback is not None and callback(i, steps, x) is False
+                if stop or (cancel is not None and cancel.is_set()):
+                    raise Cancelled(i, x.detach().float().cpu(), seed)
         finally:
             bar.close()
         self._sync()
         timings["denoise"] = time.perf_counter() - t0
         final = x.detach().float().cpu()
+        stats = {"cfg_batched": batch_cfg, "cuda_graphs": self._graph_stats(), "steps": steps}
+        if teacache is not None:
+            stats["teacache"] = teacache.summary()
 
         # 4. decode; keep the latents if it fails
         t0 = time.perf_counter()
@@ -416,7 +608,32 @@ class Engine:
         self._sync()
         timings["vae_decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
-        return Video(frames=frames, fps=p.fps, seed=seed, latents=final, timings=timings)
+        return Video(frames=frames, fps=p.fps, seed=seed, latents=final, timings=timings, stats=stats)
+
+    def _graph_stats(self) -> dict | None:
+        if self._graphs is None:
+            return None
+        return {("with_residual" if k else "plain"): dict(g.stats) for k, g in self._graphs.items()}
+
+    def warmup(self, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+               guidance_scale: float | None = None, teacache_threshold: float | None = _UNSET) -> dict[str, float]:
+        """Do the one-time work of a request shape ahead of the first request.
+
+        Runs a 2-step generation at this size (random noise, the default negative prompt): the kernels
+        compile and autotune, ``torch.compile`` (if on) traces, the CUDA graphs of this shape are captured,
+        the negative prompt's embeddings enter the prompt cache and the VAE runs once. Later requests of
+        the same size start at full speed.
+
+        Returns:
+            The warm-up generation's timings (seconds per stage).
+
+        Raises:
+            ValueError: as ``generate()`` for a bad size.
+        """
+        video = self.generate("warm-up", height=height, width=width, num_frames=num_frames, num_inference_steps=2,
+                              guidance_scale=guidance_scale, seed=0, teacache_threshold=teacache_threshold,
+                              progress=False)
+        return video.timings
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -92,6 +92,9 @@ class Video:
         seed: the seed actually used (drawn and reported when none was given).
         latents: the final denoised latents ``[1, 16, F', H/8, W/8]`` float32 on the CPU.
         timings: seconds per stage ("text_encoder", "denoise", "vae_decode", "total").
+        stats: how the denoising ran: ``"steps"``, ``"cfg_batched"`` (both CFG branches in one forward),
+            ``"cuda_graphs"`` (captures/replays/fallbacks, or None when off) and, with TeaCache,
+            ``"teacache"``: ``{"cond": {"computed": n, "skipped": n}, "uncond": {...}}``.
     """
 
     frames: np.ndarray
@@ -99,6 +102,7 @@ class Video:
     seed: int
     latents: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
 
     @property
     def num_frames(self) -> int:

@@ -708,11 +708,7 @@ class WanDiT(nn.Module):
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, dim, F', H', W']
         x = x.flatten(2).transpose(1, 2)  # [B, S, dim]
 
-        # Time: float64 sinusoid, fp32 MLP (keep_fp32 weights).
-        t = self._check_timesteps(t, b, x.device)  # [B]
-        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim)).float()  # [B, dim]
-        e0 = self.time_projection(e).float().unflatten(1, (6, cfg.dim))  # [B, 6, dim]
-
+        e, e0 = self.time_embeddings(t, b, x.device)  # [B, dim], [B, 6, dim]
         context = self.text_embedding(self._check_context(context, b))  # [B, text_len, dim]
         context_img = None
         if cfg.has_image_input:
@@ -720,6 +716,20 @@ class WanDiT(nn.Module):
         elif clip_fea is not None:
             raise ValueError("clip_fea is only accepted by i2v/flf2v models (model_type='t2v')")
         return DiTInputs(x, e, e0, context, context_img, self._rope(grid, x.device), grid)
+
+    def time_embeddings(
+        self, t: torch.Tensor | float, batch: int, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(e, e0)``: the float32 time embedding ``[B, dim]`` and its projection ``[B, 6, dim]``.
+
+        Float64 sinusoid, then the fp32 time MLP (keep_fp32 weights). Cheap: step caches call it to
+        decide whether a step runs the blocks before any other work.
+        """
+        device = device if device is not None else self.head.modulation.device
+        t = self._check_timesteps(t, batch, device)  # [B]
+        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim)).float()  # [B, dim]
+        e0 = self.time_projection(e).float().unflatten(1, (6, self.config.dim))  # [B, 6, dim]
+        return e, e0
 
     def run_blocks(self, inp: DiTInputs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The transformer blocks on ``inp.x``.

@@ -13,12 +13,21 @@ This module has two layers:
   does elementwise tensor math on the sample, with the few tensors a multistep method must
   remember held in an explicit :class:`SolverState`.
 
+``step`` allocates nothing after the first call: it writes with ``out=`` / in-place ops into
+device buffers the solver owns (:class:`SolverBuffers`, in ``solver.state.buffers``), allocated
+by the first step on the sample's device and again only when a new trajectory (step 0) brings
+another shape, dtype or device. The tensor ``step`` returns is one of two alternating output
+buffers: it stays valid until the step after next overwrites it, so ``x = solver.step(v, i, x)``
+is safe, but a caller that keeps the latents of a step longer (a preview callback, the final
+result when the solver is reused) must ``clone()`` them. The inputs are never modified.
+
 The denoising loop::
 
     solver = make_solver("unipc", num_steps=50, shift=5.0)
     for i, t in enumerate(solver.timesteps):   # t: int64 timestep fed to the DiT
         v = cfg(model(x, t))                    # velocity, same shape as x
         x = solver.step(v, i, x)                # i == 0 starts a fresh trajectory
+    result = x.clone()                          # x is a solver buffer, reused by the next run
 
 Numerics follow the official Wan2.1 modules (``wan/utils/fm_solvers_unipc.py``,
 ``wan/utils/fm_solvers.py``): schedules are built in float64 and stored as float32 sigmas and
@@ -26,7 +35,9 @@ truncated int64 timesteps; the per-step scalars are evaluated in float32 with th
 operations in the same order, and the sample update is done with the same elementwise
 operations, so with float32 samples the result matches the official schedulers (and
 diffusers' ``UniPCMultistepScheduler`` / ``DPMSolverMultistepScheduler`` driven with the same
-sigmas) to the last bit or within float32 rounding.
+sigmas) to the last bit or within float32 rounding. The buffered update keeps those operations
+and their order (``x − σ·v`` is ``mul`` then ``sub``, not a fused ``sub(alpha=σ)``, which rounds
+differently on CPU), so it is bit-identical to the plain tensor expressions.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ __all__ = [
     "DPMSolver",
     "EulerSolver",
     "Solver",
+    "SolverBuffers",
     "SolverState",
     "UniPCSolver",
     "dpm_sigmas",

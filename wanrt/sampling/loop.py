@@ -1,0 +1,171 @@
+"""One denoising step's model evaluation: classifier-free guidance over the DiT, with the two branches
+batched, TeaCache step skipping and CUDA-graph replay.
+
+The official loop (``wan/text2video.py``; docs/wan21-reference.md §6) runs two batch-1 DiT passes
+per step and combines them as ``v = v_u + g·(v_c − v_u)``. :class:`GuidedStep` computes the same
+velocity, with three independent options:
+
+* ``batch_cfg``: both branches in one batch-2 forward (equal to two passes within float tolerance).
+* ``teacache``: a :class:`~wanrt.cache.teacache.TeaCache` decides per branch, on the host, whether
+  the blocks run; a skipped branch adds the residual cached at its last computed step.
+* ``graphs``: a :class:`~wanrt.graph.cuda_graphs.StepGraphs` replays the computed forward from a
+  CUDA graph captured once per (shape, batch, backend, dtype, residual) key. Decisions stay outside.
+
+Work outside the DiT writes into buffers owned by the step (the guided velocity is a ``torch.lerp``
+into one), so the loop allocates nothing per step beyond a scalar for the NaN check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..models.dit import WanDiT
+
+BRANCHES = ("cond", "uncond")
+
+#: ``recorder(branch, step, modulated_input, velocity)``: what ``wanrt calibrate-teacache`` records.
+Recorder = Callable[[str, int, torch.Tensor, torch.Tensor], None]
+
+
+class GuidedStep:
+    """The guided velocity of one denoising step.
+
+    Args:
+        model: The DiT (its ``plan`` selects the kernels).
+        cond: Conditional text embeddings ``[1, L_c, text_dim]`` on the model's device.
+        uncond: Unconditional (negative) embeddings ``[1, L_u, text_dim]``, or None when CFG is off
+            (guidance scale 1).
+        guidance_scale: CFG scale ``g``.
+        batch_cfg: Run both branches in one batch-2 forward.
+        teacache: Step cache (``reset()`` is the caller's job between videos), or None.
+        graphs: ``{with_residual: StepGraphs}`` wrapping :func:`computed_forward` (see
+            :func:`make_step_graphs`), or None (eager).
+        recorder: Called per branch and step with the modulated input and the branch's velocity.
+
+    Raises:
+        ValueError: embeddings of the wrong shape (the DiT's own checks).
+    """
+
+    def __init__(self, model: WanDiT, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float, *,
+                 batch_cfg: bool = False, teacache=None, graphs=None, recorder: Recorder | None = None):
+        self.model = model
+        self.guidance_scale = float(guidance_scale)
+        self.branches = BRANCHES if uncond is not None else BRANCHES[:1]
+        text_len = model.config.text_len
+        # Zero-pad each prompt to text_len (what the DiT does itself) so the branches stack.
+        ctx = [F.pad(c, (0, 0, 0, text_len - c.shape[1])) for c in (cond, uncond) if c is not None]
+        self.context = torch.cat(ctx, dim=0)  # [n_branches, text_len, text_dim]
+        self.batch_cfg = bool(batch_cfg) and len(self.branches) == 2
+        self.teacache = teacache
+        self.graphs = graphs
+        self.recorder = recorder
+        self._out: torch.Tensor | None = None  # the guided velocity buffer
+        self._kept: dict[str, torch.Tensor] = {}  # per-branch copies of graph outputs
+
+    # ------------------------------------------------------------------ the model calls
+    def _computed(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+        with_residual = self.teacache is not None
+        if self.graphs is None:
+            return computed_forward(self.model, x, t, context, with_residual)
+        key = graph_key(self.model, x, context)
+        if with_residual:
+            return self.graphs[True](key, x, t, context)
+        return self.graphs[False](key, x, t, context), None
+
+    def _keep(self, branch: str, v: torch.Tensor) -> torch.Tensor:
+        """Copy a graph output (a static buffer the next replay overwrites) into the branch's own buffer."""
+        buf = self._kept.get(branch)
+        if buf is None or buf.shape != v.shape:
+            buf = self._kept[branch] = torch.empty_like(v)
+        return buf.copy_(v)
+
+    def _skipped(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 residual: torch.Tensor) -> torch.Tensor:
+        """A skipped step: the blocks' output is the input plus the cached residual."""
+        m = self.model
+        inp = m.prepare(x, t, context)
+        return m.run_head(inp, inp.x.float() + residual)[0]
+
+    # ------------------------------------------------------------------ one step
+    def __call__(self, x: torch.Tensor, t: int, step: int) -> torch.Tensor:
+        """Guided velocity ``[1, 16, F, H, W]`` float32 at timestep ``t`` (step index ``step``).
+
+        The result is a buffer owned by this object, overwritten by the next call.
+        """
+        m, n = self.model, len(self.branches)
+        tt = torch.full((n,), t, device=x.device, dtype=torch.int64)  # [n]
+        compute = {b: True for b in self.branches}
+        mod_inputs: dict[str, torch.Tensor] = {}
+        if self.teacache is not None or self.recorder is not None:
+            e, e0 = m.time_embeddings(tt[:1], 1, x.device)  # the branches share t: one embedding
+            mode = getattr(getattr(self.teacache, "config", None), "mode", "e")
+            mod = e if mode == "e" else e0
+            mod_inputs = {b: mod for b in self.branches}
+            if self.teacache is not None:
+                compute = {b: self.teacache.should_compute(b, step, mod) for b in self.branches}
+
+        velocities: dict[str, torch.Tensor] = {}
+        todo = [b for b in self.branches if compute[b]]
+        if self.batch_cfg and len(todo) == 2:
+            xb = x.expand(2, *x.shape[1:])  # [2, 16, F, H, W] (a view; the DiT reads it)
+            v, res = self._computed(xb, tt, self.context)
+            velocities = {"cond": v[0:1], "uncond": v[1:2]}
+            if res is not None:
+                self.teacache.store("cond", res[0:1])
+                self.teacache.store("uncond", res[1:2])
+        else:
+            for b in todo:
+                i = self.branches.index(b)
+                v, res = self._computed(x, tt[:1], self.context[i:i + 1])
+                velocities[b] = self._keep(b, v) if self.graphs is not None else v
+                if res is not None:
+                    self.teacache.store(b, res)
+        for b in self.branches:
+            if not compute[b]:
+                i = self.branches.index(b)
+                velocities[b] = self._skipped(x, tt[:1], self.context[i:i + 1], self.teacache.residual(b))
+        if self.recorder is not None:
+            for b in self.branches:
+                self.recorder(b, step, mod_inputs[b], velocities[b])
+
+        if self._out is None or self._out.shape != x.shape:
+            self._out = torch.empty_like(x, dtype=torch.float32)
+        if n == 1:
+            return self._out.copy_(velocities["cond"])
+        # v_u + g·(v_c − v_u), written into the step's buffer.
+        return torch.lerp(velocities["uncond"], velocities["cond"], self.guidance_scale, out=self._out)
+
+
+
+def computed_forward(model: WanDiT, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                     with_residual: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The DiT forward of a computed step: velocity ``[B, 16, F, H, W]`` float32 and, for the step
+    cache, the blocks' residual ``[B, S, dim]`` float32 (``None`` without ``with_residual``)."""
+    inp = model.prepare(x, t, context)
+    xo, pending = model.run_blocks(inp)
+    v, out = model.run_head(inp, xo, pending)
+    return v, (out - inp.x.float()) if with_residual else None
+
+
+def graph_key(model: WanDiT, x: torch.Tensor, context: torch.Tensor) -> tuple:
+    """What a captured step depends on: shapes (batch included), the backends and the weights' dtype."""
+    dtype = model.blocks[0].self_attn.q.weight.dtype if len(model.blocks) else model.head.head.weight.dtype
+    return (tuple(x.shape), tuple(context.shape), model.plan, dtype)
+
+
+def make_step_graphs(model: WanDiT, max_graphs: int = 4, capturer=None) -> dict[bool, object]:
+    """``{with_residual: StepGraphs}`` capturing :func:`computed_forward` of ``model`` (one wrapper per
+    output signature, each an LRU of at most ``max_graphs`` shapes)."""
+    from ..graph.cuda_graphs import StepGraphs
+
+    def with_res(x, t, context):
+        return computed_forward(model, x, t, context, True)
+
+    def without_res(x, t, context):
+        return computed_forward(model, x, t, context, False)[0]
+
+    return {True: StepGraphs(with_res, max_graphs=max_graphs, capturer=capturer, name="dit+residual"),
+            False: StepGraphs(without_res, max_graphs=max_graphs, capturer=capturer, name="dit")}
