@@ -1,0 +1,216 @@
+"""The fast denoising loop and the embeddable Engine: batched CFG, TeaCache, CUDA-graph replay (with a CPU
+stand-in capturer), cancellation, the prompt cache, thread safety, warm-up and flat memory."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from test_cuda_graphs import FakeCapturer
+
+import wanrt
+from wanrt.sampling.loop import make_step_graphs
+from wanrt.testing import Tolerance, assert_close
+
+SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=6, progress=False)
+FP32_LOOP = Tolerance(atol=1e-4, rtol=1e-4, rel=2e-5)
+# A polynomial that makes the tiny random model skip steps (its time embedding changes by rel ~1 per step
+# at 6 steps): rescaled change = 0.1 * rel, so a threshold of 0.25 skips about every other step.
+COEFS = (0.0, 0.0, 0.0, 0.1, 0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_official):
+    return wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa")
+
+
+@pytest.fixture(scope="module")
+def reference(engine):
+    return engine.generate("a corgi", seed=3, **SMALL)
+
+
+def test_cpu_defaults_are_the_reference_loop(engine, reference):
+    assert engine.config.use_cfg_batch is False and engine.config.use_cuda_graphs is False
+    assert reference.stats["cfg_batched"] is False and reference.stats["cuda_graphs"] is None
+    assert "teacache" not in reference.stats and reference.stats["steps"] == 6
+
+
+def test_batched_cfg_equals_two_passes(tiny_official, reference, monkeypatch):
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa", cfg_batch=True)
+    batches = []
+    orig = e.transformer.run_blocks
+    monkeypatch.setattr(e.transformer, "run_blocks", lambda inp: batches.append(inp.x.shape[0]) or orig(inp))
+    v = e.generate("a corgi", seed=3, **SMALL)
+    assert v.stats["cfg_batched"] is True and batches == [2] * 6  # one batch-2 pass per step
+    assert_close(v.latents, reference.latents, name="batched CFG latents", tol=FP32_LOOP)
+    batches.clear()
+    e.generate("a corgi", seed=3, guidance_scale=1.0, **SMALL)
+    assert batches == [1] * 6  # guidance 1: no unconditional branch at all
+
+
+def test_teacache_threshold_zero_is_exact(engine, reference):
+    v = engine.generate("a corgi", seed=3, teacache_threshold=0.0, teacache_coefficients=COEFS, **SMALL)
+    assert torch.equal(v.latents, reference.latents)
+    assert "teacache" not in v.stats
+
+
+@pytest.mark.parametrize("cfg_batch", [False, True])
+def test_teacache_skips_steps_and_reports_them(tiny_official, reference, cfg_batch, monkeypatch):
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa", cfg_batch=cfg_batch)
+    calls = []
+    orig = e.transformer.run_blocks
+    monkeypatch.setattr(e.transformer, "run_blocks", lambda inp: calls.append(inp.x.shape[0]) or orig(inp))
+    v = e.generate("a corgi", seed=3, teacache_threshold=0.25, teacache_coefficients=COEFS, **SMALL)
+    tc = v.stats["teacache"]
+    assert set(tc) == {"cond", "uncond"}
+    for branch in tc.values():
+        assert branch["computed"] + branch["skipped"] == 6
+        assert branch["skipped"] >= 1 and branch["computed"] >= 2  # first and last always compute
+    assert sum(calls) == tc["cond"]["computed"] + tc["uncond"]["computed"]  # skipped steps ran no block
+    assert torch.isfinite(v.latents).all()
+    rel = ((v.latents - reference.latents).norm() / reference.latents.norm()).item()
+    assert 0 < rel < 0.5, rel  # an approximation of the uncached video, not a different one
+
+
+def test_teacache_errors(engine):
+    with pytest.raises(ValueError, match="no TeaCache coefficients for preset 'tiny'"):
+        engine.generate("a corgi", seed=3, teacache_threshold=0.1, **SMALL)
+    with pytest.raises(ValueError, match="teacache_mode"):
+        engine.generate("a corgi", seed=3, teacache_threshold=0.1, teacache_mode="x", **SMALL)
+    with pytest.raises(ValueError, match="teacache_threshold"):
+        engine.generate("a corgi", seed=3, teacache_threshold=-1.0, **SMALL)
+    with pytest.raises(ValueError, match="teacache_threshold"):
+        wanrt.Engine("tiny", device="cpu", teacache_threshold=-0.1)
+
+
+@pytest.mark.parametrize("cfg_batch", [False, True])
+def test_graph_replay_equals_eager(tiny_official, reference, cfg_batch):
+    """The engine's loop through StepGraphs (CPU stand-in capturer with the real replay contract: static
+    outputs overwritten by each replay) gives the eager result, with TeaCache off and on."""
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa", cfg_batch=cfg_batch)
+    e._graphs = make_step_graphs(e.transformer, capturer=FakeCapturer())
+    v = e.generate("a corgi", seed=3, **SMALL)
+    assert_close(v.latents, reference.latents, name="graph replay latents", tol=FP32_LOOP)
+    plain = v.stats["cuda_graphs"]["plain"]
+    assert plain["captures"] == 1 and plain["replays"] >= 5 and plain["fallbacks"] == 0
+    ref_tc = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa",
+                          cfg_batch=cfg_batch).generate("a corgi", seed=3, teacache_threshold=0.25,
+                                                        teacache_coefficients=COEFS, **SMALL)
+    v = e.generate("a corgi", seed=3, teacache_threshold=0.25, teacache_coefficients=COEFS, **SMALL)
+    assert v.stats["teacache"] == ref_tc.stats["teacache"]
+    assert_close(v.latents, ref_tc.latents, name="graph replay + TeaCache latents", tol=FP32_LOOP)
+
+
+def test_cuda_graphs_option_needs_cuda():
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        wanrt.Engine("tiny", device="cpu", cuda_graphs=True)
+
+
+# ------------------------------------------------------------------------------ cancellation
+
+
+def test_callback_returning_false_cancels_and_skips_decode(engine, monkeypatch):
+    seen = []
+    monkeypatch.setattr(engine.vae, "decode", lambda z: pytest.fail("decoded a cancelled video"))
+    with pytest.raises(wanrt.Cancelled) as err:
+        engine.generate("a corgi", seed=3, callback=lambda i, n, x: seen.append((i, n)) or i < 2, **SMALL)
+    assert seen == [(0, 6), (1, 6), (2, 6)]
+    assert err.value.step == 2 and err.value.seed == 3
+    assert err.value.latents.shape == (1, 16, 2, 4, 6) and err.value.latents.device.type == "cpu"
+
+
+def test_cancel_event(engine, monkeypatch):
+    stop = threading.Event()
+    monkeypatch.setattr(engine.vae, "decode", lambda z: pytest.fail("decoded a cancelled video"))
+    with pytest.raises(wanrt.Cancelled) as err:  # set from "another party" during step 1
+        engine.generate("a corgi", seed=3, cancel=stop, callback=lambda i, n, x: stop.set() if i == 1 else None, **SMALL)
+    assert err.value.step == 1
+    with pytest.raises(wanrt.Cancelled) as err:  # already set: nothing runs
+        engine.generate("a corgi", seed=3, cancel=stop, **SMALL)
+    assert err.value.step == -1
+    with pytest.raises(ValueError, match="threading.Event"):
+        engine.generate("a corgi", seed=3, cancel=True, **SMALL)
+
+
+# ------------------------------------------------------------------------------ embedding in a service
+
+
+def test_prompt_cache_skips_the_text_encoder(tiny_official, monkeypatch):
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", prompt_cache_size=2)
+    encoded = []
+    orig = e.text_encoder.encode
+    monkeypatch.setattr(e.text_encoder, "encode", lambda ps: encoded.extend(ps) or orig(ps))
+    a = e.generate("a corgi", seed=1, **SMALL)
+    b = e.generate("a corgi", seed=1, **SMALL)
+    assert torch.equal(a.latents, b.latents)
+    neg = e.preset.negative_prompt
+    assert encoded == ["a corgi", neg]  # the second call encoded nothing
+    e.generate("a cat", seed=1, **SMALL)  # evicts "a corgi" (LRU of 2: "a cat" and the negative prompt)
+    assert encoded[-1] == "a cat" and e.prompt_cache_info == {"size": 2, "max": 2}
+    e.generate("a corgi", seed=1, **SMALL)
+    assert encoded[-1] == "a corgi"
+    off = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", prompt_cache_size=0)
+    off.encode_prompt(["x"])
+    assert off.prompt_cache_info["size"] == 0
+
+
+def test_generate_from_several_threads_is_serialized(engine, reference, monkeypatch):
+    active, peak = [0], [0]
+    orig = engine.transformer.run_blocks
+
+    def tracked(inp):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            return orig(inp)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(engine.transformer, "run_blocks", tracked)
+    results, errors = [None] * 3, []
+
+    def work(k):
+        try:
+            results[k] = engine.generate("a corgi", seed=3, **SMALL)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and peak[0] == 1
+    for r in results:
+        assert torch.equal(r.latents, reference.latents)
+
+
+def test_warmup(tiny_official):
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32")
+    timings = e.warmup(height=32, width=48, num_frames=5)
+    assert set(timings) >= {"text_encoder", "denoise", "vae_decode", "total"}
+    assert e.preset.negative_prompt in e._prompt_cache  # the negative prompt is cached for real requests
+    with pytest.raises(ValueError, match="height"):
+        e.warmup(height=30, width=48, num_frames=5)
+
+
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def test_repeated_generate_keeps_host_memory_flat(engine):
+    """20 calls on the tiny model: after 3 warm calls, anonymous host memory grows by less than 24 MiB
+    (allocator noise; a leak of the latents, the caches or the graphs would grow with every call)."""
+    small = dict(SMALL, num_inference_steps=2)
+    for _ in range(3):
+        engine.generate("a corgi", seed=3, **small)
+    before = _rss_anon_mb()
+    for k in range(17):
+        engine.generate("a corgi", seed=k, **small)
+    growth = _rss_anon_mb() - before
+    assert growth < 24, f"host memory grew by {growth:.1f} MiB over 17 calls"
