@@ -104,3 +104,34 @@ def test_backend_flag(tmp_path, tiny_official, capsys, monkeypatch):
     assert main([*args, "--backend", "xformers"]) == 2
     err = capsys.readouterr().err
     assert "attention backend 'xformers'" in err and "pip install 'wanrt[xformers]'" in err
+
+
+def test_calibrate_teacache_then_generate_with_it(tmp_path, tiny_official, capsys):
+    coefs = tmp_path / "tc.json"
+    common = ["--model", "tiny", "--checkpoint-dir", str(tiny_official), "--prompt", "a corgi", "--height", "32",
+              "--width", "48", "--num-frames", "5", "--seed", "3", "--device", "cpu", "--precision", "fp32",
+              "--no-progress"]
+    assert main(["calibrate-teacache", *common, "--steps", "8", "-o", str(coefs)]) == 0
+    import json
+
+    data = json.loads(coefs.read_text())
+    assert data["mode"] == "e" and len(data["coefficients"]) == 5 and data["preset"] == "tiny"
+    assert len(data["input_changes"]) == len(data["output_changes"]) == 2 * 7  # two branches, 7 step pairs
+    assert "use: wanrt generate" in capsys.readouterr().out
+    out = tmp_path / "tc.mp4"
+    assert main(["generate", *common, "--steps", "8", "--teacache-threshold", "0.05", "--teacache-coefficients",
+                 str(coefs), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "teacache: cond computed" in text and out.is_file()
+    # Errors: too few steps to fit, a missing or malformed coefficients file, TeaCache without coefficients.
+    assert main(["calibrate-teacache", *common, "--steps", "4", "-o", str(coefs)]) == 2
+    assert "at least 6 steps" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert main(["generate", *common, "--teacache-threshold", "0.1", "--teacache-coefficients", str(bad),
+                 "-o", str(out)]) == 2
+    assert "not a TeaCache coefficients file" in capsys.readouterr().err
+    assert main(["generate", *common, "--teacache-threshold", "0.1", "-o", str(out)]) == 2
+    assert "no TeaCache coefficients for preset 'tiny'" in capsys.readouterr().err
+    assert main(["generate", *common, "--cuda-graphs", "on", "-o", str(out)]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

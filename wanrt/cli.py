@@ -1,4 +1,4 @@
-"""The ``wanrt`` command line: ``wanrt generate``, ``wanrt make-tiny-checkpoint``."""
+"""The ``wanrt`` command line: ``wanrt generate``, ``wanrt calibrate-teacache``, ``wanrt make-tiny-checkpoint``."""
 
 from __future__ import annotations
 
@@ -19,11 +19,35 @@ def _build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate a video from a text prompt and write an MP4",
                        description="Generate a video with a Wan2.1 model and write it as an MP4 (16 fps).")
+    _add_model_args(g)
+    g.add_argument("-o", "--output", default="output.mp4", help="output MP4 path (default: output.mp4)")
+    g.add_argument("--teacache-threshold", type=float, default=None,
+                   help="TeaCache step skipping (e.g. 0.08 for t2v-1.3b, 0.2 with --teacache-mode e0 for 14B; "
+                        "default: off)")
+    g.add_argument("--teacache-mode", default=None, choices=["e", "e0"], help="TeaCache input (default: e)")
+    g.add_argument("--teacache-coefficients", default=None,
+                   help="JSON file written by `wanrt calibrate-teacache` (default: the preset's coefficients)")
+    g.add_argument("--cfg-batch", default="auto", choices=["auto", "on", "off"],
+                   help="both CFG branches in one batch-2 forward (auto: on CUDA when memory allows)")
+    g.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay the DiT from CUDA graphs (auto: on CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
+
+    c = sub.add_parser("calibrate-teacache", help="fit TeaCache coefficients for a checkpoint and resolution",
+                       description="Run one uncached generation, record how much the time-embedding input and "
+                                   "the velocity change per step, and fit the TeaCache rescaling polynomial.")
+    _add_model_args(c)
+    c.add_argument("--mode", default="e", choices=["e", "e0"], help="which time embedding to watch (default: e)")
+    c.add_argument("-o", "--output", default="teacache.json", help="output JSON (default: teacache.json)")
+    _more_parsers(sub)
+    return parser
+
+
+def _add_model_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
     g.add_argument("--checkpoint-dir", default=None,
                    help="checkpoint folder (official or diffusers layout); optional for --model tiny")
     g.add_argument("--prompt", required=True, help="text prompt")
-    g.add_argument("-o", "--output", default="output.mp4", help="output MP4 path (default: output.mp4)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (default: the official one)")
     g.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 16")
     g.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16")
@@ -40,6 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         "flash-attn, sageattention, xformers")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+
+def _more_parsers(sub) -> None:
     t = sub.add_parser("make-tiny-checkpoint",
                        help="write a random-initialized checkpoint in a real layout (no download)",
                        description="Write a random-initialized Wan2.1 checkpoint in the official or diffusers "
@@ -49,13 +75,12 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="tiny", help="tiny, or a full-size preset such as t2v-1.3b")
     t.add_argument("--shards", type=int, default=1, help="split the DiT weights into N safetensors shards")
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    return parser
 
 
 def _generate(args) -> int:
     from pathlib import Path
 
-    from .engine import Engine, resolve_sampling_args
+    from .engine import resolve_sampling_args
     from .presets import get_preset
 
     # Reject bad input before loading any weights (minutes for a 14B model).
@@ -66,21 +91,79 @@ def _generate(args) -> int:
     )
     if Path(args.output).suffix.lower() != ".mp4":
         raise ValueError(f"--output must end in .mp4, got {args.output!r}")
-    if args.checkpoint_dir is None:
-        engine = Engine(args.model, device=args.device, precision=args.precision, backend=args.backend)
-    else:
-        engine = Engine(args.model, args.checkpoint_dir, device=args.device, precision=args.precision,
-                        backend=args.backend)
+    coefficients = mode = None
+    if args.teacache_coefficients is not None:
+        mode, coefficients = _read_coefficients(args.teacache_coefficients)
+    on_off = {"auto": None, "on": True, "off": False}
+    engine = _engine(args, cfg_batch=on_off[args.cfg_batch], cuda_graphs=on_off[args.cuda_graphs],
+                     compile=args.compile)
     video = engine.generate(
         args.prompt, args.negative_prompt, height=args.height, width=args.width, num_frames=args.num_frames,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
         sample_solver=args.solver, seed=sampling.seed, progress=not args.no_progress,
+        teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode or mode,
+        teacache_coefficients=coefficients,
     )
     path = video.save(args.output)
     f, h, w, _ = video.frames.shape
     print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps} fps), seed {video.seed}")
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
           + f" (backend {engine.plan.name})")
+    if "teacache" in video.stats:
+        print("teacache: " + "; ".join(f"{b} computed {c['computed']}, skipped {c['skipped']}"
+                                        for b, c in video.stats["teacache"].items()))
+    return 0
+
+
+def _engine(args, **options):
+    from .engine import Engine
+
+    if args.checkpoint_dir is None:
+        return Engine(args.model, device=args.device, precision=args.precision, backend=args.backend, **options)
+    return Engine(args.model, args.checkpoint_dir, device=args.device, precision=args.precision,
+                  backend=args.backend, **options)
+
+
+def _read_coefficients(path: str) -> tuple[str | None, tuple[float, ...]]:
+    """``(mode, coefficients)`` from a `wanrt calibrate-teacache` JSON file."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+        coefficients = tuple(float(c) for c in data["coefficients"])
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a TeaCache coefficients file (need a JSON object with a "
+                         f"'coefficients' list): {e}") from e
+    return data.get("mode"), coefficients
+
+
+def _calibrate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .engine import resolve_sampling_args
+    from .presets import get_preset
+
+    sampling = resolve_sampling_args(
+        get_preset(args.model), height=args.height, width=args.width, num_frames=args.num_frames,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
+        sample_solver=args.solver, seed=args.seed,
+    )
+    engine = _engine(args)
+    result = engine.calibrate_teacache(
+        args.prompt, mode=args.mode, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+        shift=args.shift, sample_solver=args.solver, seed=sampling.seed, progress=not args.no_progress,
+    )
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    coefs = ", ".join(f"{c:.6g}" for c in result["coefficients"])
+    print(f"wrote {out}: mode {result['mode']}, coefficients [{coefs}] from {len(result['input_changes'])} steps")
+    print(f"use: wanrt generate ... --teacache-threshold T --teacache-coefficients {out}")
     return 0
 
 
@@ -100,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"generate": _generate, "make-tiny-checkpoint": _make_tiny}[args.command](args)
+        commands = {"generate": _generate, "calibrate-teacache": _calibrate, "make-tiny-checkpoint": _make_tiny}
+        return commands[args.command](args)
     except Exception as e:
         backends = sys.modules.get("wanrt.ops.backends")  # loaded by then if a backend was resolved
         usage = (ValueError, FileNotFoundError) + ((backends.BackendUnavailableError,) if backends else ())

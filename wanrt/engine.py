@@ -498,7 +498,8 @@ class Engine:
 
     def _generate(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps,
                   guidance_scale, shift, sample_solver, seed, prompt_embeds, negative_prompt_embeds, latents,
-                  teacache_threshold, teacache_mode, teacache_coefficients, callback, cancel, progress) -> Video:
+                  teacache_threshold, teacache_mode, teacache_coefficients, callback, cancel, progress,
+                  recorder=None, decode: bool = True) -> Video:
         p = self.preset
         a = resolve_sampling_args(
             p, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
@@ -572,7 +573,7 @@ class Engine:
             log.info("CFG branches run as two passes: a batch-2 forward would not fit in free memory")
             batch_cfg = False
         step_fn = GuidedStep(self.transformer, cond, uncond, guidance_scale, batch_cfg=batch_cfg,
-                             teacache=teacache, graphs=self._graphs)
+                             teacache=teacache, graphs=self._graphs, recorder=recorder)
         if cancel is not None and cancel.is_set():
             raise Cancelled(-1, x.detach().float().cpu(), seed)
         bar = tqdm(total=steps, disable=not progress, desc="denoise", unit="step")
@@ -596,6 +597,8 @@ class Engine:
             stats["teacache"] = teacache.summary()
 
         # 4. decode; keep the latents if it fails
+        if not decode:
+            return Video(frames=None, fps=p.fps, seed=seed, latents=final, timings=timings, stats=stats)
         t0 = time.perf_counter()
         try:
             video = self.decode(x)
@@ -609,6 +612,66 @@ class Engine:
         timings["vae_decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         return Video(frames=frames, fps=p.fps, seed=seed, latents=final, timings=timings, stats=stats)
+
+    def calibrate_teacache(self, prompt: str, *, mode: str = "e", degree: int = 4, progress: bool = False,
+                           **sampling) -> dict:
+        """Fit TeaCache coefficients for this checkpoint and resolution from one uncached run.
+
+        Runs the denoising loop (no VAE decode) and records, per CFG branch and step, the relative L1
+        change of the modulated input (``e`` or ``e0``, by ``mode``) and of the branch's velocity against
+        the previous step; fits a polynomial (``degree`` 4, highest power first) from input change to output
+        change over all pairs (TeaCache, Liu et al. 2024, §3.3: the rescaling polynomial).
+
+        Args:
+            prompt: a representative prompt.
+            mode: "e" or "e0".
+            degree: polynomial degree.
+            progress: show a progress bar.
+            **sampling: ``generate()`` sampling arguments (height, width, num_frames, num_inference_steps,
+                guidance_scale, shift, sample_solver, seed, negative_prompt).
+
+        Returns:
+            ``{"mode", "coefficients", "input_changes", "output_changes", "preset", "height", "width",
+            "num_frames", "num_inference_steps"}``; pass ``coefficients`` as ``teacache_coefficients``.
+
+        Raises:
+            ValueError: bad arguments, or too few steps to fit (needs ``degree + 2`` steps).
+        """
+        from .cache.teacache import TEACACHE_MODES, fit_coefficients, rel_l1
+
+        if mode not in TEACACHE_MODES:
+            raise ValueError(f"mode must be one of {TEACACHE_MODES}, got {mode!r}")
+        prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        ins: list[float] = []
+        outs: list[float] = []
+
+        def record(branch: str, step: int, e: torch.Tensor, v: torch.Tensor) -> None:
+            if branch in prev:
+                ins.append(rel_l1(e, prev[branch][0]))
+                outs.append(rel_l1(v, prev[branch][1]))
+            prev[branch] = (e.detach().float().clone(), v.detach().float().clone())
+
+        negative = sampling.pop("negative_prompt", None)
+        a = resolve_sampling_args(self.preset, **{k: sampling.pop(k, None) for k in (
+            "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "shift",
+            "sample_solver", "seed")})
+        if sampling:
+            raise ValueError(f"unexpected arguments {sorted(sampling)}")
+        if a.num_inference_steps < degree + 2:
+            raise ValueError(f"calibration needs at least {degree + 2} steps for a degree-{degree} fit, "
+                             f"got {a.num_inference_steps}")
+        recorder = _ModeRecorder(record, mode)
+        with self._lock:
+            self._generate(
+                prompt, negative, height=a.height, width=a.width, num_frames=a.num_frames,
+                num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, shift=a.shift,
+                sample_solver=a.sample_solver, seed=a.seed, prompt_embeds=None, negative_prompt_embeds=None,
+                latents=None, teacache_threshold=None, teacache_mode=None, teacache_coefficients=None,
+                callback=None, cancel=None, progress=progress, recorder=recorder, decode=False,
+            )
+        return {"mode": mode, "coefficients": list(fit_coefficients(ins, outs, degree)), "input_changes": ins,
+                "output_changes": outs, "preset": self.preset.name, "height": a.height, "width": a.width,
+                "num_frames": a.num_frames, "num_inference_steps": a.num_inference_steps}
 
     def _graph_stats(self) -> dict | None:
         if self._graphs is None:
@@ -638,6 +701,17 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class _ModeRecorder:
+    """A GuidedStep recorder that also says which modulated input (``mode``) it wants."""
+
+    def __init__(self, fn, mode: str):
+        self.fn = fn
+        self.mode = mode
+
+    def __call__(self, branch: str, step: int, modulated_input: torch.Tensor, velocity: torch.Tensor) -> None:
+        self.fn(branch, step, modulated_input, velocity)
 
 
 def _generic_preset(arch: dict) -> Preset:

@@ -101,7 +101,10 @@ class GuidedStep:
         mod_inputs: dict[str, torch.Tensor] = {}
         if self.teacache is not None or self.recorder is not None:
             e, e0 = m.time_embeddings(tt[:1], 1, x.device)  # the branches share t: one embedding
-            mode = getattr(getattr(self.teacache, "config", None), "mode", "e")
+            if self.teacache is not None:
+                mode = self.teacache.config.mode
+            else:
+                mode = getattr(self.recorder, "mode", "e")
             mod = e if mode == "e" else e0
             mod_inputs = {b: mod for b in self.branches}
             if self.teacache is not None:
