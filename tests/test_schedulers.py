@@ -402,3 +402,286 @@ def test_step_rejects_misuse(name):
     fresh = make_solver(name, 5, 5.0)
     with pytest.raises(ValueError, match="in order"):
         fresh.step(x, 1, x)  # must start at 0
+
+
+# --------------------------------------------------------------------------- (6) buffers: no allocation per step
+
+
+def reference_step(solver, hist: dict, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+    """The solvers' update as plain (allocating) tensor expressions, as before the buffers.
+
+    Uses the solver's own precomputed float plan; ``hist`` carries the x0 history and UniPC's
+    last sample (reset at i == 0).
+    """
+    if i == 0:
+        hist.clear()
+        hist["x0"] = []
+    work = torch.promote_types(x.dtype, torch.float32)
+    sample_dtype = x.dtype
+    v, x = v.to(work), x.to(work)
+    if isinstance(solver, EulerSolver):
+        out = x + solver._dt[i] * v
+    else:
+        x0 = x - float(solver.sigmas[i]) * v
+        if isinstance(solver, DPMSolver):
+            hist["x0"] = (hist["x0"] + [x0])[-2:]
+            c = solver._coef[i]
+            out = c.c_x * x - c.c_d0 * x0
+            if c.order == 2:
+                out = out - c.c_half * (c.c_d1 * (x0 - hist["x0"][-2]))
+        else:
+            assert isinstance(solver, UniPCSolver)
+            if i > 0:
+                c = solver._corr[i]
+                m0 = hist["x0"][-1]
+                base = c.c_x * hist["last"] - c.c_m0 * m0
+                d1_t = x0 - m0
+                if c.order == 1:
+                    x = base - c.c_res * (c.rho[0] * d1_t)
+                else:
+                    d1 = (hist["x0"][-2] - m0) / c.rk
+                    x = base - c.c_res * (c.rho[0] * d1 + c.rho[1] * d1_t)
+            hist["x0"] = (hist["x0"] + [x0])[-2:]
+            hist["last"] = x
+            p = solver._pred[i]
+            out = p.c_x * x - p.c_m0 * x0
+            if p.order == 2:
+                d1 = (hist["x0"][-2] - x0) / p.rk
+                out = out - p.c_res * (0.5 * d1)
+    return out.to(sample_dtype)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [1, 12, 50])
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_buffered_step_matches_reference_expressions(name, n, dtype):
+    """Random velocities; every output within 1e-6 relative of the old expressions (in fact equal)."""
+    g = torch.Generator().manual_seed(11)
+    solver = make_solver(name, n, 5.0)
+    hist: dict = {}
+    shape = (1, 16, 3, 6, 10)
+    worst = 0.0
+    trajectories = 12 if n == 1 else 2  # >= 12 random steps for every schedule, buffers reused across runs
+    for _ in range(trajectories):
+        x = torch.randn(shape, generator=g).to(dtype)
+        y = x.clone()
+        for i in range(n):
+            v = torch.randn(shape, generator=g).to(dtype)
+            x = solver.step(v, i, x)
+            y = reference_step(solver, hist, v, i, y)
+            assert x.dtype == dtype and x.shape == shape
+            worst = max(worst, _rel_err(x, y))
+    assert worst < 1e-6, worst
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_buffered_step_matches_reference_on_strided_and_mixed_inputs(name):
+    """Non-contiguous samples, velocity in another dtype than the sample, float16 samples."""
+    g = torch.Generator().manual_seed(12)
+    n = 10
+    for sample_dtype, velocity_dtype in ((torch.float32, torch.bfloat16), (torch.float16, torch.float32)):
+        solver = make_solver(name, n, 3.0)
+        hist: dict = {}
+        x = torch.randn(1, 6, 5, 16, generator=g).to(sample_dtype).transpose(1, 3)  # not contiguous
+        y = x.clone()
+        for i in range(n):
+            v = torch.randn(x.shape, generator=g).to(velocity_dtype)
+            x = solver.step(v, i, x)
+            y = reference_step(solver, hist, v, i, y)
+            assert x.dtype == sample_dtype
+            assert _rel_err(x, y) < 1e-6
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_step_does_not_modify_its_inputs(name):
+    g = torch.Generator().manual_seed(13)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        solver = make_solver(name, 8, 5.0)
+        x = torch.randn(2, 4, 3, 5, generator=g).to(dtype)
+        for i in range(8):
+            v = torch.randn(x.shape, generator=g).to(dtype)
+            x_before, v_before = x.clone(), v.clone()
+            out = solver.step(v, i, x)
+            assert torch.equal(x, x_before) and torch.equal(v, v_before)
+            assert out.data_ptr() not in (x.data_ptr(), v.data_ptr())
+            x = out
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_no_new_buffers_after_the_first_two_steps(name):
+    """From step 2 on, every returned tensor and every state tensor is one of the fixed buffers."""
+    n = 20
+    solver = make_solver(name, n, 5.0)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(1, 16, 2, 4, 6, generator=g)
+    vs = [torch.randn(x.shape, generator=g) for _ in range(n)]
+    returned, state_ptrs, buffer_sets = [], set(), set()
+    for run in range(2):  # the second trajectory reuses the first one's buffers
+        x = torch.randn(1, 16, 2, 4, 6, generator=g)
+        for i in range(n):
+            x = solver.step(vs[i], i, x)
+            b = solver.state.buffers
+            assert x is b.outputs[i % 2]  # step i writes outputs[i % 2]
+            if run == 0 and i < 2:
+                continue
+            returned.append(_ptr(x))
+            buffer_sets.add(tuple(_ptr(t) for t in b.tensors()))
+            state_ptrs.update(_ptr(t) for t in solver.state.x0_preds)
+            if solver.state.last_sample is not None:
+                state_ptrs.add(_ptr(solver.state.last_sample))
+    assert len(buffer_sets) == 1  # the same buffers at every step
+    (fixed,) = buffer_sets
+    assert len(set(fixed)) == len(fixed)  # distinct buffers
+    outputs = set(fixed[:2])
+    assert set(returned) == outputs and len(outputs) == 2
+    assert returned[: n - 2] == [fixed[i % 2] for i in range(2, n)]
+    assert state_ptrs <= set(fixed) - outputs  # history lives in the ring / last-sample buffers
+    expected = {"euler": 2, "dpm++": 5, "unipc": 6}[name]  # outputs (+ x0 ring, scratch, last sample)
+    assert len(fixed) == expected
+
+
+def _allocations(prof) -> list[int]:
+    """Sizes of all CPU allocator allocations seen by the profiler (raw events, not netted per op)."""
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None or not hasattr(results, "events"):
+        pytest.skip("this torch.profiler does not expose raw memory events")
+    return [e.nbytes() for e in results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_profiler_sees_no_tensor_allocation_in_steps_after_the_second(name):
+    """torch.profiler(profile_memory=True) around steps 3..N: no allocation bigger than 8 bytes.
+
+    The only allocations left are the 8-byte CPU tensors into which PyTorch's argument parser
+    wraps a Python-float operand (``torch.mul(x, c, out=buf)``), plus on CPU a 4-byte float32
+    cast of it; the coefficients stay Python floats by design. No buffer-sized allocation.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 16
+    shape = (1, 16, 2, 4, 6)  # 768 elements: a buffer is 3072 bytes
+    g = torch.Generator().manual_seed(15)
+    x0 = torch.randn(shape, generator=g)
+    vs = [torch.randn(shape, generator=g) for _ in range(n)]
+    solver = make_solver(name, n, 5.0)
+    x = x0.clone()
+    for i in range(3):
+        x = solver.step(vs[i], i, x)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for i in range(3, n):
+            x = solver.step(vs[i], i, x)
+    allocs = _allocations(prof)
+    assert all(size <= 8 for size in allocs), sorted(set(allocs))
+    # control: the profiler does see the buffers a fresh solver allocates at its first step
+    fresh = make_solver(name, n, 5.0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fresh.step(vs[0], 0, x0)
+    assert sum(size >= 4 * x0.numel() for size in _allocations(prof)) == len(fresh.state.buffers.tensors())
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_returned_tensor_is_valid_until_the_step_after_next(name):
+    solver = make_solver(name, 6, 5.0)
+    a, b, x = _latent_case(16)
+    outs = []
+    for i in range(6):
+        x = solver.step(fake_velocity(x, float(solver.sigmas[i]), a, b), i, x)
+        outs.append((x, x.clone()))
+        if i >= 1:  # the previous output survived this step
+            prev, prev_copy = outs[i - 1]
+            assert torch.equal(prev, prev_copy)
+        if i >= 2:  # the one before was overwritten: it is this step's buffer
+            assert outs[i - 2][0] is x
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_reuse_and_reset_with_kept_results(name):
+    """Like test_reuse_and_reset_give_identical_trajectories, but with the results cloned, since
+    the returned tensors are solver buffers that later runs overwrite."""
+    solver = make_solver(name, 8, 5.0)
+    a, b, x_init = _latent_case(5)
+
+    def loop(x):
+        for i in range(8):
+            x = solver.step(fake_velocity(x, float(solver.sigmas[i]), a, b), i, x)
+        return x
+
+    first = loop(x_init).clone()
+    assert torch.equal(loop(x_init), first)
+    solver.step(fake_velocity(x_init, 0.5, a, b), 0, x_init)
+    solver.reset()
+    assert solver.state.buffers is not None and solver.state.last_sample is None
+    assert torch.equal(loop(x_init), first)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_new_run_may_start_from_the_buffer_its_step_0_would_write(name):
+    """7 steps end in outputs[0]; a run started from that tensor gets step 0 written elsewhere."""
+    n = 7
+    a, b, x_init = _latent_case(17)
+
+    def loop(solver, x):
+        for i in range(n):
+            x = solver.step(fake_velocity(x, float(solver.sigmas[i]), a, b), i, x)
+        return x
+
+    solver = make_solver(name, n, 5.0)
+    final = loop(solver, x_init)
+    assert final is solver.state.buffers.outputs[0]
+    expected = loop(make_solver(name, n, 5.0), final.clone())
+    kept = final.clone()
+    v0 = fake_velocity(final, float(solver.sigmas[0]), a, b)
+    out0 = solver.step(v0, 0, final)
+    assert out0 is solver.state.buffers.outputs[1] and torch.equal(final, kept)
+    with pytest.raises(ValueError, match="both output buffers"):
+        solver.step(out0, 0, final)  # sample and velocity in the two outputs: refused, nothing written
+    assert torch.equal(final, kept)
+    assert torch.equal(loop(solver, final), expected)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_buffers_follow_shape_and_dtype_changes_between_runs(name):
+    solver = make_solver(name, 4, 5.0)
+    g = torch.Generator().manual_seed(18)
+    for shape, dtype in [((1, 4, 2, 3), torch.float32), ((1, 4, 2, 5), torch.float32), ((1, 4, 2, 5), torch.bfloat16)]:
+        ref = make_solver(name, 4, 5.0)
+        x = y = torch.randn(shape, generator=g).to(dtype)
+        for i in range(4):
+            v = torch.randn(shape, generator=g).to(dtype)
+            x = solver.step(v, i, x)
+            y = ref.step(v, i, y)
+            assert torch.equal(x, y) and x.dtype == dtype
+        b = solver.state.buffers
+        assert b.shape == shape and b.out_dtype == dtype and b.work_dtype == torch.float32
+        assert (b.result is not None) == (dtype != torch.float32)
+    x = solver.step(torch.ones(1, 4, 2, 5), 0, torch.ones(1, 4, 2, 5))
+    for bad in (torch.zeros(1, 4, 2, 6), torch.zeros(1, 4, 2, 5, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="changed within a trajectory"):
+            solver.step(bad, 1, bad)
+    assert solver.state.next_index == 1  # the refused calls did not touch the state
+    solver.step(x, 1, x)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_buffers_work_inside_and_outside_inference_mode(name):
+    a, b, x_init = _latent_case(19)
+    solver = make_solver(name, 4, 5.0)
+    with torch.inference_mode():
+        x = x_init.clone()
+        for i in range(4):
+            x = solver.step(fake_velocity(x, float(solver.sigmas[i]), a, b), i, x)
+        inside = x.clone()
+    assert not any(t.is_inference() for t in solver.state.buffers.tensors())
+    x = x_init
+    for i in range(4):  # outside inference mode, into the buffers allocated inside it
+        x = solver.step(fake_velocity(x, float(solver.sigmas[i]), a, b), i, x)
+    assert torch.equal(x, inside)

@@ -433,8 +433,8 @@ class Engine:
             teacache_mode: "e" or "e0" (default: the Engine's).
             teacache_coefficients: the rescaling polynomial (default: the Engine's, else the preset's).
             callback: called after every step as ``callback(step, num_steps, latents)`` (``step`` 0-based,
-                ``latents`` the current ``[1, 16, F', H', W']`` on the device; do not modify them). Returning
-                False cancels.
+                ``latents`` the current ``[1, 16, F', H', W']`` on the device: a solver buffer that the step after
+                next overwrites, so ``clone()`` what you keep, and do not modify it). Returning False cancels.
             cancel: a ``threading.Event``; when set (e.g. from another thread) the generation stops at the
                 next step boundary.
             progress: show a tqdm progress bar.
@@ -575,7 +575,7 @@ class Engine:
         step_fn = GuidedStep(self.transformer, cond, uncond, guidance_scale, batch_cfg=batch_cfg,
                              teacache=teacache, graphs=self._graphs, recorder=recorder)
         if cancel is not None and cancel.is_set():
-            raise Cancelled(-1, x.detach().float().cpu(), seed)
+            raise Cancelled(-1, x.detach().to("cpu", torch.float32, copy=True), seed)
         bar = tqdm(total=steps, disable=not progress, desc="denoise", unit="step")
         try:
             for i, t in enumerate(solver.timesteps.tolist()):
@@ -586,12 +586,12 @@ class Engine:
                 bar.update(1)
                 stop = callback is not None and callback(i, steps, x) is False
                 if stop or (cancel is not None and cancel.is_set()):
-                    raise Cancelled(i, x.detach().float().cpu(), seed)
+                    raise Cancelled(i, x.detach().to("cpu", torch.float32, copy=True), seed)
         finally:
             bar.close()
         self._sync()
         timings["denoise"] = time.perf_counter() - t0
-        final = x.detach().float().cpu()
+        final = x.detach().to("cpu", torch.float32, copy=True)
         stats = {"cfg_batched": batch_cfg, "cuda_graphs": self._graph_stats(), "steps": steps}
         if teacache is not None:
             stats["teacache"] = teacache.summary()

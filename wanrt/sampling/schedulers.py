@@ -232,19 +232,76 @@ def _lam(sigma: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class SolverBuffers:
+    """The device buffers a solver owns, reused by every step and every trajectory.
+
+    Allocated by the first :meth:`Solver.step` with the sample's shape, device and memory
+    layout, and allocated again only by a step 0 whose sample differs in shape, device or dtype
+    (:meth:`Solver.reset` keeps them). They are ordinary tensors, never inference tensors, so a
+    solver works inside and outside ``torch.inference_mode``. Nothing but the solver may write
+    to them, and none of them may be passed to ``step`` except the last returned output.
+
+    Attributes:
+        shape: the sample shape.
+        device: the sample device.
+        work_dtype: the dtype of the math, float32 (float64 for float64 samples).
+        out_dtype: the sample dtype, the dtype of ``outputs``.
+        outputs: the two alternating output buffers (``out_dtype``); step ``i`` writes and
+            returns ``outputs[i % 2]`` (``outputs[1 − i % 2]`` if an input lives in that one).
+        result: work-dtype result buffer, only when ``out_dtype != work_dtype`` (the result is
+            then cast-copied into ``outputs``); None otherwise, the math writes ``outputs``.
+        sample_work: work-dtype copy of a lower-precision sample (None for float32/float64).
+        velocity_work: work-dtype copy of a velocity whose dtype is not the work dtype.
+        x0_ring: multistep solvers: the 2-slot ring of data predictions ``x0 = x − σ·v``;
+            ``SolverState.x0_preds`` lists the slots that hold the current history.
+        scratch: multistep solvers: one work-dtype temporary.
+        last_sample: UniPC: the (corrected) sample the last predictor started from.
+    """
+
+    shape: torch.Size
+    device: torch.device
+    work_dtype: torch.dtype
+    out_dtype: torch.dtype
+    outputs: tuple[torch.Tensor, torch.Tensor]
+    result: torch.Tensor | None = None
+    sample_work: torch.Tensor | None = None
+    velocity_work: torch.Tensor | None = None
+    x0_ring: tuple[torch.Tensor, torch.Tensor] | None = None
+    scratch: torch.Tensor | None = None
+    last_sample: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """All allocated buffers (outputs first), e.g. to check that no step allocates."""
+        found = [*self.outputs, self.result, self.sample_work, self.velocity_work]
+        found += [*(self.x0_ring or ()), self.scratch, self.last_sample]
+        return [t for t in found if t is not None]
+
+
+@dataclass
 class SolverState:
-    """What a multistep solver remembers between steps; cleared by ``reset()``.
+    """What a multistep solver remembers between steps; ``reset()`` forgets the history.
 
     Attributes:
         next_index: the step index the next ``step`` call must carry (0 after a reset).
         x0_preds: the data predictions ``x0_pred = x − σ·v`` of the last steps, oldest first
-            (at most 2), in the working dtype.
-        last_sample: UniPC only: the (corrected) sample the last predictor started from.
+            (at most 2), in the working dtype. The entries are the slots of
+            ``buffers.x0_ring`` themselves (no copies), overwritten by later steps.
+        last_sample: UniPC only: the (corrected) sample the last predictor started from, the
+            buffer ``buffers.last_sample`` (None before the first step of a trajectory).
+        buffers: the solver's :class:`SolverBuffers` (None before the first step); kept by
+            ``reset()`` for reuse.
     """
 
     next_index: int = 0
     x0_preds: list[torch.Tensor] = field(default_factory=list)
     last_sample: torch.Tensor | None = None
+    buffers: SolverBuffers | None = None
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share memory (empty tensors never do)."""
+    ptr = a.untyped_storage().data_ptr()
+    return ptr != 0 and ptr == b.untyped_storage().data_ptr()
 
 
 class Solver:
@@ -256,10 +313,12 @@ class Solver:
         shift: the sampling shift.
         sigmas: float32 [n + 1] on CPU, ``σ'_0 … σ'_{n−1}, 0``.
         timesteps: int64 [n] on CPU; step ``i`` evaluates the model at ``timesteps[i]``.
-        state: the explicit :class:`SolverState`.
+        state: the explicit :class:`SolverState`, with the solver's buffers.
     """
 
     name: str = ""
+    _uses_x0 = False  # needs the x0 ring and a scratch buffer
+    _uses_last_sample = False
 
     def __init__(self, num_steps: int, shift: float, sigmas: torch.Tensor, timesteps: torch.Tensor):
         self.num_steps = num_steps
@@ -267,6 +326,7 @@ class Solver:
         self.sigmas = sigmas
         self.timesteps = timesteps
         self.state = SolverState()
+        self._sigma = sigmas.tolist()  # float32 sigmas as exact Python floats
 
     def __len__(self) -> int:
         return self.num_steps
@@ -275,8 +335,11 @@ class Solver:
         return f"{type(self).__name__}(name={self.name!r}, num_steps={self.num_steps}, shift={self.shift})"
 
     def reset(self) -> None:
-        """Forgets the trajectory; the next ``step`` must have ``i == 0``."""
-        self.state = SolverState()
+        """Forgets the trajectory (the next ``step`` must have ``i == 0``); keeps the buffers."""
+        st = self.state
+        st.next_index = 0
+        st.x0_preds.clear()
+        st.last_sample = None
 
     def step(self, velocity: torch.Tensor, i: int, sample: torch.Tensor) -> torch.Tensor:
         """Advances ``sample`` from ``σ'_i`` to ``σ'_{i+1}`` given the model's velocity at step i.
@@ -284,20 +347,32 @@ class Solver:
         Steps must be taken in order ``0, 1, …, n − 1``; ``i == 0`` always starts a new
         trajectory (the state is reset), so a solver can be reused across generations.
 
+        Buffer contract: the step allocates nothing except on the first call and at a step 0
+        whose sample has another shape, dtype or device than the buffers (see
+        :class:`SolverBuffers`); it writes with ``out=`` and in-place ops. The returned tensor
+        is a solver-owned buffer, one of two that alternate: it stays valid until the step
+        after next (step ``i + 2``, also of a later trajectory) overwrites it, so passing it
+        back as ``sample`` of the next step is safe (``x = solver.step(v, i, x)``); clone it to
+        keep it longer. ``velocity`` and ``sample`` are never modified; neither may be a solver
+        buffer other than a returned output. Not differentiable: runs under ``torch.no_grad``.
+
         Args:
             velocity: the (guided) model output ``v(sample, σ'_i)`` at ``timesteps[i]``,
-                same shape as ``sample``; any floating dtype.
+                same shape and device as ``sample``; any floating dtype.
             i: the step index, ``0 <= i < num_steps``.
             sample: the current latent ``x`` at ``σ'_i``, any shape, floating dtype.
 
         Returns:
-            The latent at ``σ'_{i+1}``, same shape, dtype and device as ``sample``. The math
-            runs in float32 (float64 for float64 samples) and is cast back. At the last step
-            (``σ'_n = 0``) every solver returns ``x0_pred = x − σ'_{n−1}·v``.
+            The latent at ``σ'_{i+1}``, same shape, dtype and device as ``sample``, in a
+            solver buffer (see above). The math runs in float32 (float64 for float64 samples)
+            and is cast back. At the last step (``σ'_n = 0``) every solver returns
+            ``x0_pred = x − σ'_{n−1}·v``.
 
         Raises:
             TypeError: ``i`` is not an int, or a tensor is not floating point.
-            ValueError: ``i`` is out of range or out of order, or the shapes differ.
+            ValueError: ``i`` is out of range or out of order, the shapes or devices differ,
+                the sample's shape, dtype or device changes within a trajectory, or both
+                output buffers are passed in as inputs.
         """
         if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise TypeError(f"step index i must be an int, got {type(i).__name__}")
@@ -313,22 +388,93 @@ class Solver:
             )
         if velocity.shape != sample.shape:
             raise ValueError(f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}")
+        if velocity.device != sample.device:
+            raise ValueError(f"velocity is on {velocity.device} but sample on {sample.device}")
         if not (sample.is_floating_point() and velocity.is_floating_point()):
             raise TypeError(f"sample and velocity must be floating point, got {sample.dtype}, {velocity.dtype}")
-        work = torch.promote_types(sample.dtype, torch.float32)
-        out = self._step(velocity.to(work), i, sample.to(work))
+        with torch.no_grad():
+            b = self._buffers(sample, i)
+            k = i % 2
+            out = b.outputs[k]
+            if _same_storage(out, sample) or _same_storage(out, velocity):
+                out = b.outputs[1 - k]
+                if _same_storage(out, sample) or _same_storage(out, velocity):
+                    raise ValueError(f"{self.name}: sample and velocity occupy both output buffers of this solver")
+            x = sample if b.sample_work is None else b.sample_work.copy_(sample)
+            v = velocity
+            if velocity.dtype != b.work_dtype:
+                if b.velocity_work is None:
+                    b.velocity_work = self._empty_like(sample, b.work_dtype)
+                v = b.velocity_work.copy_(velocity)
+            res = out if b.result is None else b.result
+            self._step(v, i, x, res)
+            if res is not out:
+                out.copy_(res)
         self.state.next_index = i + 1
-        return out.to(sample.dtype)
+        return out
 
-    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Writes the work-dtype update of step ``i`` into ``out`` (no alias of ``v``, ``x``)."""
         raise NotImplementedError
 
-    def _x0_pred(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
-        # x0_pred = x − σ·v with σ the float32 sigma (official ``convert_model_output``).
-        return x - float(self.sigmas[i]) * v
+    # ----------------------------------------------------------------------- buffers
 
-    def _remember(self, x0: torch.Tensor, keep: int = 2) -> None:
-        self.state.x0_preds = (self.state.x0_preds + [x0])[-keep:]
+    @staticmethod
+    def _empty_like(sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        with torch.inference_mode(False):  # an inference tensor could not be updated outside inference mode
+            return torch.empty_like(sample, dtype=dtype)
+
+    def _buffers(self, sample: torch.Tensor, i: int) -> SolverBuffers:
+        """The buffers for ``sample``; (re)allocated on the first step or a change at step 0."""
+        b = self.state.buffers
+        if b is not None and b.shape == sample.shape and b.device == sample.device and b.out_dtype == sample.dtype:
+            return b
+        if i > 0 and b is not None:
+            raise ValueError(
+                f"{self.name}: the sample changed within a trajectory (shape/dtype/device "
+                f"{tuple(sample.shape)}/{sample.dtype}/{sample.device}, was {tuple(b.shape)}/{b.out_dtype}/{b.device}); "
+                "start a new trajectory with i=0"
+            )
+        work = torch.promote_types(sample.dtype, torch.float32)
+        self.state.buffers = None  # let the old buffers go before allocating new ones
+
+        def new(dtype: torch.dtype = work) -> torch.Tensor:
+            return self._empty_like(sample, dtype)
+
+        lowp = sample.dtype != work
+        b = SolverBuffers(
+            shape=sample.shape,
+            device=sample.device,
+            work_dtype=work,
+            out_dtype=sample.dtype,
+            outputs=(new(sample.dtype), new(sample.dtype)),
+            result=new() if lowp else None,
+            sample_work=new() if lowp else None,
+            x0_ring=(new(), new()) if self._uses_x0 else None,
+            scratch=new() if self._uses_x0 else None,
+            last_sample=new() if self._uses_last_sample else None,
+        )
+        self.state.buffers = b
+        return b
+
+    def _x0_pred(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Writes ``x0_pred = x − σ_i·v`` into the free slot of the x0 ring and returns it.
+
+        ``σ_i`` is the float32 sigma (official ``convert_model_output``). The free slot is the
+        one not holding the newest prediction, i.e. the one holding the oldest (now dropped).
+        """
+        ring = self.state.buffers.x0_ring
+        preds = self.state.x0_preds
+        x0 = ring[1] if preds and preds[-1] is ring[0] else ring[0]
+        torch.mul(v, self._sigma[i], out=x0)
+        torch.sub(x, x0, out=x0)
+        return x0
+
+    def _remember(self, x0: torch.Tensor) -> None:
+        preds = self.state.x0_preds
+        preds.append(x0)
+        if len(preds) > 2:
+            del preds[0]
 
 
 # --------------------------------------------------------------------------- Euler
@@ -347,8 +493,9 @@ class EulerSolver(Solver):
         super().__init__(num_steps, shift, *euler_sigmas(num_steps, shift))
         self._dt = [float(self.sigmas[k + 1] - self.sigmas[k]) for k in range(num_steps)]
 
-    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
-        return x + self._dt[i] * v
+    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mul(v, self._dt[i], out=out)  # x + dt·v
+        out.add_(x)
 
 
 # --------------------------------------------------------------------------- UniPC
@@ -427,6 +574,8 @@ class UniPCSolver(Solver):
     """
 
     name = "unipc"
+    _uses_x0 = True
+    _uses_last_sample = True
 
     def __init__(self, num_steps: int, shift: float):
         super().__init__(num_steps, shift, *unipc_sigmas(num_steps, shift))
@@ -436,27 +585,48 @@ class UniPCSolver(Solver):
         # the corrector at step k re-does step k − 1 with its order, now knowing x0_k
         self._corr = [None] + [_uni_coef(self.sigmas, k - 1, k, orders[k - 1], corrector=True) for k in range(1, n)]
 
-    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor, out: torch.Tensor) -> None:
         st = self.state
-        x0 = self._x0_pred(v, i, x)
-        if i > 0:  # UniC on the sample the model just saw
+        b = st.buffers
+        tmp, xs = b.scratch, b.last_sample
+        if i == 0:
+            x0 = self._x0_pred(v, i, x)
+            xs.copy_(x)
+        else:  # UniC on the sample the model just saw: xs <- the corrected sample
             c = self._corr[i]
             m0 = st.x0_preds[-1]
-            base = c.c_x * st.last_sample - c.c_m0 * m0
-            d1_t = x0 - m0
+            xs.mul_(c.c_x)  # base = c_x·last_sample − c_m0·m0
+            torch.mul(m0, c.c_m0, out=tmp)
+            xs.sub_(tmp)
+            if c.order == 2:
+                # ρ_1·d1 with d1 = (m1 − m0)/rk, in `out` (free until the predictor), before the new
+                # x0 overwrites m1's slot of the ring
+                torch.sub(st.x0_preds[-2], m0, out=out)
+                out.div_(c.rk)
+                out.mul_(c.rho[0])
+            x0 = self._x0_pred(v, i, x)
+            torch.sub(x0, m0, out=tmp)  # d1_t
             if c.order == 1:
-                x = base - c.c_res * (c.rho[0] * d1_t)
+                tmp.mul_(c.rho[0])  # base − c_res·(ρ·d1_t)
+                tmp.mul_(c.c_res)
+                xs.sub_(tmp)
             else:
-                d1 = (st.x0_preds[-2] - m0) / c.rk
-                x = base - c.c_res * (c.rho[0] * d1 + c.rho[1] * d1_t)
+                tmp.mul_(c.rho[1])  # base − c_res·(ρ_1·d1 + ρ_t·d1_t)
+                out.add_(tmp)
+                out.mul_(c.c_res)
+                xs.sub_(out)
         self._remember(x0)
-        st.last_sample = x
+        st.last_sample = xs
         p = self._pred[i]
-        out = p.c_x * x - p.c_m0 * x0
+        torch.mul(xs, p.c_x, out=out)  # c_x·x − c_m0·x0
+        torch.mul(x0, p.c_m0, out=tmp)
+        out.sub_(tmp)
         if p.order == 2:
-            d1 = (st.x0_preds[-2] - x0) / p.rk
-            out = out - p.c_res * (0.5 * d1)
-        return out
+            torch.sub(st.x0_preds[-2], x0, out=tmp)  # − c_res·(0.5·(x0_{i−1} − x0_i)/rk)
+            tmp.div_(p.rk)
+            tmp.mul_(0.5)
+            tmp.mul_(p.c_res)
+            out.sub_(tmp)
 
 
 # --------------------------------------------------------------------------- DPM-Solver++
@@ -504,20 +674,26 @@ class DPMSolver(Solver):
     """
 
     name = "dpm++"
+    _uses_x0 = True
 
     def __init__(self, num_steps: int, shift: float):
         super().__init__(num_steps, shift, *dpm_sigmas(num_steps, shift))
         n = num_steps
         self._coef = [_dpm_coef(self.sigmas, k, 1 if k in (0, n - 1) else 2) for k in range(n)]
 
-    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        tmp = self.state.buffers.scratch
         x0 = self._x0_pred(v, i, x)
         self._remember(x0)
         c = self._coef[i]
-        out = c.c_x * x - c.c_d0 * x0
+        torch.mul(x, c.c_x, out=out)  # c_x·x − c_d0·D0
+        torch.mul(x0, c.c_d0, out=tmp)
+        out.sub_(tmp)
         if c.order == 2:
-            out = out - c.c_half * (c.c_d1 * (x0 - self.state.x0_preds[-2]))
-        return out
+            torch.sub(x0, self.state.x0_preds[-2], out=tmp)  # − c_half·(c_d1·(x0_i − x0_{i−1}))
+            tmp.mul_(c.c_d1)
+            tmp.mul_(c.c_half)
+            out.sub_(tmp)
 
 
 # --------------------------------------------------------------------------- factory
