@@ -64,6 +64,7 @@ class GuidedStep:
         self.recorder = recorder
         self._out: torch.Tensor | None = None  # the guided velocity buffer
         self._kept: dict[str, torch.Tensor] = {}  # per-branch copies of graph outputs
+        self._t: torch.Tensor | None = None  # timestep buffer
 
     # ------------------------------------------------------------------ the model calls
     def _computed(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
@@ -96,7 +97,9 @@ class GuidedStep:
         The result is a buffer owned by this object, overwritten by the next call.
         """
         m, n = self.model, len(self.branches)
-        tt = torch.full((n,), t, device=x.device, dtype=torch.int64)  # [n]
+        if self._t is None or self._t.device != x.device:
+            self._t = torch.empty(n, device=x.device, dtype=torch.int64)
+        tt = self._t.fill_(t)  # [n], the step's timestep for each branch
         compute = {b: True for b in self.branches}
         mod_inputs: dict[str, torch.Tensor] = {}
         if self.teacache is not None or self.recorder is not None:
