@@ -227,3 +227,14 @@ def test_compile_option_compiles_the_blocks(tiny_official, reference):
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="compile must be"):
         wanrt.Engine("tiny", device="cpu", compile=3)
+
+
+def test_batched_cfg_falls_back_to_two_passes_when_it_would_not_fit(tiny_official, reference, monkeypatch, caplog):
+    import logging
+
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa", cfg_batch=True)
+    monkeypatch.setattr(e, "_batch_cfg_fits", lambda shape: False)
+    with caplog.at_level(logging.INFO, logger="wanrt"):
+        v = e.generate("a corgi", seed=3, **SMALL)
+    assert v.stats["cfg_batched"] is False and "would not fit" in caplog.text
+    assert torch.equal(v.latents, reference.latents)  # exactly the two-pass reference loop
