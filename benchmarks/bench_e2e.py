@@ -1,13 +1,23 @@
-"""End-to-end benchmark: wanrt eager against diffusers' WanPipeline, same weights and settings.
+"""End-to-end benchmark: wanrt's denoising-loop options, and wanrt eager against diffusers' WanPipeline.
 
-Prints (and with --out writes) a markdown table of per-stage seconds (text encoder, denoising, VAE
-decode) and peak memory, then a DiT forward at the real t2v-1.3b dimensions on a small latent.
+Three parts (``--parts``, default all), each printed (and with --out written) as a markdown table:
 
-Each pipeline runs in its own subprocess so that peak memory is its own (CUDA: max_memory_allocated;
+* ``loop``: one row per Engine/generate configuration, same seed and prompt: the reference loop (two CFG
+  passes, no CUDA graphs, no TeaCache), + batched CFG, + CUDA graphs (CUDA only), + TeaCache at a few
+  thresholds. Seconds per denoising step and per video, peak memory, TeaCache's skipped steps per CFG
+  branch, and the PSNR of the decoded uint8 video against the reference row's.
+* ``pipelines``: per-stage seconds (text encoder, denoising, VAE decode) and peak memory of wanrt and
+  diffusers' WanPipeline on the same weights and settings (needs diffusers; skipped with a note without).
+* ``dit``: a DiT forward at the real t2v-1.3b dimensions, wanrt vs diffusers (needs diffusers too).
+
+Each run happens in its own subprocess so that peak memory is its own (CUDA: max_memory_allocated;
 CPU: the process's peak resident set). Timings are medians over --repeats runs after a warm-up run.
 
-    python benchmarks/bench_e2e.py                       # CPU: tiny model, 64x96, 9 frames, 4 steps
-    python benchmarks/bench_e2e.py --device cuda --preset t2v-1.3b --height 480 --width 832 --frames 81 --steps 50
+    python benchmarks/bench_e2e.py                       # CPU: tiny model, 64x96, 9 frames, 10 steps
+    python benchmarks/bench_e2e.py --parts loop --out benchmarks/results/e2e_loop_cpu_tiny.md
+    python benchmarks/bench_e2e.py --parts pipelines dit --steps 4   # as benchmarks/results/e2e_cpu.md
+    python benchmarks/bench_e2e.py --device cuda --parts loop --preset t2v-1.3b --height 480 --width 832 \
+        --frames 81 --steps 50 --repeats 1 --teacache-thresholds 0.08   # ~5-6 min on an H100 (gpu_suite.sh)
 """
 
 from __future__ import annotations
@@ -21,15 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-
-from common import emit, header, vm_hwm_mb
+from common import emit, header, psnr_uint8, vm_hwm_mb
 
 
 def _sync(dev: str) -> None:
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
-
 
 
 def _peak_mb(dev: str) -> float:
@@ -49,9 +58,10 @@ def _timed(dev, fn):
 def worker_wanrt(a) -> dict:
     import wanrt
 
-    engine = wanrt.Engine.from_pretrained(a.ckpt, device=a.device, precision=a.precision)
-    kw = dict(height=a.height, width=a.width, num_frames=a.frames, num_inference_steps=a.steps,
-              guidance_scale=a.guidance, sample_solver="unipc", seed=0, progress=False)
+    # prompt cache off: the text encoder runs every time, as diffusers' encode_prompt does
+    engine = wanrt.Engine.from_pretrained(a.ckpt, device=a.device, precision=a.precision, prompt_cache_size=0)
+    kw = {"height": a.height, "width": a.width, "num_frames": a.frames, "num_inference_steps": a.steps,
+          "guidance_scale": a.guidance, "sample_solver": "unipc", "seed": 0, "progress": False}
     runs = []
     for _ in range(a.repeats + 1):
         v = engine.generate(a.prompt, **kw)
@@ -74,11 +84,11 @@ def worker_diffusers(a) -> dict:
         g = torch.Generator("cpu").manual_seed(0)
         (pe, ne), t_text = _timed(a.device, lambda: pipe.encode_prompt(
             a.prompt, None, do_classifier_free_guidance=a.guidance > 1, device=a.device))
-        lat, t_den = _timed(a.device, lambda: pipe(
+        lat, t_den = _timed(a.device, lambda pe=pe, ne=ne, g=g: pipe(
             prompt_embeds=pe, negative_prompt_embeds=ne, height=a.height, width=a.width, num_frames=a.frames,
             num_inference_steps=a.steps, guidance_scale=a.guidance, generator=g, output_type="latent").frames)
 
-        def decode():
+        def decode(lat=lat):
             mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(lat)
             std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(lat)
             return pipe.vae.decode((lat * std + mean).float(), return_dict=False)[0]
@@ -124,54 +134,192 @@ def worker_dit(a) -> dict:
     return res
 
 
-def _run_worker(kind: str, a) -> dict:
-    cmd = [sys.executable, __file__, "--_worker", kind] + [x for x in sys.argv[1:] if x != "--_worker"]
+#: Loop-options defaults per preset: TeaCache mode, thresholds, coefficients (None: the preset's published
+#: polynomial). The tiny random model has none: its time embedding changes by ~1 (relative L1) per step at
+#: 10 steps, so ``0.1·rel`` adds ~0.1 per step and a threshold θ skips about 1 - 0.1/θ of the steps.
+LOOP_DEFAULTS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...] | None]] = {
+    "t2v-1.3b": ("e", (0.05, 0.08, 0.10), None),
+    "t2v-14b": ("e0", (0.14, 0.20), None),
+    "tiny": ("e", (0.10, 0.20, 0.30), (0.0, 0.0, 0.0, 0.1, 0.0)),
+}
+
+
+def _graph_totals(video) -> dict[str, int]:
+    """``Video.stats["cuda_graphs"]`` counts (cumulative over the engine's life) summed over its wrappers."""
+    tot: dict[str, int] = {}
+    for wrapper in (video.stats.get("cuda_graphs") or {}).values():
+        for k, n in wrapper.items():
+            tot[k] = tot.get(k, 0) + n
+    return tot
+
+
+def worker_loop(a) -> dict:
+    """One loop-options row: load, warm up (2 steps, same size and options), then --repeats timed videos."""
+    import wanrt
+
+    row = json.loads(a._row)
+    engine = wanrt.Engine.from_pretrained(
+        a.ckpt, device=a.device, precision=a.precision, backend=a.backend, cfg_batch=row["cfg_batch"],
+        cuda_graphs=row["cuda_graphs"], compile=a.compile or False, prompt_cache_size=0)
+    kw = {"height": a.height, "width": a.width, "num_frames": a.frames, "num_inference_steps": a.steps,
+          "guidance_scale": a.guidance, "sample_solver": "unipc", "seed": a.seed, "progress": False,
+          "teacache_threshold": row["teacache_threshold"]}
+    if row["teacache_threshold"]:
+        kw |= {"teacache_mode": a.teacache_mode, "teacache_coefficients": a.teacache_coefficients}
+    # Warm-up: kernels compile/autotune, torch.compile traces, this shape's CUDA graphs are captured (with
+    # TeaCache both steps of a 2-step video compute, so the residual-returning graph is captured too).
+    warm = engine.generate(a.prompt, **(kw | {"num_inference_steps": 2}))
+    if a.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    graphs_before = _graph_totals(warm)
+    videos = []
+    for i in range(a.repeats):
+        v = engine.generate(a.prompt, **kw)
+        if i == 0:
+            np.save(a._frames, v.frames)
+        videos.append(v)
+    graphs = {k: n - graphs_before.get(k, 0) for k, n in _graph_totals(videos[-1]).items()}  # the timed runs
+    t = {k: statistics.median(v.timings[k] for v in videos) for k in ("text_encoder", "denoise", "vae_decode", "total")}
+    same = all(np.array_equal(videos[0].frames, v.frames) for v in videos[1:])
+    return t | {"peak_mb": _peak_mb(a.device), "stats": videos[0].stats, "graphs": graphs, "plan": engine.plan.name,
+                "deterministic": same}
+
+
+def _run_worker(kind: str, a, extra=()) -> dict:
+    cmd = [sys.executable, __file__, "--_worker", kind] + [x for x in sys.argv[1:] if x != "--_worker"] + list(extra)
     if a.ckpt:
         cmd += ["--ckpt", a.ckpt]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", default="tiny", help="architecture of the random checkpoint (tiny, t2v-1.3b)")
-    ap.add_argument("--precision", default=None, help="fp32|bf16|fp16 (default: fp32 on CPU, bf16 on CUDA)")
-    ap.add_argument("--height", type=int, default=64)
-    ap.add_argument("--width", type=int, default=96)
-    ap.add_argument("--frames", type=int, default=9)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--guidance", type=float, default=5.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dit-latent", type=int, nargs=3, default=[3, 16, 16], metavar=("F", "H", "W"),
-                    help="latent size of the real-dimension 1.3B DiT forward (default 3 16 16 = 192 tokens)")
-    ap.add_argument("--skip-dit", action="store_true", help="skip the real-dimension DiT forward")
-    ap.add_argument("--prompt", default="a corgi surfing a wave, cinematic")
-    ap.add_argument("--out", default=None, help="write the markdown table here too")
-    ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.precision is None:
-        a.precision = "bf16" if a.device.startswith("cuda") else "fp32"
+def _diffusers_missing() -> str | None:
+    """Why ``import diffusers`` fails here, or None when it works."""
+    try:
+        import diffusers  # noqa: F401
+    except Exception as e:  # noqa: BLE001 (ImportError, or a broken install raising anything)
+        return f"{type(e).__name__}: {e}"
+    return None
 
-    if a._worker:
-        fn = {"wanrt": worker_wanrt, "diffusers": worker_diffusers, "dit": worker_dit}[a._worker]
-        print(json.dumps(fn(a)))
-        return
 
-    from wanrt.checkpoints.tiny import write_checkpoint
+def loop_rows(a) -> list[dict]:
+    """The loop-options configurations, each adding its option to the row above (TeaCache rows all build on
+    the last non-TeaCache row)."""
+    cuda = a.device.startswith("cuda")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        a.ckpt = str(write_checkpoint(Path(tmp) / "ckpt", layout="diffusers", preset=a.preset))
-        res = {k: _run_worker(k, a) for k in ("wanrt", "diffusers")}
+    def row(label, cfg_batch, cuda_graphs, teacache_threshold=None, cuda_only=False):
+        return {"label": label, "cfg_batch": cfg_batch, "cuda_graphs": cuda_graphs,
+                "teacache_threshold": teacache_threshold, "cuda_only": cuda_only}
+
+    rows = [row("reference (cfg_batch=False, cuda_graphs=False)", False, False),
+            row("+ batched CFG", True, False),
+            row("+ CUDA graphs", True, True, cuda_only=True)]
+    rows += [row(f"+ TeaCache {th:g} ({a.teacache_mode})", True, cuda, th) for th in a.teacache_thresholds]
+    return rows
+
+
+def _fmt_mb(mb: float) -> str:
+    return f"{mb:,.0f} MiB" if mb < 10240 else f"{mb / 1024:.1f} GiB"
+
+
+def run_loop(a, tmp: Path, on_row=None) -> list[str]:
+    """Run the loop-options rows (one subprocess each) and return the table's lines.
+
+    ``on_row(lines)``, when given, gets the table so far after every row (so that a run cut short by a
+    timeout still leaves the rows it finished)."""
+    cuda = a.device.startswith("cuda")
+    body, ref, plan, notes = [], None, None, []
+    rows = loop_rows(a)
+    for i, row in enumerate(rows):
+        if i and on_row is not None:
+            on_row(_loop_table(a, plan, body, notes))
+        print(f"loop row {i + 1}/{len(rows)}: {row['label']}", file=sys.stderr)
+        if row["cuda_only"] and not cuda:
+            body.append(f"| {row['label']} | n/a (CUDA only) | n/a (CUDA only) | n/a (CUDA only) | "
+                        "n/a (CUDA only) | n/a (CUDA only) |")
+            continue
+        frames_path = tmp / f"loop_{i}.npy"
+        spec = {k: row[k] for k in ("cfg_batch", "cuda_graphs", "teacache_threshold")}
+        try:
+            r = _run_worker("loop", a, ["--_row", json.dumps(spec), "--_frames", str(frames_path)])
+        except RuntimeError as e:
+            print(f"loop row {row['label']!r} failed:\n{e}", file=sys.stderr)
+            body.append(f"| {row['label']} | failed (see stderr) | | | | |")
+            continue
+        frames = np.load(frames_path)
+        if ref is None:
+            ref = frames
+        psnr = psnr_uint8(ref, frames)
+        if frames is not ref:
+            frames_path.unlink()
+        plan = plan or r["plan"]
+        label = row["label"]
+        st = r["stats"]
+        if row["cfg_batch"] and a.guidance != 1.0 and not st.get("cfg_batched"):
+            label += " (ran as two passes: would not fit)"
+        g = r["graphs"]
+        if row["cuda_graphs"] and (g.get("eager_calls", 0) or g.get("fallbacks", 0)):
+            label += f" ({g.get('replays', 0)} replays, {g.get('eager_calls', 0)} eager calls)"
+        if not r["deterministic"]:
+            notes.append(f"`{row['label']}`: the {a.repeats} timed runs did not give identical frames")
+        tc = st.get("teacache")
+        if tc:
+            branches = ("cond", "uncond") if a.guidance != 1.0 else ("cond",)  # guidance 1: no uncond pass
+            skipped = "/".join(str(tc[b]["skipped"]) if b in tc and b in branches else "–"
+                               for b in ("cond", "uncond"))
+            skipped += f" of {st['steps']}"
+        else:
+            skipped = "0/0 (off)"
+        if i == 0:
+            psnr_s = "— (reference)"
+        else:
+            psnr_s = "inf (identical)" if psnr == float("inf") else f"{psnr:.1f}"
+        body.append(f"| {label} | {r['denoise'] / a.steps:.3g} | {r['total']:.3g} | {_fmt_mb(r['peak_mb'])} | "
+                    f"{skipped} | {psnr_s} |")
+    return _loop_table(a, plan, body, notes)
+
+
+def _loop_table(a, plan: str | None, body: list[str], notes: list[str]) -> list[str]:
+    """The loop-options caption, column header and the rows so far."""
+    cuda = a.device.startswith("cuda")
+    if not a.teacache_coefficients:
+        coeffs = f"the preset's published {a.preset} coefficients"
+    else:
+        coeffs = f"coefficients {tuple(a.teacache_coefficients)}"
+        if a.preset == "tiny":
+            coeffs += (": the tiny random model has no published ones, and its time embedding changes by ~1 "
+                       "(relative L1) per step at few steps, so each step adds ~0.1 to the accumulator")
+    peak = ("`torch.cuda.max_memory_allocated` over the timed runs (weights included), reset after the warm-up"
+            if cuda else "the row's own process peak resident set (VmHWM: load, warm-up and runs)")
+    caption = (
+        f"Loop options: random `{a.preset}` checkpoint, {a.height}x{a.width}, {a.frames} frames, {a.steps} steps, "
+        f"CFG {a.guidance}, UniPC, seed {a.seed}, precision {a.precision}, backend {a.backend} (resolved: {plan})"
+        f"{', torch.compile ' + a.compile if a.compile else ''}"
+        f"{f', {a.threads} torch CPU thread(s)' if a.threads else ''}. Each row is its own process: load, a 2-step "
+        f"warm-up at the same size and options, then the median of {a.repeats} timed video(s); the text encoder "
+        "runs for every video (prompt cache off). Each row adds its option to the one above; the TeaCache rows "
+        f"(mode \"{a.teacache_mode}\", {coeffs}) build on batched CFG{' + CUDA graphs' if cuda else ''}. "
+        f"Peak memory: {peak}. PSNR: the decoded uint8 video against the reference row's, 10·log10(255²/MSE) "
+        "over all frames and pixels. The weights are random, so the PSNR measures only the approximation error "
+        "of each option (TeaCache's reuse of cached residuals, batched-CFG rounding), not the quality of a "
+        "trained model's video."
+    )
+    columns = ("| configuration | s/step (denoise) | s/video (total) | peak memory | steps skipped (cond/uncond) "
+               "| PSNR vs reference (dB) |")
+    lines = [caption, "", columns, "|---|---|---|---|---|---|", *body]
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes) + "."]
+    return lines
+
+
+def run_pipelines(a, res: dict) -> list[str]:
+    caption = (f"wanrt vs diffusers: random `{a.preset}` checkpoint (diffusers layout, same weights for both), "
+               f"{a.height}x{a.width}, {a.frames} frames, {a.steps} steps, CFG {a.guidance}, UniPC, precision "
+               f"{a.precision}; median of {a.repeats} runs after one warm-up.")
     lines = [
-        header("bench_e2e", a.device),
-        "",
-        f"Random `{a.preset}` checkpoint (diffusers layout, same weights for both), {a.height}x{a.width}, "
-        f"{a.frames} frames, {a.steps} steps, CFG {a.guidance}, UniPC, precision {a.precision}; "
-        f"median of {a.repeats} runs after one warm-up.",
+        caption,
         "",
         "| pipeline | text encoder s | denoise s | VAE decode s | total s | peak memory MiB |",
         "|---|---|---|---|---|---|",
@@ -183,18 +331,99 @@ def main() -> None:
     lines.append(f"| speedup (diffusers / wanrt) | {d['text_encoder'] / w['text_encoder']:.2f}x | "
                  f"{d['denoise'] / w['denoise']:.2f}x | {d['vae_decode'] / w['vae_decode']:.2f}x | "
                  f"{d['total'] / w['total']:.2f}x | |")
-    if not a.skip_dit:
-        r = _run_worker("dit", a)
-        lines += [
-            "",
-            f"DiT forward at the real t2v-1.3b dimensions (dim 1536, 30 layers), latent {tuple(a.dit_latent)} = "
-            f"{r['tokens']} tokens + 512 text tokens, batch 1, precision {a.precision}, median of {a.repeats}:",
-            "",
-            "| model | forward s | speedup |",
-            "|---|---|---|",
-            f"| diffusers WanTransformer3DModel | {r['diffusers']:.3f} | 1.00x |",
-            f"| wanrt WanDiT (eager) | {r['wanrt']:.3f} | {r['diffusers'] / r['wanrt']:.2f}x |",
-        ]
+    return lines
+
+
+def run_dit(a, r: dict) -> list[str]:
+    caption = (f"DiT forward at the real t2v-1.3b dimensions (dim 1536, 30 layers), latent {tuple(a.dit_latent)} = "
+               f"{r['tokens']} tokens + 512 text tokens, batch 1, precision {a.precision}, median of {a.repeats}:")
+    return [
+        caption,
+        "",
+        "| model | forward s | speedup |",
+        "|---|---|---|",
+        f"| diffusers WanTransformer3DModel | {r['diffusers']:.3f} | 1.00x |",
+        f"| wanrt WanDiT (eager) | {r['wanrt']:.3f} | {r['diffusers'] / r['wanrt']:.2f}x |",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="tiny", help="architecture of the random checkpoint (tiny, t2v-1.3b, t2v-14b)")
+    ap.add_argument("--precision", default=None, help="fp32|bf16|fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    ap.add_argument("--height", type=int, default=64)
+    ap.add_argument("--width", type=int, default=96)
+    ap.add_argument("--frames", type=int, default=9)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of every loop-options row")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads in every run (default: torch's own; 1 steadies CPU timings on a busy machine)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parts", nargs="+", choices=("loop", "pipelines", "dit"), default=["loop", "pipelines", "dit"],
+                    help="which tables (default all; pipelines and dit need diffusers and are skipped without it)")
+    ap.add_argument("--backend", default="auto", help="the Engine's kernel backend in the loop-options rows")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="torch.compile the DiT blocks in every loop-options row (default backend: inductor)")
+    ap.add_argument("--teacache-thresholds", type=float, nargs="*", default=None, metavar="T",
+                    help="TeaCache rows (default: 0.05 0.08 0.10 for t2v-1.3b, 0.14 0.20 for t2v-14b, "
+                         "0.1 0.2 0.3 for tiny; none given: no TeaCache rows)")
+    ap.add_argument("--teacache-mode", choices=("e", "e0"), default=None,
+                    help="default: e for t2v-1.3b and tiny, e0 for t2v-14b")
+    ap.add_argument("--teacache-coefficients", type=float, nargs="+", default=None, metavar="C",
+                    help="rescaling polynomial, highest power first (default: the preset's published one; "
+                         "0 0 0 0.1 0 for tiny)")
+    ap.add_argument("--dit-latent", type=int, nargs=3, default=[3, 16, 16], metavar=("F", "H", "W"),
+                    help="latent size of the real-dimension 1.3B DiT forward (default 3 16 16 = 192 tokens)")
+    ap.add_argument("--skip-dit", action="store_true", help="skip the real-dimension DiT forward (same as "
+                    "leaving dit out of --parts)")
+    ap.add_argument("--prompt", default="a corgi surfing a wave, cinematic")
+    ap.add_argument("--out", default=None, help="write the markdown tables here too")
+    ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_row", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_frames", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.precision is None:
+        a.precision = "bf16" if a.device.startswith("cuda") else "fp32"
+    mode, thresholds, coeffs = LOOP_DEFAULTS.get(a.preset.lower(), ("e", (), None))
+    a.teacache_mode = a.teacache_mode or mode
+    a.teacache_thresholds = thresholds if a.teacache_thresholds is None else a.teacache_thresholds
+    a.teacache_coefficients = a.teacache_coefficients or coeffs
+    parts = [p for p in ("loop", "pipelines", "dit") if p in a.parts and not (p == "dit" and a.skip_dit)]
+
+    if a._worker:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        fn = {"wanrt": worker_wanrt, "diffusers": worker_diffusers, "dit": worker_dit, "loop": worker_loop}[a._worker]
+        print(json.dumps(fn(a)))
+        return
+
+    from wanrt.checkpoints.tiny import write_checkpoint
+
+    missing = _diffusers_missing() if {"pipelines", "dit"} & set(parts) else None
+    lines = [header("bench_e2e", a.device)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if "loop" in parts or ("pipelines" in parts and not missing):
+            t0 = time.perf_counter()
+            a.ckpt = str(write_checkpoint(Path(tmp) / "ckpt", layout="diffusers", preset=a.preset))
+            print(f"wrote a random {a.preset} checkpoint in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        if "loop" in parts:
+            def partial(table: list[str]) -> None:  # a cut-short run keeps its finished rows
+                if a.out:
+                    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                    Path(a.out).write_text("\n".join([*lines, "", *table, "", "(partial: the run is not finished)"]))
+
+            lines += ["", *run_loop(a, Path(tmp), partial)]
+        if missing and {"pipelines", "dit"} & set(parts):
+            lines += ["", (f"wanrt vs diffusers (pipelines, DiT forward): skipped, `import diffusers` failed "
+                          f"({missing}).")]
+        elif "pipelines" in parts:
+            res = {k: _run_worker(k, a) for k in ("wanrt", "diffusers")}
+            lines += ["", *run_pipelines(a, res)]
+    if "dit" in parts and not missing:
+        lines += ["", *run_dit(a, _run_worker("dit", a))]
     emit(lines, a.out)
 
 

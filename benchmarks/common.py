@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import resource
@@ -113,3 +114,20 @@ def settle_device_args(ap, a, what: str = "the real shapes") -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     if not a.device.startswith("cuda") and not a.quick:
         ap.error(f"{what} need CUDA; use --quick on the CPU")
+
+
+def psnr_uint8(a, b) -> float:
+    """PSNR in dB of two uint8 arrays of one shape (e.g. videos ``[F, H, W, 3]``): ``10·log10(255² / MSE)``
+    over every element, ``inf`` when they are identical. Summed frame by frame in float64 (no big temporary)."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr_uint8: shapes differ: {a.shape} vs {b.shape}")
+    per_frame = a.size // a.shape[0] if a.ndim and a.shape[0] else a.size
+    sq = 0.0
+    for x, y in zip(a.reshape(-1, max(1, per_frame)), b.reshape(-1, max(1, per_frame))):
+        d = x.astype(np.float64) - y.astype(np.float64)
+        sq += float(np.dot(d, d))
+    mse = sq / max(1, a.size)
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)

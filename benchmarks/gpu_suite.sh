@@ -6,13 +6,18 @@
 # Expected wall time on one H100 (estimates, not yet measured; the device tool allows 10 min a call):
 #   pytest -m gpu ~1-2 min | bench_attention ~2 min (Triton autotuning at L = 75,600 is most of it) |
 #   bench_norms ~1 min | bench_dit 1.3B ~1.5 min (the eager row alone is ~20 s) | bench_dit 14B, 8 of 40
-#   blocks ~1.5 min | bench_e2e ~2-3 min. About 9 min in all: if a call runs out, run a subset with
-#   PARTS, e.g. `PARTS="kernels dit" bash benchmarks/gpu_suite.sh`, then `PARTS="tests e2e" ...`.
+#   blocks ~1.5 min | bench_e2e loop options ~5-6 min (writing the random 1.3B checkpoint ~1 min, then 4 rows,
+#   each its own process: load + 2-step warm-up + one 50-step 480P video, ~40-60 s of denoising for the
+#   reference row, less for the others). Too much for one 10-minute call: run it on its own,
+#   `PARTS="tests kernels dit" bash benchmarks/gpu_suite.sh`, then `PARTS=e2e bash benchmarks/gpu_suite.sh`.
+#   The e2e rows are reference, + batched CFG, + CUDA graphs, + TeaCache 0.08; for the other published
+#   thresholds add `--teacache-thresholds 0.05 0.08 0.10` (~1.5 min more), and with diffusers carried,
+#   `--parts pipelines dit --steps 10 --dit-latent 21 60 104` gives the wanrt-vs-diffusers tables.
 # Each step has its own timeout so that one hang cannot take the steps after it.
 #
 # The GPU image has no ftfy (prompt cleaning) and no diffusers/av. Prepare the small wheels here and carry them:
 #   pip download ftfy wcwidth --no-deps -d build/wheels     # then run with carry=["build/wheels"]
-# (bench_e2e needs diffusers; without it that step fails and the others still run.)
+# (bench_e2e's loop-options table needs no diffusers; its wanrt-vs-diffusers parts are skipped with a note.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -41,6 +46,6 @@ if has dit; then
         --out "$OUT/dit_${stamp}_14b_480p_8of40blocks.md"
 fi
 if has e2e; then
-    python benchmarks/bench_e2e.py --device cuda --preset t2v-1.3b --height 480 --width 832 --frames 81 --steps 10 \
-        --repeats 1 --dit-latent 21 60 104 --out "$OUT/e2e_${stamp}_1.3b_480p_10steps.md"
+    timeout 590 python benchmarks/bench_e2e.py --device cuda --parts loop --preset t2v-1.3b --height 480 --width 832 \
+        --frames 81 --steps 50 --repeats 1 --teacache-thresholds 0.08 --out "$OUT/e2e_loop_${stamp}_1.3b_480p_50steps.md"
 fi
