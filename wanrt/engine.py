@@ -496,9 +496,10 @@ class Engine:
         free, _ = torch.cuda.mem_get_info(self.device)
         return need < free
 
-    def _generate(self, prompt, negative_prompt, *, height, width, num_frames, num_inference_steps,
-                  guidance_scale, shift, sample_solver, seed, prompt_embeds, negative_prompt_embeds, latents,
-                  teacache_threshold, teacache_mode, teacache_coefficients, callback, cancel, progress,
+    def _generate(self, prompt, negative_prompt=None, *, height=None, width=None, num_frames=None,
+                  num_inference_steps=None, guidance_scale=None, shift=None, sample_solver=None, seed=None,
+                  prompt_embeds=None, negative_prompt_embeds=None, latents=None, teacache_threshold=_UNSET,
+                  teacache_mode=None, teacache_coefficients=None, callback=None, cancel=None, progress=True,
                   recorder=None, decode: bool = True) -> Video:
         p = self.preset
         a = resolve_sampling_args(
@@ -665,9 +666,8 @@ class Engine:
             self._generate(
                 prompt, negative, height=a.height, width=a.width, num_frames=a.num_frames,
                 num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, shift=a.shift,
-                sample_solver=a.sample_solver, seed=a.seed, prompt_embeds=None, negative_prompt_embeds=None,
-                latents=None, teacache_threshold=None, teacache_mode=None, teacache_coefficients=None,
-                callback=None, cancel=None, progress=progress, recorder=recorder, decode=False,
+                sample_solver=a.sample_solver, seed=a.seed, teacache_threshold=None, progress=progress,
+                recorder=recorder, decode=False,
             )
         return {"mode": mode, "coefficients": list(fit_coefficients(ins, outs, degree)), "input_changes": ins,
                 "output_changes": outs, "preset": self.preset.name, "height": a.height, "width": a.width,
