@@ -247,6 +247,8 @@ class Engine:
             reference path), "sdpa", "triton", "flash-attn", "sageattention" or "xformers"; ``engine.plan`` holds
             the resolution. An explicit backend that cannot run here raises ``BackendUnavailableError`` (a
             RuntimeError) naming the install command and the available backends, before any weight is read.
+        **options: the loop options of :class:`EngineConfig`: ``cfg_batch``, ``cuda_graphs``, ``compile``,
+            ``teacache_threshold``, ``teacache_mode``, ``teacache_coefficients``, ``prompt_cache_size``.
 
     Raises:
         ValueError: unknown preset/precision/backend, no checkpoint_dir for a non-tiny preset, or a
