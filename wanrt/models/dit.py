@@ -262,6 +262,12 @@ class DiTConfig:
 # --------------------------------------------------------------------------- layers
 
 
+def compute_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a Linear computes and returns in: its weight dtype, or ``out_dtype`` for the quantized
+    layers of :mod:`wanrt.quant` (whose weights are 8-bit)."""
+    return getattr(linear, "out_dtype", None) or linear.weight.dtype
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` that casts its input to the weight dtype (the CONTRACTS dtype rule).
 
@@ -395,7 +401,7 @@ class CrossAttention(_Projections):
         ``context_img [B, N_img, dim]`` (i2v/flf2v) adds the image attention. Returns
         ``[B, S, dim]`` in the dtype of ``o``'s weight.
         """
-        dtype = self.v.weight.dtype
+        dtype = compute_dtype(self.v)
         n, d = self.num_heads, self.head_dim
         q = self._heads(self.q(x), self.norm_q, None, dtype, plan)  # [B, S, n, d]
         k = self._heads(self.k(context), self.norm_k, None, dtype, plan)  # [B, L, n, d]
@@ -475,14 +481,14 @@ class Block(nn.Module):
         if isinstance(self.norm3, LayerNorm):
             x, h = gated_residual_layer_norm(
                 x, y, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias,
-                out_dtype=self.cross_attn.q.weight.dtype, backend=fused,
+                out_dtype=compute_dtype(self.cross_attn.q), backend=fused,
             )  # x fp32 [B, S, dim], h = norm3(x)
         else:
             x = h = gated_residual(x, y, gate_sa, backend=fused)  # [B, S, dim] fp32
         y = self.cross_attn(h, context, context_img, plan)  # [B, S, dim]
         x, h = gated_residual_layer_norm(
             x, y, None, self.norm2.eps, shift=shift_ff, scale=scale_ff,
-            out_dtype=self.ffn[0].weight.dtype, backend=fused,
+            out_dtype=compute_dtype(self.ffn[0]), backend=fused,
         )  # x + cross-attention; h = norm2(x) * (1 + scale_ff) + shift_ff
         return x, (self.ffn(h), gate_ff)
 
@@ -626,8 +632,8 @@ class WanDiT(nn.Module):
         if isinstance(backend, OpsPlan):
             self.plan = backend
             return backend
-        ref = self.blocks[0].self_attn.v.weight if len(self.blocks) else self.head.head.weight
-        caps = probe_capabilities(ref.device, ref.dtype, self.config.head_dim)
+        ref = self.blocks[0].self_attn.v if len(self.blocks) else self.head.head
+        caps = probe_capabilities(ref.weight.device, compute_dtype(ref), self.config.head_dim)
         self.plan = make_plan(backend, caps, fused)
         return self.plan
 
@@ -743,7 +749,7 @@ class WanDiT(nn.Module):
         pending = None  # (y, gate) of the previous block's FFN, fused with the next norm
         for block in self.blocks:
             mod = block.chunks(inp.e0)  # 6 x [B, 1, dim] fp32
-            out_dtype = block.self_attn.q.weight.dtype
+            out_dtype = compute_dtype(block.self_attn.q)
             if pending is None:  # block 0: norm1 of the patch embedding (rounded to its dtype)
                 h = modulated_layer_norm(x, mod[0], mod[1], eps, out_dtype=out_dtype, backend=plan.fused)
             else:

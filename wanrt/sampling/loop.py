@@ -158,7 +158,9 @@ def computed_forward(model: WanDiT, x: torch.Tensor, t: torch.Tensor, context: t
 
 def graph_key(model: WanDiT, x: torch.Tensor, context: torch.Tensor) -> tuple:
     """What a captured step depends on: shapes (batch included), the backends and the weights' dtype."""
-    dtype = model.blocks[0].self_attn.q.weight.dtype if len(model.blocks) else model.head.head.weight.dtype
+    from ..models.dit import compute_dtype
+
+    dtype = compute_dtype(model.blocks[0].self_attn.q) if len(model.blocks) else model.head.head.weight.dtype
     return (tuple(x.shape), tuple(context.shape), model.plan, dtype)
 
 
