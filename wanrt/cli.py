@@ -58,7 +58,8 @@ def _add_model_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--solver", default=None, choices=["unipc", "dpm++", "euler"], help="sampling solver")
     g.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="weights precision")
+    g.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "fp8", "int8", "int8-wo"],
+                   help="DiT weights precision (fp8 / int8: 8-bit attention and FFN layers, bf16 compute)")
     g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="DiT kernels: auto (fastest eligible, default), eager (reference), sdpa, triton, "
                         "flash-attn, sageattention, xformers")

@@ -25,7 +25,10 @@ from .video import Video, to_uint8_frames
 
 log = logging.getLogger("wanrt")
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "fp8": torch.bfloat16, "int8": torch.bfloat16, "int8-wo": torch.bfloat16}
+#: precisions that quantize the DiT's block Linears (wanrt.quant); they compute in bf16.
+QUANTIZED_PRECISIONS = ("fp8", "int8", "int8-wo")
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)
 
@@ -82,8 +85,10 @@ class EngineConfig:
     Attributes:
         device: torch device the models run on.
         precision: "fp32", "bf16" or "fp16": dtype of the DiT's large weights (its modulation, time MLP,
-            head and norms always stay fp32) and, for bf16/fp16, of the text encoder (bf16). The VAE runs
-            in fp32 as in the official code.
+            head and norms always stay fp32) and, for bf16/fp16, of the text encoder (bf16). "fp8", "int8"
+            (W8A8) and "int8-wo" (weight-only) quantize the DiT blocks' attention and FFN Linears and compute
+            in bf16 (``wanrt.quant``); a checkpoint stored quantized loads as it is. The VAE runs in fp32 as in
+            the official code.
         backend: the DiT's kernels, as requested: "auto" (the fastest eligible on the device, logged),
             "eager" (the exact reference path), "sdpa", "triton", "flash-attn", "sageattention" or "xformers"
             (see ``wanrt.ops.backends``). ``Engine.plan`` is what it resolved to.
@@ -289,7 +294,9 @@ class Engine:
         self.config = EngineConfig(_device(device), precision, backend, **options)
         self.checkpoint_dir = ckpt
         dev = self.config.device
-        self.transformer = load_transformer(ckpt, device=dev, dtype=self.config.dit_dtype, backend=self.config.backend)
+        quant = self.config.precision if self.config.precision in QUANTIZED_PRECISIONS else None
+        self.transformer = load_transformer(ckpt, device=dev, dtype=self.config.dit_dtype, backend=self.config.backend,
+                                            quantization=quant)
         arch = self._arch()
         if preset is None:
             preset = preset_for_arch(arch) or _generic_preset(arch)

@@ -197,6 +197,7 @@ def load_into_module(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     keep_fp32: Callable[[str], bool] = lambda name: False,
+    keep_stored: Callable[[str], bool] = lambda name: False,
     what: str = "model",
 ) -> torch.nn.Module:
     """Materialize a meta-device module from a tensor source, one tensor at a time.
@@ -210,6 +211,7 @@ def load_into_module(
         dtype: target dtype of floating-point parameters (None keeps the stored dtype), except those
             for which ``keep_fp32(name)`` is true, which become float32.
         keep_fp32: see above.
+        keep_stored: parameters moved to ``device`` in their stored dtype (8-bit quantized weights).
         what: a name for messages ("DiT", "VAE", ...).
 
     Returns:
@@ -255,7 +257,9 @@ def load_into_module(
     state: dict[str, torch.Tensor] = {}
     for key in expected:
         t = source.get(mapped[key])
-        if t.is_floating_point():
+        if keep_stored(key):
+            t = t.to(device=device)
+        elif t.is_floating_point():
             target = torch.float32 if keep_fp32(key) else (dtype or t.dtype)
             t = t.to(device=device, dtype=target)
         else:

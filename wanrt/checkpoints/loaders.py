@@ -8,6 +8,7 @@ time in the target dtype on the target device (see :mod:`wanrt.checkpoints.io`).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from .layout import (
     dit_weights_file,
     read_json,
 )
+
+log = logging.getLogger("wanrt")
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -126,7 +129,7 @@ def _resolve_dit(path: Path):
     return dit_weights_file(folder), cfg
 
 
-def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, backend="auto"):
+def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, backend="auto", quantization=None):
     """Load the Wan2.1 DiT from any supported layout.
 
     Args:
@@ -142,6 +145,12 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
         backend: the kernels that run it (``WanDiT.set_backend``): ``"auto"`` (the fastest eligible on this
             device, logged), ``"eager"`` (the exact reference path), ``"sdpa"``, ``"triton"``, ``"flash-attn"``,
             ``"sageattention"`` or ``"xformers"``. The choice is in ``model.plan``.
+        quantization: ``None``, ``"fp8"``, ``"int8"`` or ``"int8-wo"`` (:mod:`wanrt.quant`): the blocks'
+            attention and FFN Linears become 8-bit layers computing in ``dtype``. A float checkpoint is read
+            into host memory and quantized layer by layer onto ``device`` (the float copy never sits on the
+            GPU). A quantized checkpoint (written by :func:`wanrt.quant.save_quantized`, or a LightX2V-style
+            file with per-channel ``weight_scale``) loads as it is stored; fp8 weights on a GPU without fp8
+            GEMMs (compute capability < 8.9) are dequantized to ``dtype`` with a log line.
 
     Returns:
         ``WanDiT`` in eval mode, called as ``model(x, t, context)``: x ``[B, C_in, F, H, W]``, t ``[B]``
@@ -177,15 +186,115 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
                     shapes[mk] = s
             cfg = dit_config_from_shapes(shapes)
         # Resolve the kernels before reading any weight, so a backend that cannot run fails fast.
-        ops_plan = plan(backend, probe_capabilities(_device(device), dtype, cfg.head_dim))
+        target = _device(device)
+        compute = dtype or torch.bfloat16
+        ops_plan = plan(backend, probe_capabilities(target, compute, cfg.head_dim))
+        stored_scheme, stored_layers = _stored_quantization(src, mapper, quantization, target)
         with torch.device("meta"):
             model = WanDiT(cfg)
-        load_into_module(
-            model, src, to_official=_skip_markers(mapper), device=_device(device), dtype=dtype,
-            keep_fp32=WanDiT.keep_fp32, what="DiT",
-        )
+        if stored_layers:
+            from ..quant import SCHEMES
+
+            cls = SCHEMES[stored_scheme]
+            for name in stored_layers:  # 8-bit layers, filled from the file as stored
+                lin = model.get_submodule(name)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, cls(lin.in_features, lin.out_features,
+                                                               lin.bias is not None, out_dtype=compute, device="meta"))
+            quantized = {f"{n}.weight" for n in stored_layers}
+            load_into_module(
+                model, src, to_official=_skip_markers(mapper), device=target, dtype=dtype,
+                keep_fp32=lambda k: WanDiT.keep_fp32(k) or k.endswith(".weight_scale"),
+                keep_stored=quantized.__contains__, what="DiT",
+            )
+            if stored_scheme == "fp8" and not fp8_gemm_supported(target):
+                log.info("this GPU has no fp8 GEMMs (compute capability < 8.9): fp8 weights dequantized to %s",
+                         compute)
+                _dequantize_layers(model, stored_layers, compute)
+        elif quantization is not None:
+            from ..quant import QuantConfig, quantize_
+
+            qcfg = QuantConfig(quantization, out_dtype=compute)
+            # Float weights into host memory, then one layer at a time quantized onto the target device.
+            load_into_module(model, src, to_official=_skip_markers(mapper), device="cpu", dtype=dtype,
+                             keep_fp32=WanDiT.keep_fp32, what="DiT")
+            quantize_(model, qcfg, device=target)
+            model.to(target)
+        else:
+            load_into_module(
+                model, src, to_official=_skip_markers(mapper), device=target, dtype=dtype,
+                keep_fp32=WanDiT.keep_fp32, what="DiT",
+            )
     model.set_backend(ops_plan)
     return model
+
+
+def _dequantize_layers(model, names, dtype) -> None:
+    """Replace quantized layers by float ``Linear`` layers holding ``weight · scale`` in ``dtype``."""
+    from ..models.dit import Linear
+
+    for name in names:
+        q = model.get_submodule(name)
+        lin = Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+        lin.weight = torch.nn.Parameter(q.dequantized_weight(dtype), requires_grad=False)
+        if q.bias is not None:
+            lin.bias = torch.nn.Parameter(q.bias.to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, lin)
+
+
+def _stored_quantization(src, mapper, requested, device):
+    """``(scheme, layer names)`` of the 8-bit layers stored in a checkpoint (per-channel ``weight_scale`` next to
+    an fp8/int8 ``weight``), ``(None, [])`` for a float checkpoint.
+
+    Raises:
+        ValueError: an unknown quantization request, or one the stored format cannot serve.
+        CheckpointError: a scale without its weight, a scale of the wrong shape, or an unknown format tag.
+    """
+    from ..quant import FP8_DTYPE, SCHEMES
+
+    if requested is not None and requested not in SCHEMES:
+        raise ValueError(f"quantization must be None or one of {list(SCHEMES)}, got {requested!r}")
+    tag = src.metadata.get("wanrt_quant")
+    if tag is not None and tag not in SCHEMES:
+        raise CheckpointError(f"unknown quantization format tag wanrt_quant={tag!r} (known: {list(SCHEMES)})")
+    keys = {}
+    for k in src.keys():
+        mk = mapper(k) if k != "scaled_fp8" else None
+        if mk is not None:
+            keys[mk] = k
+    layers = sorted(k[: -len(".weight_scale")] for k in keys if k.endswith(".weight_scale"))
+    if not layers:
+        return None, []
+    shapes = src.shapes()
+    for name in layers:
+        wkey, skey = keys.get(f"{name}.weight"), keys[f"{name}.weight_scale"]
+        if wkey is None:
+            raise CheckpointError(f"DiT: {name}.weight_scale has no {name}.weight", src.file_of(skey), skey)
+        out = shapes[wkey][0]
+        if shapes[skey] not in ((out,), (), (1,), (out, 1)):
+            raise CheckpointError(f"DiT: {name}.weight_scale has shape {list(shapes[skey])}; expected [{out}] "
+                                  "(per output channel) or a scalar", src.file_of(skey), skey)
+    wdtype = src.get(keys[f"{layers[0]}.weight"]).dtype  # one tensor read; the layers share a format
+    if wdtype == FP8_DTYPE:
+        scheme = "fp8"
+    elif wdtype == torch.int8:
+        scheme = "int8-wo" if requested == "int8-wo" else "int8"
+    else:
+        raise CheckpointError(f"DiT: quantized weights of dtype {wdtype} are not supported (fp8 e4m3fn or int8)",
+                              src.file_of(keys[f"{layers[0]}.weight"]), keys[f"{layers[0]}.weight"])
+    if tag is not None and SCHEMES[tag].qdtype != wdtype:
+        raise CheckpointError(f"format tag wanrt_quant={tag!r} does not match the stored {wdtype} weights")
+    if requested is not None and requested != scheme:
+        raise ValueError(f"the checkpoint is stored as {scheme!r}; quantization={requested!r} cannot be served from it "
+                         "(load it with quantization=None or the stored scheme)")
+    return scheme, layers
+
+
+def fp8_gemm_supported(device) -> bool:
+    """``torch._scaled_mm`` in fp8 runs here: the CPU, or a CUDA GPU of compute capability >= 8.9."""
+    device = torch.device(device)
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _skip_markers(mapper):

@@ -101,6 +101,37 @@ def quant_scheme(model: nn.Module) -> str | None:
     return schemes.pop() if schemes else None
 
 
+def save_quantized(model: nn.Module, path) -> None:
+    """Write a quantized DiT as one safetensors file that ``load_transformer``/``Engine`` load directly.
+
+    Keys are the official ones plus ``<layer>.weight_scale`` (float32, per output channel) next to each 8-bit
+    ``<layer>.weight``; the metadata holds the format tag ``wanrt_quant`` (the scheme) and the official
+    ``config`` JSON. The write is atomic (a temporary file renamed into place).
+
+    Raises:
+        ValueError: the model has no quantized layer, or mixes schemes.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    scheme = quant_scheme(model)
+    if scheme is None:
+        raise ValueError("save_quantized: the model has no quantized layer (run quantize_ first)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"wanrt_quant": scheme, "format": "wanrt-quant-v1"}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_official_config"):
+        meta["config"] = json.dumps(config.to_official_config())
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers of ``model``."""
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -121,5 +152,6 @@ __all__ = [
     "quantize_per_token",
     "quantize_rowwise",
     "quantized_layers",
+    "save_quantized",
     "weight_bytes",
 ]

@@ -72,7 +72,8 @@ def _qmax(dtype: torch.dtype) -> float:
     raise ValueError(f"unsupported quantized dtype {dtype}; use torch.float8_e4m3fn or torch.int8")
 
 
-def quantize_per_token(x: torch.Tensor, dtype: torch.dtype, backend: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, dtype: torch.dtype,
+                       backend: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (per-row) activation quantization of ``x [M, K]``: ``(q [M, K], scale float32 [M, 1])``.
 
     Same rule as :func:`quantize_rowwise` (absmax / qmax, scale 1 for an all-zero row). ``backend="triton"`` runs
