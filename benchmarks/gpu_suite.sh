@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call (for the lent GPU machine): GPU tests, the kernel benchmarks
-# (attention, fused norms), whole-DiT forwards per backend, and the end-to-end benchmark. Tables go to
-# $OUT (default: benchmarks/results/) as <name>_<device>.md, whose first line is the device-stamped header.
+# (attention, fused norms, fp8/int8 GEMMs), whole-DiT forwards per backend, and the end-to-end benchmark.
+# Tables go to $OUT (default: benchmarks/results/) as <name>_<device>.md, whose first line is the device-stamped
+# header.
 #
 # Expected wall time on one H100 (estimates, not yet measured; the device tool allows 10 min a call):
 #   pytest -m gpu ~1-2 min | bench_attention ~2 min (Triton autotuning at L = 75,600 is most of it) |
-#   bench_norms ~1 min | bench_dit 1.3B ~1.5 min (the eager row alone is ~20 s) | bench_dit 14B, 8 of 40
-#   blocks ~1.5 min | bench_e2e loop options ~5-6 min (writing the random 1.3B checkpoint ~1 min, then 4 rows,
-#   each its own process: load + 2-step warm-up + one 50-step 480P video, ~40-60 s of denoising for the
-#   reference row, less for the others). Too much for one 10-minute call: run it on its own,
-#   `PARTS="tests kernels dit" bash benchmarks/gpu_suite.sh`, then `PARTS=e2e bash benchmarks/gpu_suite.sh`.
+#   bench_norms ~1 min | bench_gemm ~2-3 min (12 GEMM shapes x 6-8 rows ~1 min, then a 1.3B 480P forward per
+#   precision, each model rebuilt and quantized, ~1-1.5 min) | bench_dit 1.3B ~1.5 min (the eager row alone is
+#   ~20 s) | bench_dit 14B, 8 of 40 blocks ~1.5 min | bench_e2e loop options ~5-6 min (writing the random 1.3B
+#   checkpoint ~1 min, then 4 rows, each its own process: load + 2-step warm-up + one 50-step 480P video,
+#   ~40-60 s of denoising for the reference row, less for the others). Too much for one 10-minute call: run it
+#   in three, `PARTS="tests kernels" bash benchmarks/gpu_suite.sh`, then `PARTS=dit ...`, then `PARTS=e2e ...`.
 #   The e2e rows are reference, + batched CFG, + CUDA graphs, + TeaCache 0.08; for the other published
 #   thresholds add `--teacache-thresholds 0.05 0.08 0.10` (~1.5 min more), and with diffusers carried,
 #   `--parts pipelines dit --steps 10 --dit-latent 21 60 104` gives the wanrt-vs-diffusers tables.
@@ -38,6 +40,7 @@ fi
 if has kernels; then
     timeout 300 python benchmarks/bench_attention.py --device cuda --out "$OUT/attention_${stamp}.md"
     timeout 180 python benchmarks/bench_norms.py --device cuda --out "$OUT/norms_${stamp}.md"
+    timeout 300 python benchmarks/bench_gemm.py --device cuda --out "$OUT/gemm_${stamp}.md"
 fi
 if has dit; then
     timeout 240 python benchmarks/bench_dit.py --device cuda --model 1.3b --repeats 2 \

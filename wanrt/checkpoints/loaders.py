@@ -260,7 +260,10 @@ def _stored_quantization(src, mapper, requested, device):
         raise CheckpointError(f"unknown quantization format tag wanrt_quant={tag!r} (known: {list(SCHEMES)})")
     keys = {}
     for k in src.keys():
-        mk = mapper(k) if k != "scaled_fp8" else None
+        try:
+            mk = mapper(k) if k != "scaled_fp8" else None
+        except (KeyError, ValueError):  # an unknown key: load_into_module reports it with its file
+            continue
         if mk is not None:
             keys[mk] = k
     layers = sorted(k[: -len(".weight_scale")] for k in keys if k.endswith(".weight_scale"))
