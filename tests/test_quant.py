@@ -253,3 +253,75 @@ def test_engine_precision_generates_close_to_fp32(official_dir, precision):
     rel = ((v.latents - ref.latents).norm() / ref.latents.norm()).item()
     print(f"{precision}: final latents relative error vs fp32 {rel:.4f}")
     assert rel < 0.15
+
+
+# ------------------------------------------------------------------------------ ComfyUI fp8 files
+
+
+def _comfy_file(official_dir, tmp_path, kind, *, prefix="model.diffusion_model.", fmt="float8_e4m3fn",
+                marker_dtype=FP8_DTYPE):
+    """A tiny ComfyUI-style single file: plain fp8_e4m3fn, legacy scaled fp8, or newer scaled fp8 declared per
+    layer (comfy_quant) or in the header (_quantization_metadata). Returns (file, dequantized originals)."""
+    from wanrt.checkpoints.io import open_tensor_source
+    from wanrt.checkpoints.layout import dit_weights_file
+    from wanrt.quant import DIT_QUANT_PATTERN
+
+    state, expected = {}, {}
+    with open_tensor_source(dit_weights_file(official_dir)) as src:
+        for k in src.keys():
+            state[k] = src.get(k).to(torch.bfloat16)
+    out, metadata = {}, {}
+    for k, v in state.items():
+        layer = k[: -len(".weight")]
+        if not (k.endswith(".weight") and DIT_QUANT_PATTERN.match(layer)):
+            out[prefix + k] = v
+            continue
+        w = v.float()
+        scale = w.abs().max() / 448 if kind != "plain" else torch.tensor(1.0)  # per-tensor, as Comfy does
+        q = (w / scale).clamp(-448, 448).to(FP8_DTYPE)
+        out[prefix + k] = q
+        expected[layer] = q.float() * scale
+        if kind == "legacy":
+            out[prefix + layer + ".scale_weight"] = scale.reshape(())
+            out[prefix + layer + ".scale_input"] = torch.tensor(1.0)
+        elif kind in ("comfy_quant", "metadata"):
+            out[prefix + layer + ".weight_scale"] = scale.reshape(())
+            out[prefix + layer + ".input_scale"] = torch.tensor(0.5)
+            if kind == "comfy_quant":
+                out[prefix + layer + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()),
+                                                                    dtype=torch.uint8)
+    if kind == "legacy":
+        out["scaled_fp8"] = torch.empty(0, dtype=marker_dtype)
+    if kind == "metadata":
+        metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": {
+            n: {"format": fmt} for n in expected}})
+    f = tmp_path / f"comfy_{kind}.safetensors"
+    save_file(out, str(f), metadata=metadata)
+    return f, expected
+
+
+@pytest.mark.parametrize("kind", ["plain", "legacy", "comfy_quant", "metadata"])
+def test_comfy_fp8_files_run_in_fp8_with_the_dequantized_weights(official_dir, tmp_path, kind):
+    f, expected = _comfy_file(official_dir, tmp_path, kind)
+    m = wanrt.load_transformer(f, device="cpu", dtype=torch.bfloat16)
+    assert quant_scheme(m) == "fp8"
+    layers = quantized_layers(m)
+    assert set(layers) == set(expected)
+    for name, w in expected.items():
+        assert torch.equal(layers[name].dequantized_weight(), w), name
+    assert m.blocks[0].modulation.dtype == torch.float32 and m.patch_embedding.weight.dtype == torch.bfloat16
+    x = torch.randn(1, 16, 3, 8, 12, generator=_gen(8))
+    with torch.no_grad():
+        assert torch.isfinite(m(x, 300, torch.randn(1, 5, m.config.text_dim, generator=_gen(9)))).all()
+
+
+def test_comfy_unsupported_formats_are_refused(official_dir, tmp_path):
+    f, _ = _comfy_file(official_dir, tmp_path, "comfy_quant", fmt="int4_awq")
+    with pytest.raises(CheckpointError, match="unsupported quantization format 'int4_awq'"):
+        wanrt.load_transformer(f, device="cpu")
+    f, _ = _comfy_file(official_dir, tmp_path, "metadata", fmt="nvfp4")
+    with pytest.raises(CheckpointError, match="unsupported quantization format 'nvfp4'"):
+        wanrt.load_transformer(f, device="cpu")
+    f, _ = _comfy_file(official_dir, tmp_path, "legacy", marker_dtype=torch.float8_e5m2)
+    with pytest.raises(CheckpointError, match="only float8_e4m3fn is supported"):
+        wanrt.load_transformer(f, device="cpu")

@@ -8,6 +8,7 @@ handed to ``load_state_dict(assign=True)``. Every error names the file and, wher
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -34,6 +35,11 @@ class CheckpointError(RuntimeError):
         super().__init__(message + (f" ({', '.join(where)})" if where else ""))
 
 
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8",
+                      torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+
+
 class TensorSource:
     """A read-only, lazily loaded ``key -> tensor`` view over one or more checkpoint files.
 
@@ -44,6 +50,7 @@ class TensorSource:
     def __init__(self) -> None:
         self._file_of: dict[str, Path] = {}
         self._shape: dict[str, tuple[int, ...]] = {}
+        self._dtype: dict[str, str] = {}
         self._getters: dict[Path, Callable[[str], torch.Tensor]] = {}
         self._closers: list[Callable[[], None]] = []
         self.metadata: dict[str, str] = {}
@@ -71,7 +78,9 @@ class TensorSource:
             if k in self._file_of and self._file_of[k] != path:
                 raise CheckpointError(f"key also stored in {self._file_of[k]}", path, k)
             self._file_of[k] = path
-            self._shape[k] = tuple(handle.get_slice(k).get_shape())
+            sl = handle.get_slice(k)
+            self._shape[k] = tuple(sl.get_shape())
+            self._dtype[k] = str(sl.get_dtype())
 
         def getter(key: str, h=handle, p=path) -> torch.Tensor:
             try:
@@ -95,6 +104,7 @@ class TensorSource:
         for k, v in obj.items():
             self._file_of[k] = path
             self._shape[k] = tuple(v.shape)
+            self._dtype[k] = _SAFETENSORS_DTYPE.get(v.dtype, str(v.dtype))
         self._getters[path] = lambda key, d=obj: d[key]
 
     # -- access -------------------------------------------------------------------------------
@@ -115,6 +125,10 @@ class TensorSource:
     def shape(self, key: str) -> tuple[int, ...]:
         """The shape of ``key``, read from the header only."""
         return self._shape[key]
+
+    def dtype_name(self, key: str) -> str:
+        """The stored dtype of ``key`` as safetensors names it ("BF16", "F8_E4M3", "I8", ...), header only."""
+        return self._dtype[key]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """``key -> shape`` for every tensor (headers only)."""
@@ -198,6 +212,8 @@ def load_into_module(
     dtype: torch.dtype | None = None,
     keep_fp32: Callable[[str], bool] = lambda name: False,
     keep_stored: Callable[[str], bool] = lambda name: False,
+    fill_missing: dict[str, torch.Tensor] | None = None,
+    scalar_ok: Callable[[str], bool] = lambda name: False,
     what: str = "model",
 ) -> torch.nn.Module:
     """Materialize a meta-device module from a tensor source, one tensor at a time.
@@ -212,6 +228,10 @@ def load_into_module(
             for which ``keep_fp32(name)`` is true, which become float32.
         keep_fp32: see above.
         keep_stored: parameters moved to ``device`` in their stored dtype (8-bit quantized weights).
+        fill_missing: values for module keys the checkpoint does not have (e.g. unit scales of fp8 weights
+            stored without one).
+        scalar_ok: module keys that may come as a single value, broadcast to the parameter's shape
+            (per-tensor quantization scales).
         what: a name for messages ("DiT", "VAE", ...).
 
     Returns:
@@ -243,20 +263,31 @@ def load_into_module(
         k = unexpected[0]
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise CheckpointError(f"{what}: unexpected key in checkpoint{more}", source.file_of(k), k)
-    missing = [k for k in expected if k not in mapped]
+    fill_missing = fill_missing or {}
+    missing = [k for k in expected if k not in mapped and k not in fill_missing]
     if missing:
         more = f" and {len(missing) - 1} more ({', '.join(missing[1:4])}...)" if len(missing) > 1 else ""
         raise CheckpointError(f"{what}: checkpoint lacks a parameter{more}", source.describe(), missing[0])
     for key, shape in expected.items():
+        if key not in mapped:
+            continue
         src_key = mapped[key]
-        if source.shape(src_key) != shape:
+        stored = source.shape(src_key)
+        if scalar_ok(key) and math.prod(stored) == 1:
+            continue
+        if stored != shape:
             raise CheckpointError(
                 f"{what}: shape mismatch for {key!r}: checkpoint {list(source.shape(src_key))}, model {list(shape)}",
                 source.file_of(src_key), src_key,
             )
     state: dict[str, torch.Tensor] = {}
     for key in expected:
+        if key not in mapped:
+            state[key] = fill_missing[key].to(device)
+            continue
         t = source.get(mapped[key])
+        if scalar_ok(key) and t.numel() == 1 and tuple(t.shape) != expected[key]:
+            t = t.reshape(()).expand(expected[key]).clone()
         if keep_stored(key):
             t = t.to(device=device)
         elif t.is_floating_point():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -189,40 +190,49 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
         target = _device(device)
         compute = dtype or torch.bfloat16
         ops_plan = plan(backend, probe_capabilities(target, compute, cfg.head_dim))
-        stored_scheme, stored_layers = _stored_quantization(src, mapper, quantization, target)
+        stored = _stored_quantization(src, mapper, quantization, target)
+        # Per-token activation quantization: the fused Triton kernel on CUDA, eager elsewhere.
+        from ..kernels._common import triton_installed
+
+        act_backend = "triton" if target.type == "cuda" and triton_installed() else "eager"
+        qmap = _quant_mapper(mapper)
         with torch.device("meta"):
             model = WanDiT(cfg)
-        if stored_layers:
+        if stored.layers:
             from ..quant import SCHEMES
 
-            cls = SCHEMES[stored_scheme]
-            for name in stored_layers:  # 8-bit layers, filled from the file as stored
+            cls = SCHEMES[stored.scheme]
+            for name in stored.layers:  # 8-bit layers, filled from the file as stored
                 lin = model.get_submodule(name)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, cls(lin.in_features, lin.out_features,
-                                                               lin.bias is not None, out_dtype=compute, device="meta"))
-            quantized = {f"{n}.weight" for n in stored_layers}
+                                                               lin.bias is not None, out_dtype=compute, device="meta",
+                                                               act_backend=act_backend))
+            quantized = {f"{n}.weight" for n in stored.layers}
             load_into_module(
-                model, src, to_official=_skip_markers(mapper), device=target, dtype=dtype,
+                model, src, to_official=qmap, device=target, dtype=dtype,
                 keep_fp32=lambda k: WanDiT.keep_fp32(k) or k.endswith(".weight_scale"),
-                keep_stored=quantized.__contains__, what="DiT",
+                keep_stored=quantized.__contains__, scalar_ok=lambda k: k.endswith(".weight_scale"),
+                fill_missing={f"{n}.weight_scale": torch.ones(model.get_submodule(n).out_features)
+                              for n in stored.unscaled},
+                what="DiT",
             )
-            if stored_scheme == "fp8" and not fp8_gemm_supported(target):
+            if stored.scheme == "fp8" and not fp8_gemm_supported(target):
                 log.info("this GPU has no fp8 GEMMs (compute capability < 8.9): fp8 weights dequantized to %s",
                          compute)
-                _dequantize_layers(model, stored_layers, compute)
+                _dequantize_layers(model, stored.layers, compute)
         elif quantization is not None:
             from ..quant import QuantConfig, quantize_
 
-            qcfg = QuantConfig(quantization, out_dtype=compute)
+            qcfg = QuantConfig(quantization, out_dtype=compute, act_backend=act_backend)
             # Float weights into host memory, then one layer at a time quantized onto the target device.
-            load_into_module(model, src, to_official=_skip_markers(mapper), device="cpu", dtype=dtype,
+            load_into_module(model, src, to_official=qmap, device="cpu", dtype=dtype,
                              keep_fp32=WanDiT.keep_fp32, what="DiT")
             quantize_(model, qcfg, device=target)
             model.to(target)
         else:
             load_into_module(
-                model, src, to_official=_skip_markers(mapper), device=target, dtype=dtype,
+                model, src, to_official=qmap, device=target, dtype=dtype,
                 keep_fp32=WanDiT.keep_fp32, what="DiT",
             )
     model.set_backend(ops_plan)
@@ -243,34 +253,110 @@ def _dequantize_layers(model, names, dtype) -> None:
         setattr(model.get_submodule(parent), child, lin)
 
 
-def _stored_quantization(src, mapper, requested, device):
-    """``(scheme, layer names)`` of the 8-bit layers stored in a checkpoint (per-channel ``weight_scale`` next to
-    an fp8/int8 ``weight``), ``(None, [])`` for a float checkpoint.
+_QUANT_AUX = (".scale_input", ".input_scale", ".comfy_quant")  # read for validation, never loaded
+_FP8_NAMES = ("F8_E4M3", "float8_e4m3fn")
+
+
+def _quant_mapper(mapper):
+    """The key map of a possibly quantized DiT file: ``<layer>.weight_scale`` and legacy ComfyUI
+    ``<layer>.scale_weight`` map to the module's ``<layer>.weight_scale``; the ``scaled_fp8`` marker, static
+    input scales and ``comfy_quant`` format tensors are dropped."""
+    def f(k: str):
+        if k == "scaled_fp8" or k.endswith(_QUANT_AUX):
+            return None
+        for suffix in (".scale_weight", ".weight_scale"):
+            if k.endswith(suffix):
+                official = mapper(k[: -len(suffix)] + ".weight")
+                return None if official is None else official[: -len(".weight")] + ".weight_scale"
+        return mapper(k)
+
+    return f
+
+
+@dataclass
+class _StoredQuant:
+    """What :func:`_stored_quantization` found: the scheme, the 8-bit layers with a scale, and fp8 layers
+    stored without one (ComfyUI ``fp8_e4m3fn`` files: scale 1)."""
+
+    scheme: str | None = None
+    scaled: list[str] = field(default_factory=list)
+    unscaled: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[str]:
+        return self.scaled + self.unscaled
+
+
+def _check_comfy_formats(src) -> None:
+    """Validate the ComfyUI format declarations: the ``scaled_fp8`` marker's dtype, ``<layer>.comfy_quant``
+    JSON tensors and the ``_quantization_metadata`` header entry. Only float8_e4m3fn is supported."""
+    if "scaled_fp8" in src and src.dtype_name("scaled_fp8") not in _FP8_NAMES:
+        raise CheckpointError(f"scaled fp8 checkpoint in {src.dtype_name('scaled_fp8')}: only float8_e4m3fn is "
+                              "supported", src.file_of("scaled_fp8"), "scaled_fp8")
+    formats: list[tuple[str, str]] = []
+    for k in src.keys():
+        if k.endswith(".comfy_quant"):
+            try:
+                spec = json.loads(bytes(src.get(k).to(torch.uint8).tolist()).decode())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"comfy_quant is not a JSON format description: {e}", src.file_of(k), k) from e
+            formats.append((k, str(spec.get("format", "")) if isinstance(spec, dict) else ""))
+    raw = src.metadata.get("_quantization_metadata")
+    if raw is not None:
+        try:
+            meta = json.loads(raw)
+        except ValueError as e:
+            raise CheckpointError(f"_quantization_metadata is not JSON: {e}", src.describe()) from e
+        stack = [meta]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if "format" in node:
+                    formats.append(("_quantization_metadata", str(node["format"])))
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+    for where, fmt in formats:
+        if fmt not in ("float8_e4m3fn", "fp8_e4m3fn", "float8_e4m3fn_rowwise", "float8_e4m3fn_tensorwise"):
+            raise CheckpointError(f"unsupported quantization format {fmt!r} (only float8_e4m3fn is supported)",
+                                  src.describe(), where)
+
+
+def _stored_quantization(src, mapper, requested, device) -> _StoredQuant:
+    """The 8-bit layers stored in a DiT checkpoint and the scheme that runs them.
+
+    Recognized: ``<layer>.weight_scale`` next to an fp8/int8 ``<layer>.weight`` (wanrt's own files, tagged
+    ``wanrt_quant``; LightX2V per-channel files; newer ComfyUI scaled fp8, per tensor or per channel, with
+    ``comfy_quant`` / ``_quantization_metadata`` declarations), legacy ComfyUI scaled fp8 (``scaled_fp8`` marker and
+    a scalar ``<layer>.scale_weight``), and plain ComfyUI ``fp8_e4m3fn`` files (fp8 weights, no scale). Static
+    input scales are ignored: activations are always scaled per token.
 
     Raises:
         ValueError: an unknown quantization request, or one the stored format cannot serve.
-        CheckpointError: a scale without its weight, a scale of the wrong shape, or an unknown format tag.
+        CheckpointError: a scale without its weight, a scale of the wrong shape, an unknown format tag or an
+            unsupported declared format.
     """
-    from ..quant import FP8_DTYPE, SCHEMES
+    from ..quant import DIT_QUANT_PATTERN, SCHEMES
 
     if requested is not None and requested not in SCHEMES:
         raise ValueError(f"quantization must be None or one of {list(SCHEMES)}, got {requested!r}")
     tag = src.metadata.get("wanrt_quant")
     if tag is not None and tag not in SCHEMES:
         raise CheckpointError(f"unknown quantization format tag wanrt_quant={tag!r} (known: {list(SCHEMES)})")
+    _check_comfy_formats(src)
+    qmap = _quant_mapper(mapper)
     keys = {}
     for k in src.keys():
         try:
-            mk = mapper(k) if k != "scaled_fp8" else None
+            mk = qmap(k)
         except (KeyError, ValueError):  # an unknown key: load_into_module reports it with its file
             continue
         if mk is not None:
             keys[mk] = k
-    layers = sorted(k[: -len(".weight_scale")] for k in keys if k.endswith(".weight_scale"))
-    if not layers:
-        return None, []
+    found = _StoredQuant()
+    found.scaled = sorted(k[: -len(".weight_scale")] for k in keys if k.endswith(".weight_scale"))
     shapes = src.shapes()
-    for name in layers:
+    for name in found.scaled:
         wkey, skey = keys.get(f"{name}.weight"), keys[f"{name}.weight_scale"]
         if wkey is None:
             raise CheckpointError(f"DiT: {name}.weight_scale has no {name}.weight", src.file_of(skey), skey)
@@ -278,37 +364,33 @@ def _stored_quantization(src, mapper, requested, device):
         if shapes[skey] not in ((out,), (), (1,), (out, 1)):
             raise CheckpointError(f"DiT: {name}.weight_scale has shape {list(shapes[skey])}; expected [{out}] "
                                   "(per output channel) or a scalar", src.file_of(skey), skey)
-    wdtype = src.get(keys[f"{layers[0]}.weight"]).dtype  # one tensor read; the layers share a format
-    if wdtype == FP8_DTYPE:
-        scheme = "fp8"
-    elif wdtype == torch.int8:
-        scheme = "int8-wo" if requested == "int8-wo" else "int8"
-    else:
-        raise CheckpointError(f"DiT: quantized weights of dtype {wdtype} are not supported (fp8 e4m3fn or int8)",
-                              src.file_of(keys[f"{layers[0]}.weight"]), keys[f"{layers[0]}.weight"])
-    if tag is not None and SCHEMES[tag].qdtype != wdtype:
-        raise CheckpointError(f"format tag wanrt_quant={tag!r} does not match the stored {wdtype} weights")
+        if src.dtype_name(wkey) not in (*_FP8_NAMES, "I8"):
+            raise CheckpointError(f"DiT: {name}.weight has a scale but is stored as {src.dtype_name(wkey)} "
+                                  "(expected float8_e4m3fn or int8)", src.file_of(wkey), wkey)
+    scaled = set(found.scaled)
+    found.unscaled = sorted(k[: -len(".weight")] for k, sk in keys.items()
+                            if k.endswith(".weight") and src.dtype_name(sk) in _FP8_NAMES
+                            and k[: -len(".weight")] not in scaled and DIT_QUANT_PATTERN.match(k[: -len(".weight")]))
+    if not found.layers:
+        return found
+    names = {src.dtype_name(keys[f"{n}.weight"]) for n in found.layers}
+    if len(names) > 1:
+        raise CheckpointError(f"DiT: quantized layers mix storage types {sorted(names)}", src.describe())
+    scheme = "fp8" if names.pop() in _FP8_NAMES else ("int8-wo" if requested == "int8-wo" else "int8")
+    if tag is not None and SCHEMES[tag].qdtype != SCHEMES[scheme].qdtype:
+        raise CheckpointError(f"format tag wanrt_quant={tag!r} does not match the stored "
+                              f"{SCHEMES[scheme].qdtype} weights", src.describe())
     if requested is not None and requested != scheme:
         raise ValueError(f"the checkpoint is stored as {scheme!r}; quantization={requested!r} cannot be served from it "
                          "(load it with quantization=None or the stored scheme)")
-    return scheme, layers
+    found.scheme = scheme
+    return found
 
 
 def fp8_gemm_supported(device) -> bool:
     """``torch._scaled_mm`` in fp8 runs here: the CPU, or a CUDA GPU of compute capability >= 8.9."""
     device = torch.device(device)
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def _skip_markers(mapper):
-    def f(k: str):
-        if k == "scaled_fp8":
-            raise CheckpointError(
-                "scaled-fp8 checkpoints are not supported yet (quantized loading is a later feature)", key=k
-            )
-        return mapper(k)
-
-    return f
 
 
 # ---------------------------------------------------------------------------------------------
