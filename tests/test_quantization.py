@@ -325,3 +325,39 @@ def test_comfy_unsupported_formats_are_refused(official_dir, tmp_path):
     f, _ = _comfy_file(official_dir, tmp_path, "legacy", marker_dtype=torch.float8_e5m2)
     with pytest.raises(CheckpointError, match="only float8_e4m3fn is supported"):
         wanrt.load_transformer(f, device="cpu")
+
+
+# ------------------------------------------------------------------------------ the text encoder
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int8-wo"])
+def test_text_encoder_quantized(official_dir, scheme):
+    ref = wanrt.Engine("tiny", official_dir, device="cpu", precision="bf16", prompt_cache_size=0)
+    e = wanrt.Engine("tiny", official_dir, device="cpu", precision="bf16", text_encoder_precision=scheme,
+                     prompt_cache_size=0)
+    layers = quantized_layers(e.text_encoder.model)
+    assert len(layers) == 7 * e.text_encoder.model.cfg.num_layers and quant_scheme(e.text_encoder.model) == scheme
+    a, b = ref.encode_prompt(["a corgi surfing a wave"])[0], e.encode_prompt(["a corgi surfing a wave"])[0]
+    assert a.shape == b.shape and b.dtype == torch.bfloat16
+    rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+    print(f"text encoder {scheme}: embedding relative error {rel:.4f}")
+    # fp8 keeps 3 mantissa bits (2^-4 relative per operand) against int8's ~1/254 of the row maximum.
+    assert rel < {"fp8": 0.2, "int8": 0.08, "int8-wo": 0.05}[scheme], rel
+    v = e.generate("a corgi", seed=1, num_inference_steps=2, height=32, width=48, num_frames=5, progress=False)
+    assert torch.isfinite(v.latents).all()
+
+
+def test_text_encoder_device_and_offload(official_dir, monkeypatch):
+    e = wanrt.Engine("tiny", official_dir, device="cpu", precision="fp32", text_encoder_device="cpu",
+                     offload_text_encoder=True, prompt_cache_size=0)
+    assert e.config.text_device == torch.device("cpu")
+    moves = []
+    orig = e.text_encoder.model.to
+    monkeypatch.setattr(e.text_encoder.model, "to", lambda *a, **k: moves.append(str(a[0])) or orig(*a, **k))
+    emb = e.encode_prompt(["a corgi"])[0]
+    assert moves == ["cpu", "cpu"]  # to its device for the call, back to the CPU after
+    assert emb.device.type == "cpu" and next(e.text_encoder.model.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="text_encoder_precision"):
+        wanrt.Engine("tiny", official_dir, device="cpu", text_encoder_precision="fp4")
+    with pytest.raises(ValueError, match="offload_text_encoder must be a bool"):
+        wanrt.Engine("tiny", official_dir, device="cpu", offload_text_encoder="yes")

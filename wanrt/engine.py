@@ -105,6 +105,12 @@ class EngineConfig:
             ``wanrt calibrate-teacache``.
         prompt_cache_size: text embeddings kept per prompt (LRU), so repeated prompts and negative prompts
             skip the text encoder; 0 disables.
+        text_encoder_precision: None (bf16, fp32 with precision "fp32"), "bf16", "fp32", or "fp8" / "int8" /
+            "int8-wo" to quantize the 5.7B UMT5's attention and FFN Linears.
+        text_encoder_device: where the text encoder runs, e.g. "cpu" to keep its ~11 GB off the GPU (the
+            embeddings move to ``device``). Default: ``device``.
+        offload_text_encoder: keep the text encoder on the CPU and move it to ``text_encoder_device`` only
+            while it encodes (freed from the GPU after each call).
     """
 
     device: torch.device
@@ -117,6 +123,9 @@ class EngineConfig:
     teacache_mode: str = "e"
     teacache_coefficients: tuple[float, ...] | None = None
     prompt_cache_size: int = 16
+    text_encoder_precision: str | None = None
+    text_encoder_device: str | torch.device | None = None
+    offload_text_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -141,6 +150,15 @@ class EngineConfig:
             raise ValueError(f"teacache_threshold must be None or >= 0, got {self.teacache_threshold!r}")
         if self.teacache_coefficients is not None:
             object.__setattr__(self, "teacache_coefficients", tuple(float(c) for c in self.teacache_coefficients))
+        if self.text_encoder_precision not in (None, "bf16", "fp32", *QUANTIZED_PRECISIONS):
+            raise ValueError(f"text_encoder_precision must be None, 'bf16', 'fp32' or one of {QUANTIZED_PRECISIONS}, "
+                             f"got {self.text_encoder_precision!r}")
+        if self.text_encoder_device is not None:
+            object.__setattr__(self, "text_encoder_device", torch.device(self.text_encoder_device))
+            if self.text_encoder_device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError("text_encoder_device 'cuda' requested but CUDA is not available")
+        if not isinstance(self.offload_text_encoder, bool):
+            raise ValueError(f"offload_text_encoder must be a bool, got {self.offload_text_encoder!r}")
         if not isinstance(self.prompt_cache_size, int) or self.prompt_cache_size < 0:
             raise ValueError(f"prompt_cache_size must be an int >= 0, got {self.prompt_cache_size!r}")
 
@@ -161,9 +179,17 @@ class EngineConfig:
 
     @property
     def text_dtype(self) -> torch.dtype:
-        """Dtype of the text encoder's weights (fp32, or bf16 for bf16/fp16 precision)."""
+        """Compute dtype of the text encoder (fp32 for fp32 precision, else bf16; ``text_encoder_precision``
+        "fp32"/"bf16" overrides)."""
         # UMT5 overflows in fp16; the official encoder runs in bf16.
+        if self.text_encoder_precision in ("fp32", "bf16"):
+            return PRECISIONS[self.text_encoder_precision]
         return torch.float32 if self.precision == "fp32" else torch.bfloat16
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where the text encoder runs (``text_encoder_device``, default the Engine's device)."""
+        return self.text_encoder_device or self.device
 
 
 
@@ -253,7 +279,8 @@ class Engine:
             the resolution. An explicit backend that cannot run here raises ``BackendUnavailableError`` (a
             RuntimeError) naming the install command and the available backends, before any weight is read.
         **options: the loop options of :class:`EngineConfig`: ``cfg_batch``, ``cuda_graphs``, ``compile``,
-            ``teacache_threshold``, ``teacache_mode``, ``teacache_coefficients``, ``prompt_cache_size``.
+            ``teacache_threshold``, ``teacache_mode``, ``teacache_coefficients``, ``prompt_cache_size``,
+            ``text_encoder_precision``, ``text_encoder_device``, ``offload_text_encoder``.
 
     Raises:
         ValueError: unknown preset/precision/backend, no checkpoint_dir for a non-tiny preset, or a
@@ -306,9 +333,7 @@ class Engine:
             raise NotImplementedError(f"task {preset.task!r} is not supported yet (text-to-video only)")
         self.preset = preset
         self.vae = load_vae(ckpt, device=dev, dtype=torch.float32)
-        self.text_encoder = load_text_encoder(
-            ckpt, device=dev, dtype=self.config.text_dtype, text_len=self.transformer.config.text_len
-        )
+        self.text_encoder = self._load_text_encoder(ckpt, load_text_encoder)
         self._lock = _device_lock(dev)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         if self.config.compile:
@@ -320,6 +345,22 @@ class Engine:
             from .sampling.loop import make_step_graphs
 
             self._graphs = make_step_graphs(self.transformer)
+
+    def _load_text_encoder(self, ckpt: Path, loader):
+        """The UMT5 encoder on ``text_device`` (on the CPU while offloaded), quantized layer by layer when
+        ``text_encoder_precision`` is 8-bit."""
+        cfg = self.config
+        home = torch.device("cpu") if cfg.offload_text_encoder else cfg.text_device
+        scheme = cfg.text_encoder_precision if cfg.text_encoder_precision in QUANTIZED_PRECISIONS else None
+        te = loader(ckpt, device="cpu" if scheme else home, dtype=cfg.text_dtype,
+                    text_len=self.transformer.config.text_len)
+        if scheme:
+            from .quant import QuantConfig, quantize_, t5_filter
+
+            compute = torch.bfloat16 if cfg.text_dtype == torch.float32 and scheme != "int8-wo" else cfg.text_dtype
+            quantize_(te.model, QuantConfig(scheme, out_dtype=compute), t5_filter, device=home)
+            te.model.to(home)
+        return te
 
     def _arch(self) -> dict:
         c = self.transformer.config
@@ -349,7 +390,7 @@ class Engine:
         """
         size = self.config.prompt_cache_size
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        fresh = dict(zip(missing, self.text_encoder.encode(missing), strict=True)) if missing else {}
+        fresh = dict(zip(missing, self._encode(missing), strict=True)) if missing else {}
         out = [fresh[p] if p in fresh else self._prompt_cache[p] for p in prompts]
         if size:
             for p in prompts:
@@ -359,6 +400,19 @@ class Engine:
             while len(self._prompt_cache) > size:
                 self._prompt_cache.popitem(last=False)
         return out
+
+    def _encode(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Run the text encoder; with ``offload_text_encoder`` it visits its device only for this call."""
+        if not self.config.offload_text_encoder:
+            return self.text_encoder.encode(prompts)
+        model, device = self.text_encoder.model, self.config.text_device
+        model.to(device)
+        try:
+            return [e.to(self.device) for e in self.text_encoder.encode(prompts)]
+        finally:
+            model.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @property
     def prompt_cache_info(self) -> dict[str, int]:

@@ -32,6 +32,15 @@ from .layers import (
 DIT_QUANT_PATTERN = re.compile(r"^blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|k|v|o|k_img|v_img)|ffn\.(0|2))$")
 
 
+#: UMT5 encoder Linears quantized by ``text_encoder_precision``: attention projections and the gated FFN.
+T5_QUANT_PATTERN = re.compile(r"^blocks\.\d+\.(attn\.(q|k|v|o)|ffn\.(gate\.0|fc1|fc2))$")
+
+
+def t5_filter(name: str, module: nn.Module) -> bool:
+    """The UMT5 selection: :data:`T5_QUANT_PATTERN` on an ``nn.Linear``."""
+    return isinstance(module, nn.Linear) and T5_QUANT_PATTERN.match(name) is not None
+
+
 def dit_filter(name: str, module: nn.Module) -> bool:
     """The default selection: :data:`DIT_QUANT_PATTERN` on an ``nn.Linear``."""
     return isinstance(module, nn.Linear) and DIT_QUANT_PATTERN.match(name) is not None
@@ -153,5 +162,6 @@ __all__ = [
     "quantize_rowwise",
     "quantized_layers",
     "save_quantized",
+    "t5_filter",
     "weight_bytes",
 ]
