@@ -32,6 +32,11 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                    help="replay the DiT from CUDA graphs (auto: on CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
+    g.add_argument("--text-encoder-precision", default=None, choices=["bf16", "fp32", "fp8", "int8", "int8-wo"],
+                   help="UMT5 precision (default: bf16; 8-bit quantizes its attention and FFN layers)")
+    g.add_argument("--text-encoder-device", default=None, help="where UMT5 runs, e.g. cpu (default: --device)")
+    g.add_argument("--offload-text-encoder", action="store_true",
+                   help="keep UMT5 on the CPU and move it to its device only while encoding")
 
     c = sub.add_parser("calibrate-teacache", help="fit TeaCache coefficients for a checkpoint and resolution",
                        description="Run one uncached generation, record how much the time-embedding input and "
@@ -97,7 +102,8 @@ def _generate(args) -> int:
         mode, coefficients = _read_coefficients(args.teacache_coefficients)
     on_off = {"auto": None, "on": True, "off": False}
     engine = _engine(args, cfg_batch=on_off[args.cfg_batch], cuda_graphs=on_off[args.cuda_graphs],
-                     compile=args.compile)
+                     compile=args.compile, text_encoder_precision=args.text_encoder_precision,
+                     text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder)
     video = engine.generate(
         args.prompt, args.negative_prompt, height=args.height, width=args.width, num_frames=args.num_frames,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
