@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from wanrt.cli import main
 from wanrt.video import read_mp4, write_mp4
@@ -135,3 +136,14 @@ def test_calibrate_teacache_then_generate_with_it(tmp_path, tiny_official, capsy
     assert "no TeaCache coefficients for preset 'tiny'" in capsys.readouterr().err
     assert main(["generate", *common, "--cuda-graphs", "on", "-o", str(out)]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_generate_with_8bit_precisions(tmp_path, tiny_official, capsys):
+    out = tmp_path / "q.mp4"
+    args = ["generate", "--model", "tiny", "--checkpoint-dir", str(tiny_official), "--prompt", "a corgi", "-o",
+            str(out), "--height", "16", "--width", "32", "--num-frames", "1", "--steps", "1", "--device", "cpu",
+            "--no-progress"]
+    assert main([*args, "--precision", "int8", "--text-encoder-precision", "int8", "--offload-text-encoder"]) == 0
+    assert out.is_file()
+    with pytest.raises(SystemExit):  # argparse rejects an unknown precision before anything loads
+        main([*args, "--precision", "fp4"])
