@@ -24,11 +24,13 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not interprete
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from common import emit, header  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from wanrt.kernels import attention, modnorm, qk_norm_rope  # noqa: E402
+from wanrt.kernels import attention, modnorm, modnorm_quant, qk_norm_rope  # noqa: E402
+from wanrt.kernels._common import row_kernel_warps  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 PTR = {"bf16": "*bf16", "fp32": "*fp32", "i32": "*i32"}
@@ -47,7 +49,7 @@ def compile_usage(fn, pointers: dict[str, str], constexprs: dict, num_warps: int
             sig[name] = "constexpr"
         elif name in pointers:
             sig[name] = pointers[name]
-        elif name in ("eps", "qk_scale"):
+        elif name in ("eps", "qk_scale", "qmax", "inv_qmax"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -104,6 +106,18 @@ def fused_rows(arch: int, quick: bool = False) -> list[str]:
         regs, stack, shared = compile_usage(modnorm._modnorm_kernel, ptrs, const, warps, 1, arch)
         rows.append(f"| gated_residual_layer_norm fp32+bf16 → fp32, bf16, dim {dim} | {n_rows} row, {warps} warps | "
                     f"{regs} | {stack} | {shared // 1024} |")
+        warps = row_kernel_warps(block)
+        for qname, qptr in (("fp8", "*fp8e4nv"), ("int8", "*i8")):
+            const = dict(BLOCK=block, HAS_Y=True, HAS_GATE=True, WRITE_X=True, HAS_W=False, HAS_B=False,
+                         ROUND_X=False, HAS_SHIFT=True, HAS_SCALE=True, OUT_DTYPE=tl.bfloat16,
+                         IS_INT8=qname == "int8", SCALE_RECIP=True, INTERPRET=False)
+            ptrs = {"x_ptr": "*fp32", "y_ptr": "*bf16", "gate_ptr": "*fp32", "shift_ptr": "*fp32",
+                    "scale_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32", "xnew_ptr": "*fp32",
+                    "q_ptr": qptr, "qs_ptr": "*fp32", "qmax": "fp32", "inv_qmax": "fp32"}
+            regs, stack, shared = compile_usage(modnorm_quant._residual_norm_quant_kernel, ptrs, const, warps, 1,
+                                                arch)
+            rows.append(f"| gated_residual_layer_norm → {qname} per token, dim {dim} | 1 row, {warps} warps | "
+                        f"{regs} | {stack} | {shared // 1024} |")
     return rows
 
 

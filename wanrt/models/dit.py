@@ -262,6 +262,15 @@ class DiTConfig:
 # --------------------------------------------------------------------------- layers
 
 
+def input_quant_dtype(*linears: nn.Module) -> torch.dtype | None:
+    """The 8-bit dtype all ``linears`` quantize their input to (wanrt.quant W8A8 layers), else None."""
+    if not all(hasattr(m, "qdtype") for m in linears):
+        return None
+    from wanrt.quant.layers import input_quant_dtype as quant_dtype
+
+    return quant_dtype(*linears)
+
+
 def compute_dtype(linear: nn.Module) -> torch.dtype:
     """The dtype a Linear computes and returns in: its weight dtype, or ``out_dtype`` for the quantized
     layers of :mod:`wanrt.quant` (whose weights are 8-bit)."""
@@ -481,14 +490,15 @@ class Block(nn.Module):
         if isinstance(self.norm3, LayerNorm):
             x, h = gated_residual_layer_norm(
                 x, y, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias,
-                out_dtype=compute_dtype(self.cross_attn.q), backend=fused,
+                out_dtype=compute_dtype(self.cross_attn.q), quantize=input_quant_dtype(self.cross_attn.q),
+                backend=fused,
             )  # x fp32 [B, S, dim], h = norm3(x)
         else:
             x = h = gated_residual(x, y, gate_sa, backend=fused)  # [B, S, dim] fp32
         y = self.cross_attn(h, context, context_img, plan)  # [B, S, dim]
         x, h = gated_residual_layer_norm(
             x, y, None, self.norm2.eps, shift=shift_ff, scale=scale_ff,
-            out_dtype=compute_dtype(self.ffn[0]), backend=fused,
+            out_dtype=compute_dtype(self.ffn[0]), quantize=input_quant_dtype(self.ffn[0]), backend=fused,
         )  # x + cross-attention; h = norm2(x) * (1 + scale_ff) + shift_ff
         return x, (self.ffn(h), gate_ff)
 
@@ -749,12 +759,16 @@ class WanDiT(nn.Module):
         pending = None  # (y, gate) of the previous block's FFN, fused with the next norm
         for block in self.blocks:
             mod = block.chunks(inp.e0)  # 6 x [B, 1, dim] fp32
-            out_dtype = compute_dtype(block.self_attn.q)
+            sa = block.self_attn
+            out_dtype = compute_dtype(sa.q)
+            quant = input_quant_dtype(sa.q, sa.k, sa.v)  # 8-bit q/k/v: quantize norm1's output once for all
             if pending is None:  # block 0: norm1 of the patch embedding (rounded to its dtype)
-                h = modulated_layer_norm(x, mod[0], mod[1], eps, out_dtype=out_dtype, backend=plan.fused)
+                h = modulated_layer_norm(x, mod[0], mod[1], eps, out_dtype=out_dtype, quantize=quant,
+                                         backend=plan.fused)
             else:
                 x, h = gated_residual_layer_norm(
-                    x, *pending, eps, shift=mod[0], scale=mod[1], out_dtype=out_dtype, backend=plan.fused
+                    x, *pending, eps, shift=mod[0], scale=mod[1], out_dtype=out_dtype, quantize=quant,
+                    backend=plan.fused,
                 )  # previous block's output x + y*gate_ffn, and this block's norm1 + modulation
             x, pending = block(x, h, mod, inp.rope, inp.context, inp.context_img, plan)
         return x, pending

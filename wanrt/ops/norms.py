@@ -200,6 +200,7 @@ def modulated_layer_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    quantize: torch.dtype | None = None,
     backend: str = "eager",
 ) -> torch.Tensor:
     """Modulated LayerNorm: ``(layer_norm(x).float() * (1 + scale) + shift).to(out_dtype)``.
@@ -216,14 +217,18 @@ def modulated_layer_norm(
         eps: LayerNorm epsilon.
         weight: Optional LayerNorm weight ``[D]``; bias: optional ``[D]``.
         out_dtype: Result dtype (the next GEMM's weight dtype); ``None`` gives float32.
+        quantize: float8_e4m3fn or int8 to hand the result to 8-bit Linears already quantized per token
+            (a :class:`~wanrt.quant.layers.QuantizedActivation` of the ``out_dtype`` result), or None.
         backend: ``"eager"`` or ``"triton"``.
 
     Returns:
-        ``[B, S, D]`` in ``out_dtype``.
+        ``[B, S, D]`` in ``out_dtype`` (or its QuantizedActivation).
     """
     _check_mod("shift", x, shift)
     _check_mod("scale", x, scale)
     out_dtype = out_dtype or torch.float32
+    if quantize is not None:
+        return _norm_quant(x, None, None, eps, shift, scale, weight, bias, out_dtype, quantize, backend)[1]
     if backend == "eager":
         return modulated_layer_norm_eager(x, shift, scale, eps, weight=weight, bias=bias, out_dtype=out_dtype)
     return _fused(backend).modulated_layer_norm(x, shift, scale, weight, bias, eps, out_dtype)
@@ -293,6 +298,7 @@ def gated_residual_layer_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    quantize: torch.dtype | None = None,
     backend: str = "eager",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated residual, then the (modulated, optionally affine) LayerNorm of the new residual.
@@ -304,6 +310,10 @@ def gated_residual_layer_norm(
     ``norm3`` (affine), cross-attention's add then ``norm2`` with the FFN modulation, and the
     FFN's gated add then the next block's ``norm1`` (or the head's norm) with its modulation.
 
+    With ``quantize`` (float8_e4m3fn or int8), ``h`` is handed on quantized per token (a
+    :class:`~wanrt.quant.layers.QuantizedActivation` of the ``out_dtype`` result) for the 8-bit Linears that
+    read it; the Triton backend then writes the 8-bit row instead of the ``out_dtype`` one.
+
     Returns:
         ``(x_new float32 [B, S, D], h [B, S, D] in out_dtype (default float32))``.
     """
@@ -311,6 +321,8 @@ def gated_residual_layer_norm(
     _check_mod("shift", x, shift)
     _check_mod("scale", x, scale)
     out_dtype = out_dtype or torch.float32
+    if quantize is not None:
+        return _norm_quant(x, y, gate, eps, shift, scale, weight, bias, out_dtype, quantize, backend)
     if backend == "eager":
         return gated_residual_layer_norm_eager(
             x, y, gate, eps, shift=shift, scale=scale, weight=weight, bias=bias, out_dtype=out_dtype
@@ -335,3 +347,24 @@ def gated_residual_layer_norm_eager(
     return x_new, modulated_layer_norm_eager(
         x_new, shift, scale, eps, weight=weight, bias=bias, out_dtype=out_dtype
     )
+
+
+def _norm_quant(x, y, gate, eps, shift, scale, weight, bias, out_dtype, qdtype, backend):
+    """``(x_new or None, QuantizedActivation)``: the residual/norm of the ops above, quantized per token."""
+    from wanrt.quant.layers import QuantizedActivation, quantize_per_token
+
+    if backend == "eager":
+        if y is None:
+            x_new, h = None, modulated_layer_norm_eager(x, shift, scale, eps, weight=weight, bias=bias,
+                                                        out_dtype=out_dtype)
+        else:
+            x_new, h = gated_residual_layer_norm_eager(x, y, gate, eps, shift=shift, scale=scale, weight=weight,
+                                                       bias=bias, out_dtype=out_dtype)
+        q, qs = quantize_per_token(h.reshape(-1, h.shape[-1]), qdtype)
+        return x_new, QuantizedActivation(q, qs, tuple(h.shape), out_dtype)
+    if backend != "triton":
+        raise ValueError(f"fused-op backend must be 'eager' or 'triton', got {backend!r}")
+    from wanrt.kernels.modnorm_quant import residual_norm_quant
+
+    x_new, q, qs = residual_norm_quant(x, y, gate, shift, scale, weight, bias, eps, out_dtype, qdtype)
+    return x_new, QuantizedActivation(q, qs, tuple(x.shape), out_dtype)

@@ -87,6 +87,38 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype,
     return q, scale[:, None]
 
 
+class QuantizedActivation:
+    """An activation already quantized per token, for the 8-bit Linears that read it.
+
+    Attributes:
+        q: ``[M, K]`` float8_e4m3fn or int8 (M = the product of the leading dims).
+        scale: float32 ``[M, 1]``.
+        shape: the activation's logical shape ``[..., K]``.
+        dtype: the dtype the activation had before quantization (the Linears' compute dtype).
+
+    Produced by the fused norm ops (``quantize=`` of :func:`wanrt.ops.gated_residual_layer_norm`), so a norm's
+    output is quantized once for every Linear that reads it (self-attention's q, k and v).
+    """
+
+    __slots__ = ("q", "scale", "shape", "dtype")
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype):
+        self.q, self.scale, self.shape, self.dtype = q, scale, tuple(shape), dtype
+
+    def dequantize(self) -> torch.Tensor:
+        """``q · scale`` as a ``shape`` tensor in ``dtype``."""
+        return (self.q.float() * self.scale).to(self.dtype).reshape(self.shape)
+
+
+def input_quant_dtype(*layers: nn.Module) -> torch.dtype | None:
+    """The activation dtype that every one of ``layers`` quantizes its input to (all FP8Linear or all Int8Linear),
+    else None: the norm before them can then hand them a :class:`QuantizedActivation`."""
+    kinds = {type(m) for m in layers}
+    if len(kinds) == 1 and kinds.pop() in (FP8Linear, Int8Linear):
+        return layers[0].qdtype
+    return None
+
+
 # ------------------------------------------------------------------------------ layers
 
 
@@ -154,6 +186,16 @@ class _QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"scheme={self.scheme}, out_dtype={self.out_dtype}")
 
+    def _quantized_input(self, x) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """``(q [M, K], scale [M, 1], leading shape)`` of ``x``: quantized here, or as handed over."""
+        if isinstance(x, QuantizedActivation):
+            if x.q.dtype != self.qdtype or x.shape[-1] != self.in_features:
+                raise ValueError(f"{type(self).__name__}: got a {x.q.dtype} activation of width {x.shape[-1]}, "
+                                 f"expected {self.qdtype} of width {self.in_features}")
+            return x.q, x.scale, x.shape[:-1]
+        xq, xs = quantize_per_token(self._flat(x), self.qdtype, self.act_backend)
+        return xq, xs, tuple(x.shape[:-1])
+
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
@@ -170,12 +212,11 @@ class FP8Linear(_QuantLinear):
     qdtype = FP8_DTYPE
     scheme = "fp8"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xq, xs = quantize_per_token(self._flat(x), FP8_DTYPE, self.act_backend)  # [M, K], [M, 1]
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        xq, xs, lead = self._quantized_input(x)  # [M, K], [M, 1]
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale[None, :],
                              bias=self.bias, out_dtype=self.out_dtype)  # [M, N]
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*lead, self.out_features)
 
 
 class Int8Linear(_QuantLinear):
@@ -187,9 +228,8 @@ class Int8Linear(_QuantLinear):
     qdtype = torch.int8
     scheme = "int8"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xq, xs = quantize_per_token(self._flat(x), torch.int8, self.act_backend)  # [M, K], [M, 1]
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        xq, xs, lead = self._quantized_input(x)  # [M, K], [M, 1]
         if self.act_backend == "triton":
             from wanrt.kernels.quant import int8_matmul_rescale
 
@@ -200,7 +240,7 @@ class Int8Linear(_QuantLinear):
             if self.bias is not None:
                 y = y + self.bias.float()
             y = y.to(self.out_dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*lead, self.out_features)
 
 
 class Int8WeightOnlyLinear(_QuantLinear):
