@@ -141,11 +141,15 @@ def test_nan_in_dit_is_reported_with_step(tiny_engine, monkeypatch):
 def test_decode_failure_keeps_latents(tiny_engine, monkeypatch):
     ok = tiny_engine.generate("x", seed=4, **SMALL)
 
-    def boom(z):
+    real = tiny_engine.vae.decode_stream
+
+    def boom(z):  # the first chunk decodes, then the device runs out of memory
+        stream = real(z)
+        yield next(stream)
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(tiny_engine.vae, "decode", boom)
-    with pytest.raises(GenerationError, match="out of memory") as e:
+    monkeypatch.setattr(tiny_engine.vae, "decode_stream", boom)
+    with pytest.raises(GenerationError, match="after 1 frames .*out of memory") as e:
         tiny_engine.generate("x", seed=4, **SMALL)
     torch.testing.assert_close(e.value.latents, ok.latents, rtol=0, atol=0)
     assert e.value.seed == 4

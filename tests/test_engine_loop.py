@@ -238,3 +238,45 @@ def test_batched_cfg_falls_back_to_two_passes_when_it_would_not_fit(tiny_officia
         v = e.generate("a corgi", seed=3, **SMALL)
     assert v.stats["cfg_batched"] is False and "would not fit" in caplog.text
     assert torch.equal(v.latents, reference.latents)  # exactly the two-pass reference loop
+
+
+# ------------------------------------------------------------------------------ streaming decode
+
+
+def test_on_frames_streams_chunks_and_mp4_writer(engine, reference, tmp_path):
+    from wanrt.video import Mp4Writer, read_mp4
+
+    seen = []
+    with Mp4Writer(tmp_path / "stream.mp4") as writer:
+        v = engine.generate("a corgi", seed=3, on_frames=lambda f, start: seen.append((start, f.shape[0])) or
+                            writer.write(f), keep_frames=False, **SMALL)
+    assert seen == [(0, 1), (1, 4)]  # 1 frame for the first latent frame, then 4 per latent frame
+    assert v.frames.shape == (0, 32, 48, 3)
+    frames, fps = read_mp4(tmp_path / "stream.mp4")
+    assert frames.shape == reference.frames.shape and fps == 16
+    assert torch.equal(v.latents, reference.latents)
+    kept = engine.generate("a corgi", seed=3, on_frames=lambda f, start: None, **SMALL)
+    assert (kept.frames == reference.frames).all()
+
+
+def test_decode_stream_equals_one_shot_decode(engine, reference):
+    chunks = list(engine.vae.decode_stream(reference.latents))
+    assert [c.shape[2] for c in chunks] == [1, 4]
+    torch.testing.assert_close(torch.cat(chunks, dim=2), engine.vae.decode(reference.latents), rtol=0, atol=0)
+
+
+def test_mp4_writer_keeps_partial_file_on_error(tmp_path):
+    import numpy as np
+
+    from wanrt.video import Mp4Writer
+
+    path = tmp_path / "x.mp4"
+    with pytest.raises(RuntimeError, match="boom"), Mp4Writer(path) as w:
+        w.write(np.zeros((2, 16, 16, 3), np.uint8))
+        raise RuntimeError("boom")
+    assert not path.exists()  # never a truncated file under the final name (the encoder may not have flushed yet)
+    with pytest.raises(ValueError, match="frame size changed"), Mp4Writer(tmp_path / "y.mp4") as w:
+        w.write(np.zeros((1, 16, 16, 3), np.uint8))
+        w.write(np.zeros((1, 16, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="must end in .mp4"):
+        Mp4Writer(tmp_path / "z.avi")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .ops.backends import BACKEND_NAMES as BACKENDS
@@ -422,7 +423,12 @@ class Engine:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode latents ``[1, 16, F', H', W']`` to a video ``[1, 3, 1+4(F'-1), 8H', 8W']`` in [-1, 1]."""
-        return self.vae.decode(latents.to(self.device, torch.float32))
+        return torch.cat(list(self.decode_stream(latents)), dim=2)
+
+    def decode_stream(self, latents: torch.Tensor):
+        """Decode chunk by chunk: yields ``[1, 3, n, H, W]`` float32 in [-1, 1] (n = 1, then 4 per latent frame),
+        with memory independent of the number of frames."""
+        return self.vae.decode_stream(latents.to(self.device, torch.float32))
 
     def _check_embeds(self, name: str, e: torch.Tensor | None) -> torch.Tensor | None:
         if e is None:
@@ -466,6 +472,8 @@ class Engine:
         teacache_coefficients: tuple[float, ...] | None = None,
         callback: Callable[[int, int, torch.Tensor], bool | None] | None = None,
         cancel: threading.Event | None = None,
+        on_frames: Callable[[np.ndarray, int], None] | None = None,
+        keep_frames: bool = True,
         progress: bool = True,
     ) -> Video:
         """Generate a video from a text prompt.
@@ -500,6 +508,11 @@ class Engine:
                 next overwrites, so ``clone()`` what you keep, and do not modify it). Returning False cancels.
             cancel: a ``threading.Event``; when set (e.g. from another thread) the generation stops at the
                 next step boundary.
+            on_frames: called as ``on_frames(frames, start)`` with each decoded chunk (uint8 ``[n, H, W, 3]``,
+                n = 1 for the first latent frame, then 4) as soon as the VAE produces it; e.g. the ``write`` of a
+                :class:`wanrt.video.Mp4Writer` to stream the MP4 to disk.
+            keep_frames: keep all frames in ``Video.frames`` (set False with ``on_frames`` to keep host memory
+                independent of the video length; ``Video.frames`` is then empty).
             progress: show a tqdm progress bar.
 
         Returns:
@@ -525,6 +538,7 @@ class Engine:
                 negative_prompt_embeds=negative_prompt_embeds, latents=latents,
                 teacache_threshold=teacache_threshold, teacache_mode=teacache_mode,
                 teacache_coefficients=teacache_coefficients, callback=callback, cancel=cancel, progress=progress,
+                on_frames=on_frames, keep_frames=keep_frames,
             )
 
     def _teacache(self, threshold, mode, coefficients, steps: int):
@@ -563,7 +577,7 @@ class Engine:
                   num_inference_steps=None, guidance_scale=None, shift=None, sample_solver=None, seed=None,
                   prompt_embeds=None, negative_prompt_embeds=None, latents=None, teacache_threshold=_UNSET,
                   teacache_mode=None, teacache_coefficients=None, callback=None, cancel=None, progress=True,
-                  recorder=None, decode: bool = True) -> Video:
+                  on_frames=None, keep_frames: bool = True, recorder=None, decode: bool = True) -> Video:
         p = self.preset
         a = resolve_sampling_args(
             p, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
@@ -664,14 +678,22 @@ class Engine:
         if not decode:
             return Video(frames=None, fps=p.fps, seed=seed, latents=final, timings=timings, stats=stats)
         t0 = time.perf_counter()
+        chunks: list[np.ndarray] = []
+        delivered = 0
         try:
-            video = self.decode(x)
-            frames = to_uint8_frames(video)
+            for chunk in self.decode_stream(x):
+                part = to_uint8_frames(chunk)  # [n, H, W, 3]
+                if on_frames is not None:
+                    on_frames(part, delivered)
+                delivered += len(part)
+                if keep_frames:
+                    chunks.append(part)
         except Exception as e:
             raise GenerationError(
-                f"VAE decode failed ({type(e).__name__}: {e}); the denoised latents are kept as .latents",
-                final, seed,
+                f"VAE decode failed after {delivered} frames ({type(e).__name__}: {e}); the denoised latents are "
+                "kept as .latents", final, seed,
             ) from e
+        frames = np.concatenate(chunks) if chunks else np.zeros((0, height, width, 3), np.uint8)
         self._sync()
         timings["vae_decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start

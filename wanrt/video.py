@@ -30,8 +30,82 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().numpy()  # [F, H, W, 3]
 
 
+class Mp4Writer:
+    """Incremental H.264 MP4 writer (PyAV): frames go to disk as they are produced.
+
+    ``with Mp4Writer(path, fps=16) as w: w.write(frames)`` any number of times. The file is written under
+    ``path + ".part"`` and renamed into place on a clean close, so a failure never leaves a truncated file
+    under the final name (whatever the encoder flushed stays in the ``.part`` file).
+
+    Args:
+        path: output file ending in .mp4; parent folders are created.
+        fps: frames per second (Wan's native rate is 16).
+        crf: x264 constant rate factor (lower is better quality).
+
+    Raises:
+        ValueError: a path not ending in .mp4 (at construction); frames of the wrong shape or dtype, odd sizes,
+            or a size change between writes (at ``write``).
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: int = 16, crf: int = 18):
+        if Path(path).suffix.lower() != ".mp4":
+            raise ValueError(f"only MP4 output is supported; the path must end in .mp4, got {str(path)!r}")
+        self.path = Path(path)
+        self.fps, self.crf = fps, crf
+        self.frames_written = 0
+        self._out = self._stream = None
+        self._tmp = self.path.with_name(self.path.name + ".part")
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append uint8 RGB frames ``[F, H, W, 3]`` (all writes share one size)."""
+        import av  # PyAV: imported here so that importing wanrt stays light
+
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
+        _, h, w, _ = frames.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"H.264 yuv420p needs even height and width, got {h}x{w}")
+        if self._out is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._out = av.open(str(self._tmp), mode="w", format="mp4")
+            self._stream = self._out.add_stream("libx264", rate=self.fps, options={"crf": str(self.crf)})
+            self._stream.width, self._stream.height, self._stream.pix_fmt = w, h, "yuv420p"
+        elif (h, w) != (self._stream.height, self._stream.width):
+            raise ValueError(f"frame size changed from {self._stream.height}x{self._stream.width} to {h}x{w}")
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._out.mux(packet)
+        self.frames_written += len(frames)
+
+    def close(self) -> Path:
+        """Flush, close and move the file into place; returns its path.
+
+        Raises:
+            ValueError: no frame was written.
+        """
+        if self._out is None:
+            raise ValueError(f"no frames were written to {self.path}")
+        for packet in self._stream.encode():
+            self._out.mux(packet)
+        self._out.close()
+        self._out = None
+        os.replace(self._tmp, self.path)  # never leave a half-written file under the final name
+        return self.path
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._out is not None:
+            self._out.close()  # keep the partial .part file; do not claim the final name
+            self._out = None
+
+
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16, crf: int = 18) -> Path:
-    """Write uint8 RGB frames to an H.264 MP4 with PyAV.
+    """Write uint8 RGB frames to an H.264 MP4 with PyAV (:class:`Mp4Writer` in one call).
 
     Args:
         frames: ``[F, H, W, 3]`` uint8.
@@ -46,29 +120,9 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 16, crf: i
         ValueError: a path not ending in .mp4, frames of the wrong shape or dtype, or odd height/width
             (yuv420p needs even sizes).
     """
-    import av  # PyAV: imported here so that importing wanrt stays light
-
-    if Path(path).suffix.lower() != ".mp4":
-        raise ValueError(f"only MP4 output is supported; the path must end in .mp4, got {str(path)!r}")
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {frames.shape}")
-    f, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"H.264 yuv420p needs even height and width, got {h}x{w}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with av.open(str(tmp), mode="w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps, options={"crf": str(crf)})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(f):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frames[i], format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    os.replace(tmp, path)  # never leave a half-written file under the final name
-    return path
+    with Mp4Writer(path, fps=fps, crf=crf) as writer:
+        writer.write(frames)
+    return writer.path
 
 
 def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float]:

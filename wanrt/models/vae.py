@@ -14,7 +14,7 @@ per-channel mean/std.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +200,10 @@ class CausalConv3d(nn.Conv3d):
         ValueError: if ``cached`` and there is no temporal padding.
     """
 
+    # "eager": cat + pad + nn.Conv3d (the official numerics). "triton": wanrt.kernels.causal_conv3d, an implicit
+    # GEMM reading the prefix and x in place (output in channels_last_3d memory format). Set by the model owner.
+    backend: str = "eager"
+
     def __init__(
         self,
         in_channels: int,
@@ -229,6 +233,13 @@ class CausalConv3d(nn.Conv3d):
         Returns:
             ``[B, C_out, T', H', W']`` in the weight dtype.
         """
+        if self.backend == "triton":
+            from wanrt.kernels.causal_conv3d import causal_conv3d  # lazy: Triton is optional
+
+            pw, _, ph, _ = self.spatial_pad
+            prefix = prefix.to(x) if prefix is not None and self.front_pad > 0 else None  # as eager below
+            return causal_conv3d(x, prefix, self.weight, self.bias, front_pad=self.front_pad, spatial_pad=(ph, pw),
+                                 stride=self.stride)
         front = self.front_pad
         if prefix is not None and front > 0:
             x = torch.cat([prefix.to(x), x], dim=2)  # [B, C_in, n + T, H, W]
@@ -683,6 +694,28 @@ class WanVAE(nn.Module):
         cache = self.new_decoder_cache()
         frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
         return torch.cat(frames, dim=2).float().clamp_(-1.0, 1.0)  # [B, 3, 1 + 4(T-1), H, W]
+
+    @torch.no_grad()
+    def decode_stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Decodes like :meth:`decode`, yielding the frames of each latent frame as soon as they exist.
+
+        The first chunk is 1 frame, every later one 4. Memory holds one latent frame's activations and the
+        causal cache, whatever the video length; the concatenation of the chunks equals :meth:`decode`.
+
+        Args:
+            latents: ``[B, z_dim, T, h, w]``, normalized.
+
+        Yields:
+            ``[B, 3, 1 or 4, 8h, 8w]`` float32 chunks in [-1, 1].
+
+        Raises:
+            ValueError: as :meth:`decode` (checked before the first chunk).
+        """
+        self._check_latents(latents)
+        cache = self.new_decoder_cache()
+        for i in range(latents.shape[2]):
+            z = self.denormalize_latents(latents[:, :, i : i + 1].to(self.device)).to(self.dtype)
+            yield self.decoder(self.conv2(z), cache).float().clamp_(-1.0, 1.0)
 
     @torch.no_grad()
     def decode_chunk(self, latent_frame: torch.Tensor, cache: CausalCache) -> torch.Tensor:
