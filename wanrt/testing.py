@@ -89,3 +89,55 @@ def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
         idx.append(flat % s)
         flat //= s
     return tuple(reversed(idx))
+
+
+class TensorMemoryTracker:
+    """Peak bytes of live tensor storages created while active (a ``TorchDispatchMode``; any device).
+
+    Deterministic where process memory (RSS) is not: every storage produced by an op is counted once while any
+    tensor holds it, and released when it is garbage collected. Tensors created before entering are not counted
+    (weights, inputs). Use as ``with TensorMemoryTracker() as m: ...; m.peak_bytes``.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        tracker._track(t)
+                return out
+
+        self._mode = _Mode()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        import weakref
+
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(key)
+        size = storage.nbytes()
+        self.live_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+        def release(k=key, n=size):
+            self._seen.discard(k)
+            self.live_bytes -= n
+
+        weakref.finalize(storage, release)
+
+    def __enter__(self) -> TensorMemoryTracker:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
