@@ -280,3 +280,18 @@ def test_mp4_writer_keeps_partial_file_on_error(tmp_path):
         w.write(np.zeros((1, 16, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="must end in .mp4"):
         Mp4Writer(tmp_path / "z.avi")
+
+
+def test_vae_backend_triton_decodes_like_eager(tiny_official, reference):
+    """vae_backend="triton" (the interpreter here) runs every causal conv through wanrt's kernel."""
+    from wanrt.models.vae import CausalConv3d
+
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa", vae_backend="triton")
+    assert all(m.backend == "triton" for m in e.vae.modules() if isinstance(m, CausalConv3d))
+    video = e.decode(reference.latents[:, :, :1])  # one latent frame: the interpreter is slow
+    ref = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32").decode(reference.latents[:, :, :1])
+    assert_close(video, ref, name="triton VAE decode", tol=FP32_LOOP)
+    with pytest.raises(ValueError, match="vae_backend must be one of"):
+        wanrt.Engine("tiny", device="cpu", vae_backend="cudnn")
+    with pytest.raises(ValueError, match="vae_tiling"):
+        wanrt.Engine("tiny", device="cpu", vae_tiling="yes")

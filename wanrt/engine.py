@@ -28,6 +28,8 @@ log = logging.getLogger("wanrt")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
               "fp8": torch.bfloat16, "int8": torch.bfloat16, "int8-wo": torch.bfloat16}
+#: VAE decoders: torch conv3d (reference), wanrt's Triton causal conv3d, a TensorRT engine of the decoder step.
+VAE_BACKENDS = ("eager", "triton", "tensorrt")
 #: precisions that quantize the DiT's block Linears (wanrt.quant); they compute in bf16.
 QUANTIZED_PRECISIONS = ("fp8", "int8", "int8-wo")
 LATENT_CHANNELS = 16
@@ -112,6 +114,11 @@ class EngineConfig:
             embeddings move to ``device``). Default: ``device``.
         offload_text_encoder: keep the text encoder on the CPU and move it to ``text_encoder_device`` only
             while it encodes (freed from the GPU after each call).
+        vae_backend: "eager" (torch conv3d, the reference), "triton" (wanrt's causal conv3d kernel; CUDA) or
+            "tensorrt" (an engine of the decoder step, built once and cached under ``build/trt``; needs
+            ``pip install 'wanrt[trt]'``). The decode API is the same for all three.
+        vae_tiling: decode in overlapping spatial tiles with blended seams (memory bounded by the tile). None
+            (default): automatically above 720P; True/False forces it.
     """
 
     device: torch.device
@@ -127,6 +134,8 @@ class EngineConfig:
     text_encoder_precision: str | None = None
     text_encoder_device: str | torch.device | None = None
     offload_text_encoder: bool = False
+    vae_backend: str = "eager"
+    vae_tiling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -158,6 +167,10 @@ class EngineConfig:
             object.__setattr__(self, "text_encoder_device", torch.device(self.text_encoder_device))
             if self.text_encoder_device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError("text_encoder_device 'cuda' requested but CUDA is not available")
+        if self.vae_backend not in VAE_BACKENDS:
+            raise ValueError(f"vae_backend must be one of {VAE_BACKENDS}, got {self.vae_backend!r}")
+        if self.vae_tiling not in (None, True, False):
+            raise ValueError(f"vae_tiling must be None (auto), True or False, got {self.vae_tiling!r}")
         if not isinstance(self.offload_text_encoder, bool):
             raise ValueError(f"offload_text_encoder must be a bool, got {self.offload_text_encoder!r}")
         if not isinstance(self.prompt_cache_size, int) or self.prompt_cache_size < 0:
@@ -335,6 +348,7 @@ class Engine:
         self.preset = preset
         self.vae = load_vae(ckpt, device=dev, dtype=torch.float32)
         self.text_encoder = self._load_text_encoder(ckpt, load_text_encoder)
+        self._setup_vae()
         self._lock = _device_lock(dev)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         if self.config.compile:
@@ -346,6 +360,26 @@ class Engine:
             from .sampling.loop import make_step_graphs
 
             self._graphs = make_step_graphs(self.transformer)
+
+    def _setup_vae(self) -> None:
+        """Select the VAE decoder backend (raises before any generation if it cannot run here)."""
+        backend = self.config.vae_backend
+        self._vae_engine = None
+        if backend == "triton":
+            from .kernels._common import interpreting, triton_installed
+
+            if not triton_installed() or (self.device.type != "cuda" and not interpreting()):
+                from .ops.backends import BackendUnavailableError
+
+                raise BackendUnavailableError("vae_backend 'triton' needs triton and a CUDA device (or the CPU with "
+                                              "TRITON_INTERPRET=1)")
+            self.vae.set_backend("triton")
+        elif backend == "tensorrt":
+            from .graph.tensorrt_vae import require_tensorrt
+
+            require_tensorrt()  # raises BackendUnavailableError with the install hint
+            if self.device.type != "cuda":
+                raise ValueError("vae_backend 'tensorrt' needs a CUDA device")
 
     def _load_text_encoder(self, ckpt: Path, loader):
         """The UMT5 encoder on ``text_device`` (on the CPU while offloaded), quantized layer by layer when

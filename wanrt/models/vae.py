@@ -554,6 +554,19 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return self.conv1.weight.device
 
+    def set_backend(self, backend: str) -> None:
+        """Run every causal conv with ``"eager"`` (``torch`` conv3d, the reference) or ``"triton"`` (wanrt's
+        implicit-GEMM causal conv3d reading the cache prefix in place; CUDA, or the CPU interpreter).
+
+        Raises:
+            ValueError: another name.
+        """
+        if backend not in ("eager", "triton"):
+            raise ValueError(f"VAE conv backend must be 'eager' or 'triton', got {backend!r}")
+        for m in self.modules():
+            if isinstance(m, CausalConv3d):
+                m.backend = backend
+
     def new_encoder_cache(self) -> CausalCache:
         """An empty cache for one :meth:`encode_chunk` sequence (24 slots for Wan2.1)."""
         return CausalCache.for_module(self.encoder)
