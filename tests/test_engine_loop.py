@@ -295,3 +295,18 @@ def test_vae_backend_triton_decodes_like_eager(tiny_official, reference):
         wanrt.Engine("tiny", device="cpu", vae_backend="cudnn")
     with pytest.raises(ValueError, match="vae_tiling"):
         wanrt.Engine("tiny", device="cpu", vae_tiling="yes")
+
+
+def test_vae_tiling_option(tiny_official, reference, monkeypatch):
+    """vae_tiling=True decodes through wanrt.models.vae_tiling (here the tiny latent plane fits one tile, so the
+    video is exactly the untiled one); None tiles automatically above 720P only."""
+    import wanrt.models.vae_tiling as tiling
+
+    calls = []
+    real = tiling.decode_tiled
+    monkeypatch.setattr(tiling, "decode_tiled", lambda vae, lat, *a, **k: calls.append(lat.shape) or real(vae, lat))
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa", vae_tiling=True)
+    v = e.generate("a corgi", seed=3, **SMALL)
+    assert calls == [(1, 16, 2, 4, 6)] and (v.frames == reference.frames).all()
+    auto = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32")
+    assert not auto._use_tiling(torch.zeros(1, 16, 2, 60, 104)) and auto._use_tiling(torch.zeros(1, 16, 2, 135, 240))

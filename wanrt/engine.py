@@ -460,9 +460,27 @@ class Engine:
         return torch.cat(list(self.decode_stream(latents)), dim=2)
 
     def decode_stream(self, latents: torch.Tensor):
-        """Decode chunk by chunk: yields ``[1, 3, n, H, W]`` float32 in [-1, 1] (n = 1, then 4 per latent frame),
-        with memory independent of the number of frames."""
-        return self.vae.decode_stream(latents.to(self.device, torch.float32))
+        """Decode chunk by chunk: yields ``[1, 3, n, H, W]`` float32 in [-1, 1] (n = 1, then 4 per latent frame).
+
+        Untiled, activation memory is independent of the number of frames. With tiling (``vae_tiling``, or
+        automatically above 720P) the tiles are decoded one at a time through all frames (one tile's cache alive
+        at a time: memory bounded by the tile) and the blended video is then handed out in the same chunks.
+        """
+        lat = latents.to(self.device, torch.float32)
+        if self._use_tiling(lat):
+            from .models.vae_tiling import decode_tiled
+
+            return _chunks(decode_tiled(self.vae, lat))
+        if self.config.vae_backend == "tensorrt":
+            return self._tensorrt_decoder(lat).decode_stream(lat)
+        return self.vae.decode_stream(lat)
+
+    def _use_tiling(self, latents: torch.Tensor) -> bool:
+        if self.config.vae_tiling is not None:
+            return self.config.vae_tiling
+        from .models.vae_tiling import should_tile
+
+        return should_tile(latents.shape[3], latents.shape[4])
 
     def _check_embeds(self, name: str, e: torch.Tensor | None) -> torch.Tensor | None:
         if e is None:
@@ -820,6 +838,13 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _chunks(video: torch.Tensor):
+    """Yield a decoded video ``[B, 3, F, H, W]`` as the causal decode does: 1 frame, then 4 at a time."""
+    yield video[:, :, :1]
+    for start in range(1, video.shape[2], 4):
+        yield video[:, :, start:start + 4]
 
 
 class _ModeRecorder:
