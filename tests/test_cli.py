@@ -147,3 +147,25 @@ def test_generate_with_8bit_precisions(tmp_path, tiny_official, capsys):
     assert out.is_file()
     with pytest.raises(SystemExit):  # argparse rejects an unknown precision before anything loads
         main([*args, "--precision", "fp4"])
+
+
+def test_export_vae_onnx_runs_in_onnxruntime(tmp_path, tiny_official, capsys):
+    import torch
+
+    from wanrt.checkpoints.loaders import load_vae
+    from wanrt.graph.onnx_vae import OnnxDecoder
+
+    out = tmp_path / "dec.onnx"
+    assert main(["export-vae", "--checkpoint-dir", str(tiny_official), "--height", "32", "--width", "48", "-o",
+                 str(out)]) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file() and "wrote" in capsys.readouterr().out
+    vae = load_vae(tiny_official, device="cpu", dtype=torch.float32)
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0))
+    ref = vae.decode(z)
+    got = OnnxDecoder(out, providers=["CPUExecutionProvider"]).decode(z)
+    assert got.shape == ref.shape and ((got - ref).norm() / ref.norm()).item() < 1e-5
+    assert main(["export-vae", "--checkpoint-dir", str(tiny_official), "--height", "30", "--width", "48"]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+    assert main(["export-vae", "--checkpoint-dir", str(tiny_official), "--height", "32", "--width", "48",
+                 "--format", "tensorrt", "-o", str(tmp_path / "t.onnx")]) == 2
+    assert "pip install 'wanrt[trt]'" in capsys.readouterr().err

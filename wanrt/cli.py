@@ -44,6 +44,19 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--mode", default="e", choices=["e", "e0"], help="which time embedding to watch (default: e)")
     c.add_argument("-o", "--output", default="teacache.json", help="output JSON (default: teacache.json)")
+    x = sub.add_parser("export-vae", help="export the VAE decoder step to ONNX (and build a TensorRT engine)",
+                       description="Export one causal decoder step of the VAE (one latent frame in, its frames out, "
+                                   "the cache as explicit inputs/outputs) to ONNX for a fixed size; with --format "
+                                   "tensorrt also build (or reuse) a TensorRT engine under build/trt.")
+    x.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
+    x.add_argument("--checkpoint-dir", default=None, help="checkpoint folder; optional for --model tiny")
+    x.add_argument("--height", type=int, required=True, help="video height in pixels (multiple of 16)")
+    x.add_argument("--width", type=int, required=True, help="video width in pixels (multiple of 16)")
+    x.add_argument("--batch", type=int, default=1, help="batch size of the exported graph (default 1)")
+    x.add_argument("--format", default="onnx", choices=["onnx", "tensorrt"], help="onnx, or onnx + TensorRT")
+    x.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="graph precision (default fp32)")
+    x.add_argument("--device", default="cpu", help="device the export traces on (default cpu)")
+    x.add_argument("-o", "--output", default="vae_decoder.onnx", help="output .onnx path")
     _more_parsers(sub)
     return parser
 
@@ -174,6 +187,40 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _export_vae(args) -> int:
+    import torch
+
+    from .checkpoints.loaders import load_vae
+
+    for name, v in (("height", args.height), ("width", args.width)):
+        if v <= 0 or v % 16:
+            raise ValueError(f"--{name} must be a positive multiple of 16, got {v}")
+    if not str(args.output).endswith(".onnx"):
+        raise ValueError(f"--output must end in .onnx, got {args.output!r}")
+    if args.format == "tensorrt":
+        from .graph.tensorrt_vae import require_tensorrt
+
+        require_tensorrt()  # fail before the export
+    ckpt = args.checkpoint_dir
+    if ckpt is None:
+        if args.model != "tiny":
+            raise ValueError(f"--model {args.model} needs --checkpoint-dir")
+        from .checkpoints.tiny import cached_tiny_checkpoint
+
+        ckpt = cached_tiny_checkpoint("official")
+    from .graph.onnx_vae import export_decoder_onnx
+
+    vae = load_vae(ckpt, device=args.device, dtype=torch.float32)
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    onnx = export_decoder_onnx(vae, args.output, height=args.height, width=args.width, batch=args.batch, dtype=dtype)
+    print(f"wrote {onnx} (+ {onnx.with_suffix('.first.onnx').name}, {onnx.with_suffix('.json').name})")
+    if args.format == "tensorrt":
+        from .graph.tensorrt_vae import build_decoder_engine
+
+        print(f"TensorRT engine: {build_decoder_engine(onnx, 'build/trt', fp16=args.dtype == 'fp16')}")
+    return 0
+
+
 def _make_tiny(args) -> int:
     from .checkpoints.tiny import write_checkpoint
 
@@ -190,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        commands = {"generate": _generate, "calibrate-teacache": _calibrate, "make-tiny-checkpoint": _make_tiny}
+        commands = {"generate": _generate, "calibrate-teacache": _calibrate, "export-vae": _export_vae,
+                    "make-tiny-checkpoint": _make_tiny}
         return commands[args.command](args)
     except Exception as e:
         backends = sys.modules.get("wanrt.ops.backends")  # loaded by then if a backend was resolved

@@ -475,6 +475,21 @@ class Engine:
             return self._tensorrt_decoder(lat).decode_stream(lat)
         return self.vae.decode_stream(lat)
 
+    def _tensorrt_decoder(self, latents: torch.Tensor):
+        """The TensorRT decoder for this latent size: exported to ONNX and built once per (batch, size), cached on
+        disk under ``build/trt`` (keyed by TensorRT version, GPU and shapes) and in this Engine."""
+        from .graph.onnx_vae import export_decoder_onnx
+        from .graph.tensorrt_vae import TensorRTDecoder, build_decoder_engine
+
+        b, _, _, h, w = latents.shape
+        key = (b, h, w)
+        decoders = self.__dict__.setdefault("_trt_decoders", {})
+        if key not in decoders:
+            onnx = Path("build/trt/onnx") / f"vae-decoder-{b}x{h * 8}x{w * 8}.onnx"
+            export_decoder_onnx(self.vae, onnx, height=h * 8, width=w * 8, batch=b)
+            decoders[key] = TensorRTDecoder(build_decoder_engine(onnx, "build/trt"), device=self.device)
+        return decoders[key]
+
     def _use_tiling(self, latents: torch.Tensor) -> bool:
         if self.config.vae_tiling is not None:
             return self.config.vae_tiling
