@@ -23,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
-PARTS=${PARTS:-"tests kernels dit e2e"}
+PARTS=${PARTS:-"tests kernels dit vae e2e"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import wanrt even if the install below fails
@@ -47,6 +47,9 @@ if has dit; then
         --out "$OUT/dit_${stamp}_1.3b_480p.md"
     timeout 240 python benchmarks/bench_dit.py --device cuda --model 14b --layers 8 --repeats 2 \
         --out "$OUT/dit_${stamp}_14b_480p_8of40blocks.md"
+fi
+if has vae; then  # ~3-5 min: the real VAE, 81 frames at 480P and 720P, per backend (TensorRT when installed)
+    timeout 400 python benchmarks/bench_vae.py --device cuda --out "$OUT/vae_${stamp}.md"
 fi
 if has e2e; then
     timeout 590 python benchmarks/bench_e2e.py --device cuda --parts loop --preset t2v-1.3b --height 480 --width 832 \
