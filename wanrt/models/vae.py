@@ -382,6 +382,25 @@ class Resample(nn.Module):
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
         self.needs_cache_slot = mode in (ResampleMode.UPSAMPLE3D, ResampleMode.DOWNSAMPLE3D)
         self.cache_slot: int | None = None
+        self.backend = "eager"  # "triton": the per-frame 2D convs and the time_conv run as causal_conv3d
+
+    def _conv2d_per_frame(self, x: torch.Tensor) -> torch.Tensor:
+        """``resample`` on every frame of ``[B, C, T, H, W]`` -> ``[B, C', T, H', W']``."""
+        b, c, t, h, w = x.shape
+        if self.backend == "triton":  # the same conv as a (1, k, k) causal conv3d over the whole clip
+            from wanrt.kernels.causal_conv3d import causal_conv3d
+
+            pre, conv = self.resample[0], self.resample[1]
+            if isinstance(pre, nn.ZeroPad2d):  # downsample: pad right/bottom by 1, then stride 2
+                x, pad, stride = F.pad(x, (0, 1, 0, 1)), (0, 0), (1, 2, 2)
+            else:  # upsample: nearest-exact 2x per frame, then 3x3 with padding 1
+                x = pre(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+                x = x.view(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+                pad, stride = (1, 1), (1, 1, 1)
+            return causal_conv3d(x, None, conv.weight.unsqueeze(2), conv.bias, front_pad=0, spatial_pad=pad,
+                                 stride=stride)
+        y = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # [B*T, C', H', W']
+        return y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)  # [B, C', T, H', W']
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """``[B, C, T, H, W] -> [B, C', T', H', W']``.
@@ -394,9 +413,7 @@ class Resample(nn.Module):
             raise ValueError(f"{self.mode.value} needs a CausalCache")
         if self.mode is ResampleMode.UPSAMPLE3D:
             x = self._upsample_time(x, cache)
-        b, c, t, h, w = x.shape
-        y = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # [B*T, C', H', W']
-        x = y.view(b, t, *y.shape[1:]).permute(0, 2, 1, 3, 4)  # [B, C', T, H', W']
+        x = self._conv2d_per_frame(x)  # [B, C', T, H', W']
         if self.mode is ResampleMode.DOWNSAMPLE3D:
             x = self._downsample_time(x, cache)
         return x
@@ -416,6 +433,11 @@ class Resample(nn.Module):
         prev = cache.push(self.cache_slot, x, num_frames=1)
         if prev is None:  # first chunk: keep its last frame, skip time_conv
             return x
+        if self.backend == "triton":  # reads the cached frame and the chunk in place, no concatenation
+            from wanrt.kernels.causal_conv3d import causal_conv3d
+
+            tc = self.time_conv
+            return causal_conv3d(x, prev.to(x), tc.weight, tc.bias, front_pad=1, spatial_pad=(0, 0), stride=(2, 1, 1))
         return self.time_conv.causal_conv(torch.cat([prev.to(x), x], dim=2))  # [B, C, (T+1-3)//2+1, H, W]
 
 
@@ -564,7 +586,7 @@ class WanVAE(nn.Module):
         if backend not in ("eager", "triton"):
             raise ValueError(f"VAE conv backend must be 'eager' or 'triton', got {backend!r}")
         for m in self.modules():
-            if isinstance(m, CausalConv3d):
+            if isinstance(m, (CausalConv3d, Resample)):
                 m.backend = backend
 
     def new_encoder_cache(self) -> CausalCache:
