@@ -32,8 +32,9 @@ row is added to it (marked ≈). CPU: the process's peak resident set (VmHWM, re
 Targets (H100, docs/gpu-and-kernels.md): 81x480x832 in <= 2 s, 81x720x1280 in <= 4.5 s, peak <= 6 GB.
 
 ``--quick``: a tiny VAE (base_dim 8) on the CPU at 64x96, 9 frames (3 latent frames), tiles of 6
-latent pixels with overlap 2 (so that tiling tiles); ``--interpret`` adds the Triton rows in Triton's
-CPU interpreter.
+latent pixels with overlap 2 (so that tiling tiles); ~25 s on 2 cores. ``--interpret`` adds the Triton
+rows in Triton's CPU interpreter, which needs ~20 s per decode even at 16x16: its defaults are then
+16x16, 5 frames, 1 timed decode (one tile: the tiled row equals the untiled decode there).
 
     python benchmarks/bench_vae.py --quick
     python benchmarks/bench_vae.py --device cuda --repeats 1 --out benchmarks/results/vae_H100.md
@@ -168,9 +169,12 @@ def _reset_peak(dev: str) -> None:
         _HWM_RESETS = False
 
 
-def _device_used_bytes() -> int:
+def _outside_torch_bytes(dev: str) -> int:
+    """Device memory in use that PyTorch's caching allocator does not hold (``cudaMemGetInfo`` − reserved)."""
+    if not dev.startswith("cuda"):
+        return 0
     free, total = torch.cuda.mem_get_info()
-    return total - free
+    return total - free - torch.cuda.memory_reserved()
 
 
 def _peak_gib(dev: str) -> float:
@@ -227,15 +231,16 @@ class Plan:
     note: str = ""
 
 
-def measure(plan: Plan, dev: str, ref: torch.Tensor | None, repeats: int, *,
+def measure(plan: Plan, dev: str, ref: torch.Tensor | None, repeats: int, *, outside0: int = 0,
             keep_output: bool = False) -> tuple[Result, torch.Tensor | None]:
     """Untimed decode (warm-up; error vs ``ref``), then ``repeats`` timed ones; peak memory over all.
 
-    With ``keep_output`` also returns the decoded video on the host (float32; the eager reference).
+    ``outside0``: :func:`_outside_torch_bytes` before the row's setup (onnxruntime sessions, TensorRT
+    contexts); what the row holds outside PyTorch at the end is added to its peak. With ``keep_output``
+    also returns the decoded video on the host (float32; the eager reference).
     """
     res = Result(plan.key, plan.label, note=plan.note, approx_peak=plan.external_memory and dev.startswith("cuda"))
     _release(dev)
-    used0 = _device_used_bytes() if plan.external_memory and dev.startswith("cuda") else 0
     _reset_peak(dev)
     meter, kept = _ErrorMeter(ref), []
     for chunk in plan.run():
@@ -254,8 +259,8 @@ def measure(plan: Plan, dev: str, ref: torch.Tensor | None, repeats: int, *,
         times.append(time.perf_counter() - t0)
     res.seconds = statistics.median(times) if times else None
     res.peak_gib = _peak_gib(dev)
-    if plan.external_memory and dev.startswith("cuda"):
-        res.peak_gib += max(0, _device_used_bytes() - used0) / 2**30
+    if plan.external_memory:
+        res.peak_gib += max(0, _outside_torch_bytes(dev) - outside0) / 2**30
     out = torch.cat(kept, dim=2) if keep_output else None
     return res, out
 
@@ -418,12 +423,13 @@ def run_size(vae, a, frames: int, height: int, width: int) -> tuple[list[str], l
     ref: torch.Tensor | None = None
     for key in ["eager"] + [k for k in a.rows if k != "eager"]:  # eager always, first: the reference
         plan: Plan | str | None = None
+        outside0 = _outside_torch_bytes(dev)  # after the previous row's _release
         try:
             plan = make_plan(key, vae, lat, a, height, width)
             if isinstance(plan, str):
                 res = Result(key, LABELS[key].split(" (")[0], note=plan, status="not available")
             else:
-                res, out = measure(plan, dev, ref, a.repeats, keep_output=key == "eager")
+                res, out = measure(plan, dev, ref, a.repeats, outside0=outside0, keep_output=key == "eager")
                 if key == "eager":
                     ref = out
         except torch.cuda.OutOfMemoryError:
@@ -478,15 +484,18 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny VAE (base_dim 8), 64x96, 9 frames, on the CPU")
     ap.add_argument("--interpret", action="store_true",
-                    help="with --quick: also run the Triton rows in the CPU interpreter (slow)")
+                    help="with --quick: also run the Triton rows in the CPU interpreter (slow: 16x16, 5 frames, "
+                         "1 repeat by default, ~2 min on 2 cores)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="VAE weights and compute (fp32: official)")
     ap.add_argument("--sizes", type=_size, nargs="+", default=None, metavar="HxW",
-                    help="video sizes (default 480x832 720x1280; --quick: 64x96)")
-    ap.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k (default 81; --quick: 9)")
+                    help="video sizes (default 480x832 720x1280; --quick: 64x96; --interpret: 16x16)")
+    ap.add_argument("--frames", type=int, default=None,
+                    help="video frames, 1 + 4k (default 81; --quick: 9; --interpret: 5)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows out of {','.join(ROWS)}")
     ap.add_argument("--tile", type=int, nargs=2, default=None, metavar=("TILE", "OVERLAP"),
                     help="tiled row's tile and overlap in latent pixels (default 32 8; --quick: 6 2)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed decodes per row (after one untimed decode)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed decodes per row, after one untimed decode (default 2; --interpret: 1)")
     ap.add_argument("--build-dir", default="build/bench_vae", help="where ONNX exports and TensorRT engines go")
     ap.add_argument("--out", default=None, help="write the markdown table here too")
     a = ap.parse_args()
@@ -494,14 +503,16 @@ def main() -> None:
     a.rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     if bad := [r for r in a.rows if r not in ROWS]:
         ap.error(f"unknown rows {bad}; choose from {','.join(ROWS)}")
+    a.repeats = a.repeats if a.repeats is not None else (1 if a.interpret else 2)
     if a.repeats < 1:
         ap.error("--repeats must be >= 1")
 
     from wanrt.models.vae import VAEConfig
 
     cfg = VAEConfig(base_dim=8) if a.quick else VAEConfig()
-    a.sizes = a.sizes or ([(64, 96)] if a.quick else [(480, 832), (720, 1280)])
-    frames = a.frames or (9 if a.quick else 81)
+    # The interpreter takes ~20 s per tiny-VAE decode at 16x16 (5 frames), ~1 min at 32x32, far more at 64x96.
+    a.sizes = a.sizes or ([(16, 16)] if a.interpret else [(64, 96)] if a.quick else [(480, 832), (720, 1280)])
+    frames = a.frames or (5 if a.interpret else 9 if a.quick else 81)
     a.tile = a.tile or ([6, 2] if a.quick else [32, 8])
     if (frames - 1) % cfg.temporal_factor:
         ap.error(f"--frames must be 1 + {cfg.temporal_factor}k")
@@ -517,21 +528,15 @@ def main() -> None:
     n_params = sum(p.numel() for p in vae.parameters())
     weight_gib = sum(p.numel() * p.element_size() for p in vae.parameters()) / 2**30
 
-    tables, notes = [], []
-    for h, w in a.sizes:
-        lines, size_notes = run_size(vae, a, frames, h, w)
-        tables += ["", *lines]
-        notes += [f"{frames}x{h}x{w}, {n}" for n in size_notes]
-
     if dev.startswith("cuda"):
         mem_note = ("torch.cuda.max_memory_allocated reset per row (weights, latents and the returned video included; "
-                    "≈: plus the device memory onnxruntime/TensorRT took outside PyTorch)")
+                    "≈: plus the device memory onnxruntime/TensorRT hold outside PyTorch at the end of the row)")
         tf32 = (f"cuDNN TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'} for the fp32 eager convolutions "
                 "(PyTorch's default, as the official code runs); the Triton kernel uses IEEE fp32 dots in fp32")
     else:
-        mem_note = ("process peak resident set (VmHWM, " + ("reset per row" if _HWM_RESETS else "cumulative: "
-                    "/proc/self/clear_refs not writable") + "; weights, reference video and libraries included)")
-        tf32 = "CPU"
+        mem_note = ("process peak resident set (VmHWM, reset per row; weights, reference video and libraries "
+                    "included)")
+        tf32 = "CPU times are a smoke test"
     name = "tiny (base_dim 8)" if a.quick else "Wan2.1 (base_dim 96)"
     out = [
         header("bench_vae", dev),
@@ -542,8 +547,17 @@ def main() -> None:
         f"one untimed decode; peak memory: {mem_note}; rel. error: ‖out − eager‖ / ‖eager‖ over the clamped "
         f"video. {tf32}. Targets (H100): 81x480x832 <= 2 s, 81x720x1280 <= 4.5 s, peak <= 6 GB."
         + (" Triton ran in the CPU interpreter." if a.interpret else ""),
-        *tables,
     ]
+    notes: list[str] = []
+    for h, w in a.sizes:
+        lines, size_notes = run_size(vae, a, frames, h, w)
+        out += ["", *lines]
+        notes += [f"{frames}x{h}x{w}, {n}" for n in size_notes]
+        if a.out:  # what is done so far, in case a later size runs out of time
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text("\n".join(out) + "\n")
+    if not _HWM_RESETS:
+        notes.append("/proc/self/clear_refs was not writable: the CPU peaks are cumulative over the rows")
     if notes:
         out += ["", "Notes: " + "; ".join(notes) + "."]
     emit(out, a.out)

@@ -49,7 +49,7 @@ if has dit; then
         --out "$OUT/dit_${stamp}_14b_480p_8of40blocks.md"
 fi
 if has vae; then  # ~3-5 min: the real VAE, 81 frames at 480P and 720P, per backend (TensorRT when installed)
-    timeout 400 python benchmarks/bench_vae.py --device cuda --out "$OUT/vae_${stamp}.md"
+    timeout 400 python benchmarks/bench_vae.py --device cuda --repeats 1 --out "$OUT/vae_${stamp}.md"
 fi
 if has e2e; then
     timeout 590 python benchmarks/bench_e2e.py --device cuda --parts loop --preset t2v-1.3b --height 480 --width 832 \
