@@ -15,6 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from test_vae import (
+    _randomize_,  # every parameter random, attention projection included
+)
 
 from wanrt.models.vae import VAEConfig, WanVAE
 from wanrt.models.vae_tiling import (
@@ -39,19 +42,6 @@ SMALL = VAEConfig(
 )
 TILES = TilingConfig(tile_latent=8, overlap_latent=2)  # a 12 x 16 plane -> 2 x 3 tiles
 SEAM_MAX, SEAM_MEAN = 0.9, 0.08  # |tiled - untiled| in [-1, 1] units (module docstring)
-
-
-def _randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (as tests/test_vae.py), attention projection included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:  # biases
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            else:  # conv weights, fan-in scaled so activations stay O(1)
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
 
 
 def _latents(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
