@@ -33,3 +33,34 @@ def tiny_engine(tiny_official):
     import wanrt
 
     return wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32")
+
+
+def _write(tmp_path_factory, preset: str, layout: str, **kw):
+    from wanrt.checkpoints.tiny import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / f"{preset}-{layout}", layout=layout, preset=preset,
+                            **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v_official(tmp_path_factory):
+    """A tiny random image-to-video checkpoint (official layout, with the CLIP .pth)."""
+    return _write(tmp_path_factory, "tiny-i2v", "official")
+
+
+@pytest.fixture(scope="session")
+def tiny_i2v_diffusers(tmp_path_factory):
+    """The same tiny i2v checkpoint (same seed) in the diffusers layout (image_encoder/, DiT in 2 shards)."""
+    return _write(tmp_path_factory, "tiny-i2v", "diffusers", shards=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_flf2v_official(tmp_path_factory):
+    """A tiny random first-last-frame-to-video checkpoint (official layout)."""
+    return _write(tmp_path_factory, "tiny-flf2v", "official")
+
+
+@pytest.fixture(scope="session")
+def tiny_flf2v_diffusers(tmp_path_factory):
+    """The same tiny flf2v checkpoint in the diffusers layout."""
+    return _write(tmp_path_factory, "tiny-flf2v", "diffusers")

@@ -169,3 +169,56 @@ def test_export_vae_onnx_runs_in_onnxruntime(tmp_path, tiny_official, capsys):
     assert main(["export-vae", "--checkpoint-dir", str(tiny_official), "--height", "32", "--width", "48",
                  "--format", "tensorrt", "-o", str(tmp_path / "t.onnx")]) == 2
     assert "pip install 'wanrt[trt]'" in capsys.readouterr().err
+
+
+def _png(path, h, w, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_generate_image_to_video_and_first_last_frame(tmp_path, tiny_i2v_official, tiny_flf2v_official, capsys):
+    first, last = _png(tmp_path / "first.png", 120, 90, 1), _png(tmp_path / "last.png", 60, 80, 2)
+    common = ["--prompt", "a corgi", "--num-frames", "5", "--steps", "1", "--device", "cpu", "--precision",
+              "fp32", "--no-progress"]
+    out = tmp_path / "i2v.mp4"
+    assert main(["generate", "--model", "tiny-i2v", "--checkpoint-dir", str(tiny_i2v_official), "--image", first,
+                 "--max-area", "48*64", "-o", str(out), *common]) == 0
+    frames, _ = read_mp4(out)
+    assert frames.shape == (5, 64, 48, 3)  # portrait 4:3 image within 48*64 pixels
+    assert "image_encoder" in capsys.readouterr().out
+    out = tmp_path / "flf2v.mp4"
+    assert main(["generate", "--model", "tiny-flf2v", "--checkpoint-dir", str(tiny_flf2v_official), "--image",
+                 first, "--last-image", last, "-o", str(out), *common]) == 0
+    assert read_mp4(out)[0].shape == (5, 80, 64, 3)  # the default 64*96 area at the first image's aspect
+
+
+def test_image_flags_are_checked_before_loading(tmp_path, monkeypatch, capsys):
+    import wanrt.engine
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(wanrt.engine.Engine, "__init__", no_load)
+    img = _png(tmp_path / "a.png", 64, 96)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    cases = (
+        (["--model", "t2v-14b", "--image", img], "--image needs an i2v/flf2v model"),
+        (["--model", "i2v-14b-480p"], "needs --image"),
+        (["--model", "i2v-14b-480p", "--image", str(tmp_path / "missing.png")], "missing.png"),
+        (["--model", "i2v-14b-480p", "--image", str(tmp_path / "broken.png")], "broken.png"),
+        (["--model", "i2v-14b-480p", "--image", img, "--last-image", img], "--last-image needs a first-last"),
+        (["--model", "flf2v-14b-720p", "--image", img], "needs --last-image"),
+        (["--model", "i2v-14b-480p", "--image", img, "--height", "480"], "both height and width"),
+    )
+    for argv, msg in cases:
+        rc = main(["generate", "--checkpoint-dir", str(tmp_path), "--prompt", "x", *argv])
+        assert rc == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "i2v-14b-480p", "--prompt", "x", "--image", img, "--max-area", "big"])
+    from wanrt.cli import _area
+
+    assert _area("832*480") == _area("832x480") == _area("399360") == 399360

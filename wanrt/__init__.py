@@ -8,11 +8,12 @@ Public API::
     dit = wanrt.load_transformer(path, device="cuda", dtype=torch.bfloat16)
     vae = wanrt.load_vae(path)
     t5 = wanrt.load_text_encoder(path)
+    clip = wanrt.load_image_encoder(path)   # i2v / flf2v checkpoints
 """
 
 from .checkpoints.io import CheckpointError
 from .checkpoints.layout import LayoutError
-from .checkpoints.loaders import load_text_encoder, load_transformer, load_vae
+from .checkpoints.loaders import load_image_encoder, load_text_encoder, load_transformer, load_vae
 from .engine import Cancelled, Engine, EngineConfig, GenerationError
 from .presets import PRESETS, Preset
 from .video import Video
@@ -28,6 +29,7 @@ __all__ = [
     "load_transformer",
     "load_vae",
     "load_text_encoder",
+    "load_image_encoder",
     "CheckpointError",
     "LayoutError",
     "GenerationError",

@@ -17,7 +17,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="generate a video from a text prompt and write an MP4",
+    g = sub.add_parser("generate", help="generate a video from a text prompt (and an image) and write an MP4",
                        description="Generate a video with a Wan2.1 model and write it as an MP4 (16 fps).")
     _add_model_args(g)
     g.add_argument("-o", "--output", default="output.mp4", help="output MP4 path (default: output.mp4)")
@@ -66,6 +66,11 @@ def _add_model_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-dir", default=None,
                    help="checkpoint folder (official or diffusers layout); optional for --model tiny")
     g.add_argument("--prompt", required=True, help="text prompt")
+    g.add_argument("--image", default=None,
+                   help="i2v/flf2v: the first frame (an image file); the video keeps its aspect ratio")
+    g.add_argument("--last-image", default=None, help="flf2v: the last frame (an image file)")
+    g.add_argument("--max-area", type=_area, default=None,
+                   help="i2v/flf2v: output pixel area, as pixels or W*H (e.g. 832*480; default: the preset's)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (default: the official one)")
     g.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 16")
     g.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16")
@@ -91,23 +96,60 @@ def _more_parsers(sub) -> None:
                                    "layout, with a small self-built tokenizer.")
     t.add_argument("dir", help="output folder (must be empty or absent)")
     t.add_argument("--layout", default="official", choices=["official", "diffusers"])
-    t.add_argument("--preset", default="tiny", help="tiny, or a full-size preset such as t2v-1.3b")
+    t.add_argument("--preset", default="tiny",
+                   help="tiny, tiny-i2v, tiny-flf2v, or a full-size preset such as t2v-1.3b")
     t.add_argument("--shards", type=int, default=1, help="split the DiT weights into N safetensors shards")
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+
+def _area(text: str) -> int:
+    """``--max-area``: pixels (``399360``) or a product (``832*480``, ``832x480``)."""
+    parts = text.lower().replace("x", "*").split("*")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pixels or W*H (e.g. 832*480), got {text!r}") from None
+    if len(values) > 2 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected pixels or W*H (e.g. 832*480), got {text!r}")
+    return values[0] * (values[1] if len(values) == 2 else 1)
+
+
+def _sampling(args):
+    """Check the sampling arguments and the images before any weight is loaded (minutes for a 14B model)."""
+    from .engine import image_size, resolve_sampling_args
+    from .presets import get_preset
+
+    preset = get_preset(args.model)
+    height, width, max_area = args.height, args.width, args.max_area
+    if preset.task == "t2v":
+        for flag, value in (("--image", args.image), ("--last-image", args.last_image), ("--max-area", max_area)):
+            if value is not None:
+                raise ValueError(f"{flag} needs an i2v/flf2v model; {preset.name} is text-to-video")
+    else:
+        from .images import load_image
+
+        if args.image is None:
+            raise ValueError(f"--model {preset.name} ({preset.task}) needs --image")
+        if preset.task == "flf2v" and args.last_image is None:
+            raise ValueError(f"--model {preset.name} (first-last-frame) needs --last-image")
+        if preset.task == "i2v" and args.last_image is not None:
+            raise ValueError(f"--last-image needs a first-last-frame (flf2v) model; {preset.name} is i2v")
+        first = load_image(args.image, name="--image")
+        if args.last_image is not None:
+            load_image(args.last_image, name="--last-image")
+        height, width, max_area = image_size(preset, tuple(first.shape[1:]), height=height, width=width,
+                                             max_area=max_area)
+    return resolve_sampling_args(
+        preset, height=height, width=width, num_frames=args.num_frames, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, shift=args.shift, sample_solver=args.solver, seed=args.seed,
+        max_area=max_area,
+    )
 
 
 def _generate(args) -> int:
     from pathlib import Path
 
-    from .engine import resolve_sampling_args
-    from .presets import get_preset
-
-    # Reject bad input before loading any weights (minutes for a 14B model).
-    sampling = resolve_sampling_args(
-        get_preset(args.model), height=args.height, width=args.width, num_frames=args.num_frames,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
-        sample_solver=args.solver, seed=args.seed,
-    )
+    sampling = _sampling(args)
     if Path(args.output).suffix.lower() != ".mp4":
         raise ValueError(f"--output must end in .mp4, got {args.output!r}")
     coefficients = mode = None
@@ -118,7 +160,8 @@ def _generate(args) -> int:
                      compile=args.compile, text_encoder_precision=args.text_encoder_precision,
                      text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder)
     video = engine.generate(
-        args.prompt, args.negative_prompt, height=args.height, width=args.width, num_frames=args.num_frames,
+        args.prompt, args.negative_prompt, image=args.image, last_image=args.last_image, max_area=args.max_area,
+        height=args.height, width=args.width, num_frames=args.num_frames,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
         sample_solver=args.solver, seed=sampling.seed, progress=not args.no_progress,
         teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode or mode,
@@ -164,17 +207,14 @@ def _calibrate(args) -> int:
     import json
     from pathlib import Path
 
-    from .engine import resolve_sampling_args
-    from .presets import get_preset
-
-    sampling = resolve_sampling_args(
-        get_preset(args.model), height=args.height, width=args.width, num_frames=args.num_frames,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
-        sample_solver=args.solver, seed=args.seed,
-    )
+    sampling = _sampling(args)
     engine = _engine(args)
+    images = {"image": args.image, "last_image": args.last_image, "max_area": args.max_area}
+    if engine.preset.task == "t2v":
+        images = {}
     result = engine.calibrate_teacache(
-        args.prompt, mode=args.mode, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        args.prompt, mode=args.mode, negative_prompt=args.negative_prompt, **images, height=args.height,
+        width=args.width,
         num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         shift=args.shift, sample_solver=args.solver, seed=sampling.seed, progress=not args.no_progress,
     )

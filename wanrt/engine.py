@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .ops.backends import BACKEND_NAMES as BACKENDS
-from .presets import Preset, check_against, default_shift, get_preset, preset_for_arch
+from .presets import Preset, check_against, default_shift, get_preset, preset_for_arch, resolution_hint
 from .sampling import SOLVER_NAMES as SOLVERS
 from .video import Video, to_uint8_frames
 
@@ -34,6 +34,9 @@ VAE_BACKENDS = ("eager", "triton", "tensorrt")
 QUANTIZED_PRECISIONS = ("fp8", "int8", "int8-wo")
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)
+#: Image conditionings (CLIP features + VAE-encoded frames) kept per Engine, so that variations of one image
+#: (other prompts, seeds, step counts) skip the image encoder and the VAE encode.
+IMAGE_CACHE_SIZE = 2
 
 
 class GenerationError(RuntimeError):
@@ -119,6 +122,9 @@ class EngineConfig:
             ``pip install 'wanrt[trt]'``). The decode API is the same for all three.
         vae_tiling: decode in overlapping spatial tiles with blended seams (memory bounded by the tile). None
             (default): automatically above 720P; True/False forces it.
+        image_encoder_precision: dtype of the CLIP vision tower of i2v/flf2v models: "fp16" (the official
+            dtype), "bf16" or "fp32". None (default): fp32 with precision "fp32", else fp16 on CUDA and bf16 on
+            the CPU (where fp16 GEMMs are slow).
     """
 
     device: torch.device
@@ -136,6 +142,7 @@ class EngineConfig:
     offload_text_encoder: bool = False
     vae_backend: str = "eager"
     vae_tiling: bool | None = None
+    image_encoder_precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -171,6 +178,9 @@ class EngineConfig:
             raise ValueError(f"vae_backend must be one of {VAE_BACKENDS}, got {self.vae_backend!r}")
         if self.vae_tiling not in (None, True, False):
             raise ValueError(f"vae_tiling must be None (auto), True or False, got {self.vae_tiling!r}")
+        if self.image_encoder_precision not in (None, "fp16", "bf16", "fp32"):
+            raise ValueError("image_encoder_precision must be None, 'fp16', 'bf16' or 'fp32', "
+                             f"got {self.image_encoder_precision!r}")
         if not isinstance(self.offload_text_encoder, bool):
             raise ValueError(f"offload_text_encoder must be a bool, got {self.offload_text_encoder!r}")
         if not isinstance(self.prompt_cache_size, int) or self.prompt_cache_size < 0:
@@ -199,6 +209,15 @@ class EngineConfig:
         if self.text_encoder_precision in ("fp32", "bf16"):
             return PRECISIONS[self.text_encoder_precision]
         return torch.float32 if self.precision == "fp32" else torch.bfloat16
+
+    @property
+    def image_dtype(self) -> torch.dtype:
+        """Dtype of the CLIP vision tower (see ``image_encoder_precision``)."""
+        if self.image_encoder_precision is not None:
+            return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.image_encoder_precision]
+        if self.precision == "fp32":
+            return torch.float32
+        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
 
     @property
     def text_device(self) -> torch.device:
@@ -238,11 +257,13 @@ def resolve_sampling_args(
     shift: float | None = None,
     sample_solver: str | None = None,
     seed: int | None = None,
+    max_area: int | None = None,
 ) -> SamplingArgs:
     """Fill the preset's defaults into the None arguments and validate everything.
 
     Needs no model, so front ends (the CLI, a server) can reject bad input before loading weights.
-    A None seed is drawn at random here (and reported back through ``Video.seed``).
+    A None seed is drawn at random here (and reported back through ``Video.seed``). For i2v/flf2v, the size
+    comes from the image (:func:`image_size`); ``max_area`` only selects the default shift.
 
     Raises:
         ValueError: height/width not positive multiples of 16, num_frames not 4k+1, steps < 1,
@@ -264,7 +285,7 @@ def resolve_sampling_args(
         raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
     if solver_name not in SOLVERS:
         raise ValueError(f"sample_solver must be one of {SOLVERS}, got {solver_name!r}")
-    shift = default_shift(p, height, width) if shift is None else float(shift)
+    shift = default_shift(p, height, width, max_area) if shift is None else float(shift)
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     if seed is None:
@@ -272,6 +293,44 @@ def resolve_sampling_args(
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     return SamplingArgs(height, width, num_frames, steps, guidance_scale, shift, solver_name, seed)
+
+
+def image_size(preset: Preset, image_hw: tuple[int, int], *, height: int | None = None, width: int | None = None,
+               max_area: int | None = None) -> tuple[int, int, int | None]:
+    """The output size of an i2v/flf2v generation: ``(height, width, max_area)``.
+
+    Official sizing (``wan21-reference.md`` §7.2): the output keeps the first image's aspect ratio within
+    ``max_area`` pixels (default: the preset's ``height * width``), each side a multiple of 16. Giving both
+    ``height`` and ``width`` instead asks for that exact size (the image is squashed to it, as diffusers does).
+
+    Args:
+        preset: an i2v/flf2v preset.
+        image_hw: ``(H, W)`` of the first image in pixels.
+        height, width: an explicit output size (both or neither).
+        max_area: the pixel area to fit (``--size 832*480`` of the official CLI is ``max_area=399360``).
+
+    Returns:
+        ``(height, width, max_area)`` with ``max_area`` None when an explicit size was given.
+
+    Raises:
+        ValueError: only one of height/width, both a size and max_area, a bad max_area, or an aspect ratio
+            too extreme for the area.
+    """
+    from .images import size_from_max_area
+
+    if (height is None) != (width is None):
+        raise ValueError("give both height and width (an exact output size) or neither (the size then follows "
+                         "the image's aspect ratio within max_area)")
+    if height is not None:
+        if max_area is not None:
+            raise ValueError("give either max_area or height and width, not both")
+        return height, width, None
+    if max_area is None:
+        max_area = preset.max_area
+    if isinstance(max_area, bool) or not isinstance(max_area, int) or max_area <= 0:
+        raise ValueError(f"max_area must be a positive int (pixels, e.g. 480*832), got {max_area!r}")
+    h, w = size_from_max_area(image_hw[0], image_hw[1], max_area)
+    return h, w, max_area
 
 
 class Engine:
@@ -282,9 +341,11 @@ class Engine:
         >>> video.save("corgi.mp4")
 
     Args:
-        model: preset name ("t2v-1.3b", "t2v-14b", "tiny", ...; see ``wanrt.PRESETS``).
-        checkpoint_dir: the downloaded checkpoint (official or diffusers layout). May be None only for
-            "tiny", which then generates (once) and caches a random tiny checkpoint in
+        model: preset name ("t2v-1.3b", "t2v-14b", "i2v-14b-480p", "i2v-14b-720p", "flf2v-14b-720p", "tiny",
+            "tiny-i2v", "tiny-flf2v"; see ``wanrt.PRESETS``). The I2V 480P and 720P checkpoints have identical
+            tensors: the preset name chooses the defaults (a name in the checkpoint that says otherwise is logged).
+        checkpoint_dir: the downloaded checkpoint (official or diffusers layout). May be None only for the
+            tiny presets, which then generate (once) and cache a random tiny checkpoint in
             ``~/.cache/wanrt`` (``$XDG_CACHE_HOME/wanrt``).
         device: torch device (default CUDA when available, else CPU).
         precision: "fp32", "bf16" or "fp16" (see :class:`EngineConfig`).
@@ -306,14 +367,14 @@ class Engine:
                  precision: str = "bf16", backend: str = "auto", **options):
         preset = get_preset(model)
         if checkpoint_dir is None:
-            if preset.name != "tiny":
+            from .checkpoints.tiny import cached_tiny_checkpoint, is_tiny
+
+            if not is_tiny(preset):
                 raise ValueError(
                     f"preset {preset.name!r} needs checkpoint_dir: download the Wan2.1 weights yourself "
                     "(official or diffusers layout) and pass the folder"
                 )
-            from .checkpoints.tiny import cached_tiny_checkpoint
-
-            checkpoint_dir = cached_tiny_checkpoint("official")
+            checkpoint_dir = cached_tiny_checkpoint("official", preset.name)
         self._init(preset, Path(checkpoint_dir), device, precision, backend, check=True, options=options)
 
     @classmethod
@@ -322,7 +383,9 @@ class Engine:
         """Load a checkpoint folder and infer the task and sampling defaults from its architecture.
 
         A checkpoint of a size no preset describes gets the defaults of its task (the t2v defaults for
-        t2v). Raises as :class:`Engine`.
+        t2v). An I2V-14B checkpoint is told 480P from 720P by its names (the folder, or ``_name_or_path`` in
+        its configs, e.g. ``Wan2.1-I2V-14B-720P``); when none says, the 480P preset is used and a warning logged.
+        Raises as :class:`Engine`.
         """
         self = cls.__new__(cls)
         self._init(None, Path(checkpoint_dir), device, precision, backend, check=False, options=options)
@@ -339,15 +402,34 @@ class Engine:
         self.transformer = load_transformer(ckpt, device=dev, dtype=self.config.dit_dtype, backend=self.config.backend,
                                             quantization=quant)
         arch = self._arch()
+        hint = resolution_hint(_checkpoint_names(ckpt)) if arch["model_type"] == "i2v" else None
         if preset is None:
-            preset = preset_for_arch(arch) or _generic_preset(arch)
-        elif check:
-            check_against(preset, arch)
-        if preset.task != "t2v":
-            raise NotImplementedError(f"task {preset.task!r} is not supported yet (text-to-video only)")
+            preset = preset_for_arch(arch, hint) or _generic_preset(arch)
+            if arch["model_type"] == "i2v" and hint is None and preset.name.startswith("i2v-14b"):
+                log.warning("%s: nothing in the checkpoint's names says 480P or 720P (the two I2V checkpoints have "
+                            "identical tensors); using preset %s. Name the preset to choose: "
+                            "Engine('i2v-14b-720p', path)", ckpt, preset.name)
+        else:
+            if check:
+                check_against(preset, arch)
+            if hint is not None and preset.task == "i2v" and not preset.name.endswith(hint):
+                log.warning("%s: the checkpoint's name says %s but preset %s was requested; its defaults apply",
+                            ckpt, hint.upper(), preset.name)
         self.preset = preset
         self.vae = load_vae(ckpt, device=dev, dtype=torch.float32)
         self.text_encoder = self._load_text_encoder(ckpt, load_text_encoder)
+        self.image_encoder = None
+        if preset.task != "t2v":
+            from .checkpoints.loaders import load_image_encoder
+
+            self.image_encoder = load_image_encoder(ckpt, device=dev, dtype=self.config.image_dtype)
+            clip_dim = self.image_encoder.config.dim
+            if clip_dim != self.transformer.config.image_dim:
+                from .checkpoints.io import CheckpointError
+
+                raise CheckpointError(f"the image encoder's width {clip_dim} differs from the DiT's image_dim "
+                                      f"{self.transformer.config.image_dim}: the parts come from different models")
+        self._image_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._setup_vae()
         self._lock = _device_lock(dev)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -400,7 +482,8 @@ class Engine:
     def _arch(self) -> dict:
         c = self.transformer.config
         return dict(model_type=c.model_type, dim=c.dim, ffn_dim=c.ffn_dim, num_heads=c.num_heads,
-                    num_layers=c.num_layers, in_dim=c.in_dim, out_dim=c.out_dim, text_dim=c.text_dim)
+                    num_layers=c.num_layers, in_dim=c.in_dim, out_dim=c.out_dim, text_dim=c.text_dim,
+                    image_dim=c.image_dim)
 
     @property
     def device(self) -> torch.device:
@@ -523,6 +606,9 @@ class Engine:
         prompt: str | None = None,
         negative_prompt: str | None = None,
         *,
+        image=None,
+        last_image=None,
+        max_area: int | None = None,
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
@@ -543,17 +629,31 @@ class Engine:
         keep_frames: bool = True,
         progress: bool = True,
     ) -> Video:
-        """Generate a video from a text prompt.
+        """Generate a video from a text prompt, and for i2v/flf2v models from a first (and last) frame.
 
         Every argument left None takes the preset's official default; for the Wan2.1 presets these are
         height 480, width 832, num_frames 81, 50 steps (40 for i2v), guidance 5.0, the task's shift (5.0 for
-        t2v), the UniPC solver and the official Chinese negative prompt. The tiny preset defaults to
-        64x96, 9 frames, 4 steps so that a whole video takes seconds on a CPU.
+        t2v; i2v 3.0 at the 480P area, else 5.0; 16 for flf2v), the UniPC solver and the official Chinese
+        negative prompt (with the i2v/flf2v prefixes). The tiny presets default to 64x96, 9 frames, 4 steps so
+        that a whole video takes seconds on a CPU.
+
+        Image-to-video (``wan21-reference.md`` §7): the video starts at ``image`` (and, for flf2v, ends at
+        ``last_image``); the size follows the image's aspect ratio within ``max_area`` pixels (default: the
+        preset's height*width, e.g. 832*480 for i2v-14b-480p), each side a multiple of 16, unless ``height`` and
+        ``width`` are both given. The DiT sees CLIP ViT-H/14 features of the frame(s) and their VAE latents
+        with a 4-channel mask of the known frames; both CFG branches share them (only the text differs).
 
         Args:
             prompt: the text prompt (or give ``prompt_embeds``).
             negative_prompt: the CFG negative prompt; None uses the official default negative prompt.
-            height, width: output size in pixels, multiples of 16.
+            image: i2v/flf2v: the first frame, as a ``PIL.Image``, an ``HxWx3`` uint8 (or uint16, or float in
+                [0, 1]) RGB array, or a path. Grayscale and palette images become RGB, transparency is
+                composited over white, 16-bit images are scaled to 8 bits (see :func:`wanrt.images.load_image`).
+            last_image: flf2v: the last frame (same types). When its size differs from the first frame's it is
+                scaled to cover it and center-cropped (:func:`wanrt.images.match_last_frame`).
+            max_area: i2v/flf2v: pixel area of the output (default: the preset's height*width).
+            height, width: output size in pixels, multiples of 16 (for i2v/flf2v: an exact size instead of
+                ``max_area``; give both).
             num_frames: output frames, 4k+1 (81 = 5 s at 16 fps).
             num_inference_steps: denoising steps, >= 1.
             guidance_scale: classifier-free guidance scale; at 1.0 the negative pass is skipped.
@@ -588,7 +688,11 @@ class Engine:
             ``.stats`` (TeaCache computed/skipped steps per branch, whether CFG was batched, graph use).
 
         Raises:
-            ValueError: invalid arguments (checked before any work is done).
+            ValueError: invalid arguments (checked before any work is done), including an image that cannot
+                be read, is too small (< 16 px) or too large (> 2**26 px), an image given to a t2v model, or a
+                missing image/last_image for i2v/flf2v.
+            TypeError: an image of an unsupported type.
+            FileNotFoundError: an image path that does not exist.
             FloatingPointError: the DiT produced NaN/Inf (names the step).
             Cancelled: the callback returned False or ``cancel`` was set; the VAE decode is skipped and the
                 latents reached so far are on the exception.
@@ -599,7 +703,8 @@ class Engine:
         """
         with self._lock:
             return self._generate(
-                prompt, negative_prompt, height=height, width=width, num_frames=num_frames,
+                prompt, negative_prompt, image=image, last_image=last_image, max_area=max_area,
+                height=height, width=width, num_frames=num_frames,
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, shift=shift,
                 sample_solver=sample_solver, seed=seed, prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds, latents=latents,
@@ -607,6 +712,82 @@ class Engine:
                 teacache_coefficients=teacache_coefficients, callback=callback, cancel=cancel, progress=progress,
                 on_frames=on_frames, keep_frames=keep_frames,
             )
+
+    def _check_images(self, image, last_image, height, width, max_area):
+        """Validate the image inputs against the task; returns ``(first, last, height, width, max_area)``
+        with the images as ``[3, H, W]`` float32 tensors in [-1, 1] (None for t2v) and the output size."""
+        task = self.preset.task
+        if task == "t2v":
+            if image is not None or last_image is not None:
+                raise ValueError(f"preset {self.preset.name!r} is text-to-video and takes no image; load an i2v "
+                                 "checkpoint (image) or an flf2v one (image and last_image)")
+            if max_area is not None:
+                raise ValueError("max_area applies to image-to-video; for text-to-video give height and width")
+            return None, None, height, width, None
+        if image is None:
+            raise ValueError(f"preset {self.preset.name!r} ({task}) needs image=... (a PIL image, an HxWx3 array "
+                             "or a path)")
+        if task == "i2v" and last_image is not None:
+            raise ValueError(f"preset {self.preset.name!r} is image-to-video; last_image needs a first-last-frame "
+                             "(flf2v) checkpoint")
+        if task == "flf2v" and last_image is None:
+            raise ValueError(f"preset {self.preset.name!r} is first-last-frame-to-video and needs last_image=...")
+        from .images import load_image, match_last_frame
+
+        first = load_image(image, name="image")
+        last = None
+        if last_image is not None:
+            last = match_last_frame(first, load_image(last_image, name="last_image"))
+        height, width, max_area = image_size(self.preset, tuple(first.shape[1:]), height=height, width=width,
+                                             max_area=max_area)
+        return first, last, height, width, max_area
+
+    def _image_conditioning(self, first: torch.Tensor, last: torch.Tensor | None, height: int, width: int,
+                            num_frames: int, timings: dict[str, float]) -> dict[str, torch.Tensor]:
+        """``{"y": [1, 20, F', H/8, W/8] float32, "clip_fea": [1, 257 or 514, image_dim]}`` on the device
+        (``wan21-reference.md`` §7.5-7.8), from a small LRU keyed by the images' content and the size.
+
+        CLIP sees the images at their own resolution (squash-resized to 224 inside the encoder); the VAE
+        encodes the conditioning video (the first frame bicubic-resized to the output size, then zeros, and the
+        last frame for FLF2V) chunk by chunk, never holding the whole video.
+        """
+        import hashlib
+
+        from .images import conditioning_chunks, conditioning_mask, resize_bicubic
+
+        digest = hashlib.sha1()
+        for img in (first, last):
+            if img is not None:
+                digest.update(str(tuple(img.shape)).encode())
+                digest.update(img.numpy().tobytes())
+        key = (digest.hexdigest(), height, width, num_frames)
+        if key in self._image_cache:
+            self._image_cache.move_to_end(key)
+            self._image_cache_state = "cached"
+            y, clip = self._image_cache[key]
+            return {"y": y, "clip_fea": clip}
+        t0 = time.perf_counter()
+        images = [first] if last is None else [first, last]
+        clip = self.image_encoder.encode(images)  # [n, 257, image_dim]
+        clip = clip.reshape(1, -1, clip.shape[-1]).to(self.device)  # [1, n*257, image_dim]
+        self._sync()
+        timings["image_encoder"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        first_r = resize_bicubic(first, height, width)
+        last_r = resize_bicubic(last, height, width) if last is not None else None
+        cache = self.vae.new_encoder_cache()
+        parts = [self.vae.encode_chunk(chunk, cache) for chunk in conditioning_chunks(first_r, last_r, num_frames)]
+        latent = torch.cat(parts, dim=2)  # [1, 16, F', H/8, W/8]
+        mask = conditioning_mask(num_frames, latent.shape[3], latent.shape[4], last_frame=last is not None)
+        y = torch.cat([mask[None].to(latent.device), latent], dim=1).to(self.device, torch.float32)
+        self._sync()
+        timings["vae_encode"] = time.perf_counter() - t0
+        self._image_cache[key] = (y, clip)
+        while len(self._image_cache) > IMAGE_CACHE_SIZE:
+            self._image_cache.popitem(last=False)
+        self._image_cache_state = "computed"
+        return {"y": y, "clip_fea": clip}
 
     def _teacache(self, threshold, mode, coefficients, steps: int):
         """The TeaCache state for one generation, or None (resolves Engine defaults; raises ValueError)."""
@@ -640,16 +821,20 @@ class Engine:
         free, _ = torch.cuda.mem_get_info(self.device)
         return need < free
 
-    def _generate(self, prompt, negative_prompt=None, *, height=None, width=None, num_frames=None,
-                  num_inference_steps=None, guidance_scale=None, shift=None, sample_solver=None, seed=None,
-                  prompt_embeds=None, negative_prompt_embeds=None, latents=None, teacache_threshold=_UNSET,
-                  teacache_mode=None, teacache_coefficients=None, callback=None, cancel=None, progress=True,
-                  on_frames=None, keep_frames: bool = True, recorder=None, decode: bool = True) -> Video:
+    def _generate(self, prompt, negative_prompt=None, *, image=None, last_image=None, max_area=None, height=None,
+                  width=None, num_frames=None, num_inference_steps=None, guidance_scale=None, shift=None,
+                  sample_solver=None, seed=None, prompt_embeds=None, negative_prompt_embeds=None, latents=None,
+                  teacache_threshold=_UNSET, teacache_mode=None, teacache_coefficients=None, callback=None,
+                  cancel=None, progress=True, on_frames=None, keep_frames: bool = True, recorder=None,
+                  decode: bool = True) -> Video:
         p = self.preset
+        first, last, height, width, max_area = self._check_images(image, last_image, height, width, max_area)
         a = resolve_sampling_args(
             p, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, shift=shift, sample_solver=sample_solver, seed=seed,
+            guidance_scale=guidance_scale, shift=shift, sample_solver=sample_solver, seed=seed, max_area=max_area,
         )
+        if last is not None and a.num_frames < 5:
+            raise ValueError(f"first-last-frame generation needs num_frames >= 5 (4k+1), got {a.num_frames}")
         height, width, num_frames, steps = a.height, a.width, a.num_frames, a.num_inference_steps
         guidance_scale, shift, solver_name, seed = a.guidance_scale, a.shift, a.sample_solver, a.seed
         if prompt is None and prompt_embeds is None:
@@ -709,6 +894,11 @@ class Engine:
             latents = torch.randn(lat_shape, generator=g, dtype=torch.float32)
         x = latents.to(self.device, torch.float32)
 
+        # 2b. image conditioning (i2v/flf2v): CLIP features and y = [mask, VAE latents of the frames]
+        image_cond: dict[str, torch.Tensor] = {}
+        if first is not None:
+            image_cond = self._image_conditioning(first, last, height, width, num_frames, timings)
+
         # 3. denoising loop
         t0 = time.perf_counter()
         from tqdm.auto import tqdm
@@ -718,7 +908,7 @@ class Engine:
             log.info("CFG branches run as two passes: a batch-2 forward would not fit in free memory")
             batch_cfg = False
         step_fn = GuidedStep(self.transformer, cond, uncond, guidance_scale, batch_cfg=batch_cfg,
-                             teacache=teacache, graphs=self._graphs, recorder=recorder)
+                             teacache=teacache, graphs=self._graphs, recorder=recorder, **image_cond)
         if cancel is not None and cancel.is_set():
             raise Cancelled(-1, x.detach().to("cpu", torch.float32, copy=True), seed)
         bar = tqdm(total=steps, disable=not progress, desc="denoise", unit="step")
@@ -738,6 +928,8 @@ class Engine:
         timings["denoise"] = time.perf_counter() - t0
         final = x.detach().to("cpu", torch.float32, copy=True)
         stats = {"cfg_batched": batch_cfg, "cuda_graphs": self._graph_stats(), "steps": steps}
+        if first is not None:
+            stats["image_conditioning"] = self._image_cache_state
         if teacache is not None:
             stats["teacache"] = teacache.summary()
 
@@ -781,7 +973,8 @@ class Engine:
             degree: polynomial degree.
             progress: show a progress bar.
             **sampling: ``generate()`` sampling arguments (height, width, num_frames, num_inference_steps,
-                guidance_scale, shift, sample_solver, seed, negative_prompt).
+                guidance_scale, shift, sample_solver, seed, negative_prompt; image, last_image and max_area
+                for i2v/flf2v models).
 
         Returns:
             ``{"mode", "coefficients", "input_changes", "output_changes", "preset", "height", "width",
@@ -805,9 +998,14 @@ class Engine:
             prev[branch] = (e.detach().float().clone(), v.detach().float().clone())
 
         negative = sampling.pop("negative_prompt", None)
-        a = resolve_sampling_args(self.preset, **{k: sampling.pop(k, None) for k in (
-            "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "shift",
-            "sample_solver", "seed")})
+        images = {k: sampling.pop(k, None) for k in ("image", "last_image", "max_area")}
+        first, _, height, width, max_area = self._check_images(
+            images["image"], images["last_image"], sampling.pop("height", None), sampling.pop("width", None),
+            images["max_area"])
+        a = resolve_sampling_args(self.preset, height=height, width=width, max_area=max_area,
+                                  **{k: sampling.pop(k, None) for k in (
+                                      "num_frames", "num_inference_steps", "guidance_scale", "shift",
+                                      "sample_solver", "seed")})
         if sampling:
             raise ValueError(f"unexpected arguments {sorted(sampling)}")
         if a.num_inference_steps < degree + 2:
@@ -816,7 +1014,8 @@ class Engine:
         recorder = _ModeRecorder(record, mode)
         with self._lock:
             self._generate(
-                prompt, negative, height=a.height, width=a.width, num_frames=a.num_frames,
+                prompt, negative, image=images["image"], last_image=images["last_image"],
+                height=a.height, width=a.width, num_frames=a.num_frames,
                 num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, shift=a.shift,
                 sample_solver=a.sample_solver, seed=a.seed, teacache_threshold=None, progress=progress,
                 recorder=recorder, decode=False,
@@ -837,7 +1036,8 @@ class Engine:
         Runs a 2-step generation at this size (random noise, the default negative prompt): the kernels
         compile and autotune, ``torch.compile`` (if on) traces, the CUDA graphs of this shape are captured,
         the negative prompt's embeddings enter the prompt cache and the VAE runs once. Later requests of
-        the same size start at full speed.
+        the same size start at full speed. For i2v/flf2v models a mid-gray frame of exactly this size (default:
+        the preset's) conditions the warm-up, so the image encoder and the VAE encoder run once too.
 
         Returns:
             The warm-up generation's timings (seconds per stage).
@@ -845,9 +1045,15 @@ class Engine:
         Raises:
             ValueError: as ``generate()`` for a bad size.
         """
+        images = {}
+        if self.preset.task != "t2v":
+            height = self.preset.height if height is None else height
+            width = self.preset.width if width is None else width
+            gray = np.full((height, width, 3), 128, np.uint8)
+            images = {"image": gray, "last_image": gray if self.preset.task == "flf2v" else None}
         video = self.generate("warm-up", height=height, width=width, num_frames=num_frames, num_inference_steps=2,
                               guidance_scale=guidance_scale, seed=0, teacache_threshold=teacache_threshold,
-                              progress=False)
+                              progress=False, **images)
         return video.timings
 
     def _sync(self) -> None:
@@ -882,5 +1088,22 @@ def _generic_preset(arch: dict) -> Preset:
     base = next(p for p in (get_preset("t2v-1.3b"), get_preset("i2v-14b-480p"), get_preset("flf2v-14b"))
                 if p.task == arch["model_type"])
     a = Architecture(**{k: arch[k] for k in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers",
-                                              "in_dim", "out_dim", "text_dim")})
+                                              "in_dim", "out_dim", "text_dim", "image_dim")})
     return replace(base, name="custom", arch=a, supported_sizes=())
+
+
+def _checkpoint_names(ckpt: Path) -> list[str]:
+    """Names that may say which I2V checkpoint a folder is (480P or 720P): the folder's own name and the
+    ``_name_or_path`` recorded in its configs (official ``config.json``, diffusers ``model_index.json`` and
+    ``transformer/config.json``)."""
+    import json
+
+    names = [ckpt.resolve().name]
+    for rel in ("config.json", "model_index.json", "transformer/config.json"):
+        try:
+            value = json.loads((ckpt / rel).read_text(encoding="utf-8")).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str):
+            names.append(value)
+    return names

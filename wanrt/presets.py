@@ -10,8 +10,9 @@ Sources: ``wan/configs/*.py`` and ``generate.py::_validate_args`` of the officia
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 #: The official default negative prompt (``shared_config.sample_neg_prompt``).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -40,6 +41,7 @@ class Architecture:
         out_dim: output channels (16).
         text_dim: width of the text-encoder output (4096 for UMT5-XXL).
         text_len: number of text tokens the context is zero-padded to (512).
+        image_dim: width of the CLIP image features the DiT projects (1280 for ViT-H/14; i2v/flf2v only).
     """
 
     model_type: str
@@ -51,6 +53,7 @@ class Architecture:
     out_dim: int = 16
     text_dim: int = 4096
     text_len: int = 512
+    image_dim: int = 1280
 
     def __post_init__(self) -> None:
         if self.model_type not in TASKS:
@@ -76,6 +79,9 @@ class Preset:
         negative_prompt: used when the caller gives none (the official behaviour).
         fps: frame rate of the saved video (Wan's native 16 fps).
         supported_sizes: (height, width) pairs the official code supports for this model.
+
+    For the image tasks (i2v, flf2v) ``height * width`` is the default *max area*: the output size follows
+    the input image's aspect ratio (:attr:`max_area`, ``wan21-reference.md`` §7.2).
     """
 
     name: str
@@ -100,6 +106,12 @@ class Preset:
         if (self.num_frames - 1) % 4:
             raise ValueError(f"preset {self.name}: default num_frames must be 4k+1")
 
+    @property
+    def max_area(self) -> int | None:
+        """Default pixel area of the output for i2v/flf2v (``height * width``; the official ``--size`` read as
+        an area), None for t2v."""
+        return self.height * self.width if self.task != "t2v" else None
+
 
 _SIZES_14B = ((720, 1280), (1280, 720), (480, 832), (832, 480))
 _SIZES_13B = ((480, 832), (832, 480))
@@ -108,11 +120,20 @@ _ARCH_13B = Architecture("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers
 _ARCH_14B = Architecture("t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16)
 _ARCH_I2V = Architecture("i2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36)
 _ARCH_FLF2V = Architecture("flf2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36)
+#: 480P area of the official sizes (``832*480``): the i2v default shift is 3.0 at this area, 5.0 otherwise.
+AREA_480P = 480 * 832
 
 #: The tiny model: random weights, real architecture family, small enough for a whole video in seconds
 #: on a CPU. Used by the tests, the README quick start and ``wanrt make-tiny-checkpoint``.
 TINY_ARCH = Architecture(
     "t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, text_dim=64
+)
+#: Tiny image-to-video models: the tiny DiT with 36 input channels and a tiny CLIP tower (width 160).
+TINY_I2V_ARCH = Architecture(
+    "i2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=36, text_dim=64, image_dim=160
+)
+TINY_FLF2V_ARCH = Architecture(
+    "flf2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=36, text_dim=64, image_dim=160
 )
 
 PRESETS: Mapping[str, Preset] = {
@@ -131,15 +152,26 @@ PRESETS: Mapping[str, Preset] = {
         ),
         # flf2v: "i2v" is not in the task name, so generate.py gives it 50 steps; shift 16.
         Preset(
-            "flf2v-14b", "flf2v", _ARCH_FLF2V, height=720, width=1280, shift=16.0,
+            "flf2v-14b-720p", "flf2v", _ARCH_FLF2V, height=720, width=1280, shift=16.0,
             negative_prompt=FLF2V_NEGATIVE_PROMPT, supported_sizes=_SIZES_14B,
         ),
         Preset(
             "tiny", "t2v", TINY_ARCH, height=64, width=96, num_frames=9, num_inference_steps=4,
             supported_sizes=(),
         ),
+        Preset(
+            "tiny-i2v", "i2v", TINY_I2V_ARCH, height=64, width=96, num_frames=9, num_inference_steps=4,
+            negative_prompt=I2V_NEGATIVE_PROMPT, supported_sizes=(),
+        ),
+        Preset(
+            "tiny-flf2v", "flf2v", TINY_FLF2V_ARCH, height=64, width=96, num_frames=9, num_inference_steps=4,
+            shift=16.0, negative_prompt=FLF2V_NEGATIVE_PROMPT, supported_sizes=(),
+        ),
     )
 }
+
+#: Other names accepted by :func:`get_preset`.
+ALIASES: Mapping[str, str] = {"flf2v-14b": "flf2v-14b-720p"}
 
 
 def get_preset(name: str) -> Preset:
@@ -149,19 +181,38 @@ def get_preset(name: str) -> Preset:
         ValueError: unknown name; the message lists the known presets.
     """
     key = name.lower().replace("_", "-")
+    key = ALIASES.get(key, key)
     if key not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[key]
 
 
-def default_shift(preset: Preset, height: int, width: int) -> float:
+def default_shift(preset: Preset, height: int, width: int, max_area: int | None = None) -> float:
     """The official sampling shift for this preset at this size.
 
-    ``generate.py``: 5.0; 3.0 for i2v at 832*480 or 480*832; 16 for flf2v.
+    ``generate.py``: 5.0; 3.0 for i2v at ``--size`` 832*480 or 480*832; 16 for flf2v. For i2v the official
+    ``--size`` is a max area, so when ``max_area`` is given the rule reads it (3.0 at 480*832 = 399360 pixels,
+    whatever the image's aspect ratio); otherwise the explicit output size decides. Tiny presets keep their own.
     """
-    if preset.task == "i2v":
+    if preset.task == "i2v" and preset.arch.dim == _ARCH_I2V.dim:
+        if max_area is not None:
+            return 3.0 if max_area == AREA_480P else 5.0
         return 3.0 if (height, width) in ((480, 832), (832, 480)) else 5.0
     return preset.shift
+
+
+_RESOLUTION = re.compile(r"(?<![0-9])(480|720)p(?![a-z0-9])", re.IGNORECASE)
+
+
+def resolution_hint(names: Iterable[str]) -> str | None:
+    """``"480p"`` or ``"720p"`` when the given names (folder names, ``_name_or_path`` values) say which
+    I2V checkpoint this is, else None (no name says, or the names disagree).
+
+    The I2V-14B-480P and -720P checkpoints have identical shapes and configs: only their names tell them
+    apart (``Wan2.1-I2V-14B-720P``, ``Wan-AI/Wan2.1-I2V-14B-480P-Diffusers``).
+    """
+    found = {m.group(1) + "p" for n in names for m in _RESOLUTION.finditer(str(n))}
+    return found.pop() if len(found) == 1 else None
 
 
 def check_against(preset: Preset, arch: Mapping[str, object]) -> None:
@@ -176,7 +227,10 @@ def check_against(preset: Preset, arch: Mapping[str, object]) -> None:
             would match the checkpoint.
     """
     wrong = []
-    for f in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim"):
+    for f in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
+              "image_dim"):
+        if f == "image_dim" and preset.task == "t2v":
+            continue
         if f in arch and arch[f] != getattr(preset.arch, f):
             wrong.append(f"{f}: checkpoint {arch[f]!r}, preset {getattr(preset.arch, f)!r}")
     if wrong:
@@ -189,14 +243,18 @@ def check_against(preset: Preset, arch: Mapping[str, object]) -> None:
         raise ValueError(f"checkpoint does not match preset {preset.name!r}: " + "; ".join(wrong) + hint)
 
 
-def preset_for_arch(arch: Mapping[str, object]) -> Preset | None:
+def preset_for_arch(arch: Mapping[str, object], resolution: str | None = None) -> Preset | None:
     """The preset whose architecture matches ``arch`` (for ``Engine.from_pretrained``), or None.
 
-    For i2v the 480P and 720P checkpoints have identical shapes; the 480P preset is returned and
-    the shift is then resolved per size by :func:`default_shift`.
+    For i2v the 480P and 720P checkpoints have identical shapes: ``resolution`` ("480p"/"720p", e.g. from
+    :func:`resolution_hint`) picks one; without it the 480P preset is returned (its default max area is the
+    cheaper one; a 720P checkpoint also makes good 480P videos).
     """
-    for p in PRESETS.values():
-        if all(arch.get(f) == getattr(p.arch, f)
-               for f in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim")):
-            return p
-    return None
+    matches = [p for p in PRESETS.values()
+               if all(arch.get(f) == getattr(p.arch, f)
+                      for f in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim"))]
+    if resolution is not None:
+        for p in matches:
+            if p.name.endswith("-" + resolution.lower()):
+                return p
+    return matches[0] if matches else None

@@ -4,9 +4,11 @@ Layouts (docs: checkpoints-and-formats.md):
 
 - **official** (Wan-AI/Wan2.1-*): ``config.json`` (WanModel fields), ``diffusion_pytorch_model.safetensors``
   or shards + ``diffusion_pytorch_model.safetensors.index.json``, ``Wan2.1_VAE.pth``,
-  ``models_t5_umt5-xxl-enc-bf16.pth`` and the tokenizer folder ``google/umt5-xxl/``.
+  ``models_t5_umt5-xxl-enc-bf16.pth`` and the tokenizer folder ``google/umt5-xxl/``; I2V/FLF2V add the
+  CLIP ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` (and ``xlm-roberta-large/``).
 - **diffusers** (``*-Diffusers``): ``model_index.json`` with ``transformer/``, ``vae/``, ``text_encoder/``,
-  ``tokenizer/`` (and ``scheduler/``).
+  ``tokenizer/`` (and ``scheduler/``); I2V/FLF2V add ``image_encoder/`` (a transformers
+  ``CLIPVisionModel``) and ``image_processor/``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ OFFICIAL_DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_TOKENIZER = "google/umt5-xxl"
+OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 
 
 class LayoutError(ValueError):
@@ -36,6 +39,9 @@ class CheckpointLayout:
         vae: VAE file (official ``.pth``) or diffusers ``vae/`` folder; None when absent.
         text_encoder: T5 ``.pth`` (official) or diffusers ``text_encoder/`` folder; None when absent.
         tokenizer: tokenizer folder; None when absent.
+        image_encoder: CLIP image encoder of I2V/FLF2V checkpoints: the official
+            ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` or the diffusers
+            ``image_encoder/`` folder; None when absent (always, for text-to-video checkpoints).
     """
 
     kind: str
@@ -44,6 +50,7 @@ class CheckpointLayout:
     vae: Path | None
     text_encoder: Path | None
     tokenizer: Path | None
+    image_encoder: Path | None = None
 
 
 def read_json(path: Path) -> dict:
@@ -91,6 +98,10 @@ def detect_layout(path: str | Path) -> CheckpointLayout:
     Args:
         path: an official checkpoint folder or a diffusers pipeline folder.
 
+    Returns:
+        The parts found; the optional ones (VAE, text encoder, tokenizer, image encoder) are None when
+        absent. A bare diffusers ``transformer/`` folder gives only ``transformer``.
+
     Raises:
         FileNotFoundError: the path does not exist.
         LayoutError: the folder is neither layout (the message lists what was found).
@@ -110,7 +121,8 @@ def detect_layout(path: str | Path) -> CheckpointLayout:
         if part("transformer") is None:
             raise LayoutError(f"{root}: diffusers layout (model_index.json) without a transformer/ folder")
         return CheckpointLayout(
-            "diffusers", root, root / "transformer", part("vae"), part("text_encoder"), part("tokenizer")
+            "diffusers", root, root / "transformer", part("vae"), part("text_encoder"), part("tokenizer"),
+            part("image_encoder"),
         )
     cfg_path = root / "config.json"
     if cfg_path.is_file():
@@ -122,7 +134,8 @@ def detect_layout(path: str | Path) -> CheckpointLayout:
                 return p if p.exists() else None
 
             return CheckpointLayout(
-                "official", root, root, file(OFFICIAL_VAE), file(OFFICIAL_T5), file(OFFICIAL_TOKENIZER)
+                "official", root, root, file(OFFICIAL_VAE), file(OFFICIAL_T5), file(OFFICIAL_TOKENIZER),
+                file(OFFICIAL_CLIP),
             )
         if kind == "diffusers":
             # a bare diffusers transformer/ folder

@@ -594,3 +594,146 @@ def _hf_weights(folder: Path) -> Path:
         if (folder / name).is_file():
             return folder / name
     raise LayoutError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image encoder (CLIP ViT-H/14 of I2V/FLF2V)
+# ---------------------------------------------------------------------------------------------
+def _is_clip_vision_config(cfg: dict) -> bool:
+    """A transformers CLIP vision config.json (or a full CLIPConfig holding one)."""
+    return cfg.get("model_type") in ("clip_vision_model", "clip") or (
+        "hidden_size" in cfg and "patch_size" in cfg and "num_hidden_layers" in cfg
+    )
+
+
+def _resolve_image_encoder(path: Path) -> tuple[Path, dict | None]:
+    """(weights entry file, transformers config dict or None) for any accepted image-encoder path."""
+    from .layout import OFFICIAL_CLIP
+
+    if path.is_file():
+        return path, None
+    cfg_path = path / "config.json"
+    if cfg_path.is_file():
+        raw = read_json(cfg_path)
+        if _is_clip_vision_config(raw):
+            return _hf_weights(path), raw
+    layout = detect_layout(path)
+    if layout.image_encoder is None:
+        expected = OFFICIAL_CLIP if layout.kind == "official" else "an image_encoder/ folder"
+        raise LayoutError(
+            f"{path}: no image encoder found (expected {expected}); only image-to-video and first-last-frame "
+            "checkpoints (i2v, flf2v) have one, text-to-video checkpoints do not"
+        )
+    if layout.image_encoder.is_dir():
+        folder = layout.image_encoder
+        if not (folder / "config.json").is_file():
+            raise LayoutError(f"{folder}: missing config.json for the image encoder")
+        return _hf_weights(folder), read_json(folder / "config.json")
+    return layout.image_encoder, None
+
+
+def load_image_encoder(path, device=None, dtype=torch.float16, *, num_heads: int | None = None):
+    """Load the CLIP ViT-H/14 image encoder of Wan2.1 I2V/FLF2V (its visual tower up to block 31 of 32).
+
+    Args:
+        path: an official checkpoint folder holding ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``,
+            that ``.pth`` file (the whole XLM-RoBERTa CLIP; the text tower, ``post_norm``, ``head`` and the
+            last block are skipped), a diffusers pipeline folder (``image_encoder/``), a transformers
+            ``CLIPVisionModel`` folder (config.json with ``model_type "clip_vision_model"`` and
+            ``model.safetensors`` or its shard index), or a single transformers-layout ``.safetensors``
+            file (keys with or without ``vision_model.``; shape-inferred config).
+        device: target device (default: CUDA when available, else CPU).
+        dtype: weight and compute dtype: float16 (the default) as the official ``clip_dtype``; float32 for
+            reference checks; None keeps the stored dtype. LayerNorm parameters stay float32
+            (``CLIPVisionTower.keep_fp32``).
+        num_heads: head count, overriding the transformers config or the shape rule of
+            ``CLIPVisionConfig.from_official_shapes`` (official files do not store it: ``dim // 80``).
+
+    Returns:
+        ``ImageEncoder`` with ``.encode(images)``: ``[3, H, W]`` images in [-1, 1] ->
+        ``[N, 257, 1280]`` in ``dtype`` (the official ``clip.visual(..., use_31_block=True)`` features).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        LayoutError: the folder is neither layout, or the checkpoint has no image encoder (text-to-video
+            checkpoints have none).
+        CheckpointError: missing/unexpected keys, shape mismatch, keys of neither CLIP layout, a corrupt
+            file, or an architecture that cannot be inferred (names the file and the key).
+        ValueError: bad dtype, device, or transformers config (e.g. ``hidden_act`` other than ``"gelu"``).
+    """
+    import dataclasses
+
+    from ..models.clip import CLIPVisionConfig, CLIPVisionTower, ImageEncoder
+    from .keymap_clip import (
+        HF_PREFIX,
+        TransformersCLIPSource,
+        clip_from_official,
+        clip_to_transformers,
+        is_transformers_clip_key,
+    )
+
+    path, dtype = _check_path_and_dtype(path, dtype)
+    weights, hf_cfg = _resolve_image_encoder(path)
+    target = _device(device)
+    with open_tensor_source(weights) as raw_src:
+        keys = raw_src.keys()
+        if any(k.startswith("visual.") for k in keys):
+            fmt, src = "official", raw_src
+        elif any(is_transformers_clip_key(k) for k in keys):
+            fmt = "transformers"
+        else:
+            raise CheckpointError("image encoder: neither official CLIP keys ('visual.*') nor transformers "
+                                  "CLIPVisionModel keys", raw_src.describe(), keys[0] if keys else None)
+        try:
+            if hf_cfg is not None:
+                cfg = CLIPVisionConfig.from_hf_config(hf_cfg)
+                if num_heads is not None:
+                    cfg = dataclasses.replace(cfg, num_heads=num_heads)
+            elif fmt == "official":
+                shapes = {k[len("visual."):]: s for k, s in raw_src.shapes().items() if k.startswith("visual.")}
+                cfg = CLIPVisionConfig.from_official_shapes(shapes, num_heads=num_heads)
+            else:  # a bare transformers file: our names, all layers (none dropped) for the shapes
+                full = TransformersCLIPSource(raw_src, used_layers=1 << 30)
+                cfg = CLIPVisionConfig.from_official_shapes(full.shapes(), num_heads=num_heads)
+        except (KeyError, ValueError) as e:
+            if hf_cfg is not None and not isinstance(e, KeyError):
+                raise
+            raise CheckpointError(f"image encoder: cannot infer the CLIP architecture ({type(e).__name__}: {e})",
+                                  raw_src.describe()) from e
+        if fmt == "official":
+            def mapper(k: str):
+                return clip_from_official(k, cfg.used_layers)
+
+            def source_name(k: str) -> str:
+                return "visual." + k
+        else:
+            src = TransformersCLIPSource(raw_src, cfg.used_layers)
+            mapper = None
+            prefix = HF_PREFIX if any(k.startswith(HF_PREFIX) for k in keys) else ""
+
+            def source_name(k: str) -> str:
+                return clip_to_transformers(k, prefix)[0]
+        with torch.device("meta"):
+            model = CLIPVisionTower(cfg)
+        # Name a missing parameter as the checkpoint spells it (load_into_module would use the tower's name).
+        present = {mapper(k) if mapper else k for k in src.keys() if _maps(mapper, k)}
+        missing = [k for k in model.state_dict() if k not in present]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise CheckpointError(f"image encoder: checkpoint lacks a parameter{more}", raw_src.describe(),
+                                  source_name(missing[0]))
+        load_into_module(model, src, to_official=mapper, device=target, dtype=dtype,
+                         keep_fp32=CLIPVisionTower.keep_fp32, what="image encoder")
+    log.info("image encoder: %s CLIP (%d of %d blocks, dim %d) from %s", fmt, cfg.used_layers, cfg.num_layers,
+             cfg.dim, weights)
+    return ImageEncoder(model, cfg)
+
+
+def _maps(mapper, key: str) -> bool:
+    """True when ``mapper`` (None = identity) maps ``key`` to a module key (not dropped, not unknown)."""
+    if mapper is None:
+        return True
+    try:
+        return mapper(key) is not None
+    except (KeyError, ValueError):
+        return False

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..presets import Preset, get_preset
-from .layout import OFFICIAL_DIT_WEIGHTS, OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
+from .layout import OFFICIAL_CLIP, OFFICIAL_DIT_WEIGHTS, OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
 
 LAYOUTS = ("official", "diffusers")
 TINY_VOCAB = 384
@@ -64,7 +64,24 @@ def tiny_vae_config(preset: Preset):
     """The VAE config written for ``preset``: the real one for full-size presets, base_dim 8 for tiny."""
     from ..models.vae import VAEConfig
 
-    return VAEConfig(base_dim=8) if preset.name == "tiny" else VAEConfig()
+    return VAEConfig(base_dim=8) if is_tiny(preset) else VAEConfig()
+
+
+def is_tiny(preset: Preset) -> bool:
+    """True for the tiny presets (``tiny``, ``tiny-i2v``, ``tiny-flf2v``)."""
+    return preset.name == "tiny" or preset.name.startswith("tiny-")
+
+
+def tiny_clip_config(preset: Preset):
+    """The CLIP vision config written for an i2v/flf2v ``preset``: ViT-H/14 for full-size presets; for the tiny
+    ones width ``image_dim`` (160: 2 heads of 80, as ViT-H's head width), 3 blocks, still 224 px / patch 14, so
+    the DiT sees the real 257 tokens per image."""
+    from ..models.clip import CLIPVisionConfig
+
+    if not is_tiny(preset):
+        return CLIPVisionConfig()
+    d = preset.arch.image_dim
+    return CLIPVisionConfig(dim=d, mlp_dim=4 * d, num_heads=max(1, d // 80), num_layers=3)
 
 
 def dit_config_for(preset: Preset):
@@ -73,7 +90,8 @@ def dit_config_for(preset: Preset):
 
     a = preset.arch
     return DiTConfig(model_type=a.model_type, in_dim=a.in_dim, dim=a.dim, ffn_dim=a.ffn_dim, out_dim=a.out_dim,
-                     num_heads=a.num_heads, num_layers=a.num_layers, text_dim=a.text_dim, text_len=a.text_len)
+                     num_heads=a.num_heads, num_layers=a.num_layers, text_dim=a.text_dim, text_len=a.text_len,
+                     image_dim=a.image_dim)
 
 
 def _save_safetensors_sharded(state: dict[str, torch.Tensor], folder: Path, base: str, shards: int,
@@ -114,9 +132,12 @@ def write_checkpoint(
     Args:
         out_dir: destination folder (created; must not hold a checkpoint already).
         layout: "official" (config.json, diffusion_pytorch_model*.safetensors, Wan2.1_VAE.pth,
-            models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/) or "diffusers" (model_index.json,
-            transformer/, vae/, text_encoder/, tokenizer/, scheduler/).
-        preset: "tiny" (seconds on a CPU) or a full-size preset such as "t2v-1.3b" (the real DiT and VAE
+            models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/; i2v/flf2v add
+            models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) or "diffusers" (model_index.json,
+            transformer/, vae/, text_encoder/, tokenizer/, scheduler/; i2v/flf2v add image_encoder/ and
+            image_processor/, as ``WanImageToVideoPipeline``).
+        preset: "tiny", "tiny-i2v", "tiny-flf2v" (seconds on a CPU) or a full-size preset such as "t2v-1.3b" (the
+            real DiT and VAE
             architecture for benchmarks; the text encoder is a 2-layer UMT5 of the real width, since the
             XXL encoder would be 11 GB of random numbers).
         seed: seed of the random weights.
@@ -149,6 +170,14 @@ def write_checkpoint(
     vae = randomize_(WanVAE(vae_cfg), seed + 1)
     t5_cfg = tiny_t5_config(p.arch.text_dim)
     t5 = randomize_(UMT5Encoder(t5_cfg), seed + 2).to(torch.bfloat16)
+    clip_state = clip_cfg = None
+    if p.task != "t2v":
+        from .keymap_clip import official_clip_state
+
+        clip_cfg = tiny_clip_config(p)
+        # fp16 values (the official file's dtype); the diffusers image_encoder/ holds the same values in fp32
+        clip_state = {k: v.half().float() if v.is_floating_point() else v
+                      for k, v in official_clip_state(clip_cfg, seed=seed + 3).items()}
 
     if layout == "official":
         cfg = dict(dit_cfg.to_official_config())
@@ -159,6 +188,9 @@ def write_checkpoint(
         torch.save(vae.state_dict(), out / OFFICIAL_VAE)
         torch.save(t5.state_dict(), out / OFFICIAL_T5)
         build_tiny_tokenizer(out / OFFICIAL_TOKENIZER, vocab_size=t5_cfg.vocab_size)
+        if clip_state is not None:  # the official CLIP file is fp16 (the text tower's tokenizer is not needed)
+            torch.save({k: v.half() if v.is_floating_point() else v for k, v in clip_state.items()},
+                       out / OFFICIAL_CLIP)
         return out
 
     from .keymap_dit import dit_from_official
@@ -168,7 +200,7 @@ def write_checkpoint(
 
     diffusers_version = _diffusers_version()
     model_index = {
-        "_class_name": "WanPipeline",
+        "_class_name": "WanPipeline" if clip_state is None else "WanImageToVideoPipeline",
         "_diffusers_version": diffusers_version,
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
@@ -176,6 +208,10 @@ def write_checkpoint(
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
+    if clip_state is not None:
+        model_index.update(image_encoder=["transformers", "CLIPVisionModel"],
+                           image_processor=["transformers", "CLIPImageProcessor"])
+        _write_image_encoder(out, clip_state, clip_cfg)
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
     for sub in ("transformer", "vae", "text_encoder", "scheduler"):
         (out / sub).mkdir()
@@ -206,6 +242,28 @@ def write_checkpoint(
     return out
 
 
+def _write_image_encoder(out: Path, clip_state: dict[str, torch.Tensor], cfg) -> None:
+    """``image_encoder/`` (transformers CLIPVisionModel: config.json + model.safetensors) and
+    ``image_processor/`` (CLIPImageProcessor: shortest side 224, center crop, CLIP mean/std) of a diffusers
+    I2V pipeline."""
+    from ..models.clip import CLIP_MEAN, CLIP_STD
+    from .keymap_clip import transformers_clip_vision
+
+    config, state = transformers_clip_vision(clip_state, cfg)
+    (out / "image_encoder").mkdir()
+    config = {"architectures": ["CLIPVisionModel"], **config}
+    (out / "image_encoder" / "config.json").write_text(json.dumps(config, indent=2))
+    _save_safetensors_sharded(state, out / "image_encoder", "model.safetensors", 1, metadata={"format": "pt"})
+    (out / "image_processor").mkdir()
+    processor = {
+        "crop_size": {"height": cfg.image_size, "width": cfg.image_size}, "do_center_crop": True,
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "image_processor_type": "CLIPImageProcessor",
+        "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": cfg.image_size},
+    }
+    (out / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+
+
 def _diffusers_version() -> str:
     try:
         from importlib.metadata import version
@@ -221,15 +279,19 @@ def cache_dir() -> Path:
     return Path(base) / "wanrt"
 
 
-def cached_tiny_checkpoint(layout: str = "official") -> Path:
-    """The tiny checkpoint in the user's cache folder, written on first use (atomically)."""
-    final = cache_dir() / f"tiny-{layout}-v1"
+def cached_tiny_checkpoint(layout: str = "official", preset: str = "tiny") -> Path:
+    """A tiny checkpoint (``preset`` "tiny", "tiny-i2v" or "tiny-flf2v") in the user's cache folder, written on
+    first use (atomically)."""
+    if not is_tiny(get_preset(preset)):
+        raise ValueError(f"only the tiny presets are cached, got {preset!r}")
+    name = "tiny" if preset == "tiny" else preset
+    final = cache_dir() / f"{name}-{layout}-v1"
     if (final / ("config.json" if layout == "official" else "model_index.json")).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
     try:
-        write_checkpoint(tmp / "ckpt", layout=layout, preset="tiny")
+        write_checkpoint(tmp / "ckpt", layout=layout, preset=preset)
         try:
             os.replace(tmp / "ckpt", final)
         except OSError:

@@ -44,14 +44,21 @@ class GuidedStep:
         graphs: ``{with_residual: StepGraphs}`` wrapping :func:`computed_forward` (see
             :func:`make_step_graphs`), or None (eager).
         recorder: Called per branch and step with the modulated input and the branch's velocity.
+        y: i2v/flf2v: the conditioning ``[1, 20, F, H, W]`` (mask 4 + VAE latent 16), shared by both branches
+            (only the text differs between them, ``wan21-reference.md`` §7.9).
+        clip_fea: i2v/flf2v: CLIP features ``[1, 257 or 514, image_dim]``, shared by both branches.
 
     Raises:
         ValueError: embeddings of the wrong shape (the DiT's own checks).
     """
 
     def __init__(self, model: WanDiT, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float, *,
-                 batch_cfg: bool = False, teacache=None, graphs=None, recorder: Recorder | None = None):
+                 batch_cfg: bool = False, teacache=None, graphs=None, recorder: Recorder | None = None,
+                 y: torch.Tensor | None = None, clip_fea: torch.Tensor | None = None):
+        if (y is None) != (clip_fea is None):
+            raise ValueError("give both y and clip_fea (image-conditioned models) or neither")
         self.model = model
+        self.image = () if y is None else (y, clip_fea)
         self.guidance_scale = float(guidance_scale)
         self.branches = BRANCHES if uncond is not None else BRANCHES[:1]
         text_len = model.config.text_len
@@ -67,14 +74,19 @@ class GuidedStep:
         self._t: torch.Tensor | None = None  # timestep buffer
 
     # ------------------------------------------------------------------ the model calls
+    def _image(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """The image conditioning ``(y, clip_fea)`` for a batch of ``batch`` branches (views), or ()."""
+        return tuple(c.expand(batch, *c.shape[1:]) for c in self.image)
+
     def _computed(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
         with_residual = self.teacache is not None
+        image = self._image(x.shape[0])
         if self.graphs is None:
-            return computed_forward(self.model, x, t, context, with_residual)
-        key = graph_key(self.model, x, context)
+            return computed_forward(self.model, x, t, context, with_residual, *image)
+        key = graph_key(self.model, x, context, *image)
         if with_residual:
-            return self.graphs[True](key, x, t, context)
-        return self.graphs[False](key, x, t, context), None
+            return self.graphs[True](key, x, t, context, *image)
+        return self.graphs[False](key, x, t, context, *image), None
 
     def _keep(self, branch: str, v: torch.Tensor) -> torch.Tensor:
         """Copy a graph output (a static buffer the next replay overwrites) into the branch's own buffer."""
@@ -87,7 +99,8 @@ class GuidedStep:
                  residual: torch.Tensor) -> torch.Tensor:
         """A skipped step: the blocks' output is the input plus the cached residual."""
         m = self.model
-        inp = m.prepare(x, t, context)
+        image = dict(zip(("y", "clip_fea"), self._image(x.shape[0])))
+        inp = m.prepare(x, t, context, **image)
         return m.run_head(inp, inp.x.float() + residual)[0]
 
     # ------------------------------------------------------------------ one step
@@ -147,21 +160,24 @@ class GuidedStep:
 
 
 def computed_forward(model: WanDiT, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                     with_residual: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     with_residual: bool, y: torch.Tensor | None = None,
+                     clip_fea: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The DiT forward of a computed step: velocity ``[B, 16, F, H, W]`` float32 and, for the step
-    cache, the blocks' residual ``[B, S, dim]`` float32 (``None`` without ``with_residual``)."""
-    inp = model.prepare(x, t, context)
+    cache, the blocks' residual ``[B, S, dim]`` float32 (``None`` without ``with_residual``).
+    ``y`` and ``clip_fea`` are the image conditioning of i2v/flf2v models (see :meth:`WanDiT.forward`)."""
+    inp = model.prepare(x, t, context, y=y, clip_fea=clip_fea)
     xo, pending = model.run_blocks(inp)
     v, out = model.run_head(inp, xo, pending)
     return v, (out - inp.x.float()) if with_residual else None
 
 
-def graph_key(model: WanDiT, x: torch.Tensor, context: torch.Tensor) -> tuple:
-    """What a captured step depends on: shapes (batch included), the backends and the weights' dtype."""
+def graph_key(model: WanDiT, x: torch.Tensor, context: torch.Tensor, *image: torch.Tensor) -> tuple:
+    """What a captured step depends on: shapes (batch included; the image conditioning's too), the backends
+    and the weights' dtype."""
     from ..models.dit import compute_dtype
 
     dtype = compute_dtype(model.blocks[0].self_attn.q) if len(model.blocks) else model.head.head.weight.dtype
-    return (tuple(x.shape), tuple(context.shape), model.plan, dtype)
+    return (tuple(x.shape), tuple(context.shape), *(tuple(c.shape) for c in image), model.plan, dtype)
 
 
 def make_step_graphs(model: WanDiT, max_graphs: int = 4, capturer=None) -> dict[bool, object]:
@@ -169,11 +185,11 @@ def make_step_graphs(model: WanDiT, max_graphs: int = 4, capturer=None) -> dict[
     output signature, each an LRU of at most ``max_graphs`` shapes)."""
     from ..graph.cuda_graphs import StepGraphs
 
-    def with_res(x, t, context):
-        return computed_forward(model, x, t, context, True)
+    def with_res(x, t, context, *image):
+        return computed_forward(model, x, t, context, True, *image)
 
-    def without_res(x, t, context):
-        return computed_forward(model, x, t, context, False)[0]
+    def without_res(x, t, context, *image):
+        return computed_forward(model, x, t, context, False, *image)[0]
 
     return {True: StepGraphs(with_res, max_graphs=max_graphs, capturer=capturer, name="dit+residual"),
             False: StepGraphs(without_res, max_graphs=max_graphs, capturer=capturer, name="dit")}
