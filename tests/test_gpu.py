@@ -116,3 +116,25 @@ def test_warmup_then_generate_on_cuda(tiny_official):
     e.warmup(height=32, width=48, num_frames=5)
     v = e.generate("a corgi", seed=7, **SMALL)
     assert v.stats["cuda_graphs"]["plain"]["captures"] >= 1
+
+
+# ----------------------------------------------------------------------------- image-to-video on a GPU
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_i2v_and_flf2v_on_cuda_match_the_cpu(tiny_i2v_official, tiny_flf2v_official, precision):
+    """The whole image-conditioned loop on CUDA (CLIP in fp16 for bf16, the default) against the CPU fp32
+    reference, with CUDA graphs and batched CFG on (the CUDA defaults)."""
+    import numpy as np
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    for ckpt, preset, last in ((tiny_i2v_official, "tiny-i2v", None), (tiny_flf2v_official, "tiny-flf2v", img[::-1])):
+        ref = wanrt.Engine(preset, ckpt, device="cpu", precision="fp32").generate(
+            "a corgi", image=img, last_image=last, seed=7, **SMALL)
+        gpu = wanrt.Engine(preset, ckpt, device="cuda", precision=precision)
+        assert gpu.image_encoder.dtype == (torch.float32 if precision == "fp32" else torch.float16)
+        got = gpu.generate("a corgi", image=img, last_image=last, seed=7, **SMALL)
+        assert got.stats["cfg_batched"] is True
+        limit = 1e-4 if precision == "fp32" else 3e-2
+        assert ((got.latents - ref.latents).norm() / ref.latents.norm()).item() < limit

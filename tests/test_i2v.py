@@ -337,3 +337,34 @@ def test_warmup_and_teacache_calibration_take_images(flf2v):
     res = flf2v.calibrate_teacache("a", image=_image(64, 96, 1), last_image=_image(64, 96, 2), num_frames=5,
                                    num_inference_steps=6, degree=2)
     assert len(res["coefficients"]) == 3 and res["height"] == 64 and res["width"] == 96
+
+
+# ------------------------------------------------------------------------------- written layouts
+
+
+@pytest.mark.parametrize("preset", ["tiny-i2v", "tiny-flf2v"])
+def test_make_tiny_checkpoint_writes_layouts_the_real_loaders_accept(preset, tmp_path, capsys):
+    """`wanrt make-tiny-checkpoint --preset tiny-i2v|tiny-flf2v` in both layouts: diffusers' own pipeline
+    loader accepts the diffusers one (image_encoder/ as a transformers CLIPVisionModel, image_processor/),
+    and both load in wanrt as the same model."""
+    from wanrt.checkpoints.layout import OFFICIAL_CLIP, detect_layout
+    from wanrt.cli import main
+
+    off, dif = tmp_path / "official", tmp_path / "diffusers"
+    assert main(["make-tiny-checkpoint", str(off), "--preset", preset]) == 0
+    assert main(["make-tiny-checkpoint", str(dif), "--preset", preset, "--layout", "diffusers"]) == 0
+    assert detect_layout(off).image_encoder == off / OFFICIAL_CLIP
+    assert detect_layout(dif).image_encoder == dif / "image_encoder"
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(str(dif), torch_dtype=torch.float32)
+    assert type(pipe.image_encoder).__name__ == "CLIPVisionModel"
+    assert pipe.transformer.config.pos_embed_seq_len == (514 if preset == "tiny-flf2v" else None)
+    a = wanrt.load_image_encoder(off, device="cpu", dtype=torch.float32)
+    b = wanrt.load_image_encoder(dif, device="cpu", dtype=torch.float32)
+    img = [_to_tensor(_image(50, 70, 1))]
+    assert torch.equal(a.encode(img), b.encode(img))
+    px = torch.nn.functional.interpolate(img[0][None], size=(224, 224), mode="bicubic", align_corners=False)
+    px = (px * 0.5 + 0.5 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    ref = pipe.image_encoder(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+    assert_close(a.encode(img), ref, name="wanrt CLIP vs the pipeline's image encoder")
+    e = wanrt.Engine.from_pretrained(off, device="cpu", precision="fp32")
+    assert e.preset.name == preset and e.transformer.config.model_type == preset[5:]
