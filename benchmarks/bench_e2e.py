@@ -18,6 +18,11 @@ CPU: the process's peak resident set). Timings are medians over --repeats runs a
     python benchmarks/bench_e2e.py --parts pipelines dit --steps 4   # as benchmarks/results/e2e_cpu.md
     python benchmarks/bench_e2e.py --device cuda --parts loop --preset t2v-1.3b --height 480 --width 832 \
         --frames 81 --steps 50 --repeats 1 --teacache-thresholds 0.08   # ~5-6 min on an H100 (gpu_suite.sh)
+    python benchmarks/bench_e2e.py --preset tiny-i2v --parts pipelines   # image-to-video vs WanImageToVideoPipeline
+
+Image presets (tiny-i2v, tiny-flf2v, i2v-14b-*, flf2v-14b-720p) condition every run on a fixed random image of
+exactly --height x --width (and a second one as the last frame for flf2v), with wanrt's conditioning cache off,
+so every run encodes its image(s) as diffusers does.
 """
 
 from __future__ import annotations
@@ -55,17 +60,37 @@ def _timed(dev, fn):
     return out, time.perf_counter() - t0
 
 
+def _task(a) -> str:
+    from wanrt.presets import get_preset
+
+    return get_preset(a.preset).task
+
+
+def _images(a) -> dict:
+    """The conditioning images of an image preset (uint8 ``[H, W, 3]`` of exactly the video size), else {}."""
+    task = _task(a)
+    if task == "t2v":
+        return {}
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 256, (a.height, a.width, 3), dtype=np.uint8)
+    last = rng.integers(0, 256, (a.height, a.width, 3), dtype=np.uint8) if task == "flf2v" else None
+    return {"image": first, "last_image": last}
+
+
 def worker_wanrt(a) -> dict:
     import wanrt
 
-    # prompt cache off: the text encoder runs every time, as diffusers' encode_prompt does
-    engine = wanrt.Engine.from_pretrained(a.ckpt, device=a.device, precision=a.precision, prompt_cache_size=0)
+    # prompt and image caches off: the encoders run every time, as in diffusers' pipelines
+    engine = wanrt.Engine.from_pretrained(a.ckpt, device=a.device, precision=a.precision, prompt_cache_size=0,
+                                          image_cache_size=0)
     kw = {"height": a.height, "width": a.width, "num_frames": a.frames, "num_inference_steps": a.steps,
-          "guidance_scale": a.guidance, "sample_solver": "unipc", "seed": 0, "progress": False}
+          "guidance_scale": a.guidance, "sample_solver": "unipc", "seed": 0, "progress": False} | _images(a)
     runs = []
     for _ in range(a.repeats + 1):
         v = engine.generate(a.prompt, **kw)
-        runs.append(v.timings)
+        t = dict(v.timings)
+        t["denoise"] += t.get("image_encoder", 0.0) + t.get("vae_encode", 0.0)  # diffusers times them together
+        runs.append(t)
     runs = runs[1:]
     return {k: statistics.median(r[k] for r in runs) for k in ("text_encoder", "denoise", "vae_decode", "total")} | {
         "peak_mb": _peak_mb(a.device)}
@@ -75,10 +100,16 @@ def worker_diffusers(a) -> dict:
     import diffusers
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision]
-    pipe = diffusers.WanPipeline.from_pretrained(a.ckpt, torch_dtype=dtype)
+    images = _images(a)
+    cls = diffusers.WanImageToVideoPipeline if images else diffusers.WanPipeline
+    pipe = cls.from_pretrained(a.ckpt, torch_dtype=dtype)
     pipe.vae.to(torch.float32)
     pipe.to(a.device)
     pipe.set_progress_bar_config(disable=True)
+    if images:
+        from PIL import Image
+
+        images = {k: Image.fromarray(v) for k, v in images.items() if v is not None}
     runs = []
     for _ in range(a.repeats + 1):
         g = torch.Generator("cpu").manual_seed(0)
@@ -86,7 +117,8 @@ def worker_diffusers(a) -> dict:
             a.prompt, None, do_classifier_free_guidance=a.guidance > 1, device=a.device))
         lat, t_den = _timed(a.device, lambda pe=pe, ne=ne, g=g: pipe(
             prompt_embeds=pe, negative_prompt_embeds=ne, height=a.height, width=a.width, num_frames=a.frames,
-            num_inference_steps=a.steps, guidance_scale=a.guidance, generator=g, output_type="latent").frames)
+            num_inference_steps=a.steps, guidance_scale=a.guidance, generator=g, output_type="latent",
+            **images).frames)
 
         def decode(lat=lat):
             mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(lat)
@@ -141,6 +173,10 @@ LOOP_DEFAULTS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...] | None]
     "t2v-1.3b": ("e", (0.05, 0.08, 0.10), None),
     "t2v-14b": ("e0", (0.14, 0.20), None),
     "tiny": ("e", (0.10, 0.20, 0.30), (0.0, 0.0, 0.0, 0.1, 0.0)),
+    "tiny-i2v": ("e", (0.10, 0.20, 0.30), (0.0, 0.0, 0.0, 0.1, 0.0)),
+    "tiny-flf2v": ("e", (0.10, 0.20, 0.30), (0.0, 0.0, 0.0, 0.1, 0.0)),
+    "i2v-14b-480p": ("e0", (0.13, 0.19, 0.26), None),
+    "i2v-14b-720p": ("e0", (0.18, 0.20, 0.30), None),
 }
 
 
@@ -160,10 +196,10 @@ def worker_loop(a) -> dict:
     row = json.loads(a._row)
     engine = wanrt.Engine.from_pretrained(
         a.ckpt, device=a.device, precision=a.precision, backend=a.backend, cfg_batch=row["cfg_batch"],
-        cuda_graphs=row["cuda_graphs"], compile=a.compile or False, prompt_cache_size=0)
+        cuda_graphs=row["cuda_graphs"], compile=a.compile or False, prompt_cache_size=0, image_cache_size=0)
     kw = {"height": a.height, "width": a.width, "num_frames": a.frames, "num_inference_steps": a.steps,
           "guidance_scale": a.guidance, "sample_solver": "unipc", "seed": a.seed, "progress": False,
-          "teacache_threshold": row["teacache_threshold"]}
+          "teacache_threshold": row["teacache_threshold"]} | _images(a)
     if row["teacache_threshold"]:
         kw |= {"teacache_mode": a.teacache_mode, "teacache_coefficients": a.teacache_coefficients}
     # Warm-up: kernels compile/autotune, torch.compile traces, this shape's CUDA graphs are captured (with
@@ -315,13 +351,19 @@ def _loop_table(a, plan: str | None, body: list[str], notes: list[str]) -> list[
 
 
 def run_pipelines(a, res: dict) -> list[str]:
-    caption = (f"wanrt vs diffusers: random `{a.preset}` checkpoint (diffusers layout, same weights for both), "
-               f"{a.height}x{a.width}, {a.frames} frames, {a.steps} steps, CFG {a.guidance}, UniPC, precision "
+    image = _task(a) != "t2v"
+    pipes = "WanImageToVideoPipeline" if image else "WanPipeline"
+    caption = (f"wanrt vs diffusers' {pipes}: random `{a.preset}` checkpoint (diffusers layout, same weights for "
+               f"both), {a.height}x{a.width}, {a.frames} frames, {a.steps} steps, CFG {a.guidance}, UniPC, precision "
                f"{a.precision}; median of {a.repeats} runs after one warm-up.")
+    if image:
+        caption += (" The denoise column includes the image conditioning (CLIP and the VAE encode of the conditioning "
+                    "video), which diffusers' pipeline call performs together with the loop.")
+    den = "conditioning + denoise s" if image else "denoise s"
     lines = [
         caption,
         "",
-        "| pipeline | text encoder s | denoise s | VAE decode s | total s | peak memory MiB |",
+        f"| pipeline | text encoder s | {den} | VAE decode s | total s | peak memory MiB |",
         "|---|---|---|---|---|---|",
     ]
     for k, r in res.items():
@@ -350,7 +392,8 @@ def run_dit(a, r: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", default="tiny", help="architecture of the random checkpoint (tiny, t2v-1.3b, t2v-14b)")
+    ap.add_argument("--preset", default="tiny", help="architecture of the random checkpoint (tiny, tiny-i2v, "
+                    "tiny-flf2v, t2v-1.3b, t2v-14b, ...)")
     ap.add_argument("--precision", default=None, help="fp32|bf16|fp16 (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=96)

@@ -223,6 +223,14 @@ def test_image_conditioning_cache(tiny_i2v_official, monkeypatch):
     d = e.generate("a", image=_image(64, 96, 4), seed=1, **SMALL)
     assert d.stats["image_conditioning"] == "computed"
     assert len(e._image_cache) == 2
+    off = wanrt.Engine("tiny-i2v", tiny_i2v_official, device="cpu", precision="fp32", image_cache_size=0)
+    for _ in range(2):
+        assert off.generate("a", image=img, seed=1, **SMALL).stats["image_conditioning"] == "computed"
+    assert len(off._image_cache) == 0
+    with pytest.raises(ValueError, match="image_cache_size"):
+        wanrt.Engine("tiny-i2v", tiny_i2v_official, device="cpu", image_cache_size=-1)
+    with pytest.raises(ValueError, match="image_encoder_precision"):
+        wanrt.Engine("tiny-i2v", tiny_i2v_official, device="cpu", image_encoder_precision="fp8")
 
 
 # ------------------------------------------------------------------------------------------ sizing

@@ -34,9 +34,6 @@ VAE_BACKENDS = ("eager", "triton", "tensorrt")
 QUANTIZED_PRECISIONS = ("fp8", "int8", "int8-wo")
 LATENT_CHANNELS = 16
 VAE_STRIDE = (4, 8, 8)
-#: Image conditionings (CLIP features + VAE-encoded frames) kept per Engine, so that variations of one image
-#: (other prompts, seeds, step counts) skip the image encoder and the VAE encode.
-IMAGE_CACHE_SIZE = 2
 
 
 class GenerationError(RuntimeError):
@@ -122,6 +119,9 @@ class EngineConfig:
             ``pip install 'wanrt[trt]'``). The decode API is the same for all three.
         vae_tiling: decode in overlapping spatial tiles with blended seams (memory bounded by the tile). None
             (default): automatically above 720P; True/False forces it.
+        image_cache_size: i2v/flf2v conditionings (CLIP features + VAE-encoded frames, ~25 MB each at 720P) kept
+            per Engine in an LRU keyed by the images' content, size and frame count, so that variations of one
+            image (other prompts, seeds, step counts) skip the image encoder and the VAE encode; 0 disables.
         image_encoder_precision: dtype of the CLIP vision tower of i2v/flf2v models: "fp16" (the official
             dtype), "bf16" or "fp32". None (default): fp32 with precision "fp32", else fp16 on CUDA and bf16 on
             the CPU (where fp16 GEMMs are slow).
@@ -142,6 +142,7 @@ class EngineConfig:
     offload_text_encoder: bool = False
     vae_backend: str = "eager"
     vae_tiling: bool | None = None
+    image_cache_size: int = 2
     image_encoder_precision: str | None = None
 
     def __post_init__(self) -> None:
@@ -183,6 +184,9 @@ class EngineConfig:
                              f"got {self.image_encoder_precision!r}")
         if not isinstance(self.offload_text_encoder, bool):
             raise ValueError(f"offload_text_encoder must be a bool, got {self.offload_text_encoder!r}")
+        if isinstance(self.image_cache_size, bool) or not isinstance(self.image_cache_size, int) \
+                or self.image_cache_size < 0:
+            raise ValueError(f"image_cache_size must be an int >= 0, got {self.image_cache_size!r}")
         if not isinstance(self.prompt_cache_size, int) or self.prompt_cache_size < 0:
             raise ValueError(f"prompt_cache_size must be an int >= 0, got {self.prompt_cache_size!r}")
 
@@ -355,7 +359,8 @@ class Engine:
             RuntimeError) naming the install command and the available backends, before any weight is read.
         **options: the loop options of :class:`EngineConfig`: ``cfg_batch``, ``cuda_graphs``, ``compile``,
             ``teacache_threshold``, ``teacache_mode``, ``teacache_coefficients``, ``prompt_cache_size``,
-            ``text_encoder_precision``, ``text_encoder_device``, ``offload_text_encoder``.
+            ``text_encoder_precision``, ``text_encoder_device``, ``offload_text_encoder``, ``vae_backend``,
+            ``vae_tiling``, ``image_cache_size``, ``image_encoder_precision``.
 
     Raises:
         ValueError: unknown preset/precision/backend, no checkpoint_dir for a non-tiny preset, or a
@@ -745,7 +750,8 @@ class Engine:
     def _image_conditioning(self, first: torch.Tensor, last: torch.Tensor | None, height: int, width: int,
                             num_frames: int, timings: dict[str, float]) -> dict[str, torch.Tensor]:
         """``{"y": [1, 20, F', H/8, W/8] float32, "clip_fea": [1, 257 or 514, image_dim]}`` on the device
-        (``wan21-reference.md`` §7.5-7.8), from a small LRU keyed by the images' content and the size.
+        (``wan21-reference.md`` §7.5-7.8), from an LRU (``image_cache_size``) keyed by the images' content, the
+        size and the frame count.
 
         CLIP sees the images at their own resolution (squash-resized to 224 inside the encoder); the VAE
         encodes the conditioning video (the first frame bicubic-resized to the output size, then zeros, and the
@@ -784,7 +790,7 @@ class Engine:
         self._sync()
         timings["vae_encode"] = time.perf_counter() - t0
         self._image_cache[key] = (y, clip)
-        while len(self._image_cache) > IMAGE_CACHE_SIZE:
+        while len(self._image_cache) > self.config.image_cache_size:
             self._image_cache.popitem(last=False)
         self._image_cache_state = "computed"
         return {"y": y, "clip_fea": clip}
