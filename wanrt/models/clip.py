@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanrt.ops import layer_norm
+# The official CLIP LayerNorm is WanLayerNorm's: ``super().forward(x.float()).type_as(x)``.
+from .dit import LayerNorm
 
 __all__ = [
     "CLIP_MEAN",
@@ -240,14 +241,6 @@ class CLIPVisionConfig:
 # --------------------------------------------------------------------------------------------------
 # Modules (attribute names = official checkpoint keys without "visual.")
 # --------------------------------------------------------------------------------------------------
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` computed in float32 and returned in the input dtype (official CLIP
-    ``LayerNorm``: ``super().forward(x.float()).type_as(x)``), via :func:`wanrt.ops.layer_norm`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.weight, self.bias, self.eps)
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused ``to_qkv`` GEMM and no mask (official ``SelfAttention``)."""
 
