@@ -161,8 +161,8 @@ def test_conditioning_is_mask_plus_vae_latents_and_clip_features(flf2v):
 
     first, last = _to_tensor(_image(40, 60, 1)), _to_tensor(_image(40, 60, 2))
     timings = {}
-    cond = flf2v._image_conditioning(first, last, 32, 48, 9, timings)
-    assert set(timings) == {"image_encoder", "vae_encode"}
+    cond, state = flf2v._image_conditioning(first, last, 32, 48, 9, timings)
+    assert set(timings) == {"image_encoder", "vae_encode"} and state in ("computed", "cached")
     y, clip = cond["y"], cond["clip_fea"]
     assert y.shape == (1, 20, 3, 4, 6) and y.dtype == torch.float32
     video = conditioning_video(resize_bicubic(first, 32, 48), resize_bicubic(last, 32, 48), 9)

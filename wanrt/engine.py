@@ -748,10 +748,10 @@ class Engine:
         return first, last, height, width, max_area
 
     def _image_conditioning(self, first: torch.Tensor, last: torch.Tensor | None, height: int, width: int,
-                            num_frames: int, timings: dict[str, float]) -> dict[str, torch.Tensor]:
-        """``{"y": [1, 20, F', H/8, W/8] float32, "clip_fea": [1, 257 or 514, image_dim]}`` on the device
-        (``wan21-reference.md`` §7.5-7.8), from an LRU (``image_cache_size``) keyed by the images' content, the
-        size and the frame count.
+                            num_frames: int, timings: dict[str, float]) -> tuple[dict[str, torch.Tensor], str]:
+        """``({"y": [1, 20, F', H/8, W/8] float32, "clip_fea": [1, 257 or 514, image_dim]}, state)`` on the
+        device (``wan21-reference.md`` §7.5-7.8), from an LRU (``image_cache_size``) keyed by the images'
+        content, the size and the frame count; ``state`` is "cached" or "computed".
 
         CLIP sees the images at their own resolution (squash-resized to 224 inside the encoder); the VAE
         encodes the conditioning video (the first frame bicubic-resized to the output size, then zeros, and the
@@ -769,9 +769,8 @@ class Engine:
         key = (digest.hexdigest(), height, width, num_frames)
         if key in self._image_cache:
             self._image_cache.move_to_end(key)
-            self._image_cache_state = "cached"
             y, clip = self._image_cache[key]
-            return {"y": y, "clip_fea": clip}
+            return {"y": y, "clip_fea": clip}, "cached"
         t0 = time.perf_counter()
         images = [first] if last is None else [first, last]
         clip = self.image_encoder.encode(images)  # [n, 257, image_dim]
@@ -785,15 +784,15 @@ class Engine:
         cache = self.vae.new_encoder_cache()
         parts = [self.vae.encode_chunk(chunk, cache) for chunk in conditioning_chunks(first_r, last_r, num_frames)]
         latent = torch.cat(parts, dim=2)  # [1, 16, F', H/8, W/8]
-        mask = conditioning_mask(num_frames, latent.shape[3], latent.shape[4], last_frame=last is not None)
-        y = torch.cat([mask[None].to(latent.device), latent], dim=1).to(self.device, torch.float32)
+        mask = conditioning_mask(num_frames, latent.shape[3], latent.shape[4], last_frame=last is not None,
+                                 device=latent.device)  # [4, F', H/8, W/8]
+        y = torch.cat([mask[None], latent], dim=1).to(self.device, torch.float32)  # [1, 20, F', H/8, W/8]
         self._sync()
         timings["vae_encode"] = time.perf_counter() - t0
         self._image_cache[key] = (y, clip)
         while len(self._image_cache) > self.config.image_cache_size:
             self._image_cache.popitem(last=False)
-        self._image_cache_state = "computed"
-        return {"y": y, "clip_fea": clip}
+        return {"y": y, "clip_fea": clip}, "computed"
 
     def _teacache(self, threshold, mode, coefficients, steps: int):
         """The TeaCache state for one generation, or None (resolves Engine defaults; raises ValueError)."""
@@ -902,8 +901,9 @@ class Engine:
 
         # 2b. image conditioning (i2v/flf2v): CLIP features and y = [mask, VAE latents of the frames]
         image_cond: dict[str, torch.Tensor] = {}
+        image_state = None
         if first is not None:
-            image_cond = self._image_conditioning(first, last, height, width, num_frames, timings)
+            image_cond, image_state = self._image_conditioning(first, last, height, width, num_frames, timings)
 
         # 3. denoising loop
         t0 = time.perf_counter()
@@ -934,8 +934,8 @@ class Engine:
         timings["denoise"] = time.perf_counter() - t0
         final = x.detach().to("cpu", torch.float32, copy=True)
         stats = {"cfg_batched": batch_cfg, "cuda_graphs": self._graph_stats(), "steps": steps}
-        if first is not None:
-            stats["image_conditioning"] = self._image_cache_state
+        if image_state is not None:
+            stats["image_conditioning"] = image_state
         if teacache is not None:
             stats["teacache"] = teacache.summary()
 
@@ -1004,31 +1004,22 @@ class Engine:
             prev[branch] = (e.detach().float().clone(), v.detach().float().clone())
 
         negative = sampling.pop("negative_prompt", None)
-        images = {k: sampling.pop(k, None) for k in ("image", "last_image", "max_area")}
-        first, _, height, width, max_area = self._check_images(
-            images["image"], images["last_image"], sampling.pop("height", None), sampling.pop("width", None),
-            images["max_area"])
-        a = resolve_sampling_args(self.preset, height=height, width=width, max_area=max_area,
-                                  **{k: sampling.pop(k, None) for k in (
-                                      "num_frames", "num_inference_steps", "guidance_scale", "shift",
-                                      "sample_solver", "seed")})
+        args = {k: sampling.pop(k, None) for k in (
+            "image", "last_image", "max_area", "height", "width", "num_frames", "num_inference_steps",
+            "guidance_scale", "shift", "sample_solver", "seed")}
         if sampling:
             raise ValueError(f"unexpected arguments {sorted(sampling)}")
-        if a.num_inference_steps < degree + 2:
-            raise ValueError(f"calibration needs at least {degree + 2} steps for a degree-{degree} fit, "
-                             f"got {a.num_inference_steps}")
+        steps = args["num_inference_steps"] or self.preset.num_inference_steps
+        if isinstance(steps, int) and steps < degree + 2:  # other bad values are rejected by generate's checks
+            raise ValueError(f"calibration needs at least {degree + 2} steps for a degree-{degree} fit, got {steps}")
         recorder = _ModeRecorder(record, mode)
         with self._lock:
-            self._generate(
-                prompt, negative, image=images["image"], last_image=images["last_image"],
-                height=a.height, width=a.width, num_frames=a.num_frames,
-                num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, shift=a.shift,
-                sample_solver=a.sample_solver, seed=a.seed, teacache_threshold=None, progress=progress,
-                recorder=recorder, decode=False,
-            )
+            video = self._generate(prompt, negative, **args, teacache_threshold=None, progress=progress,
+                                   recorder=recorder, decode=False)
+        _, _, t, h, w = video.latents.shape
         return {"mode": mode, "coefficients": list(fit_coefficients(ins, outs, degree)), "input_changes": ins,
-                "output_changes": outs, "preset": self.preset.name, "height": a.height, "width": a.width,
-                "num_frames": a.num_frames, "num_inference_steps": a.num_inference_steps}
+                "output_changes": outs, "preset": self.preset.name, "height": h * VAE_STRIDE[1],
+                "width": w * VAE_STRIDE[2], "num_frames": (t - 1) * VAE_STRIDE[0] + 1, "num_inference_steps": steps}
 
     def _graph_stats(self) -> dict | None:
         if self._graphs is None:
