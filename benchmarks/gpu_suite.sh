@@ -17,7 +17,8 @@
 #   `--parts pipelines dit --steps 10 --dit-latent 21 60 104` gives the wanrt-vs-diffusers tables.
 # Each step has its own timeout so that one hang cannot take the steps after it.
 #
-# The GPU image has no ftfy (prompt cleaning) and no diffusers/av. Prepare the small wheels here and carry them:
+# The GPU image has no ftfy (prompt cleaning) and no diffusers/av (nor, perhaps, Pillow: the GPU tests feed images
+# as arrays, which need no Pillow, and test_images.py skips without it). Prepare the small wheels here and carry them:
 #   pip download ftfy wcwidth --no-deps -d build/wheels     # then run with carry=["build/wheels"]
 # (bench_e2e's loop-options table needs no diffusers; its wanrt-vs-diffusers parts are skipped with a note.)
 set -uo pipefail
