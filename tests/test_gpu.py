@@ -138,3 +138,8 @@ def test_i2v_and_flf2v_on_cuda_match_the_cpu(tiny_i2v_official, tiny_flf2v_offic
         assert got.stats["cfg_batched"] is True
         limit = 1e-4 if precision == "fp32" else 3e-2
         assert ((got.latents - ref.latents).norm() / ref.latents.norm()).item() < limit
+    off = wanrt.Engine("tiny-flf2v", tiny_flf2v_official, device="cuda", precision=precision,
+                       offload_image_encoder=True)
+    assert off.image_encoder.device.type == "cpu"
+    v = off.generate("a corgi", image=img, last_image=img[::-1], seed=7, **SMALL)
+    assert off.image_encoder.device.type == "cpu" and torch.isfinite(v.latents).all()

@@ -376,3 +376,21 @@ def test_make_tiny_checkpoint_writes_layouts_the_real_loaders_accept(preset, tmp
     assert_close(a.encode(img), ref, name="wanrt CLIP vs the pipeline's image encoder")
     e = wanrt.Engine.from_pretrained(off, device="cpu", precision="fp32")
     assert e.preset.name == preset and e.transformer.config.model_type == preset[5:]
+
+
+def test_offloaded_image_encoder_visits_the_device_only_to_encode(tiny_i2v_official, monkeypatch):
+    e = wanrt.Engine("tiny-i2v", tiny_i2v_official, device="cpu", precision="fp32", offload_image_encoder=True)
+    moves = []
+    model = e.image_encoder.model
+    orig = model.to
+    monkeypatch.setattr(model, "to", lambda *a, **k: moves.append(str(a[0])) or orig(*a, **k))
+    img = _image(64, 96, 3)
+    ref = wanrt.Engine("tiny-i2v", tiny_i2v_official, device="cpu", precision="fp32").generate(
+        "a", image=img, seed=1, **SMALL)
+    v = e.generate("a", image=img, seed=1, **SMALL)
+    assert moves == ["cpu", "cpu"]  # to the Engine's device (the CPU here) for the encode, then home
+    assert torch.equal(v.latents, ref.latents)
+    e.generate("b", image=img, seed=1, **SMALL)
+    assert len(moves) == 2  # a cached conditioning does not call the encoder
+    with pytest.raises(ValueError, match="offload_image_encoder"):
+        wanrt.Engine("tiny-i2v", tiny_i2v_official, device="cpu", offload_image_encoder=1)

@@ -122,6 +122,9 @@ class EngineConfig:
         image_cache_size: i2v/flf2v conditionings (CLIP features + VAE-encoded frames, ~25 MB each at 720P) kept
             per Engine in an LRU keyed by the images' content, size and frame count, so that variations of one
             image (other prompts, seeds, step counts) skip the image encoder and the VAE encode; 0 disables.
+        offload_image_encoder: keep the CLIP vision tower of i2v/flf2v models (1.2 GB in fp16) on the CPU and move
+            it to ``device`` only while it encodes (freed from the GPU after each call; cached conditionings do
+            not call it at all).
         image_encoder_precision: dtype of the CLIP vision tower of i2v/flf2v models: "fp16" (the official
             dtype), "bf16" or "fp32". None (default): fp32 with precision "fp32", else fp16 on CUDA and bf16 on
             the CPU (where fp16 GEMMs are slow).
@@ -143,6 +146,7 @@ class EngineConfig:
     vae_backend: str = "eager"
     vae_tiling: bool | None = None
     image_cache_size: int = 2
+    offload_image_encoder: bool = False
     image_encoder_precision: str | None = None
 
     def __post_init__(self) -> None:
@@ -182,6 +186,8 @@ class EngineConfig:
         if self.image_encoder_precision not in (None, "fp16", "bf16", "fp32"):
             raise ValueError("image_encoder_precision must be None, 'fp16', 'bf16' or 'fp32', "
                              f"got {self.image_encoder_precision!r}")
+        if not isinstance(self.offload_image_encoder, bool):
+            raise ValueError(f"offload_image_encoder must be a bool, got {self.offload_image_encoder!r}")
         if not isinstance(self.offload_text_encoder, bool):
             raise ValueError(f"offload_text_encoder must be a bool, got {self.offload_text_encoder!r}")
         if isinstance(self.image_cache_size, bool) or not isinstance(self.image_cache_size, int) \
@@ -360,7 +366,7 @@ class Engine:
         **options: the loop options of :class:`EngineConfig`: ``cfg_batch``, ``cuda_graphs``, ``compile``,
             ``teacache_threshold``, ``teacache_mode``, ``teacache_coefficients``, ``prompt_cache_size``,
             ``text_encoder_precision``, ``text_encoder_device``, ``offload_text_encoder``, ``vae_backend``,
-            ``vae_tiling``, ``image_cache_size``, ``image_encoder_precision``.
+            ``vae_tiling``, ``image_cache_size``, ``offload_image_encoder``, ``image_encoder_precision``.
 
     Raises:
         ValueError: unknown preset/precision/backend, no checkpoint_dir for a non-tiny preset, or a
@@ -427,7 +433,8 @@ class Engine:
         if preset.task != "t2v":
             from .checkpoints.loaders import load_image_encoder
 
-            self.image_encoder = load_image_encoder(ckpt, device=dev, dtype=self.config.image_dtype)
+            home = torch.device("cpu") if self.config.offload_image_encoder else dev
+            self.image_encoder = load_image_encoder(ckpt, device=home, dtype=self.config.image_dtype)
             clip_dim = self.image_encoder.config.dim
             if clip_dim != self.transformer.config.image_dim:
                 from .checkpoints.io import CheckpointError
@@ -773,7 +780,7 @@ class Engine:
             return {"y": y, "clip_fea": clip}, "cached"
         t0 = time.perf_counter()
         images = [first] if last is None else [first, last]
-        clip = self.image_encoder.encode(images)  # [n, 257, image_dim]
+        clip = self._encode_images(images)  # [n, 257, image_dim]
         clip = clip.reshape(1, -1, clip.shape[-1]).to(self.device)  # [1, n*257, image_dim]
         self._sync()
         timings["image_encoder"] = time.perf_counter() - t0
@@ -793,6 +800,20 @@ class Engine:
         while len(self._image_cache) > self.config.image_cache_size:
             self._image_cache.popitem(last=False)
         return {"y": y, "clip_fea": clip}, "computed"
+
+    def _encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """CLIP features ``[n, 257, image_dim]``; with ``offload_image_encoder`` the tower visits the device only
+        for this call."""
+        if not self.config.offload_image_encoder:
+            return self.image_encoder.encode(images)
+        model = self.image_encoder.model
+        model.to(self.device)
+        try:
+            return self.image_encoder.encode(images)
+        finally:
+            model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _teacache(self, threshold, mode, coefficients, steps: int):
         """The TeaCache state for one generation, or None (resolves Engine defaults; raises ValueError)."""
