@@ -191,7 +191,7 @@ def test_generate_image_to_video_and_first_last_frame(tmp_path, tiny_i2v_officia
     assert "image_encoder" in capsys.readouterr().out
     out = tmp_path / "flf2v.mp4"
     assert main(["generate", "--model", "tiny-flf2v", "--checkpoint-dir", str(tiny_flf2v_official), "--image",
-                 first, "--last-image", last, "-o", str(out), *common]) == 0
+                 first, "--last-image", last, "-o", str(out), "--offload-image-encoder", *common]) == 0
     assert read_mp4(out)[0].shape == (5, 80, 64, 3)  # the default 64*96 area at the first image's aspect
 
 

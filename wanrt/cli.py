@@ -37,6 +37,8 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder-device", default=None, help="where UMT5 runs, e.g. cpu (default: --device)")
     g.add_argument("--offload-text-encoder", action="store_true",
                    help="keep UMT5 on the CPU and move it to its device only while encoding")
+    g.add_argument("--offload-image-encoder", action="store_true",
+                   help="i2v/flf2v: keep the CLIP image encoder on the CPU and move it to the device only while encoding")
 
     c = sub.add_parser("calibrate-teacache", help="fit TeaCache coefficients for a checkpoint and resolution",
                        description="Run one uncached generation, record how much the time-embedding input and "
@@ -158,7 +160,8 @@ def _generate(args) -> int:
     on_off = {"auto": None, "on": True, "off": False}
     engine = _engine(args, cfg_batch=on_off[args.cfg_batch], cuda_graphs=on_off[args.cuda_graphs],
                      compile=args.compile, text_encoder_precision=args.text_encoder_precision,
-                     text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder)
+                     text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder,
+                     offload_image_encoder=args.offload_image_encoder)
     video = engine.generate(
         args.prompt, args.negative_prompt, image=args.image, last_image=args.last_image, max_area=args.max_area,
         height=args.height, width=args.width, num_frames=args.num_frames,
