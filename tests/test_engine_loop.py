@@ -70,7 +70,9 @@ def test_teacache_skips_steps_and_reports_them(tiny_official, reference, cfg_bat
     assert sum(calls) == tc["cond"]["computed"] + tc["uncond"]["computed"]  # skipped steps ran no block
     assert torch.isfinite(v.latents).all()
     rel = ((v.latents - reference.latents).norm() / reference.latents.norm()).item()
-    assert 0 < rel < 0.5, rel  # an approximation of the uncached video, not a different one
+    # An approximation of the uncached video, not a different one: measured 0.1139 (both cfg_batch settings, CPU
+    # fp32); the bound is 1.5x that. Dropping the cached residual on skipped steps gives 0.213 and fails here.
+    assert 0.05 < rel < 0.17, rel
 
 
 def test_teacache_errors(engine):

@@ -361,3 +361,78 @@ def test_config_normalizes():
     assert cfg.warmup_steps == 2 and cfg.effective_warmup_steps == 2 and cfg.enabled
     assert hash(cfg) == hash(TeaCacheConfig(1.0, "e", (0.0, 1.0), 2))
     assert TeaCacheConfig(0.1, "e", IDENTITY).effective_warmup_steps == 1
+
+
+# ------------------------------------------------------------------------------ the skipped step, on a real DiT
+
+
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_skipped_step_is_head_of_input_plus_last_computed_residual(tiny_official, batch_cfg):
+    """A skipped branch's velocity is exactly the head applied to that step's prepared input plus the residual
+    (blocks' output - blocks' input) of the branch's last computed step.
+
+    The residual is recorded here independently, from the blocks' own outputs (``run_blocks`` returns the
+    residual before the last gated FFN add: the blocks' output is ``x + y * gate``), not from the cache."""
+    import wanrt
+    from wanrt.sampling.loop import GuidedStep
+    from wanrt.sampling.schedulers import make_solver
+
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa")
+    m = e.transformer
+    steps = 6
+    cond, uncond = (t[None] for t in e.encode_prompt(["a corgi", "blurry"]))
+    cache = TeaCache(TeaCacheConfig(threshold=0.25, coefficients=(0.0, 0.0, 0.0, 0.1, 0.0)), num_steps=steps)
+
+    blocks_calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (blocks' input, blocks' output) per call
+    orig_run_blocks = m.run_blocks
+
+    def spy_run_blocks(inp):
+        x, pending = orig_run_blocks(inp)
+        out = x if pending is None else x + pending[0].float() * pending[1]
+        blocks_calls.append((inp.x.float().clone(), out.clone()))
+        return x, pending
+
+    m.run_blocks = spy_run_blocks
+    velocities: dict[tuple[str, int], torch.Tensor] = {}
+
+    def recorder(branch, step, _mod, v):
+        velocities[(branch, step)] = v.detach().clone()
+
+    try:
+        step_fn = GuidedStep(m, cond, uncond, 5.0, batch_cfg=batch_cfg, teacache=cache, recorder=recorder)
+        solver = make_solver("unipc", steps, 5.0)
+        x = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+        contexts = {"cond": step_fn.context[0:1], "uncond": step_fn.context[1:2]}
+        last_residual: dict[str, torch.Tensor] = {}
+        checked = 0
+        for i, t in enumerate(solver.timesteps.tolist()):
+            n_calls = len(blocks_calls)
+            x_in = x.clone()
+            v = step_fn(x, int(t), i)
+            new = blocks_calls[n_calls:]
+            computed = [b for b in ("cond", "uncond") if i in cache.stats[b]["computed"]]
+            # which block call belongs to which branch (one batch-2 call, or one call per branch in order)
+            if batch_cfg and len(computed) == 2:
+                (inp, out), = new
+                per_branch = {"cond": (inp[0:1], out[0:1]), "uncond": (inp[1:2], out[1:2])}
+            else:
+                assert len(new) == len(computed)
+                per_branch = dict(zip(computed, new))
+            for b, (inp, out) in per_branch.items():
+                last_residual[b] = out - inp
+            for b in ("cond", "uncond"):
+                if b in computed:
+                    continue
+                prep = m.prepare(x_in, torch.tensor([int(t)]), contexts[b])
+                expected = m.run_head(prep, prep.x.float() + last_residual[b])[0]
+                got = velocities[(b, i)]
+                err = ((got - expected).norm() / expected.norm()).item()
+                assert err <= 1e-6, f"step {i} branch {b}: skipped velocity off by {err:.2e}"
+                # and it is not what the head gives without the residual (the residual matters here)
+                bare = m.run_head(prep, prep.x.float())[0]
+                assert ((got - bare).norm() / bare.norm()).item() > 1e-3
+                checked += 1
+            x = solver.step(v, i, x)
+    finally:
+        m.run_blocks = orig_run_blocks
+    assert checked >= 2, cache.summary()  # at least one skipped step per branch was checked
