@@ -97,7 +97,8 @@ def test_quantized_linear_within_format_bound(scheme):
             bound = bound + xs / 2 * (lin.weight.abs().sum(1) + 96 * ws / 2)
     assert ((y - ref).abs() <= bound + 1e-5).all(), ((y - ref).abs() - bound).max()
     rel = ((y - ref).norm() / ref.norm()).item()
-    assert rel < {"fp8": 0.06, "int8": 0.02, "int8-wo": 0.01}[scheme], rel
+    # measured (CPU): fp8 0.0288, int8 0.0070, int8-wo 0.0049; bounds at about 2x
+    assert rel < {"fp8": 0.06, "int8": 0.014, "int8-wo": 0.01}[scheme], rel
 
 
 def test_quantized_linear_errors():
@@ -121,7 +122,8 @@ def _tiny_dit(model_type="i2v"):
     return m
 
 
-@pytest.mark.parametrize("scheme, bound", [("fp8", 0.12), ("int8", 0.04), ("int8-wo", 0.03)])
+# measured (CPU): fp8 0.0397, int8 0.0092, int8-wo 0.0076; bounds at about 2x
+@pytest.mark.parametrize("scheme, bound", [("fp8", 0.08), ("int8", 0.019), ("int8-wo", 0.016)])
 def test_tiny_dit_quantized_against_fp32(scheme, bound):
     model = _tiny_dit()
     inputs = make_inputs(model.config)
@@ -168,7 +170,9 @@ def test_load_transformer_quantizes_on_load_and_round_trips_a_saved_file(officia
     ctx = torch.randn(1, 9, q.config.text_dim, generator=_gen(7))
     with torch.no_grad():
         v_ref, v_q = ref(x, 500, ctx), q(x, 500, ctx)
-    assert ((v_q - v_ref).norm() / v_ref.norm()).item() < 0.15
+    rel = ((v_q - v_ref).norm() / v_ref.norm()).item()
+    # measured (CPU): fp8 0.0151, int8 0.0042, int8-wo 0.0027; bounds at about 2x
+    assert 0 < rel < {"fp8": 0.03, "int8": 0.0085, "int8-wo": 0.0055}[scheme], rel
     f = tmp_path / "dit.safetensors"
     save_quantized(q, f)
     back = wanrt.load_transformer(f, device="cpu", dtype=torch.float32, backend="eager")
@@ -252,7 +256,8 @@ def test_engine_precision_generates_close_to_fp32(official_dir, precision):
     v = e.generate("a corgi", **kw)
     rel = ((v.latents - ref.latents).norm() / ref.latents.norm()).item()
     print(f"{precision}: final latents relative error vs fp32 {rel:.4f}")
-    assert rel < 0.15
+    # measured (CPU, 3 steps): fp8 0.0421, int8 0.0120, int8-wo 0.0079; bounds at about 2x
+    assert 0 < rel < {"fp8": 0.085, "int8": 0.024, "int8-wo": 0.016}[precision], rel
 
 
 # ------------------------------------------------------------------------------ ComfyUI fp8 files
@@ -342,7 +347,8 @@ def test_text_encoder_quantized(official_dir, scheme):
     rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
     print(f"text encoder {scheme}: embedding relative error {rel:.4f}")
     # fp8 keeps 3 mantissa bits (2^-4 relative per operand) against int8's ~1/254 of the row maximum.
-    assert rel < {"fp8": 0.2, "int8": 0.08, "int8-wo": 0.05}[scheme], rel
+    # measured (CPU): fp8 0.131, int8 0.032, int8-wo 0.025; bounds at 1.5-2x
+    assert rel < {"fp8": 0.2, "int8": 0.065, "int8-wo": 0.05}[scheme], rel
     v = e.generate("a corgi", seed=1, num_inference_steps=2, height=32, width=48, num_frames=5, progress=False)
     assert torch.isfinite(v.latents).all()
 

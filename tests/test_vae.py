@@ -158,7 +158,11 @@ def test_low_precision_weights_run_and_return_fp32():
     assert lat.dtype == torch.float32 and torch.isfinite(lat).all()
     video = half.decode(lat)
     assert video.dtype == torch.float32 and video.shape == (1, 3, 5, *x.shape[3:])
-    assert _rel_err(lat, ours.encode(x)) < 0.1
+    # max |diff| / max |ref| against the fp32 VAE, measured (CPU): encode 0.0161; decode of the same (fp32)
+    # latents 0.0965. Bounds at 2x.
+    ref_lat = ours.encode(x)
+    assert 0 < _rel_err(lat, ref_lat) < 0.032
+    assert 0 < _rel_err(half.decode(ref_lat), ours.decode(ref_lat)) < 0.19
 
 
 # ---- real config: keys, parameter count, meta device -------------------------------------------
