@@ -1,13 +1,32 @@
-"""Shared fixtures. Triton kernels run in the interpreter when there is no GPU (set before any import)."""
+"""Shared fixtures. Triton kernels run in the interpreter when there is no GPU (set before any import).
 
+The test session never writes the user's caches: wanrt's (``$XDG_CACHE_HOME/wanrt``: the tiny checkpoints, the
+TensorRT engines) and Triton's (``~/.triton``) are pointed at one temporary folder, set here before anything
+is imported (subprocesses inherit it) and removed at the end of the session.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
-import torch
+_SESSION_CACHE = tempfile.mkdtemp(prefix="wanrt-test-cache-")
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = os.path.join(_SESSION_CACHE, "xdg")
+os.environ["TRITON_HOME"] = os.path.join(_SESSION_CACHE, "triton-home")  # triton's ~/.triton
+os.environ["TRITON_CACHE_DIR"] = os.path.join(_SESSION_CACHE, "triton-home", ".triton", "cache")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+
+def session_cache_dir() -> str:
+    """The temporary folder that holds this session's caches."""
+    return _SESSION_CACHE
 
 
 @pytest.fixture(scope="session")

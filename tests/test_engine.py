@@ -180,3 +180,40 @@ def test_reduced_precision_close_to_fp32(tiny_official, tiny_engine, precision, 
     got = e.generate("a cat", seed=3, **SMALL).latents
     rel = ((got - ref).norm() / ref.norm()).item()
     assert 0 < rel < 3e-2
+
+
+# ------------------------------------------------------------------------------ caches and early validation
+
+
+def test_the_test_session_writes_no_user_cache():
+    """tests/conftest.py points wanrt's and Triton's caches at a temporary folder for the whole session."""
+    import os
+    from pathlib import Path
+
+    from conftest import session_cache_dir
+
+    from wanrt.checkpoints.tiny import cache_dir
+
+    root = Path(session_cache_dir()).resolve()
+    assert root != Path.home().resolve() and root.is_dir()
+    assert root in cache_dir().resolve().parents
+    assert root in Path(os.environ["TRITON_CACHE_DIR"]).resolve().parents
+    assert root in Path(os.environ["TRITON_HOME"]).resolve().parents
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(teacache_threshold=-0.1), ValueError, "teacache_threshold"),
+    (dict(precision="fp4"), ValueError, "precision must be one of"),
+    (dict(vae_backend="tensorrt"), RuntimeError, "tensorrt|CUDA"),
+    (dict(backend="flash-attn"), RuntimeError, r"wanrt\[flash\]"),
+    (dict(image_cache_size=-1), ValueError, "image_cache_size"),
+])
+def test_engine_options_are_checked_before_the_tiny_checkpoint_is_written(tmp_path, monkeypatch, kwargs, error,
+                                                                          match):
+    from wanrt.checkpoints.tiny import cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "wanrt"  # where a valid request would write the tiny checkpoint
+    with pytest.raises(error, match=match):
+        wanrt.Engine("tiny", device="cpu", **kwargs)
+    assert list(tmp_path.iterdir()) == []  # nothing written: no checkpoint, no half-written folder

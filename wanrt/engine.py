@@ -377,6 +377,7 @@ class Engine:
     def __init__(self, model: str, checkpoint_dir: str | Path | None = None, *, device=None,
                  precision: str = "bf16", backend: str = "auto", **options):
         preset = get_preset(model)
+        config = _engine_config(device, precision, backend, options)  # validated before anything is written
         if checkpoint_dir is None:
             from .checkpoints.tiny import cached_tiny_checkpoint, is_tiny
 
@@ -385,8 +386,13 @@ class Engine:
                     f"preset {preset.name!r} needs checkpoint_dir: download the Wan2.1 weights yourself "
                     "(official or diffusers layout) and pass the folder"
                 )
+            from .ops.backends import plan, probe_capabilities
+
+            # an explicit kernel backend that cannot run here fails before the tiny checkpoint is written
+            head_dim = preset.arch.dim // preset.arch.num_heads
+            plan(config.backend, probe_capabilities(config.device, config.dit_dtype, head_dim))
             checkpoint_dir = cached_tiny_checkpoint("official", preset.name)
-        self._init(preset, Path(checkpoint_dir), device, precision, backend, check=True, options=options)
+        self._init(preset, Path(checkpoint_dir), config, check=True)
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, *, device=None, precision: str = "bf16",
@@ -399,14 +405,13 @@ class Engine:
         Raises as :class:`Engine`.
         """
         self = cls.__new__(cls)
-        self._init(None, Path(checkpoint_dir), device, precision, backend, check=False, options=options)
+        self._init(None, Path(checkpoint_dir), _engine_config(device, precision, backend, options), check=False)
         return self
 
-    def _init(self, preset: Preset | None, ckpt: Path, device, precision: str, backend: str, check: bool,
-              options: dict):
-        from .checkpoints.loaders import _device, load_text_encoder, load_transformer, load_vae
+    def _init(self, preset: Preset | None, ckpt: Path, config: EngineConfig, check: bool):
+        from .checkpoints.loaders import load_text_encoder, load_transformer, load_vae
 
-        self.config = EngineConfig(_device(device), precision, backend, **options)
+        self.config = config
         self.checkpoint_dir = ckpt
         dev = self.config.device
         quant = self.config.precision if self.config.precision in QUANTIZED_PRECISIONS else None
@@ -456,24 +461,10 @@ class Engine:
             self._graphs = make_step_graphs(self.transformer)
 
     def _setup_vae(self) -> None:
-        """Select the VAE decoder backend (raises before any generation if it cannot run here)."""
-        backend = self.config.vae_backend
+        """Select the VAE decoder backend (its availability was checked by :func:`_engine_config`)."""
         self._vae_engine = None
-        if backend == "triton":
-            from .kernels._common import interpreting, triton_installed
-
-            if not triton_installed() or (self.device.type != "cuda" and not interpreting()):
-                from .ops.backends import BackendUnavailableError
-
-                raise BackendUnavailableError("vae_backend 'triton' needs triton and a CUDA device (or the CPU with "
-                                              "TRITON_INTERPRET=1)")
+        if self.config.vae_backend == "triton":
             self.vae.set_backend("triton")
-        elif backend == "tensorrt":
-            from .graph.tensorrt_vae import require_tensorrt
-
-            require_tensorrt()  # raises BackendUnavailableError with the install hint
-            if self.device.type != "cuda":
-                raise ValueError("vae_backend 'tensorrt' needs a CUDA device")
 
     def _load_text_encoder(self, ckpt: Path, loader):
         """The UMT5 encoder on ``text_device`` (on the CPU while offloaded), quantized layer by layer when
@@ -1077,6 +1068,33 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _engine_config(device, precision: str, backend: str, options: dict) -> EngineConfig:
+    """The validated :class:`EngineConfig`, with the VAE backend checked against this machine: every option
+    error is raised before a checkpoint is read or the tiny checkpoint is written.
+
+    Raises:
+        ValueError: a bad option; BackendUnavailableError: a VAE backend that cannot run here.
+    """
+    from .checkpoints.loaders import _device
+
+    config = EngineConfig(_device(device), precision, backend, **options)
+    if config.vae_backend == "triton":
+        from .kernels._common import interpreting, triton_installed
+
+        if not triton_installed() or (config.device.type != "cuda" and not interpreting()):
+            from .ops.backends import BackendUnavailableError
+
+            raise BackendUnavailableError("vae_backend 'triton' needs triton and a CUDA device (or the CPU with "
+                                          "TRITON_INTERPRET=1)")
+    elif config.vae_backend == "tensorrt":
+        from .graph.tensorrt_vae import require_tensorrt
+
+        require_tensorrt()  # raises BackendUnavailableError with the install hint
+        if config.device.type != "cuda":
+            raise ValueError("vae_backend 'tensorrt' needs a CUDA device")
+    return config
 
 
 def _chunks(video: torch.Tensor):
