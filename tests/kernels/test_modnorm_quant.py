@@ -9,11 +9,23 @@ import copy
 import pytest
 import torch
 
+from wanrt.kernels._common import interpreting
 from wanrt.ops.norms import gated_residual_layer_norm, modulated_layer_norm
 from wanrt.quant.layers import QuantizedActivation
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QDTYPES = [torch.float8_e4m3fn, torch.int8]
+
+# Bit-for-bit equality with the eager twin holds in the Triton interpreter, which runs every operation on its own as
+# torch does. Compiled for a GPU, Triton contracts multiply-adds into FMAs (x + gate * y, n * (1 + scale) + shift) and
+# sums the LayerNorm statistics in another order than torch's CUDA kernels, so x_new may differ in the last bit and,
+# rarely, a bf16 rounding and the 8-bit value after it. Skipped on CUDA hosts running compiled; tests/test_gpu.py
+# checks the compiled kernel against the eager twin within those roundings.
+BITWISE_IN_INTERPRETER = pytest.mark.skipif(
+    torch.cuda.is_available() and not interpreting(),
+    reason="bit-for-bit equality with torch holds only in the Triton interpreter (compiled: FMA contraction, "
+           "another reduction order)",
+)
 
 
 def _t(*shape, dtype=torch.float32, seed=0, scale=1.0):
@@ -27,6 +39,7 @@ def _same(a: QuantizedActivation, b: QuantizedActivation):
     torch.testing.assert_close(a.scale, b.scale, rtol=1e-6, atol=0)
 
 
+@BITWISE_IN_INTERPRETER
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["fp8", "int8"])
 @pytest.mark.parametrize("b, s, d", [(1, 1, 16), (2, 7, 40), (1, 33, 64)])
 @pytest.mark.parametrize("variant", ["gated+mod", "no-gate+mod", "affine", "batch1-mod", "big"])
@@ -51,6 +64,7 @@ def test_gated_residual_norm_quant_matches_eager(qdtype, b, s, d, variant):
     torch.testing.assert_close(ref[1].dequantize(), plain, rtol=0.07, atol=0.07 * plain.abs().max().item() / 16)
 
 
+@BITWISE_IN_INTERPRETER
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["fp8", "int8"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_modulated_norm_quant_matches_eager(qdtype, x_dtype):
