@@ -1,33 +1,34 @@
 """wanrt.kernels.causal_conv3d (implicit-GEMM causal conv3d) against the eager cat + pad + conv3d formula.
 
-Runs in the Triton interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1) on tiny odd shapes;
-the ``gpu`` tests at a real decoder layer size run only on CUDA (``pytest -m gpu``).
+The tiny odd shapes run where the kernel does: in the Triton interpreter on CPU tensors where there is no CUDA
+(tests/conftest.py sets TRITON_INTERPRET=1), compiled on CUDA tensors on a CUDA host with the interpreter off
+(``benchmarks/gpu_suite.sh``); see ``_device.py``. Eager fp32 references of the modules run with TF32 off (the
+``no_tf32`` fixture). The ``gpu`` tests at a real decoder layer size run only on CUDA (``pytest -m gpu``).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _device import DEVICE, tf32_off
 
-from wanrt.kernels._common import interpreting
 from wanrt.kernels.causal_conv3d import causal_conv3d
 from wanrt.models.vae import CausalConv3d, VAEConfig, WanVAE
 from wanrt.testing import assert_close
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
-# The tests marked INTERPRETER_ONLY hand CPU tensors to the Triton kernels, which only the Triton interpreter takes
-# (TRITON_INTERPRET=1; tests/conftest.py sets it where there is no CUDA). On a CUDA host running the kernels
-# compiled (benchmarks/gpu_suite.sh runs this folder with TRITON_INTERPRET=0) they would fail on the device check,
-# so they are skipped there; the `gpu` tests at the end run the compiled kernels on CUDA tensors.
-INTERPRETER_ONLY = pytest.mark.skipif(
-    torch.cuda.is_available() and not interpreting(),
-    reason="hands CPU tensors to the Triton kernel, which only the Triton interpreter (TRITON_INTERPRET=1) accepts",
-)
+
+@pytest.fixture
+def no_tf32():
+    """cuDNN convolutions of the eager fp32 references in full fp32 (no TF32, ~1e-3) for one test; flags restored."""
+    with tf32_off():
+        yield
 
 
-def _rand(*shape, seed, dtype=F32, scale=1.0, device="cpu"):
+def _rand(*shape, seed, dtype=F32, scale=1.0, device=None):
+    """Drawn on the CPU (the same values on every host), then moved to ``device`` (default :data:`DEVICE`)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+    return (torch.randn(*shape, generator=g) * scale).to(device=device or DEVICE, dtype=dtype)
 
 
 def _reference(x, prefix, weight, bias, front_pad, spatial_pad, stride):
@@ -39,7 +40,7 @@ def _reference(x, prefix, weight, bias, front_pad, spatial_pad, stride):
     return F.conv3d(xx, weight.double(), None if bias is None else bias.double(), stride)
 
 
-def _inputs(b, c_in, c_out, t, h, w, kernel, n_prefix, dtype, seed, has_bias=True, device="cpu"):
+def _inputs(b, c_in, c_out, t, h, w, kernel, n_prefix, dtype, seed, has_bias=True, device=None):
     fan_in = c_in * kernel[0] * kernel[1] * kernel[2]
     x = _rand(b, c_in, t, h, w, seed=seed, dtype=dtype, device=device)
     prefix = _rand(b, c_in, n_prefix, h, w, seed=seed + 1, dtype=dtype, device=device) if n_prefix else None
@@ -67,7 +68,6 @@ TIME_DOWN = ((3, 1, 1), 0, (0, 0), (2, 1, 1))  # Resample(downsample3d).time_con
 SPATIAL_DOWN = ((1, 3, 3), 0, (0, 0), (1, 2, 2))
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("case, n_prefix", [
     (CONV333, 0), (CONV333, 1), (CONV333, 2), (CONV111, 0), (TIME_UP, 0), (TIME_UP, 1), (TIME_UP, 2),
     (TIME_DOWN, 0), (SPATIAL_DOWN, 0),
@@ -81,7 +81,6 @@ def test_vae_cases_fp32(case, n_prefix, has_bias):
     _check(x, prefix, weight, bias, front_pad, spatial_pad, stride, f"{kernel} n={n_prefix} bias={has_bias}")
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("case, n_prefix", [(CONV333, 2), (CONV111, 0), (TIME_UP, 1), (TIME_DOWN, 0),
                                             (SPATIAL_DOWN, 0)])
@@ -92,7 +91,6 @@ def test_vae_cases_low_precision(dtype, case, n_prefix):
     _check(x, prefix, weight, bias, front_pad, spatial_pad, stride, f"{dtype} {kernel} n={n_prefix}")
 
 
-@INTERPRETER_ONLY
 def test_several_channel_blocks_and_output_tiles():
     # C_in 20 > BLOCK_K, C_out 20 > BLOCK_N and 9x9 > BLOCK_M positions per frame (the interpreter config):
     # partial K, N and M blocks.
@@ -100,19 +98,17 @@ def test_several_channel_blocks_and_output_tiles():
     _check(x, prefix, weight, bias, 2, (1, 1), (1, 1, 1), "C 20")
 
 
-@INTERPRETER_ONLY
 def test_odd_sizes_strides_and_padding():
     # Odd H/W with stride 2 (last row/column dropped), a front pad longer than the kernel needs.
     x, prefix, weight, bias = _inputs(2, 3, 4, 5, 9, 7, (2, 3, 3), 1, F32, seed=40)
     _check(x, prefix, weight, bias, 3, (1, 0), (2, 2, 2), "odd")
 
 
-@INTERPRETER_ONLY
 def test_non_contiguous_inputs():
     x, prefix, weight, bias = _inputs(2, 5, 6, 3, 6, 7, (3, 3, 3), 2, F32, seed=50)
     ref = _reference(x, prefix, weight, bias, 2, (1, 1), (1, 1, 1))
     # x: a strided slice of a bigger tensor (channel stride != 1: copied to channels-last internally).
-    big = torch.zeros(2, 10, 3, 6, 14)
+    big = torch.zeros(2, 10, 3, 6, 14, device=DEVICE)
     big[:, ::2, :, :, ::2] = x
     xs = big[:, ::2, :, :, ::2]
     assert not xs.is_contiguous()
@@ -128,7 +124,6 @@ def test_non_contiguous_inputs():
     assert_close(out2, ref, F32, name="channels-last x")
 
 
-@INTERPRETER_ONLY
 def test_batch_rows_do_not_mix_prefix_frames():
     # Different prefixes per sample and a zero x: the output depends only on each sample's own prefix.
     x, prefix, weight, _ = _inputs(2, 4, 4, 2, 5, 5, (3, 3, 3), 2, F32, seed=60)
@@ -194,7 +189,6 @@ def test_fake_registration_shapes_and_strides():
             torch.ops.wanrt.causal_conv3d(x, prefix, weight, None, 1, 1, 1, 1, 1, 1)
 
 
-@INTERPRETER_ONLY
 def test_opcheck():
     # Schema, fake vs real (shapes and strides), autograd registration: on a cheap time conv.
     x, prefix, weight, bias = _inputs(1, 3, 4, 2, 3, 4, (3, 1, 1), 1, F32, seed=80)
@@ -202,9 +196,8 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@INTERPRETER_ONLY
-def test_compiles_as_one_graph():
-    conv = CausalConv3d(4, 6, 3, padding=1, cached=True)
+def test_compiles_as_one_graph(no_tf32):
+    conv = CausalConv3d(4, 6, 3, padding=1, cached=True).to(DEVICE)
     conv.backend = "triton"
     x, prefix = _rand(1, 4, 2, 5, 6, seed=85), _rand(1, 4, 2, 5, 6, seed=86)
     with torch.no_grad():
@@ -217,10 +210,9 @@ def test_compiles_as_one_graph():
 # ------------------------------------------------------------------------------ CausalConv3d / WanVAE
 
 
-@INTERPRETER_ONLY
-def test_module_backend_with_cache_prefix():
+def test_module_backend_with_cache_prefix(no_tf32):
     torch.manual_seed(0)
-    conv = CausalConv3d(4, 6, 3, padding=1, cached=True)
+    conv = CausalConv3d(4, 6, 3, padding=1, cached=True).to(DEVICE)
     x = _rand(1, 4, 3, 5, 7, seed=90)
     for prefix in (None, _rand(1, 4, 1, 5, 7, seed=91), _rand(1, 4, 2, 5, 7, seed=92)):
         ref = conv.causal_conv(x, prefix)
@@ -242,12 +234,12 @@ def _randomize_(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
 
 
-@INTERPRETER_ONLY
-def test_tiny_vae_decode_triton_matches_eager():
+def test_tiny_vae_decode_triton_matches_eager(no_tf32):
     cfg = VAEConfig(base_dim=4, z_dim=4, dim_mult=(1, 2), num_res_blocks=1, temporal_downsample=(True,),
                     latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(1.5, 0.7, 2.0, 1.1))
     vae = WanVAE(cfg).eval()
-    _randomize_(vae, seed=5)
+    _randomize_(vae, seed=5)  # on the CPU, then moved: the same weights on every host
+    vae.to(DEVICE)
     latents = _rand(1, 4, 2, 2, 3, seed=6)
     ref = vae.decode(latents)  # [1, 3, 3, 4, 6]: frame 0, then 2 frames (temporal factor 2)
     convs = [m for m in vae.modules() if isinstance(m, CausalConv3d)]
@@ -306,9 +298,8 @@ def test_gpu_fp32_uses_ieee_dots():
     assert_close(out, ref, F32, name="gpu fp32")
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("mode", ["upsample2d", "upsample3d", "downsample2d", "downsample3d"])
-def test_resample_layers_through_the_kernel(mode):
+def test_resample_layers_through_the_kernel(mode, no_tf32):
     """Every Resample conv (the per-frame 2D convs, both time_convs, the temporal downsample over the cached frame)
     through the Triton causal conv3d equals the eager module over two chunks with a cache."""
     from wanrt.cache.causal_cache import CausalCache
@@ -316,10 +307,11 @@ def test_resample_layers_through_the_kernel(mode):
     from wanrt.models.vae import Resample, ResampleMode
 
     layer = Resample(4, ResampleMode(mode)).eval()
-    randomize_(layer, seed=1)
+    randomize_(layer, seed=1)  # on the CPU, then moved: the same weights on every host
+    layer.to(DEVICE)
     layer.cache_slot = 0
-    x1 = torch.randn(1, 4, 1, 5, 6, generator=torch.Generator().manual_seed(2))
-    x2 = torch.randn(1, 4, 4, 5, 6, generator=torch.Generator().manual_seed(3))
+    x1 = torch.randn(1, 4, 1, 5, 6, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    x2 = torch.randn(1, 4, 4, 5, 6, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     outs = {}
     for backend in ("eager", "triton"):
         layer.backend = backend

@@ -1,30 +1,24 @@
 """wanrt.kernels.qk_norm_rope (fused QK RMS-norm + RoPE + cast) against its eager twin.
 
-Runs in the Triton interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1); the
-``gpu`` tests at the real widths run only on CUDA (``pytest -m gpu``).
+The edge-case matrix runs where the kernel does: in the Triton interpreter on CPU tensors where there is no CUDA
+(tests/conftest.py sets TRITON_INTERPRET=1), compiled on CUDA tensors on a CUDA host with the interpreter off
+(``benchmarks/gpu_suite.sh``); see ``_device.py``. The argument checks run on CPU tensors everywhere. The ``gpu``
+tests at the real widths run only on CUDA (``pytest -m gpu``).
 """
 
 import math
 
 import pytest
 import torch
+from _device import DEVICE, assert_close_rounded
 
-from wanrt.kernels._common import interpreting
 from wanrt.kernels.qk_norm_rope import norm_rope
 from wanrt.ops.norms import qk_norm_rope_eager, rms_norm_eager
 from wanrt.ops.rope import RopeTable, rope_freqs, rope_rotate_eager, rope_table
-from wanrt.testing import assert_close
+from wanrt.testing import Tolerance, assert_close
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-# The tests marked INTERPRETER_ONLY hand CPU tensors to the Triton kernels, which only the Triton interpreter takes
-# (TRITON_INTERPRET=1; tests/conftest.py sets it where there is no CUDA). On a CUDA host running the kernels
-# compiled (benchmarks/gpu_suite.sh runs this folder with TRITON_INTERPRET=0) they would fail on the device check,
-# so they are skipped there; the `gpu` tests at the end run the compiled kernels on CUDA tensors.
-INTERPRETER_ONLY = pytest.mark.skipif(
-    torch.cuda.is_available() and not interpreting(),
-    reason="hands CPU tensors to the Triton kernel, which only the Triton interpreter (TRITON_INTERPRET=1) accepts",
-)
+EXACT = Tolerance(atol=0.0, rtol=0.0, rel=0.0)
 _PRECISION = {torch.float64: 0, F32: 1, F16: 2, BF16: 3}
 
 
@@ -37,18 +31,21 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _x(b, s, dim, dtype, seed=0, device="cpu"):
-    return (torch.randn(b, s, dim, generator=_gen(seed)) * 1.5 + 0.25).to(device=device, dtype=dtype)
+# Inputs are drawn on the CPU (the same values on every host), then moved to ``device`` (default DEVICE).
 
 
-def _weight(dim, dtype=F32, seed=1, device="cpu"):
-    return (torch.rand(dim, generator=_gen(seed)) * 1.5 + 0.25).to(device=device, dtype=dtype)
+def _x(b, s, dim, dtype, seed=0, device=None):
+    return (torch.randn(b, s, dim, generator=_gen(seed)) * 1.5 + 0.25).to(device=device or DEVICE, dtype=dtype)
 
 
-def _random_rope(s_rot, head_dim, seed=2, device="cpu"):
+def _weight(dim, dtype=F32, seed=1, device=None):
+    return (torch.rand(dim, generator=_gen(seed)) * 1.5 + 0.25).to(device=device or DEVICE, dtype=dtype)
+
+
+def _random_rope(s_rot, head_dim, seed=2, device=None):
     """Rotations by random angles in [-pi, pi] (stronger than a grid table: every pair differs)."""
     angles = (torch.rand(s_rot, head_dim // 2, generator=_gen(seed), dtype=torch.float64) * 2 - 1) * math.pi
-    return RopeTable.from_rot(torch.polar(torch.ones_like(angles), angles)).to(device)
+    return RopeTable.from_rot(torch.polar(torch.ones_like(angles), angles)).to(device or DEVICE)
 
 
 def _run(x, weight, rope, heads, out_dtype, layout, eps=1e-6):
@@ -68,7 +65,6 @@ def _check_layout(out, ref, shape, layout):
 # ------------------------------------------------------------------------------ parity
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("b, s, s_rot", [(1, 1, 1), (2, 7, 5), (1, 45, 45), (2, 45, 20)])
 @pytest.mark.parametrize("heads, head_dim", [(1, 16), (3, 24), (3, 40)])
 @pytest.mark.parametrize("x_dtype, out_dtype", [(F32, F32), (BF16, BF16), (F16, F32), (BF16, F16)])
@@ -81,7 +77,6 @@ def test_norm_rope_matches_eager(b, s, s_rot, heads, head_dim, x_dtype, out_dtyp
     assert_close(out, ref, _tol_dtype(x_dtype, out_dtype), name=f"norm_rope {x_dtype}->{out_dtype}")
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 @pytest.mark.parametrize("use_weight", [True, False])
 @pytest.mark.parametrize("use_rope", [True, False])
@@ -96,19 +91,18 @@ def test_norm_rope_variants_and_layouts(layout, use_weight, use_rope, x_dtype, o
     assert_close(out, ref, _tol_dtype(x_dtype, out_dtype), name=f"norm_rope {layout} w={use_weight} rope={use_rope}")
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_norm_rope_grid_table(layout):
-    """The real 3-D table of a (2, 3, 5) grid on 33 tokens (3 padding tokens unrotated)."""
+    """The real 3-D table of a (2, 3, 5) grid on 33 tokens (3 padding tokens unrotated: equal to the eager norm bit
+    for bit; compiled, up to the rare bf16 rounding a last-bit float32 difference of the norm moves)."""
     heads, head_dim = 3, 40
     x = _x(1, 33, heads * head_dim, BF16, seed=4)
-    rope = rope_table((2, 3, 5), rope_freqs(head_dim, max_pos=8))
+    rope = rope_table((2, 3, 5), rope_freqs(head_dim, max_pos=8)).to(DEVICE)
     out, ref = _run(x, _weight(heads * head_dim), rope, heads, BF16, layout)
     assert_close(out, ref, BF16, name="norm_rope grid table")
-    torch.testing.assert_close(out[:, 30:].float(), ref[:, 30:].float(), rtol=0, atol=0)
+    assert_close_rounded(out[:, 30:].float(), ref[:, 30:].float(), EXACT, BF16, name="padding tokens unrotated")
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("x_dtype", [F32, BF16, F16])
 def test_norm_rope_non_contiguous_x(x_dtype):
     """x a slice of a wider projection (row stride > dim), and a [S, B] buffer seen as [B, S]."""
@@ -123,21 +117,21 @@ def test_norm_rope_non_contiguous_x(x_dtype):
             assert_close(out, ref, x_dtype, name="norm_rope non-contiguous x")
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("x_dtype", [BF16, F16])
 def test_norm_rope_low_precision_weight(x_dtype):
     """A weight in x's dtype: the eager product is rounded to that dtype before RoPE.
 
     Checked at float32 tolerance (the kernel rounds at the same points as the eager twin; the
-    seeds are fixed, so no rounding tie flips), which a missing second rounding fails.
+    seeds are fixed, so no rounding tie flips), which a missing second rounding fails. Compiled, a
+    float32 norm value next to a rounding boundary may round the other way (another reduction order,
+    rsqrt): there the float32 bound must hold for all but a few elements (``assert_close_rounded``).
     """
     heads, head_dim = 3, 24
     x = _x(2, 7, heads * head_dim, x_dtype, seed=7)
     out, ref = _run(x, _weight(heads * head_dim, x_dtype), _random_rope(5, head_dim), heads, F32, "bshd")
-    assert_close(out, ref, F32, name="norm_rope low-precision weight")
+    assert_close_rounded(out, ref, F32, x_dtype, name="norm_rope low-precision weight")
 
 
-@INTERPRETER_ONLY
 def test_norm_rope_large_eps_and_scale():
     x = _x(1, 7, 48, F32, seed=8) * 1e3
     for eps in (1e-6, 1e-2, 10.0):
@@ -145,7 +139,6 @@ def test_norm_rope_large_eps_and_scale():
         assert_close(out, ref, F32, name=f"norm_rope eps={eps}")
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("x_dtype, out_dtype", [(F32, F32), (BF16, BF16), (BF16, F32), (F16, F16)])
 @pytest.mark.parametrize("use_weight", [True, False])
 def test_norm_rope_serves_rms_norm(x_dtype, out_dtype, use_weight):
@@ -155,14 +148,13 @@ def test_norm_rope_serves_rms_norm(x_dtype, out_dtype, use_weight):
     """
     x = _x(3, 5, 40, x_dtype, seed=9)
     weight = _weight(40) if use_weight else None
-    ones = torch.ones(40)
+    ones = torch.ones(40, device=DEVICE)
     out = norm_rope(x.reshape(1, -1, 40), ones if weight is None else weight, 1e-6, None, None, 1, out_dtype,
                     "bshd").reshape(x.shape)
     ref = rms_norm_eager(x, weight, 1e-6, out_dtype=out_dtype)
     assert_close(out, ref, _tol_dtype(x_dtype, out_dtype), name="rms_norm via norm_rope")
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("x_dtype", [F32, BF16])
 def test_norm_rope_serves_rope_rotate(x_dtype):
     """rope_rotate(backend="triton") calls norm_rope with weight None on x.flatten(2)."""
@@ -172,9 +164,8 @@ def test_norm_rope_serves_rope_rotate(x_dtype):
     assert_close(out, rope_rotate_eager(x, rope.rot), F32, name="rope_rotate via norm_rope")
 
 
-@INTERPRETER_ONLY
 def test_norm_rope_empty_batch():
-    out = norm_rope(torch.empty(0, 4, 32), None, 1e-6, None, None, 2, F32, "bhsd")
+    out = norm_rope(torch.empty(0, 4, 32, device=DEVICE), None, 1e-6, None, None, 2, F32, "bhsd")
     assert tuple(out.shape) == (0, 4, 2, 16)
 
 
@@ -182,8 +173,9 @@ def test_norm_rope_empty_batch():
 
 
 def _args(**over):
-    args = {"x": _x(1, 6, 32, F32), "weight": _weight(32), "eps": 1e-6, "cos": torch.ones(4, 8),
-            "sin": torch.zeros(4, 8), "num_heads": 2, "out_dtype": F32, "layout": "bshd"}
+    """Valid arguments on the CPU (the checks run before the device check; the CPU-rejection test needs CPU)."""
+    args = {"x": _x(1, 6, 32, F32, device="cpu"), "weight": _weight(32, device="cpu"), "eps": 1e-6,
+            "cos": torch.ones(4, 8), "sin": torch.zeros(4, 8), "num_heads": 2, "out_dtype": F32, "layout": "bshd"}
     args.update(over)
     return args
 
@@ -192,17 +184,17 @@ def _args(**over):
     "over, match",
     [
         ({"layout": "bsdh"}, "layout must be one of"),
-        ({"x": _x(1, 6, 32, F32)[0]}, r"x must be \[B, S, num_heads\*head_dim\]"),
+        ({"x": _x(1, 6, 32, F32, device="cpu")[0]}, r"x must be \[B, S, num_heads\*head_dim\]"),
         ({"num_heads": 3}, "num_heads=3 times an even head_dim"),
         ({"num_heads": 32}, "even head_dim"),
-        ({"weight": _weight(16)}, r"weight must be a float \[32\]"),
+        ({"weight": _weight(16, device="cpu")}, r"weight must be a float \[32\]"),
         ({"cos": None}, "cos and sin must be given together"),
         ({"sin": None}, "cos and sin must be given together"),
         ({"cos": torch.ones(7, 8), "sin": torch.zeros(7, 8)}, r"S_rot <= 6"),
         ({"cos": torch.ones(4, 16), "sin": torch.zeros(4, 16)}, "head_dim/2 = 8"),
         ({"cos": torch.ones(4, 8, dtype=torch.float64)}, "cos must be float32"),
         ({"sin": torch.zeros(3, 8)}, "differ"),
-        ({"x": _x(1, 6, 32, torch.float64)}, "x must be one of"),
+        ({"x": _x(1, 6, 32, torch.float64, device="cpu")}, "x must be one of"),
         ({"out_dtype": torch.int8}, "out_dtype must be one of"),
     ],
 )
@@ -236,7 +228,6 @@ def test_norm_rope_custom_op_and_fake():
             torch.ops.wanrt.norm_rope(x, None, 1e-6, None, None, 3, F32, "sbhd")
 
 
-@INTERPRETER_ONLY
 def test_norm_rope_opcheck():
     x = _x(1, 5, 32, BF16, seed=11)
     rope = _random_rope(3, 16)

@@ -1,14 +1,17 @@
 """wanrt.kernels.quant (per-token quantization, INT8 GEMM rescale epilogue) against the eager twins.
 
-Runs in the Triton interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1); the ``gpu`` tests at
-the real shapes run only on CUDA (``pytest -m gpu``). Quantized values are compared bit for bit (fp8 through
-``.view(torch.uint8)``): the interpreter's own fp32 -> fp8 cast rounds wrongly, and the kernel rounds to the
-e4m3 grid itself when interpreting (see the module docstring of ``wanrt.kernels.quant``), so exactness is
+The edge-case matrix runs where the kernels do: in the Triton interpreter on CPU tensors where there is no CUDA
+(tests/conftest.py sets TRITON_INTERPRET=1), compiled on CUDA tensors on a CUDA host with the interpreter off
+(``benchmarks/gpu_suite.sh``); see ``_device.py``. The argument checks run on CPU tensors everywhere. The ``gpu``
+tests at the real shapes run only on CUDA (``pytest -m gpu``). Quantized values are compared bit for bit (fp8
+through ``.view(torch.uint8)``): the interpreter's own fp32 -> fp8 cast rounds wrongly, and the kernel rounds to
+the e4m3 grid itself when interpreting (see the module docstring of ``wanrt.kernels.quant``), so exactness is
 expected on both the interpreter and the GPU.
 """
 
 import pytest
 import torch
+from _device import COMPILED, DEVICE
 from torch import nn
 
 from wanrt.kernels._common import interpreting
@@ -21,24 +24,15 @@ from wanrt.testing import TOLERANCES, Tolerance, assert_close
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 FP8, INT8 = torch.float8_e4m3fn, torch.int8
 
-# The tests marked INTERPRETER_ONLY hand CPU tensors to the Triton kernels, which only the Triton interpreter takes
-# (TRITON_INTERPRET=1; tests/conftest.py sets it where there is no CUDA). On a CUDA host running the kernels
-# compiled (benchmarks/gpu_suite.sh runs this folder with TRITON_INTERPRET=0) they would fail on the device check,
-# so they are skipped there; the `gpu` tests at the end run the compiled kernels on CUDA tensors.
-INTERPRETER_ONLY = pytest.mark.skipif(
-    torch.cuda.is_available() and not interpreting(),
-    reason="hands CPU tensors to the Triton kernel, which only the Triton interpreter (TRITON_INTERPRET=1) accepts",
-)
-
-
 def _ids(v):
     """Readable test ids: ``float32`` rather than ``x_dtype0``."""
     return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else getattr(v, "__name__", None)
 
 
-def _rand(*shape, seed, dtype=F32, scale=1.0, device="cpu"):
+def _rand(*shape, seed, dtype=F32, scale=1.0, device=None):
+    """Drawn on the CPU (the same values on every host), then moved to ``device`` (default :data:`DEVICE`)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+    return (torch.randn(*shape, generator=g) * scale).to(device=device or DEVICE, dtype=dtype)
 
 
 def _assert_same_quant(q, s, rq, rs, name=""):
@@ -81,7 +75,6 @@ def _assert_one_rounding(y, y32, ref, name):
 # ------------------------------------------------------------------------------ quantize_per_token
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("m", [1, 5, 33])
 @pytest.mark.parametrize("k", [16, 40, 64])
 @pytest.mark.parametrize("x_dtype", [F32, F16, BF16], ids=_ids)
@@ -98,7 +91,6 @@ def test_quantize_matches_eager(m, k, x_dtype, qdtype):
         assert s[1].item() == 1.0 and not q[1].float().any()
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("x_dtype", [F32, BF16, F16], ids=_ids)
 @pytest.mark.parametrize("qdtype", [FP8, INT8], ids=_ids)
 def test_quantize_large_magnitudes(x_dtype, qdtype):
@@ -110,18 +102,17 @@ def test_quantize_large_magnitudes(x_dtype, qdtype):
     _assert_same_quant(q, s, rq, rs, f"large {x_dtype}->{qdtype}")
 
 
-@INTERPRETER_ONLY
 def test_quantize_all_zero_single_row():
     for qdtype in (FP8, INT8):
-        q, s = quantize_per_token(torch.zeros(1, 40, dtype=BF16), qdtype)
+        q, s = quantize_per_token(torch.zeros(1, 40, dtype=BF16, device=DEVICE), qdtype)
         assert s.tolist() == [[1.0]] and not q.float().any()
 
 
-@INTERPRETER_ONLY
 def test_quantize_int8_rounds_half_to_even():
     """Rows whose x / scale has exact .5 ties (scale 1 and 2): torch.round's half-to-even, then the clamp."""
     ties = torch.tensor([0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, 125.5, 126.5, -126.5, 4.4999, -4.5001, 0.0, -0.0])
     x = torch.stack([torch.cat([torch.tensor([127.0]), ties]), torch.cat([torch.tensor([-254.0]), 2 * ties])])
+    x = x.to(DEVICE)
     q, s = quantize_per_token(x, INT8)
     rq, rs = quantize_per_token_eager(x, INT8, backend="eager")
     _assert_same_quant(q, s, rq, rs, "int8 ties")
@@ -130,13 +121,12 @@ def test_quantize_int8_rounds_half_to_even():
     assert q[0].tolist() == expected and q[1].tolist() == [-127, *expected[1:]]
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("x_dtype", [F32, BF16], ids=_ids)
 def test_quantize_fp8_ties_subnormals_and_signed_zero(x_dtype):
     """Every e4m3 midpoint (ties to even), values just around them, the subnormal range and -0.
 
     The interpreter's own fp32 -> fp8 cast gets ties, carries into the exponent and subnormals wrong; the
-    kernel's interpreter-only rounding must give torch's bits.
+    kernel's interpreter-only rounding must give torch's bits. Compiled, the GPU's own cast must.
     """
     grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
     grid = grid[torch.isfinite(grid) & (grid >= 0)].unique().sort().values  # 0 .. 448
@@ -144,7 +134,7 @@ def test_quantize_fp8_ties_subnormals_and_signed_zero(x_dtype):
     small = torch.linspace(-2**-6, 2**-6, 97)
     row = torch.cat([torch.tensor([448.0, -0.0, -1e-7, 1e-7]), grid, mids, mids * (1 + 2**-20), mids * (1 - 2**-20),
                      small, torch.tensor([123.9, 124.1, 125.8, 31.9, 7.9, 1.99])])
-    x = torch.stack([row, -row, row * 0.37, row * 3.1]).to(x_dtype)
+    x = torch.stack([row, -row, row * 0.37, row * 3.1]).to(x_dtype).to(DEVICE)
     q, s = quantize_per_token(x, FP8)
     rq, rs = quantize_per_token_eager(x, FP8, backend="eager")
     _assert_same_quant(q, s, rq, rs, f"fp8 ties {x_dtype}")
@@ -152,7 +142,6 @@ def test_quantize_fp8_ties_subnormals_and_signed_zero(x_dtype):
         assert s[0].item() == 1.0 and q[0, 1].view(torch.uint8).item() == 0x80  # -0 keeps its sign
 
 
-@INTERPRETER_ONLY
 def test_quantize_strided_rows():
     """Rows of a wider buffer (row stride 3K), and a transposed view (column stride != 1, copied)."""
     base = _rand(9, 3 * 40, seed=11, dtype=BF16)
@@ -166,9 +155,8 @@ def test_quantize_strided_rows():
             _assert_same_quant(q, s, rq, rs, f"strided {tuple(t.stride())} {qdtype}")
 
 
-@INTERPRETER_ONLY
 def test_quantize_empty():
-    q, s = quantize_per_token(torch.empty(0, 16), INT8)
+    q, s = quantize_per_token(torch.empty(0, 16, device=DEVICE), INT8)
     assert q.shape == (0, 16) and q.dtype == INT8 and s.shape == (0, 1)
 
 
@@ -192,7 +180,7 @@ def test_quantize_errors(x, dtype, match):
 # ------------------------------------------------------------------------------ int8_matmul_rescale
 
 
-def _int8_problem(m, k, n, seed, x_dtype=F32, bias_dtype=F32, has_bias=True, device="cpu"):
+def _int8_problem(m, k, n, seed, x_dtype=F32, bias_dtype=F32, has_bias=True, device=None):
     x = _rand(m, k, seed=seed, dtype=x_dtype, scale=2.0, device=device)
     w = _rand(n, k, seed=seed + 1, scale=0.05, device=device)
     xq, xs = quantize_per_token_eager(x, INT8, backend="eager")
@@ -201,7 +189,6 @@ def _int8_problem(m, k, n, seed, x_dtype=F32, bias_dtype=F32, has_bias=True, dev
     return xq, wq, xs, ws, bias
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize("m", [1, 5, 33])
 @pytest.mark.parametrize("k", [16, 40, 64])
 @pytest.mark.parametrize("n", [24, 48])
@@ -217,7 +204,6 @@ def test_int8_matmul_rescale_matches_eager(m, k, n, out_dtype, has_bias):
         assert torch.equal(y, ref)
 
 
-@INTERPRETER_ONLY
 @pytest.mark.parametrize(
     "m, k, n, path",
     [(33, 40, 48, "int_mm"), (17, 16, 8, "int_mm"), (16, 16, 24, "int_mm_padded"), (1, 64, 24, "int_mm_padded"),
@@ -230,15 +216,15 @@ def test_int8_mm_paths_are_exact(m, k, n, path):
     g = torch.Generator().manual_seed(m * k + n)
     xq = torch.randint(-128, 128, (m, k), generator=g, dtype=INT8)
     wq = torch.randint(-128, 128, (n, k), generator=g, dtype=INT8)
-    acc = int8_mm(xq, wq)
-    assert acc.dtype == torch.int32 and acc.shape == (m, n)
-    assert torch.equal(acc.long(), xq.long() @ wq.long().t())
     xs, ws = torch.rand(m, 1, generator=g) + 0.01, torch.rand(n, generator=g) + 0.01
-    y = int8_matmul_rescale(xq, wq, xs, ws, None, F32)
-    assert_close(y, (xq.long() @ wq.long().t()).float() * xs * ws, F32, name=f"rescale on the {path} path")
+    exact = xq.long() @ wq.long().t()  # on the CPU (CUDA has no int64 matmul)
+    acc = int8_mm(xq.to(DEVICE), wq.to(DEVICE))
+    y = int8_matmul_rescale(xq.to(DEVICE), wq.to(DEVICE), xs.to(DEVICE), ws.to(DEVICE), None, F32)
+    assert acc.dtype == torch.int32 and acc.shape == (m, n)
+    assert torch.equal(acc.cpu().long(), exact)
+    assert_close(y, exact.float() * xs * ws, F32, name=f"rescale on the {path} path")
 
 
-@INTERPRETER_ONLY
 def test_int8_matmul_rescale_1d_x_scale_and_bias_dtypes():
     xq, wq, xs, ws, bias = _int8_problem(5, 40, 24, seed=40, bias_dtype=BF16)
     y = int8_matmul_rescale(xq, wq, xs.flatten(), ws, bias, F16)
@@ -246,7 +232,6 @@ def test_int8_matmul_rescale_1d_x_scale_and_bias_dtypes():
     _assert_one_rounding(y, y32, ref, "x_scale [M], bf16 bias, fp16 out")
 
 
-@INTERPRETER_ONLY
 def test_int8_matmul_rescale_empty():
     xq, wq, xs, ws, bias = _int8_problem(0, 16, 24, seed=41)
     assert int8_matmul_rescale(xq, wq, xs, ws, bias, BF16).shape == (0, 24)
@@ -280,7 +265,7 @@ def test_quant_kernels_reject_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         quantize_per_token(torch.randn(3, 16), INT8)
-    xq, wq, xs, ws, bias = _int8_problem(3, 16, 8, seed=42)
+    xq, wq, xs, ws, bias = _int8_problem(3, 16, 8, seed=42, device="cpu")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         int8_matmul_rescale(xq, wq, xs, ws, bias, F32)
 
@@ -310,7 +295,6 @@ def test_quant_custom_ops_and_fake():
             torch.ops.wanrt.int8_matmul_rescale(xq, wq[:, :16], torch.empty(7), torch.empty(24), None, F32)
 
 
-@INTERPRETER_ONLY
 def test_quant_opcheck():
     x = _rand(5, 24, seed=50, dtype=BF16)
     for qdtype in (INT8, FP8):
@@ -323,20 +307,37 @@ def test_quant_opcheck():
 # ------------------------------------------------------------------------------ quantized layers
 
 
-@INTERPRETER_ONLY
+def _eager_layer(layer, x):
+    """``layer(x)``. On CUDA, torch._int_mm (the eager Int8Linear) needs more than 16 rows: there fewer tokens get zero
+    rows appended up to 17, cut off after (each token is quantized and multiplied on its own: the others are equal)."""
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    if not (isinstance(layer, Int8Linear) and rows.device.type != "cpu" and m <= 16):
+        return layer(x)
+    padded = torch.cat([rows, rows.new_zeros(17 - m, rows.shape[1])])
+    return layer(padded)[:m].reshape(*x.shape[:-1], layer.out_features)
+
+
 @pytest.mark.parametrize("cls", [FP8Linear, Int8Linear], ids=_ids)
 @pytest.mark.parametrize("has_bias", [True, False])
 @pytest.mark.parametrize("x_dtype", [F32, BF16], ids=_ids)
 def test_quant_layers_triton_match_eager(cls, has_bias, x_dtype):
+    k, n, out_dtype = 40, 24, F32
+    if COMPILED and cls is FP8Linear:
+        if torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("torch._scaled_mm (FP8Linear) needs sm_89+")
+        # torch._scaled_mm on CUDA needs K and N multiples of 16, and row-wise scales a bf16 output (where cuBLAS
+        # does not take them: before sm_90 or cuBLAS 12.9). Fused and eager share q, scales and the GEMM: equal.
+        k, n, out_dtype = 48, 32, BF16
     torch.manual_seed(60)
-    lin = nn.Linear(40, 24, bias=has_bias)
-    eager = cls.from_linear(lin, out_dtype=F32, act_backend="eager")
-    fused = cls.from_linear(lin, out_dtype=F32, act_backend="triton")
-    x = _rand(2, 5, 40, seed=61, dtype=x_dtype)  # 10 tokens: the padded torch._int_mm path
-    y, ref = fused(x), eager(x)
-    assert y.shape == (2, 5, 24) and y.dtype == F32
+    lin = nn.Linear(k, n, bias=has_bias).to(DEVICE)
+    eager = cls.from_linear(lin, out_dtype=out_dtype, act_backend="eager")
+    fused = cls.from_linear(lin, out_dtype=out_dtype, act_backend="triton")
+    x = _rand(2, 5, k, seed=61, dtype=x_dtype)  # 10 tokens: the padded torch._int_mm path
+    y, ref = fused(x), _eager_layer(eager, x)
+    assert y.shape == (2, 5, n) and y.dtype == out_dtype
     assert_close(y, ref, F32, name=f"{cls.__name__} triton vs eager")
-    x = _rand(33, 40, seed=62, dtype=x_dtype)
+    x = _rand(33, k, seed=62, dtype=x_dtype)
     assert_close(fused(x), eager(x), F32, name=f"{cls.__name__} triton vs eager, 33 tokens")
 
 

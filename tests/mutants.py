@@ -1,0 +1,211 @@
+"""The table of deliberate defects run by ``tests/test_mutants.py`` (see its docstring for the contract).
+
+Each :class:`Defect` names one mechanism that matters, the file of ``wanrt/`` it lives in, the exact source
+edits that break it (each anchor must occur exactly once in that file) and the narrowest test selection that
+must fail once the edits are applied. Anchors are copied verbatim from the source, indentation included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Defect:
+    """One deliberate defect.
+
+    Attributes:
+        name: short id (the parametrize id of its test).
+        file: path relative to the ``wanrt`` package, e.g. ``"sampling/loop.py"``.
+        edits: ``(anchor, replacement)`` pairs applied in order; each anchor must occur exactly once.
+        tests: pytest node ids (relative to the repo root) of which at least one must fail.
+        what: what the defect breaks, in words.
+    """
+
+    name: str
+    file: str
+    edits: tuple[tuple[str, str], ...]
+    tests: tuple[str, ...]
+    what: str
+
+
+DEFECTS: tuple[Defect, ...] = (
+    # ---------------------------------------------------------------------------- the denoising loop
+    Defect(
+        name="teacache-residual-dropped",
+        file="sampling/loop.py",
+        edits=(("return m.run_head(inp, inp.x.float() + residual)[0]",
+                "return m.run_head(inp, inp.x.float())[0]"),),
+        tests=("tests/test_teacache.py::test_skipped_step_is_head_of_input_plus_last_computed_residual[False]",),
+        what="a TeaCache-skipped step runs the head on its input without the cached residual",
+    ),
+    Defect(
+        name="cfg-branches-swapped",
+        file="sampling/loop.py",
+        edits=(('return torch.lerp(velocities["uncond"], velocities["cond"], self.guidance_scale, out=self._out)',
+                'return torch.lerp(velocities["cond"], velocities["uncond"], self.guidance_scale, out=self._out)'),),
+        tests=("tests/test_core_guards.py::test_guided_velocity_is_uncond_plus_scale_times_difference[False]",),
+        what="classifier-free guidance with cond and uncond exchanged: v_c + g(v_u - v_c)",
+    ),
+    Defect(
+        name="cfg-wrong-base",
+        file="sampling/loop.py",
+        edits=(('return torch.lerp(velocities["uncond"], velocities["cond"], self.guidance_scale, out=self._out)',
+                ('return torch.add(velocities["cond"], velocities["cond"] - velocities["uncond"], '
+                 'alpha=self.guidance_scale, out=self._out)')),),
+        tests=("tests/test_core_guards.py::test_guided_velocity_is_uncond_plus_scale_times_difference[True]",),
+        what="guidance applied as v_c + g(v_c - v_u) instead of v_u + g(v_c - v_u)",
+    ),
+    # ---------------------------------------------------------------------------- schedules and solvers
+    Defect(
+        name="flow-shift-ignored",
+        file="sampling/schedulers.py",
+        edits=((("    base = _linspace_f64(_unipc_sigma_max(), 0.0, num_steps + 1)[:-1]  # float64 [n]\n"
+                 "    return _finish_schedule(shift_sigmas(base, shift))"),
+                ("    base = _linspace_f64(_unipc_sigma_max(), 0.0, num_steps + 1)[:-1]  # float64 [n]\n"
+                 "    return _finish_schedule(base)")),),
+        tests=("tests/test_schedulers.py::test_unipc_50_steps_shift_5_official_timesteps",),
+        what="the UniPC schedule's sigmas are not shifted (sigma' = s*sigma / (1 + (s-1)*sigma) skipped)",
+    ),
+    Defect(
+        name="engine-shift-not-passed",
+        file="engine.py",
+        edits=(("solver = make_solver(solver_name, steps, shift)", "solver = make_solver(solver_name, steps, 1.0)"),),
+        tests=("tests/test_core_guards.py::test_generate_samples_on_the_shifted_schedule",),
+        what="generate() builds its solver without the preset's / caller's shift",
+    ),
+    Defect(
+        name="solver-x0-ring-not-advanced",
+        file="sampling/schedulers.py",
+        edits=(("x0 = ring[1] if preds and preds[-1] is ring[0] else ring[0]", "x0 = ring[0]"),),
+        tests=("tests/test_schedulers.py::test_unipc_matches_diffusers_unipc[10-3.0]",),
+        what="the multistep solvers' history of data predictions overwrites its newest entry instead of the oldest",
+    ),
+    # ---------------------------------------------------------------------------- the DiT
+    Defect(
+        name="rope-height-uses-frame-freqs",
+        file="ops/rope.py",
+        edits=(("fh[:h].view(1, h, 1, -1).expand(f, h, w, -1),  # [F, H, W, h/2]",
+                "ft[:h, : fh.shape[1]].view(1, h, 1, -1).expand(f, h, w, -1),  # [F, H, W, h/2]"),),
+        tests=("tests/test_ops.py::test_rope_apply_matches_explicit_rotation[16-grid0]",),
+        what="the height axis of 3-D RoPE rotated with the frame axis' frequencies",
+    ),
+    Defect(
+        name="head-shift-scale-swapped",
+        file="models/dit.py",
+        edits=(("shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)",
+                "scale, shift = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)"),),
+        tests=("tests/test_dit.py::test_parity_with_diffusers[t2v]",),
+        what="the head's modulation chunks read as (scale, shift) instead of (shift, scale)",
+    ),
+    Defect(
+        name="ffn-gate-ignored",
+        file="models/dit.py",
+        edits=(("return x, (self.ffn(h), gate_ff)", "return x, (self.ffn(h), torch.ones_like(gate_ff))"),),
+        tests=("tests/test_dit.py::test_parity_with_diffusers[t2v]",),
+        what="the blocks' gated FFN residual added without its gate",
+    ),
+    Defect(
+        name="timestep-rescaled",
+        file="models/dit.py",
+        edits=(("pos = t.to(torch.float64)  # [B]", "pos = t.to(torch.float64) / 1000  # [B]"),),
+        tests=("tests/test_dit.py::test_sinusoid_is_official_float64_cos_sin",),
+        what="the timestep sinusoid fed t/1000 instead of t on the 0..1000 scale",
+    ),
+    # ---------------------------------------------------------------------------- attention masks
+    Defect(
+        name="t5-padding-key-mask-dropped",
+        file="models/t5.py",
+        edits=(("bias = bias.masked_fill(~key_mask, torch.finfo(x.dtype).min)  # [B, n, L, L]",
+                "pass  # key mask dropped"),),
+        tests=("tests/test_t5.py::test_padding_does_not_leak_into_real_tokens",),
+        what="UMT5 self-attention attends to padded text tokens (the key-padding mask is not applied)",
+    ),
+    Defect(
+        name="attention-k-lens-ignored",
+        file="ops/attention.py",
+        edits=(("        if bias is not None:\n            scores = scores + bias",
+                "        if False:\n            scores = scores + bias"),),
+        tests=("tests/test_ops.py::test_attention_key_lengths_mask_padded_keys",),
+        what="the eager attention ignores k_lens (padded keys attended)",
+    ),
+    # ---------------------------------------------------------------------------- quantization
+    Defect(
+        name="fp8-weight-scale-dropped",
+        file="quant/layers.py",
+        edits=(("scale_b=self.weight_scale[None, :],", "scale_b=torch.ones_like(self.weight_scale)[None, :],"),),
+        tests=("tests/test_quantization.py::test_quantized_linear_within_format_bound[fp8]",),
+        what="the FP8 Linear's per-output-channel weight scale not applied in the scaled GEMM",
+    ),
+    Defect(
+        name="int8-weight-scale-dropped",
+        file="quant/layers.py",
+        edits=(("y = acc.float() * xs * self.weight_scale[None, :]", "y = acc.float() * xs"),),
+        tests=("tests/test_quantization.py::test_quantized_linear_within_format_bound[int8]",),
+        what="the INT8 Linear's per-output-channel weight scale not applied after the int32 GEMM",
+    ),
+    # ---------------------------------------------------------------------------- the VAE
+    Defect(
+        name="vae-causal-cache-one-frame",
+        file="cache/causal_cache.py",
+        edits=(("CACHE_T = 2\n", "CACHE_T = 1\n"),),
+        tests=("tests/test_vae.py::test_encode_decode_parity[small-9]",),
+        what="the causal 3-D convolutions keep one frame of history instead of two",
+    ),
+    Defect(
+        name="vae-latent-stats-not-applied-on-decode",
+        file="models/vae.py",
+        edits=(("return z.float() / inv_std + mean", "return z.float()"),),
+        tests=("tests/test_vae.py::test_encode_decode_parity[small-1]",),
+        what="decode does not un-normalize the latents (z * std + mean skipped)",
+    ),
+    Defect(
+        name="vae-latent-stats-not-applied-on-encode",
+        file="models/vae.py",
+        edits=(("return (mu.float() - mean) * inv_std", "return mu.float()"),),
+        tests=("tests/test_vae.py::test_encode_decode_parity[small-1]",),
+        what="encode does not normalize the latents ((mu - mean) / std skipped)",
+    ),
+    # ---------------------------------------------------------------------------- image conditioning
+    Defect(
+        name="i2v-mask-off-by-one-latent-frame",
+        file="images.py",
+        edits=(("table = seq.view(-1, tf).t()  # [tf, T']", "table = seq.view(-1, tf).t().roll(1, dims=1)  # [tf, T']"),),
+        tests=("tests/test_images.py::test_mask_equals_official_81[False]",),
+        what="the I2V/FLF2V 4-channel frame mask shifted by one latent frame",
+    ),
+    # ---------------------------------------------------------------------------- the engine
+    Defect(
+        name="prompt-cache-wrong-entry",
+        file="engine.py",
+        edits=(("self._prompt_cache[p] = fresh[p]", "self._prompt_cache[p] = fresh[missing[0]]"),),
+        tests=("tests/test_core_guards.py::test_prompt_cache_returns_each_prompts_own_embedding",),
+        what="the prompt LRU stores (and later returns) another prompt's embedding",
+    ),
+    Defect(
+        name="negative-prompt-default-unused",
+        file="engine.py",
+        edits=(('texts.append(p.negative_prompt if negative_prompt is None or negative_prompt == "" else negative_prompt)',
+                'texts.append(negative_prompt or "")'),),
+        tests=("tests/test_core_guards.py::test_negative_prompt_defaults_to_the_presets",),
+        what="without a negative prompt the unconditional branch encodes '' instead of the preset's default",
+    ),
+    Defect(
+        name="cancel-checked-after-decode",
+        file="engine.py",
+        edits=(
+            ('        bar = tqdm(total=steps, disable=not progress, desc="denoise", unit="step")\n',
+             ('        cancelled_at = None\n'
+              '        bar = tqdm(total=steps, disable=not progress, desc="denoise", unit="step")\n')),
+            ("                    raise Cancelled(i, x.detach().to(\"cpu\", torch.float32, copy=True), seed)\n",
+             ("                    cancelled_at = (i, x.detach().to(\"cpu\", torch.float32, copy=True))\n"
+              "                    break\n")),
+            ('        timings["total"] = time.perf_counter() - t_start\n',
+             ('        timings["total"] = time.perf_counter() - t_start\n'
+              '        if cancelled_at is not None:\n'
+              '            raise Cancelled(cancelled_at[0], cancelled_at[1], seed)\n')),
+        ),
+        tests=("tests/test_core_guards.py::test_cancelled_generation_stops_at_the_step_and_never_decodes",),
+        what="a cancelled generation stops denoising but still decodes (and streams frames) before raising",
+    ),
+)
