@@ -2,49 +2,181 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from wanrt.graph.cuda_graphs import CudaGraphCapturer, StepGraphs, graphs_supported
 
 
 class FakeCapturer:
-    """Models the GraphCapturer contract on the CPU.
+    """A CPU model of a CUDA graph, faithful where the GraphCapturer contract matters.
 
-    ``capture`` runs ``fn`` ``warmup`` times, then once more as the "recorded" call, whose outputs become the
-    static outputs; like a real capture it leaves them unexecuted (filled with NaN). ``replay`` runs ``fn`` again
-    (on the same static input buffers, which ``fn`` closes over) and copies the results into the recorded
-    outputs, so outputs change only through what was copied into the static inputs.
+    ``capture(fn)`` runs ``fn`` ``warmup`` times eagerly (host reads allowed, like the real side-stream warm-up),
+    then *records* one more call: every aten op it dispatches is logged with its arguments (a
+    ``TorchDispatchMode``). Reading device memory on the host during that call raises ``RuntimeError`` ("operation
+    not permitted when stream is capturing"), as a real capture does: ``.item()``/``bool()``/``int()``/``float()``
+    of a tensor, ``.tolist()``, ``.cpu()``, ``.numpy()``, printing a tensor, ``torch.equal``, ``nonzero`` and the
+    other ops whose output shape depends on the data (boolean-mask indexing, ``masked_select``, ``unique``). A
+    capture executes nothing: afterwards the tensors the recorded ops created hold garbage (NaN), and tensors that
+    existed before and were written in place get their contents back.
+
+    ``replay()`` re-executes the logged ops on the same tensors (the static inputs StepGraphs copies into, the
+    weights, the recorded intermediates), writing each op's result into the tensor it produced during the capture
+    and mutating in place what the op mutated. No Python of ``fn`` runs: a Python value read at capture time (a
+    flag, a counter, a float) is frozen into the graph, and only tensor memory is read anew, as in a real CUDA
+    graph.
+
+    Limits: work outside the dispatcher (a Triton kernel run by the interpreter, numpy) is not recorded, and every
+    tensor is a CPU tensor here, so host-to-device copies inside the step cannot be told apart.
     """
 
     def __init__(self, warmup: int = 0):
         self.warmup = warmup
         self.captures = 0
         self.replays = 0
-        self.recorded = []
+        self.recorded = []  # each capture's outputs
+        self.op_counts = []  # each capture's number of recorded ops
 
     def capture(self, fn):
         for _ in range(self.warmup):
             fn()
-        out = fn()
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        with torch.inference_mode():  # models raw memory writes: no autograd or inference-mode checks
-            for o in outs:
-                o.fill_(float("nan"))  # recorded, not executed
+        recorder = _Recorder()
+        try:
+            with _refuse_host_reads(), recorder:
+                out = fn()
+        finally:
+            with torch.inference_mode():  # raw memory writes: no autograd or inference-mode checks
+                for t, before in reversed(recorder.overwritten):
+                    t.copy_(before)  # recorded, not executed: memory that existed keeps its contents
+        ops = recorder.ops
+        with torch.inference_mode():
+            for _, _, _, targets in ops:
+                for _, t in targets:
+                    _garbage_(t)  # recorded, not executed: what the capture allocated holds garbage
         self.captures += 1
         self.recorded.append(out)
+        self.op_counts.append(len(ops))
 
         def replay():
             self.replays += 1
-            fresh = fn()
             with torch.inference_mode():
-                for o, f in zip(outs, fresh if isinstance(fresh, (tuple, list)) else (fresh,), strict=True):
-                    o.copy_(f)
+                for func, args, kwargs, targets in ops:
+                    fresh = func(*args, **kwargs)
+                    if targets:
+                        leaves = pytree.tree_leaves(fresh)
+                        for i, t in targets:
+                            t.copy_(leaves[i])
 
         return replay
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+_aten = torch.ops.aten
+#: Ops that make the host wait for device memory (a real capture refuses them).
+_HOST_SYNC_OPS = {
+    _aten._local_scalar_dense: ".item() / bool() / int() / float() of a tensor",
+    _aten.equal: "torch.equal",
+    _aten.nonzero: "nonzero (an output shape that depends on the data)",
+    _aten.masked_select: "masked_select (an output shape that depends on the data)",
+    _aten._unique2: "unique (an output shape that depends on the data)",
+    _aten.unique_dim: "unique (an output shape that depends on the data)",
+    _aten.unique_consecutive: "unique_consecutive (an output shape that depends on the data)",
+}
+_INDEX_OPS = {_aten.index, _aten.index_put, _aten.index_put_, _aten._index_put_impl_}
+
+
+def _host_read(func, args, kwargs) -> str | None:
+    packet = func.overloadpacket
+    if packet in _HOST_SYNC_OPS:
+        return _HOST_SYNC_OPS[packet]
+    if packet in _INDEX_OPS and any(
+        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+    ):
+        return "boolean-mask indexing (nonzero: an output shape that depends on the data)"
+    if packet is _aten.repeat_interleave and kwargs.get("output_size") is None and func._overloadname != "self_int":
+        return "repeat_interleave without output_size"
+    return None
+
+
+def _not_capturable(what: str):
+    return RuntimeError(f"operation not permitted when stream is capturing: {what} reads device memory on the host")
+
+
+class _Recorder(TorchDispatchMode):
+    """Logs ``(op, args, kwargs, targets)``: ``targets`` are the ``(leaf index, tensor)`` outputs the op created
+    (neither an argument's memory nor a tensor that existed before the capture), which replay rewrites."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self.overwritten = []  # (tensor that existed before the capture, its contents before the op wrote it)
+        self._created: set[int] = set()
+        self._existing: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        what = _host_read(func, args, kwargs)
+        if what is not None:
+            raise _not_capturable(f"{what} (aten.{func.overloadpacket.__name__})")
+        read = {_storage(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self._existing |= read - self._created
+        for arg, value in zip(func._schema.arguments, (*args, *(kwargs.get(a.name) for a in
+                                                             func._schema.arguments[len(args):])), strict=True):
+            written = arg.alias_info is not None and arg.alias_info.is_write
+            if written and isinstance(value, torch.Tensor) and _storage(value) in self._existing:
+                self.overwritten.append((value, value.clone()))
+        out = func(*args, **kwargs)
+        targets = []
+        for i, leaf in enumerate(pytree.tree_leaves(out)):
+            if isinstance(leaf, torch.Tensor) and leaf.numel():
+                ptr = _storage(leaf)
+                if ptr not in read and ptr not in self._existing:
+                    targets.append((i, leaf))
+                    self._created.add(ptr)
+        self.ops.append((func, args, kwargs, targets))
+        return out
+
+
+@contextlib.contextmanager
+def _refuse_host_reads():
+    """Tensor methods that copy device memory to the host without an aten op the recorder could see."""
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise _not_capturable(f"Tensor.{name}()")
+
+        return method
+
+    names = ("tolist", "cpu", "numpy", "__repr__")
+    saved = {n: torch.Tensor.__dict__.get(n) for n in names}
+    for n in names:
+        setattr(torch.Tensor, n, refuse(n.strip("_")))
+    try:
+        yield
+    finally:
+        for n, orig in saved.items():
+            if orig is None:
+                delattr(torch.Tensor, n)
+            else:
+                setattr(torch.Tensor, n, orig)
+
+
+def _garbage_(t: torch.Tensor) -> None:
+    if t.is_floating_point() or t.is_complex():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(torch.iinfo(t.dtype).max)
 
 
 class FailingCapturer:
@@ -100,6 +232,83 @@ def test_outputs_are_the_recorded_static_tensors():
     b = sg("k", *_inputs(1))
     assert a is b is cap.recorded[0]  # the last (recorded) call's outputs, not a warm-up's
     torch.testing.assert_close(b, step(*_inputs(1)))
+
+
+def test_replay_runs_no_python_so_python_state_is_frozen_at_capture():
+    """Like a real CUDA graph, a replay re-executes the recorded ops only: Python values the step read while it was
+    captured (a float, a branch flag, a counter) stay baked in, while the memory of its tensors is read anew."""
+    calls = []
+    state = {"gain": 2.0, "negate": False}
+    offset = torch.zeros(1)  # tensor state: the graph reads this memory on every replay
+
+    def stateful(x):
+        calls.append(len(calls))
+        y = x * state["gain"] + offset + len(calls)  # len(calls) is 2 at the recorded call (1 warm-up before it)
+        return -y if state["negate"] else y
+
+    cap = FakeCapturer(warmup=1)
+    sg = StepGraphs(stateful, capturer=cap)
+    x = torch.arange(4.0)
+    torch.testing.assert_close(sg("k", x), x * 2 + 2)
+    assert len(calls) == 2 and cap.op_counts[0] > 0
+    state.update(gain=3.0, negate=True)
+    offset.fill_(10.0)
+    out = sg("k", x + 1)
+    assert len(calls) == 2  # the replay ran no Python of the step
+    torch.testing.assert_close(out, (x + 1) * 2 + 10 + 2)  # stale gain, branch and count; fresh input and offset
+    torch.testing.assert_close(stateful(x + 1), -((x + 1) * 3 + 10 + 3))  # what the Python says now
+    assert sg.stats["replays"] == 1 and sg.stats["fallbacks"] == 0
+
+
+def test_in_place_updates_are_replayed_on_the_same_memory():
+    acc = torch.zeros(3)
+
+    def accumulate(x):
+        acc.add_(x)  # mutates memory the graph does not own: every replay adds again
+        return acc * 2
+
+    cap = FakeCapturer(warmup=1)
+    sg = StepGraphs(accumulate, capturer=cap)
+    ones = torch.ones(3)
+    out = sg("k", ones)  # warm-up (adds), capture (executes nothing), first replay (adds)
+    torch.testing.assert_close(out, torch.full((3,), 4.0))
+    sg("k", ones)
+    torch.testing.assert_close(out, torch.full((3,), 6.0))  # the same static output, rewritten
+    torch.testing.assert_close(acc, torch.full((3,), 3.0))
+    cap.capture(lambda: accumulate(ones))  # a warm-up adds; the recorded call's add is undone
+    torch.testing.assert_close(acc, torch.full((3,), 4.0))
+
+
+HOST_READS = {
+    ".item()": lambda x: x * x.abs().max().item(),
+    "bool()": lambda x: x * 2 if bool((x > 0).any()) else x,
+    "float()": lambda x: x + float(x.sum()),
+    ".tolist()": lambda x: x * len([v for v in x.flatten().tolist() if v > 0]),
+    ".cpu()": lambda x: x + x.sum().cpu(),
+    ".numpy()": lambda x: x + torch.from_numpy(x.numpy() * 2),
+    "print": lambda x: print(x) or x * 2,
+    "mask indexing": lambda x: x + x[x > 0].sum(),
+    "nonzero": lambda x: x + torch.nonzero(x).shape[0],
+    "torch.equal": lambda x: x * 2 if torch.equal(x, x) else x,
+}
+
+
+@pytest.mark.parametrize("what", list(HOST_READS))
+def test_a_host_read_in_the_step_cannot_be_captured(what, caplog):
+    """A step that reads device memory on the host fails its capture (a real capture raises "operation not permitted
+    when stream is capturing"), so StepGraphs runs that key eagerly; warm-up runs may read the host."""
+    fn = HOST_READS[what]
+    cap = FakeCapturer(warmup=1)
+    with pytest.raises(RuntimeError, match="operation not permitted when stream is capturing"):
+        cap.capture(lambda: fn(torch.ones(2, 3)))
+    assert cap.captures == 0
+    assert torch.ones(2).tolist() == [1.0, 1.0] and repr(torch.ones(1)) == "tensor([1.])"  # the guards are gone
+    sg = StepGraphs(fn, capturer=FakeCapturer(warmup=1))
+    x, _ = _inputs(0)
+    with caplog.at_level(logging.WARNING, logger="wanrt"):
+        torch.testing.assert_close(sg("k", x), fn(x))
+    assert "operation not permitted when stream is capturing" in sg.fallback_reasons["k"]
+    assert sg.stats["fallbacks"] == 1 and sg.keys == []
 
 
 def test_inputs_are_copied_not_aliased():

@@ -120,9 +120,18 @@ def test_cuda_graphs_option_needs_cuda():
 # ------------------------------------------------------------------------------ cancellation
 
 
+def _forbid_decoding(engine, monkeypatch):
+    """Make every decode entry point (the VAE's one-shot and streaming decode, and the Engine's) fail the test."""
+    def fail(*a, **k):
+        pytest.fail("decoded a cancelled video")
+
+    for obj, name in ((engine.vae, "decode"), (engine.vae, "decode_stream"), (engine, "decode_stream")):
+        monkeypatch.setattr(obj, name, fail)
+
+
 def test_callback_returning_false_cancels_and_skips_decode(engine, monkeypatch):
     seen = []
-    monkeypatch.setattr(engine.vae, "decode", lambda z: pytest.fail("decoded a cancelled video"))
+    _forbid_decoding(engine, monkeypatch)
     with pytest.raises(wanrt.Cancelled) as err:
         engine.generate("a corgi", seed=3, callback=lambda i, n, x: seen.append((i, n)) or i < 2, **SMALL)
     assert seen == [(0, 6), (1, 6), (2, 6)]
@@ -132,7 +141,7 @@ def test_callback_returning_false_cancels_and_skips_decode(engine, monkeypatch):
 
 def test_cancel_event(engine, monkeypatch):
     stop = threading.Event()
-    monkeypatch.setattr(engine.vae, "decode", lambda z: pytest.fail("decoded a cancelled video"))
+    _forbid_decoding(engine, monkeypatch)
     with pytest.raises(wanrt.Cancelled) as err:  # set from "another party" during step 1
         engine.generate("a corgi", seed=3, cancel=stop, callback=lambda i, n, x: stop.set() if i == 1 else None, **SMALL)
     assert err.value.step == 1

@@ -200,9 +200,16 @@ def test_graph_replay_and_teacache_with_image_inputs(tiny_i2v_official):
     base = dict(device="cpu", precision="fp32", backend="sdpa")
     ref = wanrt.Engine("tiny-i2v", tiny_i2v_official, **base).generate("a", image=img, seed=1, **SMALL)
     e = wanrt.Engine("tiny-i2v", tiny_i2v_official, cfg_batch=True, **base)
-    e._graphs = make_step_graphs(e.transformer, capturer=FakeCapturer())
+    cap = FakeCapturer(warmup=1)  # records the DiT forward's ops; a replay re-executes them and no Python
+    e._graphs = make_step_graphs(e.transformer, capturer=cap)
+    e.warmup(num_frames=SMALL["num_frames"])  # the preset's 64x96, the size of img: same y and CLIP shapes
+    assert cap.captures == 1 and e._graphs[False].fallback_reasons == {}
+    warm = dict(e._graphs[False].stats)
     v = e.generate("a", image=img, seed=1, **SMALL)
-    assert v.stats["cuda_graphs"]["plain"]["captures"] == 1
+    plain = v.stats["cuda_graphs"]["plain"]
+    assert plain["captures"] == warm["captures"] == 1 and cap.captures == 1  # no new capture at the warm-up size
+    assert plain["replays"] - warm["replays"] == SMALL["num_inference_steps"] > 0  # one batch-2 forward a step
+    assert plain["fallbacks"] == 0 and plain["eager_calls"] == 0
     assert_close(v.latents, ref.latents, name="graph replay i2v latents", tol=FP32_LOOP)
     tc = e.generate("a", image=img, seed=1, teacache_threshold=0.25, teacache_coefficients=(0, 0, 0, 0.1, 0),
                     **dict(SMALL, num_inference_steps=5))

@@ -58,6 +58,7 @@ class AttentionBackend:
             kernel that also runs on the CPU under ``TRITON_INTERPRET=1`` (explicit requests only).
         dtypes: Input dtypes it accepts.
         min_sm: Minimum CUDA compute capability, or ``None``.
+        bf16_min_sm: Minimum CUDA compute capability for bfloat16 inputs, or ``None`` (same as ``min_sm``).
         max_head_dim: Largest head dim it supports.
         head_dim_multiple: The head dim must be a multiple of this.
         supports_mask: Honours a key-padding mask.
@@ -71,6 +72,7 @@ class AttentionBackend:
     devices: frozenset[str] = frozenset({"cpu", "cuda"})
     dtypes: frozenset[torch.dtype] = _ANY
     min_sm: tuple[int, int] | None = None
+    bf16_min_sm: tuple[int, int] | None = None
     max_head_dim: int = 1 << 30
     head_dim_multiple: int = 1
     supports_mask: bool = True
@@ -93,8 +95,8 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
                          devices=frozenset({"cuda"}), dtypes=_HALF, min_sm=(8, 0), max_head_dim=128,
                          head_dim_multiple=64, supports_mask=False, exact=False),
         AttentionBackend("xformers", packages=("xformers",), install="pip install 'wanrt[xformers]'",
-                         devices=frozenset({"cuda"}), dtypes=_HALF, min_sm=(7, 0), max_head_dim=256,
-                         head_dim_multiple=8, supports_mask=False),
+                         devices=frozenset({"cuda"}), dtypes=_HALF, min_sm=(7, 0), bf16_min_sm=(8, 0),
+                         max_head_dim=256, head_dim_multiple=8, supports_mask=False),  # xformers: bf16 on A100+
     )
 }
 
@@ -175,6 +177,9 @@ def ineligibility(name: str, caps: Capabilities, *, for_auto: bool = False) -> s
         return f"does not take {caps.dtype} inputs (takes {', '.join(sorted(str(d) for d in b.dtypes))})"
     if b.min_sm is not None and caps.sm is not None and caps.sm < b.min_sm:
         return f"needs compute capability >= {b.min_sm[0]}.{b.min_sm[1]}, this GPU has {caps.sm[0]}.{caps.sm[1]}"
+    if caps.dtype == torch.bfloat16 and b.bf16_min_sm is not None and caps.sm is not None and caps.sm < b.bf16_min_sm:
+        return (f"needs compute capability >= {b.bf16_min_sm[0]}.{b.bf16_min_sm[1]} for torch.bfloat16 inputs, "
+                f"this GPU has {caps.sm[0]}.{caps.sm[1]}")
     if caps.head_dim > b.max_head_dim or caps.head_dim % b.head_dim_multiple:
         return (f"does not support head_dim {caps.head_dim} (needs a multiple of {b.head_dim_multiple} "
                 f"up to {b.max_head_dim})")
