@@ -174,7 +174,8 @@ def main() -> None:
     settle_device_args(ap, a, "the real shapes")
 
     from wanrt.ops import ATTENTION_BACKENDS
-    from wanrt.ops.backends import ineligibility, probe_capabilities
+    from wanrt.ops.backends import ineligibility
+    from wanrt.ops.selfcheck import probe_capabilities
 
     dtype = torch.float32 if a.quick else torch.bfloat16
     shapes = QUICK_SHAPES if a.quick else REAL_SHAPES

@@ -15,7 +15,7 @@ weights on the device (the scheme of ``wanrt.checkpoints.tiny.randomize_``), so 
 
 Times are medians of ``--repeats`` forwards after one warm-up forward (which compiles and autotunes
 the Triton kernels), synchronised ``time.perf_counter`` (a forward is long: no L2 concerns).
-TFLOP/s use :func:`dit_flops` (docs/gpu-and-kernels.md); peak memory is
+TFLOP/s use :func:`dit_flops` (docs/model-reference.md §11.1); peak memory is
 ``torch.cuda.max_memory_allocated`` over that backend's forwards, weights included. The error
 column is ``‖out − out_eager‖ / ‖out_eager‖`` of the velocity.
 
@@ -42,7 +42,7 @@ MODELS = {"1.3b": "t2v-1.3b", "14b": "t2v-14b"}
 
 
 def dit_flops(cfg, latent: tuple[int, int, int], text_tokens: int = 512) -> float:
-    """FLOPs of one DiT forward, batch 1 (docs/gpu-and-kernels.md, "The arithmetic of the job").
+    """FLOPs of one DiT forward, batch 1 (docs/model-reference.md §11.1).
 
     With L = F·(H/ph)·(W/pw) video tokens, d = dim, T = text tokens, per block:
 
@@ -162,7 +162,7 @@ def main() -> None:
 
     from wanrt.checkpoints.tiny import dit_config_for
     from wanrt.models.dit import DiTConfig
-    from wanrt.ops.backends import probe_capabilities
+    from wanrt.ops.selfcheck import probe_capabilities
     from wanrt.presets import get_preset
 
     if a.quick:

@@ -236,7 +236,7 @@ def dit_rows(a, triton_ok: bool) -> tuple[list[str], str]:
             model = build_model(cfg, dev, BF16, seed=0)
             if scheme is not None:
                 quantize_(model, QuantConfig(scheme, act_backend=act))
-            plan = model.set_backend(a.backend)
+            plan = model.set_backend(a.backend, quant=act)  # the plan sets every 8-bit Linear's act. quant.
             plan_name = plan_name or f"attention {plan.attention}, fused ops {plan.fused}"
             wgib = weight_bytes(model) / 2**30
             with torch.no_grad():

@@ -29,7 +29,7 @@ outside PyTorch's allocator, the growth of the device's used memory (``cudaMemGe
 row is added to it (marked ≈). CPU: the process's peak resident set (VmHWM, reset per row through
 ``/proc/self/clear_refs``; it includes the weights, the reference video and the libraries).
 
-Targets (H100, docs/gpu-and-kernels.md): 81x480x832 in <= 2 s, 81x720x1280 in <= 4.5 s, peak <= 6 GB.
+Targets (H100, docs/model-reference.md §11.5): 81x480x832 in <= 2 s, 81x720x1280 in <= 4.5 s, peak <= 6 GB.
 
 ``--quick``: a tiny VAE (base_dim 8) on the CPU at 64x96, 9 frames (3 latent frames), tiles of 6
 latent pixels with overlap 2 (so that tiling tiles); ~25 s on 2 cores. ``--interpret`` adds the Triton

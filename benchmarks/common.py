@@ -48,7 +48,7 @@ def _version(package: str) -> str:
 def header(name: str, device: str) -> str:
     """``# name — date — device: ... — versions``: the first line of every results table.
 
-    Versions of torch, triton and diffusers ("not installed" where missing: the lent GPU image has no diffusers).
+    Versions of torch, triton and diffusers ("not installed" where missing: a GPU machine may lack diffusers).
     """
     dev = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine())
     return (f"# {name} — {date.today()} — device: {device} ({dev}, {os.cpu_count()} CPU cores) — "

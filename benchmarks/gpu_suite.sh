@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (for the lent GPU machine): GPU tests, the kernel benchmarks
+# Everything that needs a GPU, in one script for a CUDA machine: GPU tests, the kernel benchmarks
 # (attention, fused norms, fp8/int8 GEMMs), whole-DiT forwards per backend, and the end-to-end benchmark.
 # Tables go to $OUT (default: benchmarks/results/) as <name>_<device>.md, whose first line is the device-stamped
 # header.
 #
-# Expected wall time on one H100 (estimates, not yet measured; the device tool allows 10 min a call):
+# Expected wall time on one H100 (estimates, not yet measured):
 #   tests ~4-9 min: pytest -m gpu ~2-4 min (tiny generations per precision/backend, 8-bit Linears and the fused
 #   norm-quant kernel at the 1.3B width, one 6240-token block per backend; the TensorRT decoder tests build 6 tiny
 #   engines, ~1-3 min more where tensorrt is installed) + tests/kernels compiled ~3-5 min, capped at 5 (the whole edge-case matrix on CUDA tensors; every attention edge case
@@ -14,16 +14,16 @@
 #   precision, each model rebuilt and quantized, ~1-1.5 min) | bench_dit 1.3B ~1.5 min (the eager row alone is
 #   ~20 s) | bench_dit 14B, 8 of 40 blocks ~1.5 min | bench_e2e loop options ~5-6 min (writing the random 1.3B
 #   checkpoint ~1 min, then 4 rows, each its own process: load + 2-step warm-up + one 50-step 480P video,
-#   ~40-60 s of denoising for the reference row, less for the others). Too much for one 10-minute call: run it
+#   ~40-60 s of denoising for the reference row, less for the others). Too much for one 10-minute run: run it
 #   in four, `PARTS=tests bash benchmarks/gpu_suite.sh`, then `PARTS=kernels ...`, `PARTS=dit ...`, `PARTS=e2e ...`.
 #   The e2e rows are reference, + batched CFG, + CUDA graphs, + TeaCache 0.08; for the other published
-#   thresholds add `--teacache-thresholds 0.05 0.08 0.10` (~1.5 min more), and with diffusers carried,
+#   thresholds add `--teacache-thresholds 0.05 0.08 0.10` (~1.5 min more), and with diffusers installed,
 #   `--parts pipelines dit --steps 10 --dit-latent 21 60 104` gives the wanrt-vs-diffusers tables.
 # Each step has its own timeout so that one hang cannot take the steps after it.
 #
-# The GPU image has no ftfy (prompt cleaning) and no diffusers/av (nor, perhaps, Pillow: the GPU tests feed images
-# as arrays, which need no Pillow, and test_images.py skips without it). Prepare the small wheels here and carry them:
-#   pip download ftfy wcwidth --no-deps -d build/wheels     # then run with carry=["build/wheels"]
+# An offline GPU machine may lack ftfy (prompt cleaning), diffusers/av (and perhaps Pillow: the GPU tests feed images
+# as arrays, which need no Pillow, and test_images.py skips without it). Fetch the small wheels beforehand:
+#   pip download ftfy wcwidth --no-deps -d build/wheels     # the script installs build/wheels/*.whl
 # (bench_e2e's loop-options table needs no diffusers; its wanrt-vs-diffusers parts are skipped with a note.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import wan
 stamp=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 python -m pip install --quiet --no-deps -e . 2>/dev/null || true
 if compgen -G "build/wheels/*.whl" >/dev/null; then
-    python -m pip install --quiet --no-index --no-deps build/wheels/*.whl || echo "carried wheels did not install"
+    python -m pip install --quiet --no-index --no-deps build/wheels/*.whl || echo "build/wheels did not install"
 fi
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 

@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from wanrt.kernels import attention, modnorm, modnorm_quant, qk_norm_rope  # noqa: E402
-from wanrt.kernels._common import row_kernel_warps  # noqa: E402
+from wanrt.kernels._common import row_launch  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 PTR = {"bf16": "*bf16", "fp32": "*fp32", "i32": "*i32"}
@@ -88,9 +88,7 @@ def attention_rows(arch: int, quick: bool = False) -> list[str]:
 def fused_rows(arch: int, quick: bool = False) -> list[str]:
     rows = []
     for dim in (5120,) if quick else (1536, 5120):
-        block = triton.next_power_of_2(dim)
-        n_rows = max(1, min(64, 1024 // block))
-        warps = qk_norm_rope._num_warps(n_rows * block)
+        block, n_rows, warps = row_launch(dim)  # the launchers' recipe: qk_norm_rope and modnorm
         for rope in (False, True):
             const = dict(HEAD_DIM=128, BLOCK=block, ROWS=n_rows, HAS_W=True, ROUND_W=False, HAS_ROPE=rope,
                          RNE_BF16=False)
@@ -98,7 +96,6 @@ def fused_rows(arch: int, quick: bool = False) -> list[str]:
             regs, stack, shared = compile_usage(qk_norm_rope._norm_rope_kernel, ptrs, const, warps, 1, arch)
             rows.append(f"| qk_norm{'_rope' if rope else ''} bf16, dim {dim} | {n_rows} row, {warps} warps | "
                         f"{regs} | {stack} | {shared // 1024} |")
-        warps = modnorm._num_warps(n_rows * block)
         const = dict(BLOCK=block, ROWS=n_rows, HAS_Y=True, HAS_GATE=True, WRITE_X=True, DO_NORM=True, HAS_W=False,
                      HAS_B=False, ROUND_X=False, HAS_SHIFT=True, HAS_SCALE=True, RNE_BF16=False)
         ptrs = {"x_ptr": "*fp32", "y_ptr": "*bf16", "gate_ptr": "*fp32", "shift_ptr": "*fp32", "scale_ptr": "*fp32",
@@ -106,7 +103,7 @@ def fused_rows(arch: int, quick: bool = False) -> list[str]:
         regs, stack, shared = compile_usage(modnorm._modnorm_kernel, ptrs, const, warps, 1, arch)
         rows.append(f"| gated_residual_layer_norm fp32+bf16 → fp32, bf16, dim {dim} | {n_rows} row, {warps} warps | "
                     f"{regs} | {stack} | {shared // 1024} |")
-        warps = row_kernel_warps(block)
+        warps = row_launch(dim, max_rows=1).num_warps  # modnorm_quant: one row per program
         for qname, qptr in (("fp8", "*fp8e4nv"), ("int8", "*i8")):
             const = dict(BLOCK=block, HAS_Y=True, HAS_GATE=True, WRITE_X=True, HAS_W=False, HAS_B=False,
                          ROUND_X=False, HAS_SHIFT=True, HAS_SCALE=True, OUT_DTYPE=tl.bfloat16,

@@ -40,6 +40,15 @@ DEFECTS: tuple[Defect, ...] = (
         what="a TeaCache-skipped step runs the head on its input without the cached residual",
     ),
     Defect(
+        name="teacache-calibration-against-first-step",
+        file="cache/teacache.py",
+        edits=(("self._prev[branch] = (modulated_input.detach().float().clone(), velocity.detach().float().clone())",
+                "self._prev.setdefault(branch, (modulated_input.detach().float().clone(), velocity.detach().float()"
+                ".clone()))"),),
+        tests=("tests/test_teacache.py::test_calibration_record_records_each_branch_against_its_previous_step",),
+        what="TeaCache calibration measures each step's change against the branch's first step, not its previous one",
+    ),
+    Defect(
         name="cfg-branches-swapped",
         file="sampling/loop.py",
         edits=(('return torch.lerp(velocities["uncond"], velocities["cond"], self.guidance_scale, out=self._out)',
@@ -70,7 +79,8 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="engine-shift-not-passed",
         file="engine.py",
-        edits=(("solver = make_solver(solver_name, steps, shift)", "solver = make_solver(solver_name, steps, 1.0)"),),
+        edits=(("make_solver(req.sample_solver, req.num_inference_steps, req.shift)",
+                "make_solver(req.sample_solver, req.num_inference_steps, 1.0)"),),
         tests=("tests/test_core_guards.py::test_generate_samples_on_the_shifted_schedule",),
         what="generate() builds its solver without the preset's / caller's shift",
     ),
@@ -144,6 +154,22 @@ DEFECTS: tuple[Defect, ...] = (
         tests=("tests/test_quantization.py::test_quantized_linear_within_format_bound[int8]",),
         what="the INT8 Linear's per-output-channel weight scale not applied after the int32 GEMM",
     ),
+    Defect(
+        name="quant-kernels-ignore-failed-self-check",
+        file="ops/backends.py",
+        edits=(('        quant = fused  # fused == "triton" passed every check above',
+                '        quant = "triton" if "triton" in caps.packages and caps.device_type == "cuda" else "eager"'),),
+        tests=("tests/test_plan.py::test_failed_self_check_runs_no_triton_quant_kernel[int8]",),
+        what="the 8-bit Linears' Triton activation quantization chosen by 'CUDA and Triton installed', ignoring "
+             "backend='eager' and a failed self-check",
+    ),
+    Defect(
+        name="set-backend-leaves-linears-act-backend",
+        file="models/dit.py",
+        edits=(("                m.act_backend = backend.quant\n", "                pass\n"),),
+        tests=("tests/test_plan.py::test_set_backend_gives_the_linears_the_plans_quant_backend",),
+        what="re-planning a model leaves its 8-bit Linears on the activation-quantization kernel of the old plan",
+    ),
     # ---------------------------------------------------------------------------- the VAE
     Defect(
         name="vae-causal-cache-one-frame",
@@ -174,19 +200,64 @@ DEFECTS: tuple[Defect, ...] = (
         tests=("tests/test_images.py::test_mask_equals_official_81[False]",),
         what="the I2V/FLF2V 4-channel frame mask shifted by one latent frame",
     ),
+    # ---------------------------------------------------------------------------- checkpoint loading checks
+    Defect(
+        name="both-layouts-resolved-silently",
+        file="checkpoints/layout.py",
+        edits=(("    _refuse_both_layouts(root)\n", ""),),
+        tests=("tests/test_loading_checks.py::test_official_folder_with_a_diffusers_transformer_or_file_is_refused",),
+        what="a folder holding the official and the diffusers layout loads one of them without a word",
+    ),
+    Defect(
+        name="fused-clip-part-dtype-unchecked",
+        file="checkpoints/io.py",
+        edits=(("    parts = [(inner, k) for k in source.source_keys(key)] if inner is not None else [(source, key)]\n",
+                "    parts = [(inner, k) for k in source.source_keys(key)[:1]] if inner is not None else [(source, key)]\n"),),
+        tests=("tests/test_loading_checks.py::test_integer_tensor_in_clip_files_is_named",),
+        what="only the first of the q/k/v tensors fused into to_qkv is checked: an integer v_proj loads as floats",
+    ),
+    Defect(
+        name="shard-symlink-may-leave-the-folder",
+        file="checkpoints/io.py",
+        edits=(("        if not any(real.is_relative_to(home) for home in homes):\n", "        if False:\n"),),
+        tests=("tests/test_loading_checks.py::test_shard_index_entries_must_stay_inside_the_folder",),
+        what="a shard named by an index may be a symbolic link to a file outside the index's folder",
+    ),
+    Defect(
+        name="shard-dotdot-checked-only-first-part",
+        file="checkpoints/io.py",
+        edits=(("    if \"..\" in parts:\n", "    if parts[0] == \"..\":\n"),),
+        tests=("tests/test_loading_checks.py::test_shard_index_entries_must_stay_inside_the_folder",),
+        what="an index entry such as sub/../../x.safetensors climbs out of the index's folder",
+    ),
+    Defect(
+        name="hub-cache-shards-refused",
+        file="checkpoints/io.py",
+        edits=(("            homes = (path.parent.resolve(), path.resolve().parent)\n",
+                "            homes = (path.parent.resolve(),)\n"),),
+        tests=("tests/test_loading_checks.py::test_shard_links_inside_the_folder_and_the_hub_cache_still_load",),
+        what="Hugging Face cache snapshots (every file a link into blobs/) are refused as leaving the folder",
+    ),
+    Defect(
+        name="symlink-loop-read-as-missing",
+        file="checkpoints/io.py",
+        edits=(("        if not _is_loop(e):\n            return\n    parts = p.parts\n", "        return\n    parts = p.parts\n"),),
+        tests=("tests/test_loading_checks.py::test_looping_tokenizer_file_is_named_not_skipped[tokenizer.json]",),
+        what="a looping tokenizer file is skipped by transformers, which builds a degraded tokenizer without it",
+    ),
     # ---------------------------------------------------------------------------- the engine
     Defect(
         name="prompt-cache-wrong-entry",
-        file="engine.py",
-        edits=(("self._prompt_cache[p] = fresh[p]", "self._prompt_cache[p] = fresh[missing[0]]"),),
+        file="conditioning.py",
+        edits=(("self.cache.put(p, fresh[p])", "self.cache.put(p, fresh[missing[0]])"),),
         tests=("tests/test_core_guards.py::test_prompt_cache_returns_each_prompts_own_embedding",),
         what="the prompt LRU stores (and later returns) another prompt's embedding",
     ),
     Defect(
         name="negative-prompt-default-unused",
-        file="engine.py",
-        edits=(('texts.append(p.negative_prompt if negative_prompt is None or negative_prompt == "" else negative_prompt)',
-                'texts.append(negative_prompt or "")'),),
+        file="request.py",
+        edits=(('negative = p.negative_prompt if negative_prompt is None or negative_prompt == "" else negative_prompt',
+                'negative = negative_prompt or ""'),),
         tests=("tests/test_core_guards.py::test_negative_prompt_defaults_to_the_presets",),
         what="without a negative prompt the unconditional branch encodes '' instead of the preset's default",
     ),
@@ -194,18 +265,36 @@ DEFECTS: tuple[Defect, ...] = (
         name="cancel-checked-after-decode",
         file="engine.py",
         edits=(
-            ('        bar = tqdm(total=steps, disable=not progress, desc="denoise", unit="step")\n',
-             ('        cancelled_at = None\n'
-              '        bar = tqdm(total=steps, disable=not progress, desc="denoise", unit="step")\n')),
-            ("                    raise Cancelled(i, x.detach().to(\"cpu\", torch.float32, copy=True), seed)\n",
-             ("                    cancelled_at = (i, x.detach().to(\"cpu\", torch.float32, copy=True))\n"
-              "                    break\n")),
+            ("                    callback=callback, cancel=cancel, progress=progress)",
+             "                    callback=None, cancel=None, progress=progress)"),
             ('        timings["total"] = time.perf_counter() - t_start\n',
              ('        timings["total"] = time.perf_counter() - t_start\n'
-              '        if cancelled_at is not None:\n'
-              '            raise Cancelled(cancelled_at[0], cancelled_at[1], seed)\n')),
+              '        if cancel is not None and cancel.is_set():\n'
+              '            raise Cancelled(req.num_inference_steps - 1, final, req.seed)\n')),
         ),
         tests=("tests/test_core_guards.py::test_cancelled_generation_stops_at_the_step_and_never_decodes",),
         what="a cancelled generation stops denoising but still decodes (and streams frames) before raising",
+    ),
+    # ---------------------------------------------------------------------------- the request, judged before work
+    Defect(
+        name="steps-unbounded",
+        file="request.py",
+        edits=(("if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:", "if not _is_int(steps) or not 1 <= steps:"),),
+        tests=("tests/test_engine.py::test_requests_are_judged_before_any_work",),
+        what="num_inference_steps above 1000 (timesteps live on 0..1000) start a generation",
+    ),
+    Defect(
+        name="guidance-not-checked-finite",
+        file="request.py",
+        edits=(('else _finite("guidance_scale", guidance_scale)', "else float(guidance_scale)"),),
+        tests=("tests/test_engine.py::test_requests_are_judged_before_any_work",),
+        what="a NaN guidance scale loads and runs the model, which then blames the DiT",
+    ),
+    Defect(
+        name="memory-not-checked",
+        file="engine.py",
+        edits=(("        check_fits(req, self.preset, self.device,", "        (lambda *a, **k: None)(req, self.preset, self.device,"),),
+        tests=("tests/test_engine.py::test_requests_are_judged_before_any_work",),
+        what="a request larger than the device's memory starts work instead of being refused with the estimate",
     ),
 )

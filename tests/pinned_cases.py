@@ -2,7 +2,7 @@
 
 Each case is one ``generate()`` on a tiny random checkpoint (official layout, written by
 ``wanrt.checkpoints.tiny.write_checkpoint`` with its default seed) on the CPU in float32. The file was recorded
-before the generation code was reshaped into plain parts over one request (issue 12): a refactor must leave
+before the generation code was reshaped into plain parts over one request: a refactor must leave
 every one of these bit-identical. Regenerate only when a change of numerics is intended, and say so:
 ``python tests/pinned_cases.py`` (writes the file).
 """

@@ -26,13 +26,13 @@ from wanrt.ops.backends import (
     OpsPlan,
     ineligibility,
     plan,
-    probe_capabilities,
     resolve,
 )
+from wanrt.ops.selfcheck import probe_capabilities
 from wanrt.testing import Tolerance, assert_close, relative_error
 
 attention_mod = sys.modules["wanrt.ops.attention"]  # the module (wanrt.ops.attention is also the function)
-backends_mod = sys.modules["wanrt.ops.backends"]
+selfcheck_mod = sys.modules["wanrt.ops.selfcheck"]  # probe_capabilities and the Triton self-check
 ALL_PKGS = frozenset({"triton", "flash_attn", "flash_attn_interface", "sageattention", "xformers"})
 
 
@@ -564,14 +564,14 @@ def test_failed_self_check_makes_triton_ineligible():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_self_check_passes_in_the_interpreter(dtype):
-    from wanrt.kernels.selfcheck import triton_self_check
+    from wanrt.ops.selfcheck import triton_self_check
 
     assert triton_self_check.__wrapped__(torch.device("cpu"), dtype, 16) is None
 
 
 def test_self_check_reports_a_wrong_kernel(monkeypatch):
     from wanrt.kernels import modnorm, qk_norm_rope
-    from wanrt.kernels.selfcheck import triton_self_check
+    from wanrt.ops.selfcheck import triton_self_check
 
     real = qk_norm_rope.norm_rope
     monkeypatch.setattr(qk_norm_rope, "norm_rope", lambda *a: real(*a) * 1.01)
@@ -587,7 +587,7 @@ def test_self_check_reports_a_wrong_kernel(monkeypatch):
 
 
 def test_probe_does_not_self_check_off_cuda(monkeypatch):
-    import wanrt.kernels.selfcheck as sc
+    import wanrt.ops.selfcheck as sc
 
     monkeypatch.setattr(sc, "triton_self_check", lambda *a: pytest.fail("self-check ran on the CPU"))
     assert probe_capabilities("cpu", torch.bfloat16, 128).triton_failed is None
@@ -637,7 +637,7 @@ def test_generate_with_library_backends(monkeypatch, pretend_gpu, head_dim_64_ch
     from wanrt.sampling.loop import make_step_graphs
 
     calls = _fake_libraries(monkeypatch)
-    monkeypatch.setattr(backends_mod, "probe_capabilities",
+    monkeypatch.setattr(selfcheck_mod, "probe_capabilities",
                         lambda device, dtype, head_dim, needs_mask=False, **kw:
                         Capabilities("cuda", dtype, head_dim, FakeGPU.sm, needs_mask, FAKE_PACKAGES))
     engine = wanrt.Engine.from_pretrained(head_dim_64_checkpoint, device="cpu", precision="bf16", backend=name)

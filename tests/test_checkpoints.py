@@ -208,7 +208,7 @@ def test_published_configs_give_the_official_architectures():
     from wanrt.models.dit import DiTConfig
     from wanrt.models.t5 import UMT5Config
     from wanrt.models.vae import WAN21_LATENTS_MEAN, VAEConfig
-    from wanrt.presets import get_preset, preset_for_arch
+    from wanrt.presets import Architecture, get_preset, preset_for_arch
 
     official = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": 1536, "eps": 1e-06,
                 "ffn_dim": 8960, "freq_dim": 256, "in_dim": 16, "model_type": "t2v", "num_heads": 12,
@@ -219,9 +219,8 @@ def test_published_configs_give_the_official_architectures():
             "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024, "text_dim": 4096}
     a, b = DiTConfig.from_official_config(official), DiTConfig.from_diffusers_config(diff)
     assert a == b
-    arch = dict(model_type=a.model_type, dim=a.dim, ffn_dim=a.ffn_dim, num_heads=a.num_heads,
-                num_layers=a.num_layers, in_dim=a.in_dim)
-    assert preset_for_arch(arch) is get_preset("t2v-1.3b")
+    assert Architecture.from_dit(a) == get_preset("t2v-1.3b").arch
+    assert preset_for_arch(Architecture.from_dit(a)) is get_preset("t2v-1.3b")
     i2v = dict(diff, added_kv_proj_dim=5120, image_dim=1280, in_channels=36, num_attention_heads=40, num_layers=40,
                ffn_dim=13824)
     assert DiTConfig.from_diffusers_config(i2v).model_type == "i2v"

@@ -16,10 +16,10 @@ from wanrt.checkpoints.keymap_clip import (
     clip_from_transformers,
     clip_to_official,
     clip_to_transformers,
-    official_clip_state,
     transformers_clip_vision,
 )
 from wanrt.checkpoints.layout import OFFICIAL_CLIP, LayoutError, detect_layout
+from wanrt.checkpoints.tiny import official_clip_state
 from wanrt.models.clip import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionTower, ImageEncoder, preprocess
 from wanrt.testing import TOLERANCES, Tolerance, assert_close, relative_error
 

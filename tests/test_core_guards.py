@@ -150,7 +150,7 @@ def test_prompt_cache_returns_each_prompts_own_embedding(tiny_official):
     check(prompts[:3])  # all fresh
     check(["blurry", "a corgi", "a cat on a sofa"])  # all cached, another order
     check(["a dog", "a cat on a sofa", "a dog"])  # one fresh (evicts "blurry", the LRU entry), one cached, a repeat
-    assert "blurry" not in e._prompt_cache and e.prompt_cache_info == {"size": 3, "max": 3}
+    assert "blurry" not in e.text.cache and e.prompt_cache_info == {"size": 3, "max": 3}
     check(["blurry", "a corgi"])
 
 
@@ -164,7 +164,7 @@ def test_negative_prompt_defaults_to_the_presets(tiny_engine, monkeypatch):
         asked.append(list(prompts))
         raise Stop  # the texts are all this test needs: skip the rest of the generation
 
-    monkeypatch.setattr(tiny_engine, "encode_prompt", record)
+    monkeypatch.setattr(tiny_engine.text, "encode", record)
     default = tiny_engine.preset.negative_prompt
     assert default
     for kwargs, want in (({}, ["a corgi", default]), ({"negative_prompt": ""}, ["a corgi", default]),

@@ -1,6 +1,6 @@
 """WanDiT: diffusers parity on tiny random configs, official key lists, configs, dtypes, errors.
 
-Reference: diffusers ``WanTransformer3DModel`` (docs/wan21-reference.md §2, §3, §9). Every
+Reference: diffusers ``WanTransformer3DModel`` (docs/model-reference.md §2, §3, §9). Every
 parameter of the reference is randomised (no default init that could hide a swapped
 modulation chunk or a missing norm weight), converted with our key map and loaded strictly.
 """

@@ -80,7 +80,15 @@ def test_guidance_one_skips_negative_pass(tiny_engine, monkeypatch):
         (dict(height=0), "height"),
         (dict(num_frames=6), "num_frames must be 4k\\+1"),
         (dict(num_frames=0), "num_frames"),
-        (dict(num_inference_steps=0), "num_inference_steps must be an int >= 1"),
+        (dict(num_inference_steps=0), "num_inference_steps must be an int in 1..1000"),
+        (dict(num_inference_steps=100_000_000), "num_inference_steps must be an int in 1..1000"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+        (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),
+        (dict(shift=float("nan")), "shift must be a finite number"),
+        (dict(teacache_threshold=float("nan")), "teacache_threshold must be a finite number"),
+        (dict(num_frames=25001), "num_frames 25001 is beyond what the model can address: at most 4093 frames"),
+        (dict(height=2**20, width=2**20), "height 1048576 is beyond what the model can address: at most 16384 px"),
+        (dict(height=16384, width=16384, num_frames=81), "needs about .* GiB beyond the weights, but cpu has"),
         (dict(sample_solver="ddim"), "sample_solver must be one of"),
         (dict(shift=0.0), "shift must be > 0"),
         (dict(seed=-1), "seed must be an int"),
@@ -217,3 +225,30 @@ def test_engine_options_are_checked_before_the_tiny_checkpoint_is_written(tmp_pa
     with pytest.raises(error, match=match):
         wanrt.Engine("tiny", device="cpu", **kwargs)
     assert list(tmp_path.iterdir()) == []  # nothing written: no checkpoint, no half-written folder
+
+
+def test_requests_are_judged_before_any_work(tiny_engine, monkeypatch):
+    """Every bad request is refused before the text encoder, a DiT step or an allocation of its size."""
+    def fail(*a, **k):
+        pytest.fail("work started for a bad request")
+
+    monkeypatch.setattr(tiny_engine.text, "encode", fail)
+    monkeypatch.setattr(tiny_engine.transformer, "prepare", fail)
+    for bad in (dict(num_inference_steps=100_000_000), dict(height=16384, width=16384, num_frames=81),
+                dict(guidance_scale=float("nan")), dict(num_frames=25001)):
+        with pytest.raises(ValueError):
+            tiny_engine.generate("a cat", **{**SMALL, **bad})
+
+
+def test_memory_estimate_is_refused_with_the_numbers():
+    from wanrt.presets import get_preset
+    from wanrt.request import RequestTooLarge, check_fits, estimate_memory, resolve_request
+
+    p = get_preset("t2v-14b")
+    ok = resolve_request(p, "a cat", seed=1)  # 480x832, 81 frames
+    big = resolve_request(p, "a cat", seed=1, height=16384, width=16384)
+    assert estimate_memory(big, p) > 100 * estimate_memory(ok, p) > 2**30  # 5.2 TB against 10 GB
+    with pytest.raises(RequestTooLarge) as err:
+        check_fits(big, p, "cpu")
+    assert err.value.needed > err.value.capacity > 0
+    assert "16384x16384" in str(err.value) and "GiB" in str(err.value)

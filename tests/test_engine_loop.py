@@ -95,8 +95,8 @@ def test_graph_replay_equals_eager(tiny_official, reference, cfg_batch):
     cap = FakeCapturer(warmup=1)
     e._graphs = make_step_graphs(e.transformer, capturer=cap)
     e.warmup(height=SMALL["height"], width=SMALL["width"], num_frames=SMALL["num_frames"])
-    assert cap.captures == 1 and e._graphs[False].fallback_reasons == {}  # the DiT forward is capture-safe
-    warm = dict(e._graphs[False].stats)
+    assert cap.captures == 1 and e._graphs.plain.fallback_reasons == {}  # the DiT forward is capture-safe
+    warm = dict(e._graphs.plain.stats)
     v = e.generate("a corgi", seed=3, **SMALL)
     plain = v.stats["cuda_graphs"]["plain"]
     calls = SMALL["num_inference_steps"] * (1 if cfg_batch else 2)  # one batch-2 forward, or one per CFG branch
@@ -209,7 +209,7 @@ def test_warmup(tiny_official):
     e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32")
     timings = e.warmup(height=32, width=48, num_frames=5)
     assert set(timings) >= {"text_encoder", "denoise", "vae_decode", "total"}
-    assert e.preset.negative_prompt in e._prompt_cache  # the negative prompt is cached for real requests
+    assert e.preset.negative_prompt in e.text.cache  # the negative prompt is cached for real requests
     with pytest.raises(ValueError, match="height"):
         e.warmup(height=30, width=48, num_frames=5)
 
@@ -254,7 +254,7 @@ def test_batched_cfg_falls_back_to_two_passes_when_it_would_not_fit(tiny_officia
     import logging
 
     e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa", cfg_batch=True)
-    monkeypatch.setattr(e, "_batch_cfg_fits", lambda shape: False)
+    monkeypatch.setattr(wanrt.engine, "cfg_batch_fits", lambda *a, **k: False)
     with caplog.at_level(logging.INFO, logger="wanrt"):
         v = e.generate("a corgi", seed=3, **SMALL)
     assert v.stats["cfg_batched"] is False and "would not fit" in caplog.text
@@ -330,4 +330,4 @@ def test_vae_tiling_option(tiny_official, reference, monkeypatch):
     v = e.generate("a corgi", seed=3, **SMALL)
     assert calls == [(1, 16, 2, 4, 6)] and (v.frames == reference.frames).all()
     auto = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32")
-    assert not auto._use_tiling(torch.zeros(1, 16, 2, 60, 104)) and auto._use_tiling(torch.zeros(1, 16, 2, 135, 240))
+    assert not auto.decoder.use_tiling(torch.zeros(1, 16, 2, 60, 104)) and auto.decoder.use_tiling(torch.zeros(1, 16, 2, 135, 240))

@@ -135,7 +135,7 @@ def test_generate_per_backend_on_cuda(tiny_official, backend):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_self_check_passes_on_this_gpu(dtype):
-    from wanrt.kernels.selfcheck import triton_self_check
+    from wanrt.ops.selfcheck import triton_self_check
 
     assert triton_self_check("cuda:0", dtype, 128) is None
 

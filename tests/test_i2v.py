@@ -1,4 +1,4 @@
-"""Image-to-video and first-last-frame-to-video through the Engine (wan21-reference.md §7).
+"""Image-to-video and first-last-frame-to-video through the Engine (docs/model-reference.md §7).
 
 The parity tests run a whole short generation against a loop built here from diffusers' and transformers'
 modules (WanTransformer3DModel, AutoencoderKLWan, CLIPVisionModel) on the same tiny random checkpoint in the
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from test_cuda_graphs import FakeCapturer
 
 import wanrt
-from wanrt.engine import image_size
+from wanrt.request import image_size
 from wanrt.presets import AREA_480P, default_shift, get_preset, preset_for_arch, resolution_hint
 from wanrt.sampling.loop import make_step_graphs
 from wanrt.testing import Tolerance, assert_close
@@ -161,7 +161,7 @@ def test_conditioning_is_mask_plus_vae_latents_and_clip_features(flf2v):
 
     first, last = _to_tensor(_image(40, 60, 1)), _to_tensor(_image(40, 60, 2))
     timings = {}
-    cond, state = flf2v._image_conditioning(first, last, 32, 48, 9, timings)
+    cond, state = flf2v.image(first, last, 32, 48, 9, timings)
     assert set(timings) == {"image_encoder", "vae_encode"} and state in ("computed", "cached")
     y, clip = cond["y"], cond["clip_fea"]
     assert y.shape == (1, 20, 3, 4, 6) and y.dtype == torch.float32
@@ -203,8 +203,8 @@ def test_graph_replay_and_teacache_with_image_inputs(tiny_i2v_official):
     cap = FakeCapturer(warmup=1)  # records the DiT forward's ops; a replay re-executes them and no Python
     e._graphs = make_step_graphs(e.transformer, capturer=cap)
     e.warmup(num_frames=SMALL["num_frames"])  # the preset's 64x96, the size of img: same y and CLIP shapes
-    assert cap.captures == 1 and e._graphs[False].fallback_reasons == {}
-    warm = dict(e._graphs[False].stats)
+    assert cap.captures == 1 and e._graphs.plain.fallback_reasons == {}
+    warm = dict(e._graphs.plain.stats)
     v = e.generate("a", image=img, seed=1, **SMALL)
     plain = v.stats["cuda_graphs"]["plain"]
     assert plain["captures"] == warm["captures"] == 1 and cap.captures == 1  # no new capture at the warm-up size
@@ -229,11 +229,11 @@ def test_image_conditioning_cache(tiny_i2v_official, monkeypatch):
     monkeypatch.undo()
     d = e.generate("a", image=_image(64, 96, 4), seed=1, **SMALL)
     assert d.stats["image_conditioning"] == "computed"
-    assert len(e._image_cache) == 2
+    assert len(e.image.cache) == 2
     off = wanrt.Engine("tiny-i2v", tiny_i2v_official, device="cpu", precision="fp32", image_cache_size=0)
     for _ in range(2):
         assert off.generate("a", image=img, seed=1, **SMALL).stats["image_conditioning"] == "computed"
-    assert len(off._image_cache) == 0
+    assert len(off.image.cache) == 0
     with pytest.raises(ValueError, match="image_cache_size"):
         wanrt.Engine("tiny-i2v", tiny_i2v_official, device="cpu", image_cache_size=-1)
     with pytest.raises(ValueError, match="image_encoder_precision"):
@@ -277,7 +277,7 @@ def test_official_sizes_and_shift_defaults():
 
 
 def test_telling_480p_from_720p(tmp_path, caplog):
-    from wanrt.engine import _checkpoint_names
+    from wanrt.presets import checkpoint_names as _checkpoint_names
 
     arch = dict(model_type="i2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36)
     assert preset_for_arch(arch).name == "i2v-14b-480p"

@@ -1,6 +1,6 @@
 """wanrt.images: image loading rules, official sizing, resizing, the frame mask and the conditioning video.
 
-References are written here from the description (wan21-reference.md §7), independently of the module.
+References are written here from the description (docs/model-reference.md §7), independently of the module.
 """
 
 import io

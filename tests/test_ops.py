@@ -1,4 +1,4 @@
-"""wanrt.ops eager implementations against direct references (docs/wan21-reference.md §2, §9)."""
+"""wanrt.ops eager implementations against direct references (docs/model-reference.md §2, §9)."""
 
 from __future__ import annotations
 

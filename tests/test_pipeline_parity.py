@@ -2,7 +2,7 @@
 
 Both sides read the same tiny random checkpoint (diffusers layout, written by wanrt, every parameter
 random) in float32, with the same noise and the same text embeddings. The reference loop is written
-here from the definitions in wan21-reference.md §6 and the issue, independently of wanrt's scheduler.
+here from the definitions in docs/model-reference.md §6.2 and §6.5, independently of wanrt's scheduler.
 """
 
 import numpy as np

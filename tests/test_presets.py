@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from wanrt.presets import (
-    DEFAULT_NEGATIVE_PROMPT, FLF2V_NEGATIVE_PROMPT, PRESETS, Architecture, Preset, check_against, default_shift,
-    get_preset, preset_for_arch,
+    DEFAULT_NEGATIVE_PROMPT, FLF2V_NEGATIVE_PROMPT, PRESETS, TASKS, Architecture, Preset, check_against,
+    default_shift, generic_preset, get_preset, preset_for_arch,
 )
 
 
@@ -46,3 +46,37 @@ def test_check_against_and_inference():
     assert preset_for_arch(arch).name == "t2v-1.3b"
     assert preset_for_arch(dict(arch, dim=7)) is None
     assert all(isinstance(p, Preset) for p in PRESETS.values())
+
+
+def test_architecture_of_a_dit_config_checks_and_finds_presets():
+    from wanrt.checkpoints.tiny import dit_config_for
+    from wanrt.models.dit import DiTConfig
+
+    for p in PRESETS.values():
+        cfg = dit_config_for(p)
+        assert Architecture.from_dit(cfg) == p.arch
+        check_against(p, Architecture.from_dit(cfg))
+    i2v = Architecture.from_dit(dit_config_for(get_preset("i2v-14b-720p")))
+    assert preset_for_arch(i2v, "720p").name == "i2v-14b-720p" and preset_for_arch(i2v).name == "i2v-14b-480p"
+    with pytest.raises(ValueError, match=r"num_layers: checkpoint 30, preset 40.*matches preset\(s\) \['t2v-1.3b'\]"):
+        check_against(get_preset("t2v-14b"), get_preset("t2v-1.3b").arch)
+    with pytest.raises(ValueError, match="text_dim: checkpoint 64, preset 4096"):
+        check_against(get_preset("t2v-1.3b"), dataclasses.replace(get_preset("t2v-1.3b").arch, text_dim=64))
+    check_against(get_preset("t2v-1.3b"), dataclasses.replace(get_preset("t2v-1.3b").arch, image_dim=7))  # t2v: unused
+    assert DiTConfig(model_type="flf2v", dim=8, ffn_dim=8, num_heads=1, num_layers=1, in_dim=36, out_dim=16,
+                     text_len=77).model_type in TASKS
+    with pytest.raises(ValueError, match="model_type must be one of"):
+        DiTConfig(model_type="vace", dim=8, ffn_dim=8, num_heads=1, num_layers=1, in_dim=16, out_dim=16)
+
+    # A size no preset has: its task's defaults, its own architecture (text_len included).
+    odd = Architecture.from_dit(DiTConfig(model_type="i2v", dim=256, ffn_dim=512, num_heads=2, num_layers=3,
+                                          in_dim=36, out_dim=16, text_len=77, image_dim=160))
+    assert preset_for_arch(odd) is None
+    g = generic_preset(odd)
+    assert (g.name, g.task, g.arch, g.supported_sizes) == ("custom", "i2v", odd, ()) and g.arch.text_len == 77
+    assert dataclasses.replace(g, name="i2v-14b-480p", arch=PRESETS["i2v-14b-480p"].arch,
+                               supported_sizes=PRESETS["i2v-14b-480p"].supported_sizes) == PRESETS["i2v-14b-480p"]
+    for task, base in (("t2v", "t2v-1.3b"), ("flf2v", "flf2v-14b-720p")):
+        g = generic_preset(dataclasses.replace(odd, model_type=task))
+        assert (g.task, g.num_inference_steps, g.shift, g.negative_prompt) == (
+            task, PRESETS[base].num_inference_steps, PRESETS[base].shift, PRESETS[base].negative_prompt)

@@ -329,6 +329,49 @@ def test_fit_coefficients_rejects_bad_input():
         fit_coefficients([0.1, 0.2], [1.0, 2.0], degree=-1)
 
 
+def test_calibration_record_records_each_branch_against_its_previous_step():
+    rec = CalibrationRecord("e0")
+    assert rec.mode == "e0" and CalibrationRecord().mode == "e"
+    with pytest.raises(ValueError, match="mode"):
+        CalibrationRecord("ret")
+    es = [x.to(torch.bfloat16) for x in geometric_inputs(4, rel=0.25, shape=(1, 6, 2))]
+    vs = {"cond": geometric_inputs(4, rel=0.5, shape=(1, 16)), "uncond": geometric_inputs(4, rel=0.125, shape=(1, 16))}
+    buf = torch.empty(1, 16)  # one velocity buffer overwritten every call, as GuidedStep's graph outputs are
+    for i in range(4):
+        for b in ("cond", "uncond"):
+            rec(b, i, es[i], buf.copy_(vs[b][i]))  # the record is the recorder: __call__ is record()
+    assert len(rec.input_changes) == len(rec.output_changes) == 6  # no pair at each branch's first step
+    np.testing.assert_allclose(rec.input_changes, [0.25] * 6, rtol=1e-6)  # bf16 inputs, compared in float32
+    np.testing.assert_allclose(rec.output_changes, [0.5, 0.125] * 3, rtol=1e-6)
+    assert rec.output_changes[0] == rel_l1(vs["cond"][1], vs["cond"][0])
+
+    fit = CalibrationRecord()
+    for x in np.linspace(0.01, 0.3, 12):
+        fit.add(x, 2.0 * x + 0.5)
+    assert fit.fit(1) == fit_coefficients(fit.input_changes, fit.output_changes, 1)
+    np.testing.assert_allclose(fit.fit(1), (2.0, 0.5), rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", TEACACHE_MODES)
+def test_calibration_record_is_a_guided_step_recorder(tiny_official, mode):
+    """GuidedStep reads the record's mode and feeds it the step's modulated input and each branch's velocity."""
+    import wanrt
+    from wanrt.sampling.loop import GuidedStep
+
+    e = wanrt.Engine("tiny", tiny_official, device="cpu", precision="fp32", backend="sdpa")
+    cond, uncond = (t[None] for t in e.encode_prompt(["a corgi", "blurry"]))
+    rec = CalibrationRecord(mode)
+    step = GuidedStep(e.transformer, cond, uncond, 5.0, recorder=rec)
+    x = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    timesteps = (999, 800, 600)
+    for i, t in enumerate(timesteps):
+        step(x, t, i)
+    assert len(rec.input_changes) == 4  # 2 branches x steps 1, 2
+    mods = [e.transformer.time_embeddings(torch.tensor([t]), 1)[mode == "e0"] for t in timesteps]
+    assert rec.input_changes == [rel_l1(mods[1], mods[0])] * 2 + [rel_l1(mods[2], mods[1])] * 2
+    assert all(v > 0 for v in rec.output_changes)
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 

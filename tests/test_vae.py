@@ -183,7 +183,7 @@ def test_real_config_keys_on_meta():
     assert set(mapped) == set(sd)
     for key, value in mapped.items():
         assert sd[key].shape == value.shape, key
-    # Spot checks of the official names (docs/wan21-reference.md §4).
+    # Spot checks of the official names (docs/model-reference.md §4.3, §4.4).
     for key in (
         "encoder.conv1.weight",
         "encoder.downsamples.3.shortcut.weight",

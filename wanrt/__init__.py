@@ -5,6 +5,9 @@ Public API::
     video = wanrt.Engine("tiny").generate("a corgi surfing a wave", seed=7)
     video.save("corgi.mp4")
 
+    req = engine.request("a corgi", num_frames=33)   # resolved and judged before any work
+    video = engine.run(req)
+
     dit = wanrt.load_transformer(path, device="cuda", dtype=torch.bfloat16)
     vae = wanrt.load_vae(path)
     t5 = wanrt.load_text_encoder(path)
@@ -16,6 +19,7 @@ from .checkpoints.layout import LayoutError
 from .checkpoints.loaders import load_image_encoder, load_text_encoder, load_transformer, load_vae
 from .engine import Cancelled, Engine, EngineConfig, GenerationError
 from .presets import PRESETS, Preset
+from .request import Request, resolve_request
 from .video import Video
 
 __version__ = "0.1.0"
@@ -26,6 +30,8 @@ __all__ = [
     "Video",
     "PRESETS",
     "Preset",
+    "Request",
+    "resolve_request",
     "load_transformer",
     "load_vae",
     "load_text_encoder",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import BACKENDS, PRECISIONS, SOLVERS, TEACACHE_MODES, TEXT_ENCODER_PRECISIONS
 from .presets import PRESETS
 
-# wanrt.ops.backends.BACKEND_NAMES, kept here so `wanrt --help` does not import torch (a test checks they agree).
-BACKEND_CHOICES = ("eager", "sdpa", "triton", "flash-attn", "sageattention", "xformers", "auto")
+BACKEND_CHOICES = BACKENDS  # the vocabularies live in wanrt.config
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacache-threshold", type=float, default=None,
                    help="TeaCache step skipping (e.g. 0.08 for t2v-1.3b, 0.2 with --teacache-mode e0 for 14B; "
                         "default: off)")
-    g.add_argument("--teacache-mode", default=None, choices=["e", "e0"], help="TeaCache input (default: e)")
+    g.add_argument("--teacache-mode", default=None, choices=TEACACHE_MODES, help="TeaCache input (default: e)")
     g.add_argument("--teacache-coefficients", default=None,
                    help="JSON file written by `wanrt calibrate-teacache` (default: the preset's coefficients)")
     g.add_argument("--cfg-batch", default="auto", choices=["auto", "on", "off"],
@@ -32,7 +32,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                    help="replay the DiT from CUDA graphs (auto: on CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
-    g.add_argument("--text-encoder-precision", default=None, choices=["bf16", "fp32", "fp8", "int8", "int8-wo"],
+    g.add_argument("--text-encoder-precision", default=None, choices=TEXT_ENCODER_PRECISIONS,
                    help="UMT5 precision (default: bf16; 8-bit quantizes its attention and FFN layers)")
     g.add_argument("--text-encoder-device", default=None, help="where UMT5 runs, e.g. cpu (default: --device)")
     g.add_argument("--offload-text-encoder", action="store_true",
@@ -44,12 +44,13 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Run one uncached generation, record how much the time-embedding input and "
                                    "the velocity change per step, and fit the TeaCache rescaling polynomial.")
     _add_model_args(c)
-    c.add_argument("--mode", default="e", choices=["e", "e0"], help="which time embedding to watch (default: e)")
+    c.add_argument("--mode", default="e", choices=TEACACHE_MODES, help="which time embedding to watch (default: e)")
     c.add_argument("-o", "--output", default="teacache.json", help="output JSON (default: teacache.json)")
     x = sub.add_parser("export-vae", help="export the VAE decoder step to ONNX (and build a TensorRT engine)",
                        description="Export one causal decoder step of the VAE (one latent frame in, its frames out, "
                                    "the cache as explicit inputs/outputs) to ONNX for a fixed size; with --format "
-                                   "tensorrt also build (or reuse) a TensorRT engine under build/trt.")
+                                   "tensorrt also build (or reuse) a TensorRT engine in the cache ($WANRT_CACHE_DIR/trt, default "
+                                   "~/.cache/wanrt/trt).")
     x.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
     x.add_argument("--checkpoint-dir", default=None, help="checkpoint folder; optional for --model tiny")
     x.add_argument("--height", type=int, required=True, help="video height in pixels (multiple of 16)")
@@ -80,10 +81,10 @@ def _add_model_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--shift", type=float, default=None, help="flow-matching sigma shift")
-    g.add_argument("--solver", default=None, choices=["unipc", "dpm++", "euler"], help="sampling solver")
+    g.add_argument("--solver", default=None, choices=SOLVERS, help="sampling solver")
     g.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "fp8", "int8", "int8-wo"],
+    g.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
                    help="DiT weights precision (fp8 / int8: 8-bit attention and FFN layers, bf16 compute)")
     g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="DiT kernels: auto (fastest eligible, default), eager (reference), sdpa, triton, "
@@ -116,61 +117,62 @@ def _area(text: str) -> int:
     return values[0] * (values[1] if len(values) == 2 else 1)
 
 
-def _sampling(args):
-    """Check the sampling arguments and the images before any weight is loaded (minutes for a 14B model)."""
-    from .engine import image_size, resolve_sampling_args
+def _request(args, **teacache):
+    """The request, resolved once and judged before any weight is loaded (minutes for a 14B model): sizes,
+    frames, steps, numbers, the images, and the memory it needs on the device."""
+    from .checkpoints.loaders import _device
     from .presets import get_preset
+    from .request import check_fits, resolve_request
 
     preset = get_preset(args.model)
-    height, width, max_area = args.height, args.width, args.max_area
     if preset.task == "t2v":
-        for flag, value in (("--image", args.image), ("--last-image", args.last_image), ("--max-area", max_area)):
+        for flag, value in (("--image", args.image), ("--last-image", args.last_image), ("--max-area", args.max_area)):
             if value is not None:
                 raise ValueError(f"{flag} needs an i2v/flf2v model; {preset.name} is text-to-video")
-    else:
-        from .images import load_image
-
-        if args.image is None:
-            raise ValueError(f"--model {preset.name} ({preset.task}) needs --image")
-        if preset.task == "flf2v" and args.last_image is None:
-            raise ValueError(f"--model {preset.name} (first-last-frame) needs --last-image")
-        if preset.task == "i2v" and args.last_image is not None:
-            raise ValueError(f"--last-image needs a first-last-frame (flf2v) model; {preset.name} is i2v")
-        first = load_image(args.image, name="--image")
-        if args.last_image is not None:
-            load_image(args.last_image, name="--last-image")
-        height, width, max_area = image_size(preset, tuple(first.shape[1:]), height=height, width=width,
-                                             max_area=max_area)
-    return resolve_sampling_args(
-        preset, height=height, width=width, num_frames=args.num_frames, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, shift=args.shift, sample_solver=args.solver, seed=args.seed,
-        max_area=max_area,
-    )
+    elif args.image is None:
+        raise ValueError(f"--model {preset.name} ({preset.task}) needs --image")
+    elif preset.task == "flf2v" and args.last_image is None:
+        raise ValueError(f"--model {preset.name} (first-last-frame) needs --last-image")
+    elif preset.task == "i2v" and args.last_image is not None:
+        raise ValueError(f"--last-image needs a first-last-frame (flf2v) model; {preset.name} is i2v")
+    req = resolve_request(
+        preset, args.prompt, args.negative_prompt, image=args.image, last_image=args.last_image,
+        max_area=args.max_area, height=args.height, width=args.width, num_frames=args.num_frames,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
+        sample_solver=args.solver, seed=args.seed, **teacache)
+    check_fits(req, preset, _device(args.device))
+    return req
 
 
 def _generate(args) -> int:
-    from pathlib import Path
+    import signal
+    import threading
 
-    sampling = _sampling(args)
-    if Path(args.output).suffix.lower() != ".mp4":
-        raise ValueError(f"--output must end in .mp4, got {args.output!r}")
+    from .request import check_output_path
+
+    output = check_output_path(args.output)  # first: a finished video must have somewhere to go
     coefficients = mode = None
     if args.teacache_coefficients is not None:
         mode, coefficients = _read_coefficients(args.teacache_coefficients)
+    req = _request(args, teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode or mode,
+                   teacache_coefficients=coefficients)
     on_off = {"auto": None, "on": True, "off": False}
     engine = _engine(args, cfg_batch=on_off[args.cfg_batch], cuda_graphs=on_off[args.cuda_graphs],
                      compile=args.compile, text_encoder_precision=args.text_encoder_precision,
                      text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder,
                      offload_image_encoder=args.offload_image_encoder)
-    video = engine.generate(
-        args.prompt, args.negative_prompt, image=args.image, last_image=args.last_image, max_area=args.max_area,
-        height=args.height, width=args.width, num_frames=args.num_frames,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
-        sample_solver=args.solver, seed=sampling.seed, progress=not args.no_progress,
-        teacache_threshold=args.teacache_threshold, teacache_mode=args.teacache_mode or mode,
-        teacache_coefficients=coefficients,
-    )
-    path = video.save(args.output)
+    cancel = threading.Event()
+
+    def interrupt(signum, frame):  # first Ctrl-C: stop at the next step; a second one interrupts at once
+        cancel.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        video = engine.run(req, cancel=cancel, progress=not args.no_progress)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    path = _save(video, output)
     f, h, w, _ = video.frames.shape
     print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps} fps), seed {video.seed}")
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
@@ -179,6 +181,30 @@ def _generate(args) -> int:
         print("teacache: " + "; ".join(f"{b} computed {c['computed']}, skipped {c['skipped']}"
                                         for b, c in video.stats["teacache"].items()))
     return 0
+
+
+def _save(video, output):
+    """Write the MP4; on Ctrl-C remove the ``.part`` file; if the write fails keep the frames (``.npy`` in the
+    temporary directory) and say where, in a GenerationError."""
+    import tempfile
+
+    import numpy as np
+
+    from .request import GenerationError
+
+    part = output.with_name(output.name + ".part")
+    try:
+        return video.save(output)
+    except KeyboardInterrupt:
+        part.unlink(missing_ok=True)
+        raise
+    except Exception as e:
+        part.unlink(missing_ok=True)
+        keep = tempfile.NamedTemporaryFile(prefix="wanrt-frames-", suffix=".npy", delete=False)
+        with keep:
+            np.save(keep, video.frames)
+        raise GenerationError(f"could not write {output} ({type(e).__name__}: {e}); the frames are kept in "
+                              f"{keep.name}", video.latents, video.seed, video=video) from e
 
 
 def _engine(args, **options):
@@ -210,7 +236,7 @@ def _calibrate(args) -> int:
     import json
     from pathlib import Path
 
-    sampling = _sampling(args)
+    sampling = _request(args, teacache_threshold=None)
     engine = _engine(args)
     images = {"image": args.image, "last_image": args.last_image, "max_area": args.max_area}
     if engine.preset.task == "t2v":
@@ -219,7 +245,8 @@ def _calibrate(args) -> int:
         args.prompt, mode=args.mode, negative_prompt=args.negative_prompt, **images, height=args.height,
         width=args.width,
         num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-        shift=args.shift, sample_solver=args.solver, seed=sampling.seed, progress=not args.no_progress,
+        shift=args.shift, sample_solver=args.solver, seed=sampling.seed,
+        progress=not args.no_progress,
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +287,9 @@ def _export_vae(args) -> int:
     if args.format == "tensorrt":
         from .graph.tensorrt_vae import build_decoder_engine
 
-        print(f"TensorRT engine: {build_decoder_engine(onnx, 'build/trt', fp16=args.dtype == 'fp16')}")
+        from .paths import cache_root
+
+        print(f"TensorRT engine: {build_decoder_engine(onnx, cache_root() / 'trt', fp16=args.dtype == 'fp16')}")
     return 0
 
 
@@ -283,13 +312,32 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"generate": _generate, "calibrate-teacache": _calibrate, "export-vae": _export_vae,
                     "make-tiny-checkpoint": _make_tiny}
         return commands[args.command](args)
+    except KeyboardInterrupt:
+        print(f"wanrt {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
-        backends = sys.modules.get("wanrt.ops.backends")  # loaded by then if a backend was resolved
-        usage = (ValueError, FileNotFoundError) + ((backends.BackendUnavailableError,) if backends else ())
-        if not isinstance(e, usage):
-            raise
-        print(f"wanrt {args.command}: error: {e}", file=sys.stderr)
+        code = _exit_code(e)
+        if code is None:
+            raise  # not one of ours: a bug, keep the traceback
+        print(f"wanrt {args.command}: {'cancelled' if code == 130 else 'error'}: {e}", file=sys.stderr)
+        return code
+
+
+def _exit_code(e: Exception) -> int | None:
+    """2 for bad input (arguments, files, checkpoints, an unavailable backend), 1 for a failure of ours during
+    the run, 130 for a cancelled run; None for anything else (re-raised)."""
+    from .checkpoints.io import CheckpointError
+    from .ops.backends import BackendUnavailableError
+    from .request import Cancelled, GenerationError
+
+    if isinstance(e, Cancelled):
+        return 130
+    if isinstance(e, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, CheckpointError,
+                      BackendUnavailableError)):
         return 2
+    if isinstance(e, (GenerationError, FloatingPointError)):
+        return 1
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

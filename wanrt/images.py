@@ -1,7 +1,7 @@
 """Image inputs and conditioning helpers of image-to-video (I2V) and first-last-frame-to-video (FLF2V).
 
 Pure functions, no model. They reproduce the preprocessing of the official ``wan/image2video.py`` and
-``wan/first_last_frame2video.py`` (docs: wan21-reference.md §7, §9.11):
+``wan/first_last_frame2video.py`` (docs/model-reference.md §7, §9.11):
 
 - :func:`load_image`: a PIL image, an ndarray or a file path to ``[3, H, W]`` float32 in [-1, 1]
   (``to_tensor(rgb) * 2 - 1``), with the edge cases (alpha, 16-bit, EXIF rotation, size limits) made explicit.
@@ -282,7 +282,7 @@ def _is_int(v: Any) -> bool:
 
 def size_from_max_area(image_height: int, image_width: int, max_area: int, *, vae_stride: int = 8,
                        patch: int = 2) -> tuple[int, int]:
-    """The official I2V/FLF2V video size for an image and a pixel budget (wan21-reference.md §7.2).
+    """The official I2V/FLF2V video size for an image and a pixel budget (docs/model-reference.md §7.2).
 
     With ``aspect = image_height / image_width``::
 
@@ -340,7 +340,7 @@ def _check_image_tensor(t: Any, arg: str) -> None:
 
 
 def resize_bicubic(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize an image to the video size exactly as the official code does (wan21-reference.md §7.6, §9.11).
+    """Resize an image to the video size exactly as the official code does (docs/model-reference.md §7.6, §9.11).
 
     ``F.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False)[0]``: no antialias,
     no clamp (the result may overshoot [-1, 1] slightly, as in the official pipeline).
@@ -428,7 +428,7 @@ def conditioning_mask(num_frames: int, lat_h: int, lat_w: int, *, last_frame: bo
                       device: torch.device | str | None = None) -> torch.Tensor:
     """The I2V/FLF2V frame mask: which latent channels hold a given (conditioning) frame.
 
-    The official construction (wan21-reference.md §7.5), generalised from 81 to any ``4k+1`` frame count (the
+    The official construction (docs/model-reference.md §7.5), generalised from 81 to any ``4k+1`` frame count (the
     official FLF2V hard-codes 81): a per-frame mask of ``num_frames`` ones, zero for frames ``1..F-1`` (I2V) or
     ``1..F-2`` (FLF2V, ``last_frame=True``); frame 0's value repeated 4 times followed by frames ``1..F-1``
     (``F + 3`` values), viewed as ``(T', 4)`` and transposed. So channel ``c`` of latent frame ``t`` is the
@@ -480,7 +480,7 @@ def conditioning_chunks(first: torch.Tensor, last: torch.Tensor | None, num_fram
     Yields ``[1, 3, 1, h, w]`` (the first frame), then ``(num_frames - 1) // 4`` chunks ``[1, 3, 4, h, w]`` of
     zeros, where for FLF2V the final frame (index ``num_frames - 1``) is ``last``. Concatenated along dim 2
     they equal the official video ``[first, zeros(F-1)]`` (I2V) or ``[first, zeros(F-2), last]`` (FLF2V),
-    ``[1, 3, F, h, w]`` (wan21-reference.md §7.6), which at 81 frames of 720P would be ~900 MB at once.
+    ``[1, 3, F, h, w]`` (docs/model-reference.md §7.6), which at 81 frames of 720P would be ~900 MB at once.
 
     The arguments are checked when this is called, not at the first ``next()``. Each zero chunk is a fresh
     tensor (safe to keep or modify); the first chunk is a view of ``first``.

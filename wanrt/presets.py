@@ -5,14 +5,20 @@ A preset never builds a model: the architecture is always read from the checkpoi
 checked against the checkpoint when both are given (:func:`check_against`).
 
 Sources: ``wan/configs/*.py`` and ``generate.py::_validate_args`` of the official Wan2.1 code
-(docs: wan21-reference.md §1).
+(docs/model-reference.md §1).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+if TYPE_CHECKING:
+    from .models.dit_config import DiTConfig
 
 #: The official default negative prompt (``shared_config.sample_neg_prompt``).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -24,12 +30,16 @@ DEFAULT_NEGATIVE_PROMPT = (
 I2V_NEGATIVE_PROMPT = "镜头晃动，" + DEFAULT_NEGATIVE_PROMPT
 FLF2V_NEGATIVE_PROMPT = "镜头切换，" + I2V_NEGATIVE_PROMPT
 
+#: The model types (``DiTConfig.model_type``, ``Architecture.model_type``) and preset tasks.
 TASKS = ("t2v", "i2v", "flf2v")
+
+
+log = logging.getLogger("wanrt")
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """The DiT hyper-parameters a preset expects; compared with the checkpoint's config.
+    """The DiT hyper-parameters a preset expects, compared with a checkpoint's (:meth:`from_dit`).
 
     Attributes:
         model_type: "t2v", "i2v" or "flf2v".
@@ -61,6 +71,11 @@ class Architecture:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
 
+    @classmethod
+    def from_dit(cls, cfg: DiTConfig) -> Architecture:
+        """The architecture of a loaded DiT (``model.config``): the config's fields of the same names."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -81,7 +96,7 @@ class Preset:
         supported_sizes: (height, width) pairs the official code supports for this model.
 
     For the image tasks (i2v, flf2v) ``height * width`` is the default *max area*: the output size follows
-    the input image's aspect ratio (:attr:`max_area`, ``wan21-reference.md`` §7.2).
+    the input image's aspect ratio (:attr:`max_area`, ``docs/model-reference.md`` §7.2).
     """
 
     name: str
@@ -215,46 +230,90 @@ def resolution_hint(names: Iterable[str]) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def check_against(preset: Preset, arch: Mapping[str, object]) -> None:
+#: The fields that tell the presets apart, and those :func:`check_against` compares.
+_MATCH_FIELDS = ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim")
+_CHECK_FIELDS = _MATCH_FIELDS + ("out_dim", "text_dim", "image_dim")
+
+
+def _fields(arch: Architecture | Mapping[str, object]) -> Mapping[str, object]:
+    return dataclasses.asdict(arch) if isinstance(arch, Architecture) else arch
+
+
+def check_against(preset: Preset, arch: Architecture | Mapping[str, object]) -> None:
     """Check that a checkpoint's DiT architecture is the one ``preset`` expects.
 
     Args:
         preset: the preset named by the user.
-        arch: the checkpoint's values, keys among ``Architecture``'s field names.
+        arch: the checkpoint's architecture (:meth:`Architecture.from_dit`), or a mapping of some of its fields.
 
     Raises:
         ValueError: a field differs; the message names the field, both values and the presets that
             would match the checkpoint.
     """
-    wrong = []
-    for f in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim",
-              "image_dim"):
-        if f == "image_dim" and preset.task == "t2v":
-            continue
-        if f in arch and arch[f] != getattr(preset.arch, f):
-            wrong.append(f"{f}: checkpoint {arch[f]!r}, preset {getattr(preset.arch, f)!r}")
+    arch = _fields(arch)
+    wrong = [f"{f}: checkpoint {arch[f]!r}, preset {getattr(preset.arch, f)!r}" for f in _CHECK_FIELDS
+             if f in arch and arch[f] != getattr(preset.arch, f) and not (f == "image_dim" and preset.task == "t2v")]
     if wrong:
-        matching = [
-            p.name for p in PRESETS.values()
-            if all(arch.get(f, getattr(p.arch, f)) == getattr(p.arch, f)
-                   for f in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim"))
-        ]
+        matching = [p.name for p in PRESETS.values()
+                    if all(arch.get(f, getattr(p.arch, f)) == getattr(p.arch, f) for f in _MATCH_FIELDS)]
         hint = f"; the checkpoint matches preset(s) {matching}" if matching else ""
         raise ValueError(f"checkpoint does not match preset {preset.name!r}: " + "; ".join(wrong) + hint)
 
 
-def preset_for_arch(arch: Mapping[str, object], resolution: str | None = None) -> Preset | None:
+def preset_for_arch(arch: Architecture | Mapping[str, object], resolution: str | None = None) -> Preset | None:
     """The preset whose architecture matches ``arch`` (for ``Engine.from_pretrained``), or None.
 
     For i2v the 480P and 720P checkpoints have identical shapes: ``resolution`` ("480p"/"720p", e.g. from
     :func:`resolution_hint`) picks one; without it the 480P preset is returned (its default max area is the
     cheaper one; a 720P checkpoint also makes good 480P videos).
     """
-    matches = [p for p in PRESETS.values()
-               if all(arch.get(f) == getattr(p.arch, f)
-                      for f in ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim"))]
+    arch = _fields(arch)
+    matches = [p for p in PRESETS.values() if all(arch.get(f) == getattr(p.arch, f) for f in _MATCH_FIELDS)]
     if resolution is not None:
         for p in matches:
             if p.name.endswith("-" + resolution.lower()):
                 return p
     return matches[0] if matches else None
+
+
+def generic_preset(arch: Architecture) -> Preset:
+    """Sampling defaults for a checkpoint no preset describes: its task's defaults (t2v-1.3b, i2v-14b-480p,
+    flf2v-14b-720p), named ``"custom"``, with its own architecture and no supported-size list."""
+    base = {"t2v": "t2v-1.3b", "i2v": "i2v-14b-480p", "flf2v": "flf2v-14b-720p"}[arch.model_type]
+    return dataclasses.replace(PRESETS[base], name="custom", arch=arch, supported_sizes=())
+
+
+def choose_preset(preset: Preset | None, ckpt: Path, dit_config, check: bool) -> Preset:
+    """The requested preset checked against the checkpoint, or (None) the one its architecture and names say."""
+    arch = Architecture.from_dit(dit_config)
+    hint = resolution_hint(checkpoint_names(ckpt)) if arch.model_type == "i2v" else None
+    if preset is None:
+        preset = preset_for_arch(arch, hint) or generic_preset(arch)
+        if arch.model_type == "i2v" and hint is None and preset.name.startswith("i2v-14b"):
+            log.warning("%s: nothing in the checkpoint's names says 480P or 720P (the two I2V checkpoints have "
+                        "identical tensors); using preset %s. Name the preset to choose: "
+                        "Engine('i2v-14b-720p', path)", ckpt, preset.name)
+        return preset
+    if check:
+        check_against(preset, arch)
+    if hint is not None and preset.task == "i2v" and not preset.name.endswith(hint):
+        log.warning("%s: the checkpoint's name says %s but preset %s was requested; its defaults apply",
+                    ckpt, hint.upper(), preset.name)
+    return preset
+
+
+def checkpoint_names(ckpt: Path) -> list[str]:
+    """Names that may say which I2V checkpoint a folder is (480P or 720P): the folder's own name and the
+    ``_name_or_path`` recorded in its configs (official ``config.json``, diffusers ``model_index.json`` and
+    ``transformer/config.json``)."""
+    import json
+
+    names = [ckpt.resolve().name]
+    for rel in ("config.json", "model_index.json", "transformer/config.json"):
+        try:
+            value = json.loads((ckpt / rel).read_text(encoding="utf-8")).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, str):
+            names.append(value)
+    return names

@@ -12,7 +12,7 @@ explicit :class:`SlotState`. The cache object is passed through ``forward`` expl
 counter to reset between chunks and no global state. One cache serves one encode or one decode of
 one batch of videos; :meth:`CausalCache.reset` (or a new cache) starts the next one.
 
-Slot semantics (``CACHE_T = 2``, docs/wan21-reference.md §4 "Feature cache"):
+Slot semantics (``CACHE_T = 2``, docs/model-reference.md §4.5):
 
 * ``EMPTY``: no chunk has passed this layer yet.
 * ``REPLICATE``: only an ``upsample3d`` layer uses it. The first chunk passed and the layer skipped its

@@ -7,6 +7,7 @@ handed to ``load_state_dict(assign=True)``. Every error names the file and, wher
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -35,9 +36,79 @@ class CheckpointError(RuntimeError):
         super().__init__(message + (f" ({', '.join(where)})" if where else ""))
 
 
+class SymlinkLoopError(CheckpointError):
+    """A path of the checkpoint is a symbolic link that leads back to itself (``a -> a``, ``a -> b -> a``).
+
+    The message is ``symlink loop at PATH``, PATH being the first link on the way that loops; ``file`` is PATH.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(f"symlink loop at {path} (the link leads back to itself; fix or remove it)")
+        self.file = str(path)
+
+
+def _is_loop(e: OSError) -> bool:
+    return e.errno == errno.ELOOP or getattr(e, "winerror", None) == 1921  # ERROR_CANT_RESOLVE_FILENAME
+
+
+def check_symlink_loop(path: str | os.PathLike) -> None:
+    """Raise :class:`SymlinkLoopError` when ``path``, or a folder on the way to it, is a symlink loop.
+
+    A missing path passes (its caller reports it). ``Path.exists()``/``is_file()`` answer False for a loop,
+    which would read as "missing" or "neither layout"; this names the loop instead.
+
+    Raises:
+        SymlinkLoopError: names the first looping component of ``path``.
+    """
+    p = Path(path)
+    try:
+        os.stat(p)
+        return
+    except OSError as e:
+        if not _is_loop(e):
+            return
+    parts = p.parts
+    for i in range(1, len(parts) + 1):
+        prefix = Path(*parts[:i])
+        try:
+            os.stat(prefix)
+        except OSError as e:
+            if _is_loop(e):
+                raise SymlinkLoopError(prefix) from None
+            break
+    raise SymlinkLoopError(p)
+
+
+def check_folder_links(folder: str | os.PathLike) -> None:
+    """:func:`check_symlink_loop` on ``folder`` and on every symbolic link directly inside it.
+
+    Raises:
+        SymlinkLoopError: names the looping entry.
+    """
+    folder = Path(folder)
+    check_symlink_loop(folder)
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            check_symlink_loop(entry)
+
+
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8",
                       torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+_INTEGER_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                  "U32": "uint32", "I64": "int64", "U64": "uint64"}
+
+
+def _integer_dtype(name: str) -> str | None:
+    """The torch name of an integer or bool stored dtype (``TensorSource.dtype_name``), None for the others."""
+    if name in _INTEGER_NAMES:
+        return _INTEGER_NAMES[name]
+    dt = getattr(torch, name[len("torch."):], None) if name.startswith("torch.") else None
+    if isinstance(dt, torch.dtype) and not dt.is_floating_point and not dt.is_complex:
+        return name[len("torch."):]
+    return None
 
 
 class TensorSource:
@@ -158,6 +229,32 @@ class TensorSource:
         self.close()
 
 
+def _shard_path(index: Path, shard: str, key: str, homes: tuple[Path, ...]) -> Path:
+    """The file that the index entry ``key -> shard`` names, refused unless it lies inside the index's folder.
+
+    Raises:
+        CheckpointError: ``shard`` is absolute or has a ``..`` part, or is a symbolic link resolving outside
+            ``homes``; names the index file and the entry.
+        SymlinkLoopError: the shard is a symlink loop.
+    """
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"shard index entry {key!r} -> {shard!r} {why}; an index may only name shard "
+                               f"files inside its own folder {index.parent}", index, key)
+
+    parts = shard.replace("\\", "/").split("/")
+    if shard.startswith(("/", "\\")) or os.path.isabs(shard) or (len(shard) > 1 and shard[1] == ":"):
+        raise refuse("is an absolute path")
+    if ".." in parts:
+        raise refuse("climbs out with '..'")
+    shard_path = index.parent / shard
+    check_symlink_loop(shard_path)
+    if shard_path.exists():
+        real = shard_path.resolve()
+        if not any(real.is_relative_to(home) for home in homes):
+            raise refuse(f"is a symbolic link to {real}, outside the folder")
+    return shard_path
+
+
 def open_tensor_source(path: str | os.PathLike) -> TensorSource:
     """Open a weights file lazily.
 
@@ -168,10 +265,13 @@ def open_tensor_source(path: str | os.PathLike) -> TensorSource:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: a shard named by the index is missing, a file is corrupt or truncated, or the
-            index is malformed; the message names the file.
+        CheckpointError: a shard named by the index is missing, a file is corrupt or truncated, the
+            index is malformed, or an index entry names a file outside the index's folder (``..``, an
+            absolute path, a symbolic link leading out); the message names the file (and the key).
+        SymlinkLoopError: ``path`` or a shard is a symlink loop (a CheckpointError: "symlink loop at PATH").
     """
     path = Path(path)
+    check_symlink_loop(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     src = TensorSource()
@@ -182,11 +282,20 @@ def open_tensor_source(path: str | os.PathLike) -> TensorSource:
                 weight_map: Mapping[str, str] = index["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"malformed shard index (need a 'weight_map'): {e}", path) from e
+            if not isinstance(weight_map, Mapping):
+                raise CheckpointError("malformed shard index: 'weight_map' must map tensor keys to shard file "
+                                      f"names, got {type(weight_map).__name__}", path)
             by_shard: dict[str, list[str]] = {}
             for key, shard in weight_map.items():
+                if not isinstance(shard, str) or not shard:
+                    raise CheckpointError(f"malformed shard index: entry {key!r}: {shard!r} is not a file name",
+                                          path, key)
                 by_shard.setdefault(shard, []).append(key)
+            # A shard may live in the index's folder, or where the index itself really is (the Hugging Face
+            # cache links every file of a snapshot folder to its blobs/ folder).
+            homes = (path.parent.resolve(), path.resolve().parent)
             for shard, keys in by_shard.items():
-                shard_path = path.parent / shard
+                shard_path = _shard_path(path, shard, keys[0], homes)
                 if not shard_path.is_file():
                     raise CheckpointError(
                         f"shard {shard!r} named by the index is missing (it holds {len(keys)} keys, e.g. {keys[0]!r})",
@@ -201,6 +310,23 @@ def open_tensor_source(path: str | os.PathLike) -> TensorSource:
         src.close()
         raise
     return src
+
+
+def _check_float_stored(source, key: str, what: str) -> None:
+    """Refuse an integer/bool tensor (headers only) where the module holds a floating-point one.
+
+    A view over another source that fuses several stored tensors into one (``TransformersCLIPSource``: q, k, v
+    -> to_qkv) exposes ``source_keys(key)`` and ``source``; each stored part is checked and named as stored.
+    """
+    inner = getattr(source, "source", None) if hasattr(source, "source_keys") else None
+    parts = [(inner, k) for k in source.source_keys(key)] if inner is not None else [(source, key)]
+    for src, k in parts:
+        integer = _integer_dtype(src.dtype_name(k))
+        if integer is not None:
+            hint = (" (int8 weights load only as a quantized checkpoint, with a <layer>.weight_scale beside each "
+                    "weight: see wanrt.quant)" if integer == "int8" else "")
+            raise CheckpointError(f"{what}: tensor stored as {integer}, an integer dtype, where the model expects "
+                                  f"floating-point values{hint}", src.file_of(k), k)
 
 
 def load_into_module(
@@ -238,10 +364,15 @@ def load_into_module(
         ``module``, with real tensors, in eval mode.
 
     Raises:
-        CheckpointError: missing keys, unexpected keys, two source keys mapping to one module key, or a
-            shape mismatch; the message names the file and the key.
+        CheckpointError: missing keys, unexpected keys, two source keys mapping to one module key, a
+            shape mismatch, or an integer (or bool) tensor where the module holds a floating-point one
+            (``keep_stored`` keys excepted); the message names the file and the key. All of these are
+            checked from the headers before any tensor is read.
     """
-    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    module_state = module.state_dict(keep_vars=True)
+    expected = {k: tuple(v.shape) for k, v in module_state.items()}
+    expected_float = {k: v.is_floating_point() for k, v in module_state.items()}
+    del module_state
     mapped: dict[str, str] = {}
     unexpected: list[str] = []
     for src_key in source.keys():
@@ -272,6 +403,8 @@ def load_into_module(
         if key not in mapped:
             continue
         src_key = mapped[key]
+        if expected_float[key] and not keep_stored(key):
+            _check_float_stored(source, src_key, what)
         stored = source.shape(src_key)
         if scalar_ok(key) and math.prod(stored) == 1:
             continue

@@ -2,7 +2,7 @@
 
 wanrt's :class:`~wanrt.models.clip.CLIPVisionTower` keys are the official ones without ``visual.``.
 Official keys (``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``, the whole XLM-RoBERTa
-CLIP, docs/wan21-reference.md §5) and their transformers twins (diffusers' ``image_encoder/``; files
+CLIP, docs/model-reference.md §5.4) and their transformers twins (diffusers' ``image_encoder/``; files
 written by transformers 4.x carry the ``vision_model.`` prefix, transformers 5.x drops it)::
 
     visual.patch_embedding.weight         [D,3,p,p]   embeddings.patch_embedding.weight      same
@@ -25,13 +25,12 @@ and the projection heads are dropped when loading, as are the text tower (``text
 position embeddings flat, :class:`TransformersCLIPSource` presents a transformers file under wanrt's
 key names for :func:`~wanrt.checkpoints.io.load_into_module`.
 
-The writers :func:`official_clip_state` and :func:`transformers_clip_vision` build random checkpoints
-in both layouts for tests and tiny checkpoints.
+:func:`transformers_clip_vision` converts a full official state dict (e.g. the random one of
+:func:`wanrt.checkpoints.tiny.official_clip_state`) to a transformers ``CLIPVisionModel`` checkpoint.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,6 @@ __all__ = [
     "clip_to_transformers",
     "is_transformers_clip_key",
     "TransformersCLIPSource",
-    "official_clip_state",
     "transformers_clip_vision",
 ]
 
@@ -318,54 +316,17 @@ class TransformersCLIPSource:
 
 
 # --------------------------------------------------------------------------------------------------
-# Writers of random checkpoints (tests, tiny checkpoints)
+# Official -> transformers state dict (diffusers' image_encoder/ of tiny checkpoints, tests)
 # --------------------------------------------------------------------------------------------------
-def official_clip_state(
-    cfg: Any, seed: int = 0, *, projection_dim: int = 32, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """A random FULL official-layout CLIP state dict, like ``models_clip_open-clip-...-vit-huge-14.pth``.
-
-    Holds all ``cfg.num_layers`` blocks (the last one included), ``visual.post_norm.*`` and
-    ``visual.head`` ``[dim, projection_dim]``, plus two small ``textual.*`` tensors and ``log_scale``
-    standing for the text tower, so that loaders must drop what Wan does not use. Values keep
-    activations O(1) (:func:`wanrt.checkpoints.tiny.randomize_`); deterministic for a seed.
-
-    Args:
-        cfg: A :class:`~wanrt.models.clip.CLIPVisionConfig`.
-        seed: Seed of the random values.
-        projection_dim: Columns of ``visual.head`` (1024 in the real file).
-        dtype: Dtype of every tensor (the real file is float16).
-
-    Returns:
-        ``key -> tensor``, contiguous CPU tensors not sharing storage (ready for ``torch.save``).
-    """
-    import dataclasses
-
-    from ..models.clip import CLIPVisionTower
-    from .tiny import randomize_
-
-    full = CLIPVisionTower(dataclasses.replace(cfg, num_layers=cfg.num_layers + 1))  # builds num_layers blocks
-    randomize_(full, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    state = {OFFICIAL_PREFIX + k: v.detach().clone() for k, v in full.state_dict().items()}
-    state["visual.post_norm.weight"] = 1.0 + 0.1 * torch.randn(cfg.dim, generator=g)
-    state["visual.post_norm.bias"] = 0.02 * torch.randn(cfg.dim, generator=g)
-    state["visual.head"] = torch.randn(cfg.dim, projection_dim, generator=g) / math.sqrt(cfg.dim)
-    state["textual.token_embedding.weight"] = torch.randn(16, 8, generator=g)
-    state["textual.head.0.weight"] = torch.randn(8, 8, generator=g) / math.sqrt(8)
-    state["log_scale"] = torch.tensor(math.log(1 / 0.07))
-    return {k: v.to(dtype).contiguous() for k, v in state.items()}
-
-
 def transformers_clip_vision(
     official_state: dict[str, torch.Tensor], cfg: Any, *, prefix: str = HF_PREFIX
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Convert a FULL official CLIP state dict to a transformers ``CLIPVisionModel`` checkpoint.
 
     Args:
-        official_state: e.g. from :func:`official_clip_state`: all ``cfg.num_layers`` blocks and
-            ``visual.post_norm.*`` (``visual.head`` gives the config's ``projection_dim``; the text
-            tower is ignored).
+        official_state: e.g. from :func:`wanrt.checkpoints.tiny.official_clip_state`: all
+            ``cfg.num_layers`` blocks and ``visual.post_norm.*`` (``visual.head`` gives the config's
+            ``projection_dim``; the text tower is ignored).
         cfg: Its :class:`~wanrt.models.clip.CLIPVisionConfig`.
         prefix: Key prefix: ``"vision_model."`` (default) as in the files of diffusers' Wan I2V
             ``image_encoder/`` (written by transformers 4.x; transformers 5.x reads them too), or

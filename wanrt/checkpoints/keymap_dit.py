@@ -1,6 +1,6 @@
 """DiT key map: diffusers ``WanTransformer3DModel`` ↔ official Wan2.1 checkpoint keys.
 
-Pure string maps (docs/wan21-reference.md §3). Every key of either layout is matched
+Pure string maps (docs/model-reference.md §3). Every key of either layout is matched
 exactly (module path plus ``.weight`` / ``.bias``, or a bare parameter name), so the map is
 a bijection on the keys of both layouts and an unknown key raises instead of passing
 through silently. Note the block norm swap: diffusers ``norm2`` (the affine norm before

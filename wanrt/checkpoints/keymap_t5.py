@@ -1,6 +1,6 @@
 """Key map between transformers' ``UMT5EncoderModel`` and the official Wan2.1 UMT5 encoder keys.
 
-Official keys (``models_t5_umt5-xxl-enc-bf16.pth``, docs/wan21-reference.md §5) and their
+Official keys (``models_t5_umt5-xxl-enc-bf16.pth``, docs/model-reference.md §5.2) and their
 transformers twins (``google/umt5-xxl``; diffusers' Wan pipelines store ``text_encoder/`` this way)::
 
     token_embedding.weight                    shared.weight  (also encoder.embed_tokens.weight, tied)

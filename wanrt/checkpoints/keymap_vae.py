@@ -1,6 +1,6 @@
 """Key map between diffusers ``AutoencoderKLWan`` and the official ``Wan2.1_VAE.pth`` (``WanVAE_``).
 
-Pure string maps (docs/wan21-reference.md §4, "diffusers AutoencoderKLWan mapping"; 194/194 keys
+Pure string maps (docs/model-reference.md §4.7; 194/194 keys
 for the released config):
 
 =========================================  ==========================================
@@ -31,10 +31,16 @@ diffusers' decoder lacks, so decoder block keys cannot be mapped and raise.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["vae_to_official", "vae_from_official", "vae_state_dict_to_official", "vae_state_dict_from_official"]
+__all__ = [
+    "vae_to_official",
+    "vae_from_official",
+    "vae_key_mapper",
+    "vae_state_dict_to_official",
+    "vae_state_dict_from_official",
+]
 
 _T = TypeVar("_T")
 
@@ -180,6 +186,33 @@ def vae_from_official(key: str, config: Any = None) -> str:
             return f"decoder.up_blocks.{stage}.upsamplers.0.{suffix}"
         raise _bad(key, "official")
     raise _bad(key, "official")
+
+
+def vae_key_mapper(to: str, config: Any = None) -> Callable[[str], str]:
+    """The one-argument key map ``key -> key`` of a VAE config, for loaders and writers.
+
+    Args:
+        to: ``"official"``: diffusers -> official keys (:func:`vae_to_official`; loading a diffusers file);
+            ``"diffusers"``: official -> diffusers keys (:func:`vae_from_official`; writing one).
+        config: object with ``num_res_blocks`` and ``attn_scales`` (default: Wan2.1, 2 and ()).
+
+    Returns:
+        ``mapper(key)``, raising ``ValueError`` as the map it wraps.
+
+    Raises:
+        ValueError: ``to`` is neither ``"official"`` nor ``"diffusers"``.
+    """
+    if to == "official":
+        fn = vae_to_official
+    elif to == "diffusers":
+        fn = vae_from_official
+    else:
+        raise ValueError(f"vae_key_mapper: to must be 'official' or 'diffusers', got {to!r}")
+
+    def mapper(key: str) -> str:
+        return fn(key, config)
+
+    return mapper
 
 
 def vae_state_dict_to_official(state_dict: Mapping[str, _T], *, config: Any = None) -> dict[str, _T]:

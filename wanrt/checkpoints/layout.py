@@ -1,6 +1,6 @@
 """Detect which checkpoint layout a path is, from its files and keys (never from its name).
 
-Layouts (docs: checkpoints-and-formats.md):
+Layouts (docs/model-reference.md §10.1, §10.2):
 
 - **official** (Wan-AI/Wan2.1-*): ``config.json`` (WanModel fields), ``diffusion_pytorch_model.safetensors``
   or shards + ``diffusion_pytorch_model.safetensors.index.json``, ``Wan2.1_VAE.pth``,
@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from .io import check_folder_links, check_symlink_loop
 
 OFFICIAL_DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
@@ -68,8 +70,11 @@ def dit_weights_file(folder: Path) -> Path:
 
     Raises:
         LayoutError: neither exists; names the folder and the expected names.
+        SymlinkLoopError: one of them is a symlink loop.
     """
     index = folder / (OFFICIAL_DIT_WEIGHTS + ".index.json")
+    check_symlink_loop(index)
+    check_symlink_loop(folder / OFFICIAL_DIT_WEIGHTS)
     if index.is_file():
         return index
     single = folder / OFFICIAL_DIT_WEIGHTS
@@ -92,6 +97,60 @@ def config_kind(cfg: dict) -> str | None:
     return None
 
 
+_OFFICIAL_FILES = (OFFICIAL_DIT_WEIGHTS, OFFICIAL_DIT_WEIGHTS + ".index.json", OFFICIAL_VAE, OFFICIAL_T5,
+                   OFFICIAL_CLIP)
+_DIFFUSERS_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "scheduler")
+# every name detection and the loaders look up in a checkpoint folder (checked for symlink loops)
+_LAYOUT_NAMES = ("model_index.json", "config.json", *_OFFICIAL_FILES, OFFICIAL_TOKENIZER, *_DIFFUSERS_PARTS,
+                 "model.safetensors", "model.safetensors.index.json")
+
+
+def _config_kind_of(path: Path) -> str | None:
+    """:func:`config_kind` of a config file; None when it is absent or not readable JSON."""
+    if not path.is_file():
+        return None
+    try:
+        return config_kind(read_json(path))
+    except (LayoutError, OSError, TypeError):
+        return None
+
+
+def _refuse_both_layouts(root: Path) -> None:
+    """Refuse a folder holding the official layout and the diffusers one: which one loads must not be guessed.
+
+    Official: a WanModel ``config.json`` or an official weights file at the top. Diffusers: ``model_index.json``
+    or a ``transformer/`` folder with a WanTransformer3DModel config.
+
+    Raises:
+        LayoutError: both are present; names what was found of each and how to choose.
+    """
+    official = [n for n in _OFFICIAL_FILES if (root / n).is_file()]
+    official_weights = list(official)
+    if _config_kind_of(root / "config.json") == "official":
+        official.insert(0, "config.json")
+    if not official:
+        return
+    diffusers = ["model_index.json"] if (root / "model_index.json").is_file() else []
+    if not diffusers and _config_kind_of(root / "transformer" / "config.json") != "diffusers":
+        return
+    subfolders = [n for n in _DIFFUSERS_PARTS if (root / n).is_dir()]
+    diffusers += [n + "/" for n in subfolders]
+    if (root / OFFICIAL_TOKENIZER).is_dir():
+        official.append(OFFICIAL_TOKENIZER + "/")
+    ways = ["move one layout to a folder of its own (an Engine loads a whole folder)"]
+    parts = []
+    if subfolders:
+        parts.append(f"a diffusers subfolder such as {root / subfolders[0]}")
+    if official_weights:
+        parts.append(f"an official file such as {root / official_weights[0]}")
+    if parts:
+        ways.append("point a load_* function at one part: " + " or ".join(parts))
+    raise LayoutError(
+        f"{root} holds both checkpoint layouts: official ({', '.join(official)}) and diffusers "
+        f"({', '.join(diffusers)}); wanrt will not guess which one to load. To choose, " + "; or ".join(ways)
+    )
+
+
 def detect_layout(path: str | Path) -> CheckpointLayout:
     """Detect the layout of a checkpoint folder.
 
@@ -104,13 +163,24 @@ def detect_layout(path: str | Path) -> CheckpointLayout:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        LayoutError: the folder is neither layout (the message lists what was found).
+        LayoutError: the folder is neither layout (the message lists what was found), or it holds both
+            (the message names the official files and the diffusers ``model_index.json``/subfolders found,
+            and how to choose).
+        SymlinkLoopError: the path, one of the layout's files or folders, or an entry of a part's folder is a
+            symlink loop (a CheckpointError: "symlink loop at PATH").
     """
     root = Path(path).expanduser()
+    check_symlink_loop(root)
     if not root.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {root}")
     if not root.is_dir():
         raise LayoutError(f"{root} is a file; a whole checkpoint is a folder (a single DiT file loads with load_transformer)")
+    for name in _LAYOUT_NAMES:
+        check_symlink_loop(root / name)
+    for name in _DIFFUSERS_PARTS + (OFFICIAL_TOKENIZER,):
+        if (root / name).is_dir():
+            check_folder_links(root / name)
+    _refuse_both_layouts(root)
     if (root / "model_index.json").is_file():
         read_json(root / "model_index.json")
 

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .io import CheckpointError, load_into_module, open_tensor_source
+from .io import (
+    CheckpointError,
+    check_folder_links,
+    check_symlink_loop,
+    load_into_module,
+    open_tensor_source,
+)
 from .layout import (
     OFFICIAL_T5,
     OFFICIAL_TOKENIZER,
@@ -47,8 +53,10 @@ def _device(device) -> torch.device:
 
 
 def _check_path_and_dtype(path, dtype) -> tuple[Path, torch.dtype | None]:
-    """The checks every loader starts with: the path exists, the dtype is a floating dtype (or None)."""
+    """The checks every loader starts with: the path is no symlink loop (SymlinkLoopError) and exists
+    (FileNotFoundError), the dtype is a floating dtype or None (ValueError)."""
     path = Path(path).expanduser()
+    check_symlink_loop(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -76,10 +84,13 @@ def _dit_key_mapper(keys: list[str]):
     return "official", lambda k: k[len(prefix):]
 
 
-def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], text_len: int = 512):
+def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], text_len: int = 512, *, file=None):
     """Infer the DiT config from official-key tensor shapes (for single files without a config).
 
     The official Wan2.1 models all use head_dim 128, so ``num_heads = dim // 128``.
+
+    Raises:
+        CheckpointError: a key the inference needs is absent (names ``file``, the weights, and the key).
     """
     from ..models.dit import DiTConfig
 
@@ -96,7 +107,8 @@ def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], text_len: int = 5
             num_heads=max(1, dim // 128), text_len=text_len,
         )
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"cannot infer the DiT architecture from the keys (missing {e})") from e
+        key = e.args[0] if isinstance(e, KeyError) and e.args else None
+        raise CheckpointError(f"cannot infer the DiT architecture from the keys (missing {e})", file, key) from e
     return DiTConfig(**cfg)
 
 
@@ -108,6 +120,7 @@ def _resolve_dit(path: Path):
         if path.suffix != ".safetensors" and not path.name.endswith(".index.json"):
             raise LayoutError(f"{path}: a DiT file must be .safetensors (or a .safetensors.index.json)")
         sibling = path.parent / "config.json"
+        check_symlink_loop(sibling)  # a looping config.json would read as absent (shapes would pick the config)
         cfg = None
         if sibling.is_file():
             raw = read_json(sibling)
@@ -130,7 +143,8 @@ def _resolve_dit(path: Path):
     return dit_weights_file(folder), cfg
 
 
-def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, backend="auto", quantization=None):
+def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, backend="auto", quantization=None,
+                     vae_backend="eager"):
     """Load the Wan2.1 DiT from any supported layout.
 
     Args:
@@ -145,13 +159,17 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
         config: a ``DiTConfig`` that overrides the checkpoint's.
         backend: the kernels that run it (``WanDiT.set_backend``): ``"auto"`` (the fastest eligible on this
             device, logged), ``"eager"`` (the exact reference path), ``"sdpa"``, ``"triton"``, ``"flash-attn"``,
-            ``"sageattention"`` or ``"xformers"``. The choice is in ``model.plan``.
+            ``"sageattention"`` or ``"xformers"``. The choice is in ``model.plan``, with the 8-bit Linears'
+            activation-quantization kernels (``plan.quant``: Triton only where the fused ops are).
         quantization: ``None``, ``"fp8"``, ``"int8"`` or ``"int8-wo"`` (:mod:`wanrt.quant`): the blocks'
             attention and FFN Linears become 8-bit layers computing in ``dtype``. A float checkpoint is read
             into host memory and quantized layer by layer onto ``device`` (the float copy never sits on the
             GPU). A quantized checkpoint (written by :func:`wanrt.quant.save_quantized`, or a LightX2V-style
             file with per-channel ``weight_scale``) loads as it is stored; fp8 weights on a GPU without fp8
             GEMMs (compute capability < 8.9) are dequantized to ``dtype`` with a log line.
+        vae_backend: the VAE's backend (``"eager"``, ``"triton"``, ``"tensorrt"``), resolved and checked into
+            ``model.plan.vae`` with the rest so that one plan names every kernel (the Engine hands it to
+            ``WanVAE.set_backend``); this model does not run it.
 
     Returns:
         ``WanDiT`` in eval mode, called as ``model(x, t, context)``: x ``[B, C_in, F, H, W]``, t ``[B]``
@@ -159,13 +177,18 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
 
     Raises:
         FileNotFoundError: the path does not exist.
-        LayoutError: the folder is neither layout, or lacks config/weights.
-        CheckpointError: missing/unexpected keys, shape mismatch, corrupt or truncated file (names file, key).
-        ValueError: unknown backend name (checked before any weight is read).
-        BackendUnavailableError: an explicit backend that cannot run on this device (install hint in the text).
+        LayoutError: the folder is neither layout, holds both (point at one part or move one away), or lacks
+            config/weights.
+        CheckpointError: missing/unexpected keys, shape mismatch, an integer tensor where a float one belongs,
+            corrupt or truncated file, a shard index naming a file outside its folder, or a symlink loop
+            (``SymlinkLoopError``: "symlink loop at PATH") (names file, key).
+        ValueError: unknown backend or VAE backend name (checked before any weight is read).
+        BackendUnavailableError: an explicit backend (or VAE backend) that cannot run on this device (install hint
+            in the text).
     """
     from ..models.dit import DiTConfig, WanDiT
-    from ..ops.backends import BACKEND_NAMES, plan, probe_capabilities
+    from ..ops.backends import BACKEND_NAMES, plan
+    from ..ops.selfcheck import probe_capabilities
 
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
@@ -177,7 +200,10 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
         if config is not None:
             cfg = config
         elif cfg is None and "config" in src.metadata:
-            raw = json.loads(src.metadata["config"])
+            try:
+                raw = json.loads(src.metadata["config"])
+            except ValueError as e:
+                raise CheckpointError(f"the file's 'config' metadata is not JSON: {e}", src.describe()) from e
             cfg = DiTConfig.from_official_config(raw) if config_kind(raw) == "official" else DiTConfig.from_diffusers_config(raw)
         elif cfg is None:
             shapes = {}
@@ -185,16 +211,13 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
                 mk = mapper(k)
                 if mk is not None:
                     shapes[mk] = s
-            cfg = dit_config_from_shapes(shapes)
+            cfg = dit_config_from_shapes(shapes, file=src.describe())
         # Resolve the kernels before reading any weight, so a backend that cannot run fails fast.
         target = _device(device)
         compute = dtype or torch.bfloat16
-        ops_plan = plan(backend, probe_capabilities(target, compute, cfg.head_dim))
+        ops_plan = plan(backend, probe_capabilities(target, compute, cfg.head_dim), vae=vae_backend)
         stored = _stored_quantization(src, mapper, quantization, target)
-        # Per-token activation quantization: the fused Triton kernel on CUDA, eager elsewhere.
-        from ..kernels._common import triton_installed
-
-        act_backend = "triton" if target.type == "cuda" and triton_installed() else "eager"
+        act_backend = ops_plan.quant  # per-token activation quantization: the plan's, as every kernel
         qmap = _quant_mapper(mapper)
         with torch.device("meta"):
             model = WanDiT(cfg)
@@ -342,7 +365,8 @@ def _stored_quantization(src, mapper, requested, device) -> _StoredQuant:
         raise ValueError(f"quantization must be None or one of {list(SCHEMES)}, got {requested!r}")
     tag = src.metadata.get("wanrt_quant")
     if tag is not None and tag not in SCHEMES:
-        raise CheckpointError(f"unknown quantization format tag wanrt_quant={tag!r} (known: {list(SCHEMES)})")
+        raise CheckpointError(f"unknown quantization format tag wanrt_quant={tag!r} (known: {list(SCHEMES)})",
+                              src.describe())
     _check_comfy_formats(src)
     qmap = _quant_mapper(mapper)
     keys = {}
@@ -396,12 +420,15 @@ def fp8_gemm_supported(device) -> bool:
 # ---------------------------------------------------------------------------------------------
 # VAE
 # ---------------------------------------------------------------------------------------------
-def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]):
+def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]], *, file=None):
     """Infer a ``VAEConfig`` from official-key tensor shapes (``Wan2.1_VAE.pth`` carries no config).
 
     Walks ``encoder.downsamples.N``: residual blocks (``.residual.2.weight``), attention blocks
     (``.to_qkv.weight``) and resamples (``.resample.1.weight``, with ``.time_conv.weight`` when the
     resample also halves time) give num_res_blocks, dim_mult, attn_scales and temporal_downsample.
+
+    Raises:
+        CheckpointError: a key the inference needs is absent (names ``file``, the weights, and the key).
     """
     from ..models.vae import VAEConfig
 
@@ -428,7 +455,8 @@ def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]]):
                 attn_scales.append(1.0 / 2**li)
         num_res_blocks = len([k for k in levels[0] if k != "attn"])
     except (KeyError, IndexError, ValueError) as e:
-        raise CheckpointError(f"cannot infer the VAE architecture from the keys (missing {e})") from e
+        key = e.args[0] if isinstance(e, KeyError) and e.args else None
+        raise CheckpointError(f"cannot infer the VAE architecture from the keys (missing {e})", file, key) from e
     return VAEConfig(
         base_dim=base, z_dim=z_dim, dim_mult=tuple(dim_mult), num_res_blocks=num_res_blocks,
         attn_scales=tuple(attn_scales), temporal_downsample=tuple(temporal),
@@ -452,7 +480,7 @@ def load_vae(path, device=None, dtype=torch.float32):
         FileNotFoundError, LayoutError, CheckpointError: as for :func:`load_transformer`.
     """
     from ..models.vae import VAEConfig, WanVAE
-    from .keymap_vae import vae_to_official
+    from .keymap_vae import vae_key_mapper
 
     path, dtype = _check_path_and_dtype(path, dtype)
     cfg = None
@@ -477,27 +505,19 @@ def load_vae(path, device=None, dtype=torch.float32):
         keys = src.keys()
         diffusers = any(k.startswith(("quant_conv", "post_quant_conv")) or ".conv_in." in k or "up_blocks" in k for k in keys)
         if diffusers:
-            mapper = _vae_mapper(vae_to_official, cfg)
+            mapper = vae_key_mapper("official", cfg)
         else:
             mapper = None
         if cfg is None:
             shapes = {(mapper(k) if mapper else k): s for k, s in src.shapes().items()}
-            cfg = vae_config_from_shapes(shapes)
+            cfg = vae_config_from_shapes(shapes, file=src.describe())
             if diffusers:
-                mapper = _vae_mapper(vae_to_official, cfg)
+                mapper = vae_key_mapper("official", cfg)
         with torch.device("meta"):
             vae = WanVAE(cfg)
         load_into_module(vae, src, to_official=mapper, device=_device(device), dtype=dtype,
                          keep_fp32=WanVAE.keep_fp32, what="VAE")
     return vae
-
-
-def _vae_mapper(fn, cfg):
-    import inspect
-
-    if cfg is not None and len(inspect.signature(fn).parameters) > 1:
-        return lambda k: fn(k, cfg)
-    return fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,10 +528,13 @@ def load_tokenizer(folder: str | Path):
 
     Raises:
         LayoutError: the folder is missing or transformers cannot read it.
+        SymlinkLoopError: the folder or a file in it is a symlink loop (a CheckpointError: "symlink loop at
+            PATH"; transformers would skip such a file and build a tokenizer without it).
     """
     from transformers import AutoTokenizer
 
     folder = Path(folder)
+    check_folder_links(folder)
     if not folder.is_dir():
         raise LayoutError(f"tokenizer folder not found: {folder}")
     try:
@@ -591,6 +614,7 @@ def load_text_encoder(path, device=None, dtype=torch.bfloat16, *, tokenizer=None
 
 def _hf_weights(folder: Path) -> Path:
     for name in ("model.safetensors.index.json", "model.safetensors"):
+        check_symlink_loop(folder / name)
         if (folder / name).is_file():
             return folder / name
     raise LayoutError(f"{folder}: no model.safetensors or model.safetensors.index.json")
@@ -655,10 +679,11 @@ def load_image_encoder(path, device=None, dtype=torch.float16, *, num_heads: int
 
     Raises:
         FileNotFoundError: the path does not exist.
-        LayoutError: the folder is neither layout, or the checkpoint has no image encoder (text-to-video
-            checkpoints have none).
-        CheckpointError: missing/unexpected keys, shape mismatch, keys of neither CLIP layout, a corrupt
-            file, or an architecture that cannot be inferred (names the file and the key).
+        LayoutError: the folder is neither layout, holds both, or the checkpoint has no image encoder
+            (text-to-video checkpoints have none).
+        CheckpointError: missing/unexpected keys, shape mismatch, an integer tensor where a float one belongs,
+            keys of neither CLIP layout, a corrupt file, an architecture that cannot be inferred, a shard index
+            naming a file outside its folder, or a symlink loop (names the file and the key).
         ValueError: bad dtype, device, or transformers config (e.g. ``hidden_act`` other than ``"gelu"``).
     """
     import dataclasses

@@ -84,6 +84,43 @@ def tiny_clip_config(preset: Preset):
     return CLIPVisionConfig(dim=d, mlp_dim=4 * d, num_heads=max(1, d // 80), num_layers=3)
 
 
+def official_clip_state(
+    cfg, seed: int = 0, *, projection_dim: int = 32, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """A random FULL official-layout CLIP state dict, like ``models_clip_open-clip-...-vit-huge-14.pth``.
+
+    Holds all ``cfg.num_layers`` blocks (the last one included), ``visual.post_norm.*`` and
+    ``visual.head`` ``[dim, projection_dim]``, plus two small ``textual.*`` tensors and ``log_scale``
+    standing for the text tower, so that loaders must drop what Wan does not use. Values keep
+    activations O(1) (:func:`randomize_`); deterministic for a seed.
+
+    Args:
+        cfg: A :class:`~wanrt.models.clip.CLIPVisionConfig`.
+        seed: Seed of the random values.
+        projection_dim: Columns of ``visual.head`` (1024 in the real file).
+        dtype: Dtype of every tensor (the real file is float16).
+
+    Returns:
+        ``key -> tensor``, contiguous CPU tensors not sharing storage (ready for ``torch.save``).
+    """
+    import dataclasses
+
+    from ..models.clip import CLIPVisionTower
+    from .keymap_clip import OFFICIAL_PREFIX
+
+    full = CLIPVisionTower(dataclasses.replace(cfg, num_layers=cfg.num_layers + 1))  # builds num_layers blocks
+    randomize_(full, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    state = {OFFICIAL_PREFIX + k: v.detach().clone() for k, v in full.state_dict().items()}
+    state["visual.post_norm.weight"] = 1.0 + 0.1 * torch.randn(cfg.dim, generator=g)
+    state["visual.post_norm.bias"] = 0.02 * torch.randn(cfg.dim, generator=g)
+    state["visual.head"] = torch.randn(cfg.dim, projection_dim, generator=g) / math.sqrt(cfg.dim)
+    state["textual.token_embedding.weight"] = torch.randn(16, 8, generator=g)
+    state["textual.head.0.weight"] = torch.randn(8, 8, generator=g) / math.sqrt(8)
+    state["log_scale"] = torch.tensor(math.log(1 / 0.07))
+    return {k: v.to(dtype).contiguous() for k, v in state.items()}
+
+
 def dit_config_for(preset: Preset):
     """The ``DiTConfig`` of the architecture ``preset`` expects."""
     from ..models.dit import DiTConfig
@@ -172,8 +209,6 @@ def write_checkpoint(
     t5 = randomize_(UMT5Encoder(t5_cfg), seed + 2).to(torch.bfloat16)
     clip_state = clip_cfg = None
     if p.task != "t2v":
-        from .keymap_clip import official_clip_state
-
         clip_cfg = tiny_clip_config(p)
         # fp16 values (the official file's dtype); the diffusers image_encoder/ holds the same values in fp32
         clip_state = {k: v.half().float() if v.is_floating_point() else v
@@ -195,8 +230,7 @@ def write_checkpoint(
 
     from .keymap_dit import dit_from_official
     from .keymap_t5 import t5_from_official
-    from .keymap_vae import vae_from_official
-    from .loaders import _vae_mapper
+    from .keymap_vae import vae_key_mapper
 
     diffusers_version = _diffusers_version()
     model_index = {
@@ -223,7 +257,7 @@ def write_checkpoint(
     del dit
     vcfg = {"_class_name": "AutoencoderKLWan", "_diffusers_version": diffusers_version, **vae_cfg.to_diffusers_config()}
     (out / "vae" / "config.json").write_text(json.dumps(vcfg, indent=2))
-    from_off = _vae_mapper(vae_from_official, vae_cfg)
+    from_off = vae_key_mapper("diffusers", vae_cfg)
     _save_safetensors_sharded({from_off(k): v for k, v in vae.state_dict().items()},
                               out / "vae", "diffusion_pytorch_model.safetensors", 1)
     hf = dict(t5_cfg.to_hf_config())
@@ -274,9 +308,11 @@ def _diffusers_version() -> str:
 
 
 def cache_dir() -> Path:
-    """wanrt's cache folder: ``$XDG_CACHE_HOME/wanrt`` or ``~/.cache/wanrt`` (read at call time)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "wanrt"
+    """wanrt's cache folder (:func:`wanrt.paths.cache_root`: ``$WANRT_CACHE_DIR``, else ``$XDG_CACHE_HOME/wanrt``
+    or ``~/.cache/wanrt``; read at call time)."""
+    from ..paths import cache_root
+
+    return cache_root()
 
 
 def cached_tiny_checkpoint(layout: str = "official", preset: str = "tiny") -> Path:

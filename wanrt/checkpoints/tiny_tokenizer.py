@@ -1,7 +1,7 @@
 """A tiny, self-built UMT5-style tokenizer for tests and tiny end-to-end runs.
 
 The real Wan2.1 tokenizer is ``google/umt5-xxl`` (a SentencePiece unigram model of ~256k pieces, read
-with ``transformers.AutoTokenizer``; docs/wan21-reference.md §5). Tests cannot download it, so
+with ``transformers.AutoTokenizer``; docs/model-reference.md §5.3). Tests cannot download it, so
 :func:`build_tiny_tokenizer` trains a SentencePiece unigram model of a few hundred pieces on the small
 corpus below, fully offline and deterministically, and writes a folder laid out like the real one, so the
 same loading code (``AutoTokenizer.from_pretrained(folder)``) reads both.
@@ -27,7 +27,7 @@ import os
 __all__ = ["TINY_CORPUS", "build_tiny_tokenizer"]
 
 # Prompts of the kind Wan2.1 sees; the Chinese lines hold every character of the default negative
-# prompt (docs/wan21-reference.md §1), the i2v/flf2v prefixes, and both comma forms.
+# prompt (docs/model-reference.md §1.3), the i2v/flf2v prefixes (§1.4), and both comma forms.
 TINY_CORPUS: tuple[str, ...] = (
     "A cat walks on the grass, realistic style.",
     "A dog runs along the beach at sunset, waves crashing in the background.",

@@ -2,7 +2,7 @@
 
 :func:`build_decoder_engine` turns the two ONNX graphs of :func:`wanrt.graph.onnx_vae.export_decoder_onnx`
 into two serialized TensorRT engines (TensorRT 10 Python API: ``Builder``, ``OnnxParser``,
-``build_serialized_network``), cached under ``cache_dir`` (``build/trt/``) by a key over the
+``build_serialized_network``), cached under ``cache_dir`` (the Engine passes ``$WANRT_CACHE_DIR/trt``, default ``~/.cache/wanrt/trt``) by a key over the
 TensorRT version, the GPU, the precision mode and the ONNX graphs (their input/output shapes and
 dtypes and the SHA-256 of both graph files, from the ONNX sidecar); an existing engine with the
 same key is reused. Files, for ``name.onnx`` and key ``K`` (:func:`decoder_engine_key`):
@@ -108,7 +108,7 @@ def _precision(info: dict[str, Any], fp16: bool) -> str:
     return "fp16" if fp16 else "fp32"
 
 
-def engine_paths(onnx_path: str | os.PathLike, key: str, cache_dir: str | os.PathLike = "build/trt") -> tuple[Path, Path, Path]:
+def engine_paths(onnx_path: str | os.PathLike, key: str, cache_dir: str | os.PathLike) -> tuple[Path, Path, Path]:
     """``(step_engine, first_step_engine, sidecar)`` for an ONNX step graph and a key."""
     engine = Path(cache_dir) / f"{Path(onnx_path).stem}-{key}.engine"
     first, sidecar = companion_paths(engine)
@@ -164,7 +164,7 @@ def _build_serialized(trt: Any, onnx_file: Path, *, precision: str, workspace_by
 
 def build_decoder_engine(
     onnx_path: str | os.PathLike,
-    cache_dir: str | os.PathLike = "build/trt",
+    cache_dir: str | os.PathLike | None = None,
     fp16: bool = True,
     *,
     workspace_gb: float | None = None,
@@ -175,7 +175,7 @@ def build_decoder_engine(
     Args:
         onnx_path: the step graph from :func:`~wanrt.graph.onnx_vae.export_decoder_onnx` (with its
             ``.first.onnx`` and ``.json`` companions).
-        cache_dir: where engines are kept (created if needed).
+        cache_dir: where engines are kept (created if needed); None: ``wanrt.paths.cache_root() / "trt"``.
         fp16: for an fp32 ONNX, build with TensorRT's FP16 mode (norms kept in float32); ignored for
             an fp16 ONNX (strongly typed). See the module docstring.
         workspace_gb: cap on TensorRT's builder workspace (default: TensorRT's, the GPU memory).
@@ -197,6 +197,10 @@ def build_decoder_engine(
     info = load_layout(onnx_path)
     precision = _precision(info, fp16)
     key = decoder_engine_key(info, trt_version=trt.__version__, gpu_name=gpu, fp16=fp16)
+    if cache_dir is None:
+        from ..paths import cache_root
+
+        cache_dir = cache_root() / "trt"
     engine, first, sidecar = engine_paths(onnx_path, key, cache_dir)
     if not force and engine.is_file() and first.is_file() and sidecar.is_file():
         log.info("reusing TensorRT decoder engine %s", engine)

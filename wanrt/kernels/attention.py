@@ -17,27 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from wanrt.kernels._common import TORCH_FLOAT_DTYPES, check_device, interpreting, next_pow2
+from wanrt.kernels._common import TORCH_FLOAT_DTYPES, cast_rne, check_device, interpreting, next_pow2
 
 _LOG2E = 1.4426950408889634
 
 # ------------------------------------------------------------------------------------------------
 # 1. Triton kernel
 # ------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """``x.to(dtype)``; with ``INTERP_BF16`` round fp32 -> bf16 to nearest-even by hand first.
-
-    The interpreter (triton 3.9) truncates fp32 -> bf16 casts instead of rounding to nearest-even
-    as the GPU does, which biases every rounded value by half an ulp on average.
-    """
-    if INTERP_BF16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -79,8 +65,8 @@ def _attn_block(acc, l_i, m_i, q, K, V, Cos, Sin, start_n, kv_len,
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     if HAS_ROPE:
-        k = _cast(_rope_tile(k.to(tl.float32), Cos, Sin, stride_cs, offs_n, S_rot, D // 2, BLOCK_N, BLOCK_D),
-                  V.dtype.element_ty, INTERP_BF16)
+        k = cast_rne(_rope_tile(k.to(tl.float32), Cos, Sin, stride_cs, offs_n, S_rot, D // 2, BLOCK_N, BLOCK_D),
+                     V.dtype.element_ty, INTERP_BF16)
     if INTERP_BF16:  # interpreter only: its bf16 x bf16 dot is wrong, fp32 is exact
         k = k.to(tl.float32)
     if IEEE:
@@ -94,7 +80,7 @@ def _attn_block(acc, l_i, m_i, q, K, V, Cos, Sin, start_n, kv_len,
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    p = _cast(p, V.dtype.element_ty, INTERP_BF16)  # P in v's dtype before the PV dot, as FlashAttention
+    p = cast_rne(p, V.dtype.element_ty, INTERP_BF16)  # P in v's dtype before the PV dot, as FlashAttention
     if INTERP_BF16:
         p = p.to(tl.float32)
         v = v.to(tl.float32)
@@ -138,8 +124,8 @@ def _attn_fwd(Q, K, V, O, KLens, Cos, Sin,
     q_mask = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)
     q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
     if HAS_ROPE:  # rotate in fp32, round to the input dtype like the reference
-        q = _cast(_rope_tile(q.to(tl.float32), Cos, Sin, stride_cs, offs_m, S_rot, D // 2, BLOCK_M, BLOCK_D),
-                  Q.dtype.element_ty, INTERP_BF16)
+        q = cast_rne(_rope_tile(q.to(tl.float32), Cos, Sin, stride_cs, offs_m, S_rot, D // 2, BLOCK_M, BLOCK_D),
+                     Q.dtype.element_ty, INTERP_BF16)
     if INTERP_BF16:
         q = q.to(tl.float32)
 
@@ -164,7 +150,7 @@ def _attn_fwd(Q, K, V, O, KLens, Cos, Sin,
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :],
-             _cast(out, O.dtype.element_ty, INTERP_BF16), mask=q_mask)
+             cast_rne(out, O.dtype.element_ty, INTERP_BF16), mask=q_mask)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first set is for 16-bit inputs with head_dim <= 128

@@ -35,8 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from wanrt.kernels._common import TORCH_FLOAT_DTYPES, check_device, interpreting, next_pow2
-from wanrt.kernels.qk_norm_rope import cast_rne
+from wanrt.kernels._common import TORCH_FLOAT_DTYPES, cast_rne, check_device, interpreting, next_pow2
 
 # ------------------------------------------------------------------------------------------------
 # 1. Triton kernel

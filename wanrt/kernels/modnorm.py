@@ -19,14 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from wanrt.kernels._common import (
-    TORCH_FLOAT_DTYPES,
-    check_device,
-    interpreting,
-    next_pow2,
-    row_kernel_warps,
-)
-from wanrt.kernels.qk_norm_rope import OUT_DTYPES, cast_rne
+from wanrt.kernels._common import TORCH_FLOAT_DTYPES, cast_rne, check_device, interpreting, row_launch
+from wanrt.kernels.qk_norm_rope import OUT_DTYPES
 
 # ------------------------------------------------------------------------------ kernel
 
@@ -112,10 +106,6 @@ def _mod_stride(t: torch.Tensor | None) -> int:
     return 0 if t is None or t.shape[0] == 1 else t.stride(0)
 
 
-def _num_warps(tile: int) -> int:
-    return row_kernel_warps(tile)
-
-
 def _modnorm_launch(
     op: str,
     x: torch.Tensor,
@@ -141,8 +131,7 @@ def _modnorm_launch(
     n_rows = bsz * s
     if n_rows == 0 or dim == 0:
         return x_new, h
-    block = next_pow2(dim)
-    rows = max(1, min(64, 1024 // block))
+    block, rows, num_warps = row_launch(dim)
     dummy = x  # never read: its flag is off
     _modnorm_kernel[(triton.cdiv(n_rows, rows),)](
         x, dummy if y is None else y, dummy if gate is None else gate, dummy if shift is None else shift,
@@ -156,7 +145,7 @@ def _modnorm_launch(
         HAS_W=weight is not None, HAS_B=bias is not None,
         ROUND_X=y is None and x.dtype != torch.float32,
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, RNE_BF16=interpreting(),
-        num_warps=_num_warps(rows * block),
+        num_warps=num_warps,
     )
     return x_new, h
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from wanrt.kernels._common import check_device, interpreting, next_pow2, row_kernel_warps
+from wanrt.kernels._common import cast_rne, check_device, interpreting, quantize_row, row_launch
 from wanrt.kernels.modnorm import _check_modnorm_args, _mod_stride, _rows_of
-from wanrt.kernels.qk_norm_rope import cast_rne
-from wanrt.kernels.quant import _ROUND_MAGIC, QMAX, _round_to_e4m3_grid
+from wanrt.kernels.quant import QMAX
 
 
 @triton.jit
@@ -66,23 +64,7 @@ def _residual_norm_quant_kernel(
         n = n + tl.load(shift_ptr + b * sshb + d, mask=ok, other=0.0)
     n = cast_rne(n, OUT_DTYPE, INTERPRET).to(tl.float32)  # the Linear's input dtype, as in eager
     n = tl.where(ok, n, 0.0)
-    amax = tl.max(tl.abs(n), axis=0)
-    if SCALE_RECIP:  # torch on CUDA computes amax / qmax as amax * float32(1 / qmax)
-        qs = amax * inv_qmax
-    else:
-        qs = tl.math.div_rn(amax, qmax)
-    qs = tl.where(amax > 0, qs, 1.0)
-    q = tl.math.div_rn(n, tl.zeros_like(n) + qs)
-    if IS_INT8:
-        if INTERPRET:
-            q = (q + _ROUND_MAGIC) - _ROUND_MAGIC
-        else:
-            q = libdevice.rint(q)
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    else:
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        if INTERPRET:
-            q = _round_to_e4m3_grid(q)
+    q, qs = quantize_row(n, qmax, inv_qmax, IS_INT8, SCALE_RECIP, INTERPRET)
     tl.store(q_ptr + row * D + d, q.to(q_ptr.dtype.element_ty), mask=ok)
     tl.store(qs_ptr + row, qs)
 
@@ -110,7 +92,7 @@ def _launch(x, y, gate, shift, scale, weight, bias, eps, out_dtype, qdtype, writ
     qs = torch.empty((bsz * s, 1), dtype=torch.float32, device=x.device)
     if bsz * s == 0:
         return x_new, q, qs
-    block = next_pow2(dim)
+    block, _, num_warps = row_launch(dim, max_rows=1)
     qmax = QMAX[qdtype]
     dummy = x
     _residual_norm_quant_kernel[(bsz * s,)](
@@ -124,7 +106,7 @@ def _launch(x, y, gate, shift, scale, weight, bias, eps, out_dtype, qdtype, writ
         HAS_W=weight is not None, HAS_B=bias is not None, ROUND_X=y is None and x.dtype != torch.float32,
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, OUT_DTYPE=_TL_DTYPE[out_dtype],
         IS_INT8=qdtype == torch.int8, SCALE_RECIP=x.is_cuda, INTERPRET=interpreting(),
-        num_warps=row_kernel_warps(block),
+        num_warps=num_warps,
     )
     return x_new, q, qs
 

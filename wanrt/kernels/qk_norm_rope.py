@@ -15,35 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from wanrt.kernels._common import (
-    TORCH_FLOAT_DTYPES,
-    check_device,
-    interpreting,
-    next_pow2,
-    row_kernel_warps,
-)
+from wanrt.kernels._common import TORCH_FLOAT_DTYPES, cast_rne, check_device, interpreting, row_launch
 
 LAYOUTS = ("bshd", "bhsd")
 OUT_DTYPES = (*TORCH_FLOAT_DTYPES, torch.float64)
 
 
 # ------------------------------------------------------------------------------ kernels
-
-
-@triton.jit
-def cast_rne(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
-    """Cast float32 ``x`` to ``dtype``, rounding to nearest even.
-
-    The Triton 3.9 interpreter truncates float32 -> bfloat16 casts (and stores); with
-    ``RNE_BF16`` set (only when interpreting) the bf16 rounding is done on the bits first, so the
-    cast is exact and the interpreter matches the GPU (whose ``cvt`` rounds to nearest even).
-    """
-    if RNE_BF16:  # noqa: SIM102 (nested static ifs: safe on every Triton version)
-        if dtype == tl.bfloat16:
-            u = x.to(tl.uint32, bitcast=True)
-            u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
-            x = u.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -144,10 +122,6 @@ def _storage_shape(x: torch.Tensor, num_heads: int, layout: str) -> tuple[int, i
     return (b, s, num_heads, dim // num_heads) if layout == "bshd" else (b, num_heads, s, dim // num_heads)
 
 
-def _num_warps(tile: int) -> int:
-    return row_kernel_warps(tile)
-
-
 def _norm_rope_launch(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -173,8 +147,7 @@ def _norm_rope_launch(
     if n_rows == 0 or dim == 0:
         return out
     view = out if layout == "bshd" else out.transpose(1, 2)  # [B, S, H, D] strides of the storage
-    block = next_pow2(dim)
-    rows = max(1, min(64, 1024 // block))
+    block, rows, num_warps = row_launch(dim)
     _norm_rope_kernel[(triton.cdiv(n_rows, rows),)](
         x, x if weight is None else weight, cos if has_rope else x, sin if has_rope else x, out,
         n_rows, s, cos.shape[0] if has_rope else 0, dim, float(eps),
@@ -183,7 +156,7 @@ def _norm_rope_launch(
         HAS_W=weight is not None,
         ROUND_W=weight is not None and weight.dtype == x.dtype and x.dtype != torch.float32,
         HAS_ROPE=has_rope, RNE_BF16=interpreting(),
-        num_warps=_num_warps(rows * block),
+        num_warps=num_warps,
     )
     return out
 

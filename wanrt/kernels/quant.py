@@ -27,7 +27,8 @@ unaffected):
    up to the next power of two loses the carry when the biased exponent is odd (125.8 -> 64, 31.9 -> 16,
    torch 128 and 32); values in the fp8 subnormal range (below 2^-6) are truncated toward zero. Exactly
    representable values convert correctly (all 254 finite ones checked), so under ``INTERPRET`` the value
-   is first rounded to the e4m3 grid in float32 (:func:`_round_to_e4m3_grid`, ties to even) and the
+   is first rounded to the e4m3 grid in float32 (:func:`wanrt.kernels._common.round_to_e4m3_grid`, ties to
+   even) and the
    cast is then exact: the interpreter's ``q`` bits equal torch's.
 2. ``libdevice.rint`` does not run in it: int8 rounding uses ``(q + 1.5·2^23) - 1.5·2^23`` (float32
    round-half-even, exact for ``|q| < 2^22``) instead of ``cvt.rni``.
@@ -42,45 +43,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from wanrt.kernels._common import (
     TORCH_FLOAT_DTYPES,
+    cast_rne,
     check_device,
     interpreting,
     next_pow2,
+    quantize_row,
     row_kernel_warps,
+    row_launch,
 )
-from wanrt.kernels.qk_norm_rope import cast_rne
 
 FP8_DTYPE = torch.float8_e4m3fn
 QMAX = {FP8_DTYPE: 448.0, torch.int8: 127.0}
 QUANT_DTYPES = tuple(QMAX)
 OUT_DTYPES = TORCH_FLOAT_DTYPES
 
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5·2^23: (v + it) - it rounds float32 |v| < 2^22 half to even
-_SUBNORMAL_MAGIC = tl.constexpr(24576.0)  # 1.5·2^14: its float32 ulp is 2^-9, the e4m3 subnormal step
-_E4M3_MIN_NORMAL = tl.constexpr(0.015625)  # 2^-6
-
 # ------------------------------------------------------------------------------ kernels
-
-
-@triton.jit
-def _round_to_e4m3_grid(v):
-    """Round float32 ``v`` (``|v| <= 448``) to the nearest float8_e4m3fn value, ties to even, as float32.
-
-    Normal range (``|v| >= 2^-6``): keep 3 mantissa bits, rounding on the bits (a carry moves into the
-    exponent). Subnormal range: multiples of 2^-9, rounded by a float32 add of ``1.5·2^14`` (whose ulp is
-    2^-9) and its subtraction. The sign is put back on the bits, so -0 and tiny negatives stay -0.
-    """
-    u = v.to(tl.uint32, bitcast=True)
-    sign = u & 0x80000000
-    a = u & 0x7FFFFFFF
-    normal = (a + (0x7FFFF + ((a >> 20) & 1))) & 0xFFF00000
-    af = a.to(tl.float32, bitcast=True)
-    sub = ((af + _SUBNORMAL_MAGIC) - _SUBNORMAL_MAGIC).to(tl.uint32, bitcast=True)
-    r = tl.where(af < _E4M3_MIN_NORMAL, sub, normal) | sign
-    return r.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -93,25 +73,7 @@ def _quantize_row_kernel(
     k = tl.arange(0, BLOCK)
     k_ok = k < K
     x = tl.load(x_ptr + row * sxm + k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK]
-
-    amax = tl.max(tl.abs(x), axis=0)  # pass 1
-    if SCALE_RECIP:  # torch on CUDA: amax / qmax computed as amax * float32(1 / qmax)
-        scale = amax * inv_qmax
-    else:
-        scale = tl.math.div_rn(amax, qmax)
-    scale = tl.where(amax > 0, scale, 1.0)
-
-    q = tl.math.div_rn(x, tl.zeros_like(x) + scale)  # pass 2
-    if IS_INT8:
-        if INTERPRET:  # libdevice.rint does not run in the interpreter
-            q = (q + _ROUND_MAGIC) - _ROUND_MAGIC
-        else:
-            q = libdevice.rint(q)
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-    else:
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        if INTERPRET:  # the interpreter's fp32 -> fp8 cast rounds wrongly; exact values convert exactly
-            q = _round_to_e4m3_grid(q)
+    q, scale = quantize_row(x, qmax, inv_qmax, IS_INT8, SCALE_RECIP, INTERPRET)  # amax, then q = x / scale
     tl.store(q_ptr + row * K + k, q.to(q_ptr.dtype.element_ty), mask=k_ok)
     tl.store(s_ptr + row, scale)
 
@@ -164,11 +126,11 @@ def _quantize_launch(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     if m == 0:
         return q, scale
     qmax = QMAX[dtype]
-    block = next_pow2(k)
+    block, _, num_warps = row_launch(k, max_rows=1)
     _quantize_row_kernel[(m,)](
         x, q, scale, k, x.stride(0), qmax, float(torch.tensor(1.0 / qmax, dtype=torch.float32)),
         BLOCK=block, IS_INT8=dtype == torch.int8, SCALE_RECIP=x.is_cuda, INTERPRET=interpreting(),
-        num_warps=row_kernel_warps(block),
+        num_warps=num_warps,
     )
     return q, scale
 

@@ -2,7 +2,7 @@
 
 Reproduces ``wan/modules/clip.py`` of the official Wan2.1 code: ``VisionTransformer`` of
 ``clip_xlm_roberta_vit_h_14`` called as ``visual(x, use_31_block=True)``, and the preprocessing of
-``CLIPModel.visual`` (docs/wan21-reference.md §5, §7.8). Only the visual tower is used by Wan, and only
+``CLIPModel.visual`` (docs/model-reference.md §5.4, §7.8). Only the visual tower is used by Wan, and only
 the output of its first 31 of 32 blocks (no ``post_norm``, no ``head``), so the last block is never
 built. Parameter names are the official checkpoint keys of
 ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` without their ``visual.`` prefix;
@@ -63,7 +63,7 @@ _KEEP_FP32 = re.compile(r"(^|\.)(pre_norm|norm1|norm2)\.(weight|bias)$")
 # --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
-    """Shape of a CLIP ViT visual tower; the defaults are ViT-H/14 as used by Wan2.1 (reference §5).
+    """Shape of a CLIP ViT visual tower; the defaults are ViT-H/14 as used by Wan2.1 (docs/model-reference.md §5.4).
 
     Attributes:
         image_size: Input side in pixels (square input; 224).

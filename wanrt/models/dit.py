@@ -2,7 +2,7 @@
 
 Reproduces ``WanModel`` of the official code (``wan/modules/model.py``) with the same
 parameter names, so ``state_dict()`` keys are exactly the official checkpoint keys
-(docs/wan21-reference.md §2, §3, §9). Image conditioning (i2v, flf2v) is an option of the
+(docs/model-reference.md §2, §3, §9). Image conditioning (i2v, flf2v) is an option of the
 same module, selected by ``DiTConfig.model_type``.
 
 Dtype rule (docs/CONTRACTS.md): every Linear / Conv casts its input to its own weight dtype.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,224 +38,12 @@ from wanrt.ops import (
     rope_table,
 )
 from wanrt.ops.backends import plan as make_plan
-from wanrt.ops.backends import probe_capabilities
+from wanrt.ops.selfcheck import probe_capabilities
 
-MODEL_TYPES = ("t2v", "i2v", "flf2v")
-CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16x16 patches + CLS (§5)
-ROPE_MAX_POS = 1024  # positions per RoPE axis (§2.8)
+from .dit_config import CLIP_TOKENS, ROPE_MAX_POS, DiTConfig
+
 IMG_LN_EPS = 1e-5  # nn.LayerNorm default eps used by the official MLPProj (§2.5)
 _EAGER = OpsPlan()  # the reference path
-
-# Fields written to the official config.json (§1); the other fields are constructor defaults.
-_OFFICIAL_FIELDS = (
-    "dim", "eps", "ffn_dim", "freq_dim", "in_dim", "model_type",
-    "num_heads", "num_layers", "out_dim", "text_len",
-)
-# Not in the official config.json; written by to_official_config only when non-default.
-_EXTRA_FIELDS = ("patch_size", "text_dim", "qk_norm", "cross_attn_norm", "image_dim")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DiTConfig:
-    """Architecture of a Wan2.1 DiT (official ``WanModel`` constructor arguments).
-
-    Attributes:
-        model_type: ``'t2v'``, ``'i2v'`` or ``'flf2v'``. i2v/flf2v add the CLIP image
-            projection ``img_emb`` and the image keys/values of cross-attention; flf2v also
-            adds ``img_emb.emb_pos`` (two images, ``2*257`` tokens).
-        patch_size: ``(pt, ph, pw)`` Conv3d kernel and stride of the patch embedding.
-        text_len: Text tokens after zero-padding (512).
-        in_dim: Input channels (16 for t2v; 36 = 16 noise + 20 conditioning for i2v/flf2v).
-        dim: Hidden width.
-        ffn_dim: FFN inner width.
-        freq_dim: Width of the sinusoidal timestep embedding (even).
-        text_dim: Width of the text-encoder features (4096 for UMT5-XXL).
-        out_dim: Output (latent) channels.
-        num_heads: Attention heads; ``head_dim = dim // num_heads`` must be even.
-        num_layers: Transformer blocks.
-        eps: Epsilon of the block/head layer norms and the q/k RMS norms.
-        qk_norm: RMS-normalise q and k over the full ``dim``.
-        cross_attn_norm: Affine layer norm (``norm3``) before cross-attention.
-        image_dim: Width of the CLIP image features (1280), used by i2v/flf2v only.
-
-    Raises:
-        ValueError: from ``__post_init__`` on an inconsistent or unsupported configuration.
-    """
-
-    model_type: str = "t2v"
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    text_len: int = 512
-    in_dim: int
-    dim: int
-    ffn_dim: int
-    freq_dim: int = 256
-    text_dim: int = 4096
-    out_dim: int
-    num_heads: int
-    num_layers: int
-    eps: float = 1e-6
-    qk_norm: bool = True
-    cross_attn_norm: bool = True
-    image_dim: int = 1280
-
-    def __post_init__(self) -> None:
-        # JSON gives lists; store a tuple so the config stays hashable.
-        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(
-                f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}"
-                + (" (VACE is not supported)" if self.model_type == "vace" else "")
-            )
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be 3 positive ints, got {self.patch_size}")
-        for name in ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
-                     "out_dim", "num_heads", "image_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.num_layers, int) or self.num_layers < 0:
-            raise ValueError(f"num_layers must be an int >= 0, got {self.num_layers!r}")
-        if self.dim % self.num_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
-        if self.freq_dim % 2:
-            raise ValueError(f"freq_dim={self.freq_dim} must be even ([cos, sin] halves)")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
-
-    @property
-    def head_dim(self) -> int:
-        """``dim // num_heads`` (128 in every released Wan2.1 model)."""
-        return self.dim // self.num_heads
-
-    @property
-    def has_image_input(self) -> bool:
-        """True for i2v and flf2v (CLIP features and a conditioning latent ``y``)."""
-        return self.model_type in ("i2v", "flf2v")
-
-    @property
-    def image_tokens(self) -> int:
-        """CLIP tokens expected in ``clip_fea``: 257 (i2v), 514 (flf2v), 0 (t2v)."""
-        return {"t2v": 0, "i2v": CLIP_TOKENS, "flf2v": 2 * CLIP_TOKENS}[self.model_type]
-
-    @classmethod
-    def from_official_config(cls, config: Mapping[str, Any]) -> DiTConfig:
-        """Build from an official ``config.json`` dict (§1).
-
-        Reads dim, eps, ffn_dim, freq_dim, in_dim, model_type, num_heads, num_layers,
-        out_dim, text_len; the fields the official code keeps out of config.json
-        (patch_size, text_dim, qk_norm, cross_attn_norm) take the constructor defaults unless
-        present (:meth:`to_official_config` writes them when non-default). Keys starting with
-        ``_`` and unknown keys (e.g. ``window_size``) are ignored.
-
-        Raises:
-            ValueError: if a required field is missing or the values are invalid.
-        """
-        required = ("dim", "ffn_dim", "in_dim", "num_heads", "num_layers", "out_dim")
-        missing = [k for k in required if k not in config]
-        if missing:
-            raise ValueError(f"official DiT config is missing {missing}")
-        kwargs = {k: config[k] for k in _OFFICIAL_FIELDS + _EXTRA_FIELDS if k in config}
-        return cls(**kwargs)
-
-    def to_official_config(self) -> dict[str, Any]:
-        """The official ``config.json`` dict (``_class_name`` 'WanModel' plus the §1 fields).
-
-        Fields that the official config.json never holds (patch_size, text_dim, qk_norm,
-        cross_attn_norm, image_dim) are added only when they differ from the defaults, so
-        tiny test configs round-trip through :meth:`from_official_config`.
-        """
-        out: dict[str, Any] = {"_class_name": "WanModel"}
-        out.update({k: getattr(self, k) for k in _OFFICIAL_FIELDS})
-        for f in dataclasses.fields(self):
-            if f.name in _EXTRA_FIELDS and getattr(self, f.name) != f.default:
-                value = getattr(self, f.name)
-                out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any]) -> DiTConfig:
-        """Build from a diffusers ``WanTransformer3DModel`` ``config.json`` dict (§3).
-
-        ``image_dim`` + ``added_kv_proj_dim`` select i2v, and ``pos_embed_seq_len`` (514)
-        flf2v. Missing fields take the diffusers constructor defaults.
-
-        Raises:
-            ValueError: for configs this model cannot represent (qk_norm other than
-                'rms_norm_across_heads'/None, inconsistent image fields, ...).
-        """
-        heads = config.get("num_attention_heads", 40)
-        dim = heads * config.get("attention_head_dim", 128)
-        qk = config.get("qk_norm", "rms_norm_across_heads")
-        if qk not in ("rms_norm_across_heads", None):
-            raise ValueError(f"unsupported diffusers qk_norm={qk!r}")
-        # diffusers builds the q/k RMS norms whatever qk_norm says, so qk_norm is always True.
-        image_dim = config.get("image_dim")
-        added_kv = config.get("added_kv_proj_dim")
-        pos_len = config.get("pos_embed_seq_len")
-        if image_dim is None and added_kv is None:
-            if pos_len is not None:
-                raise ValueError("pos_embed_seq_len is set but the config has no image input")
-            model_type = "t2v"
-        elif image_dim is not None and added_kv == dim:
-            if pos_len not in (None, 2 * CLIP_TOKENS):
-                raise ValueError(f"pos_embed_seq_len must be {2 * CLIP_TOKENS}, got {pos_len}")
-            model_type = "flf2v" if pos_len else "i2v"
-        else:
-            raise ValueError(
-                "diffusers config needs both image_dim and added_kv_proj_dim == inner dim "
-                f"({dim}) for i2v/flf2v; got image_dim={image_dim}, added_kv_proj_dim={added_kv}"
-            )
-        in_dim = config.get("in_channels", 16)
-        return cls(
-            model_type=model_type,
-            patch_size=tuple(config.get("patch_size", (1, 2, 2))),
-            in_dim=in_dim,
-            dim=dim,
-            ffn_dim=config.get("ffn_dim", 13824),
-            freq_dim=config.get("freq_dim", 256),
-            text_dim=config.get("text_dim", 4096),
-            out_dim=config.get("out_channels") or in_dim,
-            num_heads=heads,
-            num_layers=config.get("num_layers", 40),
-            eps=config.get("eps", 1e-6),
-            qk_norm=True,
-            cross_attn_norm=config.get("cross_attn_norm", True),
-            image_dim=image_dim if image_dim is not None else 1280,
-        )
-
-    def to_diffusers_config(self) -> dict[str, Any]:
-        """Constructor kwargs of diffusers ``WanTransformer3DModel`` for this architecture.
-
-        Raises:
-            ValueError: if ``qk_norm`` is False (diffusers always has the q/k norms) or, for
-                i2v/flf2v, ``text_len`` is not 512 (diffusers hard-codes 512 text tokens when
-                it splits image and text context).
-        """
-        if not self.qk_norm:
-            raise ValueError("diffusers WanTransformer3DModel cannot represent qk_norm=False")
-        if self.has_image_input and self.text_len != 512:
-            raise ValueError("diffusers supports image conditioning only with text_len=512")
-        image = self.has_image_input
-        return {
-            "patch_size": tuple(self.patch_size),
-            "num_attention_heads": self.num_heads,
-            "attention_head_dim": self.head_dim,
-            "in_channels": self.in_dim,
-            "out_channels": self.out_dim,
-            "text_dim": self.text_dim,
-            "freq_dim": self.freq_dim,
-            "ffn_dim": self.ffn_dim,
-            "num_layers": self.num_layers,
-            "cross_attn_norm": self.cross_attn_norm,
-            "qk_norm": "rms_norm_across_heads",
-            "eps": self.eps,
-            "image_dim": self.image_dim if image else None,
-            "added_kv_proj_dim": self.dim if image else None,
-            "rope_max_seq_len": ROPE_MAX_POS,
-            "pos_embed_seq_len": 2 * CLIP_TOKENS if self.model_type == "flf2v" else None,
-        }
 
 
 # --------------------------------------------------------------------------- layers
@@ -486,19 +273,21 @@ class Block(nn.Module):
         """
         _, _, gate_sa, shift_ff, scale_ff, gate_ff = mod
         fused = plan.fused
+        prequant = plan.quant == fused  # the norm quantizes for the 8-bit Linears only with the plan's quant kernel
         y = self.self_attn(h, rope, plan)  # [B, S, dim]
         if isinstance(self.norm3, LayerNorm):
             x, h = gated_residual_layer_norm(
                 x, y, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias,
-                out_dtype=compute_dtype(self.cross_attn.q), quantize=input_quant_dtype(self.cross_attn.q),
-                backend=fused,
+                out_dtype=compute_dtype(self.cross_attn.q),
+                quantize=input_quant_dtype(self.cross_attn.q) if prequant else None, backend=fused,
             )  # x fp32 [B, S, dim], h = norm3(x)
         else:
             x = h = gated_residual(x, y, gate_sa, backend=fused)  # [B, S, dim] fp32
         y = self.cross_attn(h, context, context_img, plan)  # [B, S, dim]
         x, h = gated_residual_layer_norm(
             x, y, None, self.norm2.eps, shift=shift_ff, scale=scale_ff,
-            out_dtype=compute_dtype(self.ffn[0]), quantize=input_quant_dtype(self.ffn[0]), backend=fused,
+            out_dtype=compute_dtype(self.ffn[0]), quantize=input_quant_dtype(self.ffn[0]) if prequant else None,
+            backend=fused,
         )  # x + cross-attention; h = norm2(x) * (1 + scale_ff) + shift_ff
         return x, (self.ffn(h), gate_ff)
 
@@ -620,16 +409,23 @@ class WanDiT(nn.Module):
         self._rope_last: tuple[Any, RopeTable] | None = None
         self.plan = _EAGER
 
-    def set_backend(self, backend: str | OpsPlan = "auto", *, fused: str | None = None) -> OpsPlan:
+    def set_backend(self, backend: str | OpsPlan = "auto", *, fused: str | None = None, quant: str | None = None,
+                    vae: str | None = None) -> OpsPlan:
         """Choose the kernels that run this model (call after the weights are on their device).
+
+        The plan is the only record of them: the 8-bit Linears of :mod:`wanrt.quant` get its ``quant``
+        backend here (their ``act_backend``).
 
         Args:
             backend: ``"auto"``, a name of :data:`wanrt.ops.ATTENTION_BACKENDS` (``eager``,
                 ``sdpa``, ``triton``, ``flash-attn``, ``sageattention``, ``xformers``), or an
-                :class:`~wanrt.ops.OpsPlan`. ``"eager"`` is the exact reference path. The
-                capabilities are those of the device and compute dtype of the attention weights.
+                :class:`~wanrt.ops.OpsPlan` (taken as it is). ``"eager"`` is the exact reference path.
+                The capabilities are those of the device and compute dtype of the attention weights.
             fused: Override the fused-ops backend (``"eager"`` or ``"triton"``); see
                 :func:`wanrt.ops.backends.plan`.
+            quant: Override the activation-quantization backend (default: as the fused ops).
+            vae: The VAE backend the plan records (``"eager"``, ``"triton"``, ``"tensorrt"``; default:
+                the current plan's). This model does not run the VAE; ``WanVAE.set_backend`` takes it.
 
         Returns:
             The resolved :class:`~wanrt.ops.OpsPlan` (also stored as ``self.plan``).
@@ -639,13 +435,15 @@ class WanDiT(nn.Module):
             BackendUnavailableError: an explicit backend that cannot run here (the message names
                 the missing package's install command and the available backends).
         """
-        if isinstance(backend, OpsPlan):
-            self.plan = backend
-            return backend
-        ref = self.blocks[0].self_attn.v if len(self.blocks) else self.head.head
-        caps = probe_capabilities(ref.weight.device, compute_dtype(ref), self.config.head_dim)
-        self.plan = make_plan(backend, caps, fused)
-        return self.plan
+        if not isinstance(backend, OpsPlan):
+            ref = self.blocks[0].self_attn.v if len(self.blocks) else self.head.head
+            caps = probe_capabilities(ref.weight.device, compute_dtype(ref), self.config.head_dim)
+            backend = make_plan(backend, caps, fused, self.plan.vae if vae is None else vae, quant=quant)
+        for m in self.modules():
+            if hasattr(m, "act_backend"):  # wanrt.quant's 8-bit Linears
+                m.act_backend = backend.quant
+        self.plan = backend
+        return backend
 
     @staticmethod
     def keep_fp32(name: str) -> bool:
@@ -762,6 +560,7 @@ class WanDiT(nn.Module):
             sa = block.self_attn
             out_dtype = compute_dtype(sa.q)
             quant = input_quant_dtype(sa.q, sa.k, sa.v)  # 8-bit q/k/v: quantize norm1's output once for all
+            quant = quant if plan.quant == plan.fused else None  # ... with the plan's quant kernel (Block.forward)
             if pending is None:  # block 0: norm1 of the patch embedding (rounded to its dtype)
                 h = modulated_layer_norm(x, mod[0], mod[1], eps, out_dtype=out_dtype, quantize=quant,
                                          backend=plan.fused)

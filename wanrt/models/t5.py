@@ -1,7 +1,7 @@
 """UMT5-XXL text encoder of Wan2.1 (encoder only), its tokenizer wrapper and prompt cleaning.
 
 Reproduces ``wan/modules/t5.py::umt5_xxl(encoder_only=True)`` and ``T5EncoderModel.__call__`` of the
-official Wan2.1 code (docs/wan21-reference.md §5). Parameter names are the official checkpoint keys of
+official Wan2.1 code (docs/model-reference.md §5.1). Parameter names are the official checkpoint keys of
 ``models_t5_umt5-xxl-enc-bf16.pth``; ``wanrt/checkpoints/keymap_t5.py`` maps transformers'
 ``UMT5EncoderModel`` keys onto them.
 
@@ -46,7 +46,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class UMT5Config:
-    """Shape of a UMT5 encoder; the defaults are UMT5-XXL as used by Wan2.1 (reference §5).
+    """Shape of a UMT5 encoder; the defaults are UMT5-XXL as used by Wan2.1 (docs/model-reference.md §5.1).
 
     Attributes:
         vocab_size: Rows of ``token_embedding`` (256384 for umt5-xxl: 256300 tokens, padded).
@@ -465,7 +465,7 @@ class TextEncoder:
     Reproduces the official ``T5EncoderModel.__call__``: clean, tokenize to exactly ``text_len``
     tokens (``padding='max_length'``, truncation, ``</s>`` appended), encode the whole batch at that
     length with the padding mask, and trim each output to its real token count (EOS included). The DiT
-    zero-pads the trimmed contexts back to ``text_len`` (reference §2.4).
+    zero-pads the trimmed contexts back to ``text_len`` (docs/model-reference.md §2.4).
 
     Args:
         tokenizer: A transformers tokenizer (``AutoTokenizer.from_pretrained(folder)``, see

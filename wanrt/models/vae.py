@@ -1,6 +1,6 @@
 """Wan2.1 causal 3D VAE (Wan-VAE) in eager PyTorch, with the official numerics.
 
-Reproduces ``WanVAE_`` of the official ``wan/modules/vae.py`` (docs/wan21-reference.md §4, §9.8):
+Reproduces ``WanVAE_`` of the official ``wan/modules/vae.py`` (docs/model-reference.md §4, §9.8):
 parameter names are the ``Wan2.1_VAE.pth`` keys, the encoder runs on chunks of 1, 4, 4, ... frames
 and the decoder on one latent frame at a time, with an explicit :class:`CausalCache` in place of
 the official ``feat_cache`` list and counter. Everything runs in the weights' dtype (float32 in the
@@ -260,7 +260,7 @@ class RMSNorm(nn.Module):
     """Channel-first L2 "RMS" norm of the official VAE: ``F.normalize(x, dim=1) * sqrt(C) * gamma``.
 
     ``F.normalize`` divides by ``max(||x||_2, 1e-12)`` over channels; there is no mean and no eps
-    inside a square root (docs/wan21-reference.md §4). The official ``bias`` is the constant 0, so
+    inside a square root (docs/model-reference.md §4.2). The official ``bias`` is the constant 0, so
     there is no bias parameter. Low-precision inputs are normalized in float32.
 
     Args:
@@ -576,18 +576,23 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return self.conv1.weight.device
 
-    def set_backend(self, backend: str) -> None:
-        """Run every causal conv with ``"eager"`` (``torch`` conv3d, the reference) or ``"triton"`` (wanrt's
-        implicit-GEMM causal conv3d reading the cache prefix in place; CUDA, or the CPU interpreter).
+    def set_backend(self, backend) -> None:
+        """Run every causal conv as the plan says: ``backend`` is an :class:`~wanrt.ops.OpsPlan` (its ``vae``)
+        or that value, resolved and checked by :func:`wanrt.ops.backends.plan`. ``"eager"``: ``torch`` conv3d,
+        the reference; ``"triton"``: wanrt's implicit-GEMM causal conv3d reading the cache prefix in place
+        (CUDA, or the CPU interpreter); ``"tensorrt"``: the Engine decodes with a TensorRT engine of the
+        decoder step, and this module (the encoder, and any decode outside that engine) runs eager.
 
         Raises:
             ValueError: another name.
         """
-        if backend not in ("eager", "triton"):
-            raise ValueError(f"VAE conv backend must be 'eager' or 'triton', got {backend!r}")
+        backend = getattr(backend, "vae", backend)  # an OpsPlan
+        if backend not in ("eager", "triton", "tensorrt"):
+            raise ValueError(f"VAE backend must be 'eager', 'triton' or 'tensorrt', got {backend!r}")
+        conv = "triton" if backend == "triton" else "eager"
         for m in self.modules():
             if isinstance(m, (CausalConv3d, Resample)):
-                m.backend = backend
+                m.backend = conv
 
     def new_encoder_cache(self) -> CausalCache:
         """An empty cache for one :meth:`encode_chunk` sequence (24 slots for Wan2.1)."""

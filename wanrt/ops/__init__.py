@@ -1,7 +1,7 @@
 """Operator entry points used by wanrt's model code, and the backend registry.
 
 Each op has one public entry point here and a pure-PyTorch twin with the same signature
-(``*_eager``) that reproduces the official Wan2.1 numerics (docs/wan21-reference.md §2, §9).
+(``*_eager``) that reproduces the official Wan2.1 numerics (docs/model-reference.md §2, §9).
 Model code calls only the public names with the backends of its :class:`OpsPlan`
 (:mod:`wanrt.ops.backends`): ``attention`` takes an attention backend (eager, sdpa, triton,
 flash-attn, sageattention, xformers), the memory-bound ops a fused backend (eager or triton).
@@ -28,7 +28,6 @@ from wanrt.ops.backends import (
     Capabilities,
     OpsPlan,
     plan,
-    probe_capabilities,
     resolve,
 )
 from wanrt.ops.norms import (
@@ -55,6 +54,7 @@ from wanrt.ops.rope import (
     rope_rotate_eager,
     rope_table,
 )
+from wanrt.ops.selfcheck import probe_capabilities
 
 __all__ = [
     "ATTENTION_BACKENDS",

@@ -1,7 +1,7 @@
 """Multi-head attention over ``[B, S, heads, head_dim]`` tensors, with a backend per call.
 
 Reproduces ``wan/modules/attention.py::flash_attention`` of the official Wan2.1 code
-(docs/wan21-reference.md §2.7, §2.9): softmax scale ``1/sqrt(head_dim)``, no dropout, not
+(docs/model-reference.md §2.7, §2.9): softmax scale ``1/sqrt(head_dim)``, no dropout, not
 causal, optional per-sample key lengths that mask padded keys (queries are never trimmed), and
 optionally the DiT's 3-D RoPE applied to q and k first. The backends are described in
 :mod:`wanrt.ops.backends`; the optional packages are imported on first use only.

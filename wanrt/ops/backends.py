@@ -1,8 +1,10 @@
-"""The backend registry: which attention implementation and which fused-op kernels run the DiT.
+"""The backend registry: which kernel runs every op of the model, named once in one plan.
 
 A model-level backend name (``Engine(backend=...)``, ``load_transformer(backend=...)``) is resolved
-once, when the model is built, into an :class:`OpsPlan`: an attention backend plus a fused-ops
-backend for the memory-bound ops around it (QK-norm + RoPE, modulated LayerNorm, gated residuals).
+once, when the model is built, into an :class:`OpsPlan`: an attention backend, a fused-ops backend
+for the memory-bound ops around it (QK-norm + RoPE, modulated LayerNorm, gated residuals), the
+backend of the 8-bit Linears' activation quantization (``quant``) and the VAE's convolutions
+(``vae``). Nothing else chooses a kernel: the models read their plan.
 
 Attention backends (:data:`ATTENTION_BACKENDS`):
 
@@ -22,14 +24,14 @@ mask is needed, and raises at call time if given a real one, never dropping it s
 ``exact``: computes softmax attention at the input precision; ``auto`` never picks a quantized
 (inexact) backend, request ``sageattention`` explicitly.
 
-:func:`resolve` is a pure function of the request and a :class:`Capabilities` record, so the
-choice is unit-tested on the CPU with made-up capabilities; :func:`probe_capabilities` fills the
-record from the running machine without importing optional packages.
+:func:`resolve` and :func:`plan` are pure functions of the request and a :class:`Capabilities` record,
+so the choice is unit-tested on the CPU with made-up capabilities;
+:func:`wanrt.ops.selfcheck.probe_capabilities` fills the record from the running machine (Triton
+self-check included) without importing optional packages.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass, field
 
@@ -104,6 +106,12 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
 BACKEND_NAMES: tuple[str, ...] = (*ATTENTION_BACKENDS, "auto")
 
 FUSED_BACKENDS = ("eager", "triton")
+#: The 8-bit Linears' per-token activation quantization (and the int8 GEMM's rescale): torch, or
+#: wanrt's Triton kernels (:mod:`wanrt.kernels.quant`, :mod:`wanrt.kernels.modnorm_quant`).
+QUANT_BACKENDS = ("eager", "triton")
+#: The VAE's causal convolutions: torch conv3d (the reference), wanrt's Triton causal conv3d, or a
+#: TensorRT engine of the decoder step (built by the Engine; the encoder then runs eager).
+VAE_BACKENDS = ("eager", "triton", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -119,8 +127,9 @@ class Capabilities:
         packages: Import names of the optional packages that are installed.
         interpreter: Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``).
         triton_failed: Why wanrt's Triton kernels failed their self-check on this GPU
-            (:func:`wanrt.kernels.selfcheck.triton_self_check`), or ``None``. A failed check makes
-            them ineligible (``auto`` then picks another backend and logs the reason).
+            (:func:`wanrt.ops.selfcheck.triton_self_check`), or ``None``. A failed check makes
+            them ineligible (``auto`` then picks another backend and logs the reason; no Triton
+            kernel runs: attention, fused ops, activation quantization, VAE conv).
     """
 
     device_type: str
@@ -131,31 +140,6 @@ class Capabilities:
     packages: frozenset[str] = field(default_factory=frozenset)
     interpreter: bool = False
     triton_failed: str | None = None
-
-
-def probe_capabilities(device: torch.device | str, dtype: torch.dtype, head_dim: int,
-                       needs_mask: bool = False, *, self_check: bool = True) -> Capabilities:
-    """Fill :class:`Capabilities` for ``device`` without importing any optional attention package.
-
-    On a CUDA GPU with Triton (sm >= 8.0) and ``self_check``, wanrt's Triton kernels are run once per
-    process and (device, dtype, head_dim) against their eager twins (a fraction of a second after
-    compilation), and a failure is recorded in ``triton_failed``.
-    """
-    from wanrt.kernels._common import interpreting
-
-    device = torch.device(device)
-    sm = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    names = {p for b in ATTENTION_BACKENDS.values() for p in b.packages}
-    installed = frozenset(p for p in names if importlib.util.find_spec(p) is not None)
-    failed = None
-    if self_check and device.type == "cuda" and "triton" in installed and sm >= (8, 0) and dtype in _FLOAT:
-        from wanrt.kernels.selfcheck import triton_self_check
-
-        failed = triton_self_check(str(device), dtype, head_dim)
-        if failed is not None:
-            log.warning("wanrt's Triton kernels failed their self-check on %s (%s): %s; they will not be "
-                        "picked automatically", torch.cuda.get_device_name(device), dtype, failed)
-    return Capabilities(device.type, dtype, head_dim, sm, needs_mask, installed, interpreting(), failed)
 
 
 def ineligibility(name: str, caps: Capabilities, *, for_auto: bool = False) -> str | None:
@@ -240,12 +224,21 @@ def resolve(requested: str, caps: Capabilities) -> str:
     return requested
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class OpsPlan:
-    """The resolved backends of a model: ``attention`` (a name of :data:`ATTENTION_BACKENDS`) and
-    ``fused`` (``"eager"`` or ``"triton"``) for QK-norm + RoPE, modulated LayerNorm and residuals.
+    """The resolved backends of a model, one per kernel family that runs:
 
-    ``OpsPlan()`` is the reference path (everything eager).
+    * ``attention``: a name of :data:`ATTENTION_BACKENDS`;
+    * ``fused``: ``"eager"`` or ``"triton"`` for QK-norm + RoPE, modulated LayerNorm and residuals;
+    * ``quant``: ``"eager"`` or ``"triton"`` (:data:`QUANT_BACKENDS`) for the 8-bit Linears' per-token
+      activation quantization and int8 rescale (``wanrt.quant``), and the norm fused with it. ``None``
+      (the default) takes ``fused``'s value, which is what :func:`plan` resolves, so
+      ``OpsPlan("sdpa", "triton")`` equals the resolved plan of ``sdpa`` on a GPU;
+    * ``vae``: ``"eager"``, ``"triton"`` or ``"tensorrt"`` (:data:`VAE_BACKENDS`) for the VAE's causal
+      convolutions (``WanVAE.set_backend``; ``"tensorrt"``: the Engine decodes with a TensorRT engine).
+
+    ``OpsPlan()`` is the reference path (everything eager). Plans are equal (and hash equal) when every
+    field is; the repr names every kernel.
 
     ``fuse_rope`` (``triton`` attention only): rotate q and k inside the attention kernel as their
     tiles are loaded, or (default) in the QK-norm pass before it. Wan2.1 always has the QK-norm pass,
@@ -258,12 +251,25 @@ class OpsPlan:
     attention: str = "eager"
     fused: str = "eager"
     fuse_rope: bool = False
+    quant: str | None = None  # None: as ``fused``
+    vae: str = "eager"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {self.attention!r}; choose one of {list(ATTENTION_BACKENDS)}")
         if self.fused not in FUSED_BACKENDS:
             raise ValueError(f"fused backend must be one of {FUSED_BACKENDS}, got {self.fused!r}")
+        if self.quant is None:
+            object.__setattr__(self, "quant", self.fused)  # frozen: set once, before anyone hashes it
+        if self.quant not in QUANT_BACKENDS:
+            raise ValueError(f"quant backend must be one of {QUANT_BACKENDS}, got {self.quant!r}")
+        if self.vae not in VAE_BACKENDS:
+            raise ValueError(f"VAE backend must be one of {VAE_BACKENDS}, got {self.vae!r}")
+
+    def __repr__(self) -> str:
+        rope = ", fuse_rope=True" if self.fuse_rope else ""
+        return (f"OpsPlan(attention={self.attention!r}, fused={self.fused!r}{rope}, quant={self.quant!r}, "
+                f"vae={self.vae!r})")
 
     @property
     def name(self) -> str:
@@ -273,16 +279,38 @@ class OpsPlan:
         return self.attention if self.fused == "eager" else f"{self.attention}+{self.fused}"
 
 
-def plan(requested: str, caps: Capabilities, fused: str | None = None) -> OpsPlan:
-    """Resolve a model-level backend name into an :class:`OpsPlan`.
+def _triton_refusal(what: str, caps: Capabilities) -> str | None:
+    """Why an explicit Triton request for ``what`` cannot run under ``caps``; ``None`` when it can."""
+    if "triton" not in caps.packages:
+        return f"{what} 'triton' need the triton package (pip install triton)"
+    if caps.device_type != "cuda" and not caps.interpreter:
+        return f"{what} 'triton' run on CUDA, or on the CPU only with TRITON_INTERPRET=1"
+    if caps.triton_failed:
+        return f"{what} 'triton' failed their self-check here: {caps.triton_failed}"
+    return None
+
+
+def plan(requested: str, caps: Capabilities, fused: str | None = None, vae: str = "eager", *,
+         quant: str | None = None) -> OpsPlan:
+    """Resolve a model-level backend name (and the VAE's) into an :class:`OpsPlan`.
 
     The attention backend comes from :func:`resolve`. The fused ops follow it: ``eager`` for the
     ``eager`` backend (the exact reference path), ``triton`` for the ``triton`` backend, and for
-    the others ``triton`` on a CUDA GPU with Triton installed (sm >= 8.0), else ``eager``. Pass
-    ``fused`` to override (``"triton"`` off CUDA needs the interpreter).
+    the others ``triton`` on a CUDA GPU with Triton installed (sm >= 8.0) whose self-check passed,
+    else ``eager``. Pass ``fused`` to override (``"triton"`` off CUDA needs the interpreter).
+
+    The 8-bit Linears' activation quantization follows the fused ops: ``triton`` exactly when
+    they resolve to ``triton`` (so never for ``eager``, never without Triton, after a failed
+    self-check, or on the CPU unless the interpreter was asked for explicitly). Pass ``quant`` to
+    override; ``"triton"`` is checked as ``fused``.
+
+    ``vae`` is the VAE's request, never automatic: ``"eager"``; ``"triton"`` (checked as ``fused``);
+    ``"tensorrt"`` (a CUDA device; the ``tensorrt`` import itself is checked by
+    :func:`wanrt.graph.tensorrt_vae.require_tensorrt`, which this pure function does not call).
 
     Raises:
-        ValueError, BackendUnavailableError: as :func:`resolve`, or a ``fused`` that cannot run.
+        ValueError, BackendUnavailableError: as :func:`resolve`, or a ``fused``, ``quant`` or ``vae``
+            that is unknown or cannot run.
     """
     attn = resolve(requested, caps)
     if fused is None:
@@ -293,15 +321,19 @@ def plan(requested: str, caps: Capabilities, fused: str | None = None) -> OpsPla
         else:
             on_gpu = caps.device_type == "cuda" and "triton" in caps.packages and (caps.sm or (0, 0)) >= (8, 0)
             fused = "triton" if on_gpu and not caps.triton_failed else "eager"
-    elif fused == "triton":
-        if "triton" not in caps.packages:
-            raise BackendUnavailableError("fused ops 'triton' need the triton package (pip install triton)")
-        if caps.device_type != "cuda" and not caps.interpreter:
-            raise BackendUnavailableError(
-                "fused ops 'triton' run on CUDA, or on the CPU only with TRITON_INTERPRET=1")
-        if caps.triton_failed:
-            raise BackendUnavailableError(f"fused ops 'triton' failed their self-check here: {caps.triton_failed}")
-    result = OpsPlan(attn, fused)
+    elif fused == "triton" and (reason := _triton_refusal("fused ops", caps)) is not None:
+        raise BackendUnavailableError(reason)
+    if quant is None:
+        quant = fused  # fused == "triton" passed every check above
+    elif quant == "triton" and (reason := _triton_refusal("activation quantization kernels", caps)) is not None:
+        raise BackendUnavailableError(reason)
+    if vae not in VAE_BACKENDS:
+        raise ValueError(f"VAE backend must be one of {VAE_BACKENDS}, got {vae!r}")
+    if vae == "triton" and (reason := _triton_refusal("VAE convolutions", caps)) is not None:
+        raise BackendUnavailableError(reason)
+    if vae == "tensorrt" and caps.device_type != "cuda":
+        raise BackendUnavailableError(f"VAE backend 'tensorrt' needs a CUDA device, not {caps.device_type}")
+    result = OpsPlan(attn, fused, quant=quant, vae=vae)
     if requested == "auto":
         log.info("backend 'auto' resolved to %s (device %s, %s, head_dim %d)",
                  result.name, caps.device_type, str(caps.dtype).replace("torch.", ""), caps.head_dim)

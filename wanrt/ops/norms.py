@@ -1,7 +1,7 @@
 """Normalisation ops of the Wan2.1 DiT, their fusions, and their eager twins.
 
 The eager twins reproduce the official dtype behaviour (``WanRMSNorm``, ``WanLayerNorm`` and the
-block arithmetic of ``WanAttentionBlock`` in ``wan/modules/model.py``; docs/wan21-reference.md
+block arithmetic of ``WanAttentionBlock`` in ``wan/modules/model.py``; docs/model-reference.md
 §2.6, §2.7, §9.1, §9.2): statistics in float32, the normalised value rounded back to the input
 dtype before the (float32) weight, modulation and gated residuals in float32.
 

@@ -1,7 +1,7 @@
 """3-D rotary position embedding (RoPE) of the Wan2.1 DiT.
 
 Reproduces ``rope_params`` / ``rope_apply`` of ``wan/modules/model.py``
-(docs/wan21-reference.md §2.8, §9.6):
+(docs/model-reference.md §2.8, §9.6):
 
 * ``head_dim`` is split into three axes (frame, height, width) of ``d - 4*(d//6)``,
   ``2*(d//6)`` and ``2*(d//6)`` real dims (44/42/42 for d = 128).

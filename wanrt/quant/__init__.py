@@ -5,7 +5,7 @@ attention and FFN projections: self- and cross-attention q/k/v/o, the image k/v,
 :class:`~wanrt.quant.layers.FP8Linear`, :class:`~wanrt.quant.layers.Int8Linear` or
 :class:`~wanrt.quant.layers.Int8WeightOnlyLinear`, one layer at a time. Modulation tables, time/text embeddings,
 the patch embedding, img_emb, the head and the norms stay in high precision, the same set every fp8 Wan
-checkpoint keeps high (docs: checkpoints-and-formats.md).
+checkpoint keeps high (docs/model-reference.md §10.3).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One denoising step's model evaluation: classifier-free guidance over the DiT, with the two branches
 batched, TeaCache step skipping and CUDA-graph replay.
 
-The official loop (``wan/text2video.py``; docs/wan21-reference.md §6) runs two batch-1 DiT passes
+The official loop (``wan/text2video.py``; docs/model-reference.md §6.6) runs two batch-1 DiT passes
 per step and combines them as ``v = v_u + g·(v_c − v_u)``. :class:`GuidedStep` computes the same
 velocity, with three independent options:
 
@@ -18,6 +18,7 @@ into one), so the loop allocates nothing per step beyond a scalar for the NaN ch
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +42,11 @@ class GuidedStep:
         guidance_scale: CFG scale ``g``.
         batch_cfg: Run both branches in one batch-2 forward.
         teacache: Step cache (``reset()`` is the caller's job between videos), or None.
-        graphs: ``{with_residual: StepGraphs}`` wrapping :func:`computed_forward` (see
-            :func:`make_step_graphs`), or None (eager).
+        graphs: the :class:`StepGraphSet` of :func:`make_step_graphs` wrapping :func:`computed_forward`, or None
+            (eager).
         recorder: Called per branch and step with the modulated input and the branch's velocity.
         y: i2v/flf2v: the conditioning ``[1, 20, F, H, W]`` (mask 4 + VAE latent 16), shared by both branches
-            (only the text differs between them, ``wan21-reference.md`` §7.9).
+            (only the text differs between them, ``docs/model-reference.md`` §7.9).
         clip_fea: i2v/flf2v: CLIP features ``[1, 257 or 514, image_dim]``, shared by both branches.
 
     Raises:
@@ -85,8 +86,8 @@ class GuidedStep:
             return computed_forward(self.model, x, t, context, with_residual, *image)
         key = graph_key(self.model, x, context, *image)
         if with_residual:
-            return self.graphs[True](key, x, t, context, *image)
-        return self.graphs[False](key, x, t, context, *image), None
+            return self.graphs.with_residual(key, x, t, context, *image)
+        return self.graphs.plain(key, x, t, context, *image), None
 
     def _keep(self, branch: str, v: torch.Tensor) -> torch.Tensor:
         """Copy a graph output (a static buffer the next replay overwrites) into the branch's own buffer."""
@@ -159,6 +160,54 @@ class GuidedStep:
 
 
 
+def denoise(step: Callable[[torch.Tensor, int, int], torch.Tensor], solver, x: torch.Tensor, *, seed: int | None = None,
+            callback: Callable[[int, int, torch.Tensor], bool | None] | None = None, cancel=None,
+            progress: bool = False) -> torch.Tensor:
+    """The denoising loop: for each of the solver's timesteps, the velocity ``step(x, t, i)`` (e.g. a
+    :class:`GuidedStep`), a non-finite check, and the solver's update of ``x``.
+
+    Args:
+        step: the model evaluation, ``[1, 16, F, H, W]`` float32 velocity at timestep ``t`` (step index ``i``).
+        solver: from :func:`wanrt.sampling.make_solver` (``timesteps``, ``step(v, i, x)``).
+        x: the initial noise ``[1, 16, F, H, W]`` float32 on the model's device.
+        seed: reported on :class:`~wanrt.request.Cancelled`.
+        callback: ``callback(i, num_steps, x)`` after each step; returning False cancels.
+        cancel: a ``threading.Event`` checked before the first step and after each.
+        progress: a tqdm bar.
+
+    Returns:
+        The denoised latents (a solver buffer on the device).
+
+    Raises:
+        FloatingPointError: the velocity holds NaN/Inf (names the step and timestep).
+        Cancelled: with the step reached and a CPU copy of the latents at that point.
+    """
+    from tqdm.auto import tqdm
+
+    from ..request import Cancelled
+
+    def stop(i: int) -> Cancelled:
+        return Cancelled(i, x.detach().to("cpu", torch.float32, copy=True), seed)
+
+    if cancel is not None and cancel.is_set():
+        raise stop(-1)
+    timesteps = solver.timesteps.tolist()
+    bar = tqdm(total=len(timesteps), disable=not progress, desc="denoise", unit="step")
+    try:
+        for i, t in enumerate(timesteps):
+            v = step(x, int(t), i)
+            if not torch.isfinite(v.sum()):  # a NaN/Inf anywhere makes the sum non-finite
+                raise FloatingPointError(f"the DiT produced NaN/Inf at step {i} (timestep {t})")
+            x = solver.step(v, i, x)
+            bar.update(1)
+            if (callback is not None and callback(i, len(timesteps), x) is False) or \
+                    (cancel is not None and cancel.is_set()):
+                raise stop(i)
+    finally:
+        bar.close()
+    return x
+
+
 def computed_forward(model: WanDiT, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                      with_residual: bool, y: torch.Tensor | None = None,
                      clip_fea: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -180,9 +229,21 @@ def graph_key(model: WanDiT, x: torch.Tensor, context: torch.Tensor, *image: tor
     return (tuple(x.shape), tuple(context.shape), *(tuple(c.shape) for c in image), model.plan, dtype)
 
 
-def make_step_graphs(model: WanDiT, max_graphs: int = 4, capturer=None) -> dict[bool, object]:
-    """``{with_residual: StepGraphs}`` capturing :func:`computed_forward` of ``model`` (one wrapper per
-    output signature, each an LRU of at most ``max_graphs`` shapes)."""
+class StepGraphSet(NamedTuple):
+    """The two CUDA-graph wrappers of a DiT step: ``plain`` (velocity only) and ``with_residual`` (velocity and
+    the blocks' residual, for TeaCache), each a :class:`~wanrt.graph.cuda_graphs.StepGraphs` LRU of shapes."""
+
+    plain: object
+    with_residual: object
+
+    def stats(self) -> dict[str, dict]:
+        """``{"plain": {...}, "with_residual": {...}}``: captures, replays, evictions, fallbacks, eager calls."""
+        return {"plain": dict(self.plain.stats), "with_residual": dict(self.with_residual.stats)}
+
+
+def make_step_graphs(model: WanDiT, max_graphs: int = 4, capturer=None) -> StepGraphSet:
+    """The :class:`StepGraphSet` capturing :func:`computed_forward` of ``model`` (one wrapper per output
+    signature, each an LRU of at most ``max_graphs`` shapes)."""
     from ..graph.cuda_graphs import StepGraphs
 
     def with_res(x, t, context, *image):
@@ -191,5 +252,6 @@ def make_step_graphs(model: WanDiT, max_graphs: int = 4, capturer=None) -> dict[
     def without_res(x, t, context, *image):
         return computed_forward(model, x, t, context, False, *image)[0]
 
-    return {True: StepGraphs(with_res, max_graphs=max_graphs, capturer=capturer, name="dit+residual"),
-            False: StepGraphs(without_res, max_graphs=max_graphs, capturer=capturer, name="dit")}
+    return StepGraphSet(plain=StepGraphs(without_res, max_graphs=max_graphs, capturer=capturer, name="dit"),
+                        with_residual=StepGraphs(with_res, max_graphs=max_graphs, capturer=capturer,
+                                                 name="dit+residual"))
