@@ -304,7 +304,6 @@ def resolve_request(
     teacache_mode: str | None = None,
     teacache_coefficients: tuple[float, ...] | None = None,
     teacache_defaults: tuple | None = None,
-    require_prompt: bool = True,
 ) -> Request:
     """Fill the preset's defaults into what was not given and judge everything (pure: no model is touched).
 
@@ -339,7 +338,7 @@ def resolve_request(
     if not _is_int(seed) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
 
-    if require_prompt and prompt is None and prompt_embeds is None:
+    if prompt is None and prompt_embeds is None:
         raise ValueError("give a prompt or prompt_embeds")
     if prompt is not None and prompt_embeds is not None:
         raise ValueError("give either prompt or prompt_embeds, not both")
