@@ -360,14 +360,15 @@ def test_tensorrt_decoder_matches_the_vae(tiny_official, tmp_path, no_tf32, trt_
 
 
 def test_engine_tensorrt_vae_backend_decodes_like_eager(tiny_official, tmp_path, monkeypatch, no_tf32, trt_tools):
-    """Engine(vae_backend="tensorrt") builds its engines under ./build/trt: run it from tmp_path."""
+    """Engine(vae_backend="tensorrt") builds its engines under $WANRT_CACHE_DIR/trt, never under the cwd."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANRT_CACHE_DIR", str(tmp_path / "cache"))
     e = wanrt.Engine("tiny", tiny_official, device="cuda", precision="fp32", vae_backend="tensorrt")
     latents = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = e.vae.decode(latents.cuda())
     out = e.decode(latents)
-    assert (tmp_path / "build" / "trt").is_dir()
+    assert (tmp_path / "cache" / "trt").is_dir() and not (tmp_path / "build").exists()
     rel = relative_error(out, ref)
     assert rel < TRT_BOUND[True], f"Engine TensorRT decode (FP16 mode) vs eager: relative error {rel:.3e}"
 
