@@ -6,30 +6,17 @@ the comparison (TensorRT) the bound is argued from the formats. GPU measurements
 (benchmarks/gpu_suite.sh writes them to benchmarks/results/gpu_tests_<device>.txt).
 """
 
-import contextlib
 import importlib.util
 
 import pytest
 import torch
 
 import wanrt
-from wanrt.testing import Tolerance, assert_close, relative_error
+from wanrt.testing import Tolerance, assert_close, relative_error, tf32_off
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=3, progress=False)
-
-
-@contextlib.contextmanager
-def _tf32_off():
-    """Full-precision fp32 matmuls and cuDNN convolutions inside the block; the previous flags restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture
@@ -39,7 +26,7 @@ def no_tf32():
     PyTorch runs cuDNN convolutions (the VAE) in TF32 by default, and TF32 keeps 10 mantissa bits (~1e-3), far
     above the 1e-4 the fp32 comparisons allow; restoring the flags keeps every test independent of the order.
     """
-    with _tf32_off():
+    with tf32_off():
         yield
 
 
@@ -271,7 +258,7 @@ QUANT_GENERATION_BOUND = {"fp8": 8e-2, "int8": 2.5e-2, "int8-wo": 1.7e-2}
 @pytest.fixture(scope="module")
 def fp32_cuda_latents(tiny_official):
     """The fp32 CUDA loop's final latents (TF32 off), shared by the 8-bit precisions."""
-    with _tf32_off():
+    with tf32_off():
         e = wanrt.Engine("tiny", tiny_official, device="cuda", precision="fp32")
         return e.generate("a corgi", seed=7, **SMALL).latents
 

@@ -86,10 +86,18 @@ def _reference_video(ckpt, first: np.ndarray, last: np.ndarray | None, noise, co
     video[:, :, 0] = frames[0]
     if last is not None:
         video[:, :, -1] = frames[1]
+    x, out, _ = _reference_loop(dit, vae, video, last is not None, image_embeds, noise, cond, uncond, steps, shift, g)
+    return x, out
+
+
+def _reference_loop(dit, vae, video, last: bool, image_embeds, noise, cond, uncond, steps, shift, g):
+    """From the conditioning video on: its VAE latents with the mask, the Euler loop with CFG, the decode.
+    Returns ``(latents, decoded video in [-1, 1], conditioning y)``."""
+    num_frames, lat_h, lat_w = video.shape[2], noise.shape[3], noise.shape[4]
     mu = vae.encode(video).latent_dist.mode()
     mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
-    condition = torch.cat([_reference_mask(num_frames, lat_h, lat_w, last is not None), (mu - mean) * inv_std], 1)
+    condition = torch.cat([_reference_mask(num_frames, lat_h, lat_w, last), (mu - mean) * inv_std], 1)
 
     def pad(e):
         return torch.cat([e, e.new_zeros(1, 512 - e.shape[1], e.shape[2])], dim=1)
@@ -102,8 +110,7 @@ def _reference_video(ckpt, first: np.ndarray, last: np.ndarray | None, noise, co
         v_c = dit(inp, t, pad(cond), encoder_hidden_states_image=image_embeds, return_dict=False)[0]
         v_u = dit(inp, t, pad(uncond), encoder_hidden_states_image=image_embeds, return_dict=False)[0]
         x = x + (sig[i + 1] - sig[i]) * (v_u + g * (v_c - v_u))
-    out = vae.decode(x / inv_std + mean, return_dict=False)[0].clamp(-1, 1)
-    return x, out
+    return x, vae.decode(x / inv_std + mean, return_dict=False)[0].clamp(-1, 1), condition
 
 
 def _embeds(engine, seed=0):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_i2v import _embeds, _euler_sigmas, _image, _reference_clip, _reference_mask, _to_tensor
+from test_i2v import _embeds, _image, _reference_clip, _reference_loop, _to_tensor
 
 import wanrt
 from wanrt.testing import Tolerance, assert_close
@@ -70,24 +70,9 @@ def _reference(ckpt, first: np.ndarray, last: np.ndarray | None, size, noise, co
     video[:, :, 0] = F.interpolate(frames[0][None], size=(h, w), mode="bicubic", align_corners=False)[0]
     if last is not None:
         video[:, :, -1] = F.interpolate(frames[1][None], size=(h, w), mode="bicubic", align_corners=False)[0]
-    mu = vae.encode(video).latent_dist.mode()
-    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
-    mask = _reference_mask(num_frames, h // 8, w // 8, last is not None)
-    condition = torch.cat([mask, (mu - mean) * inv_std], 1)
-
-    def pad(e):
-        return torch.cat([e, e.new_zeros(1, 512 - e.shape[1], e.shape[2])], dim=1)
-
-    sig = _euler_sigmas(steps, shift)
-    x = noise.clone()
-    for i in range(steps):
-        t = torch.tensor([int(sig[i] * 1000)])
-        inp = torch.cat([x, condition], dim=1)
-        v_c = dit(inp, t, pad(cond), encoder_hidden_states_image=image_embeds, return_dict=False)[0]
-        v_u = dit(inp, t, pad(uncond), encoder_hidden_states_image=image_embeds, return_dict=False)[0]
-        x = x + (sig[i + 1] - sig[i]) * (v_u + g * (v_c - v_u))
-    return x, vae.decode(x / inv_std + mean, return_dict=False)[0].clamp(-1, 1), condition, image_embeds
+    x, out, condition = _reference_loop(dit, vae, video, last is not None, image_embeds, noise, cond, uncond,
+                                        steps, shift, g)
+    return x, out, condition, image_embeds
 
 
 @pytest.mark.parametrize("task", ["i2v", "flf2v"])

@@ -181,24 +181,18 @@ class EngineConfig:
 
 
 def engine_config(device, precision: str, backend: str, options: dict) -> EngineConfig:
-    """The validated :class:`EngineConfig`, with the VAE backend checked against this machine: every option
-    error is raised before a checkpoint is read or the tiny checkpoint is written.
+    """The validated :class:`EngineConfig`: every option error is raised before a checkpoint is read or the tiny
+    checkpoint is written. A TensorRT VAE is checked here for its package (the pure plan resolver, which decides
+    whether the Triton kernels can run, imports nothing); the kernels themselves are resolved by
+    :func:`check_kernels` / ``load_transformer`` before any weight is read.
 
     Raises:
-        ValueError: a bad option; BackendUnavailableError: a VAE backend that cannot run here.
+        ValueError: a bad option; BackendUnavailableError: TensorRT is not installed.
     """
     from .checkpoints.loaders import _device
 
     config = EngineConfig(_device(device), precision, backend, **options)
-    if config.vae_backend == "triton":
-        from .kernels._common import interpreting, triton_installed
-
-        if not triton_installed() or (config.device.type != "cuda" and not interpreting()):
-            from .ops.backends import BackendUnavailableError
-
-            raise BackendUnavailableError("vae_backend 'triton' needs triton and a CUDA device (or the CPU with "
-                                          "TRITON_INTERPRET=1)")
-    elif config.vae_backend == "tensorrt":
+    if config.vae_backend == "tensorrt":
         from .graph.tensorrt_vae import require_tensorrt
 
         require_tensorrt()  # raises BackendUnavailableError with the install hint

@@ -386,11 +386,8 @@ def estimate_memory(req: Request, preset: Preset, *, dtype_bytes: int = 2, cfg_b
       720P), where the blended float32 video ``[3, F, H, W]`` is then held whole;
     * the uint8 frames ``[F, H, W, 3]`` the returned video keeps.
     """
-    a = preset.arch
     lat = math.prod(req.latent_shape) * 4 * 5
-    batch = 2 if cfg_batch and req.do_cfg else 1
-    per_token = 4 * a.dim * 4 + (5 * a.dim + a.ffn_dim) * dtype_bytes
-    dit = int(req.tokens * per_token * batch * 1.5)
+    dit = _dit_forward_bytes(req, preset, dtype_bytes) * (2 if cfg_batch and req.do_cfg else 1)
     h, w = req.height, req.width
     if tiled_vae is None:
         tiled_vae = h * w > 1280 * 720
@@ -403,15 +400,19 @@ def estimate_memory(req: Request, preset: Preset, *, dtype_bytes: int = 2, cfg_b
     return lat + dit + vae + frames
 
 
+def _dit_forward_bytes(req: Request, preset: Preset, dtype_bytes: int) -> int:
+    """Activations of one sample's DiT forward (:func:`estimate_memory`'s DiT term, batch 1)."""
+    a = preset.arch
+    return int(req.tokens * (4 * a.dim * 4 + (5 * a.dim + a.ffn_dim) * dtype_bytes) * 1.5)
+
+
 def cfg_batch_fits(req: Request, preset: Preset, device: torch.device, dtype_bytes: int = 2) -> bool:
     """Whether a batch-2 DiT forward (both CFG branches at once) fits in the free memory of ``device``: the second
     sample's activations (:func:`estimate_memory`'s DiT term) against ``torch.cuda.mem_get_info``; always True
     off CUDA."""
     if torch.device(device).type != "cuda":
         return True
-    extra = estimate_memory(req, preset, dtype_bytes=dtype_bytes, cfg_batch=True) - \
-        estimate_memory(req, preset, dtype_bytes=dtype_bytes)
-    return extra < torch.cuda.mem_get_info(device)[0]
+    return _dit_forward_bytes(req, preset, dtype_bytes) < torch.cuda.mem_get_info(device)[0]
 
 
 def device_capacity(device: torch.device | str) -> int:

@@ -8,6 +8,7 @@ tolerance, so a wrong tile or an unwritten row is visible at a glance.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -141,3 +142,17 @@ class TensorMemoryTracker:
 
     def __exit__(self, *exc) -> None:
         self._mode.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """Full-precision fp32 matmuls and cuDNN convolutions inside the block (PyTorch runs cuDNN convolutions in TF32
+    by default, ~1e-3 relative, far above the float32 tolerance of an eager reference); both previous flags are
+    restored after. Harmless on the CPU."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

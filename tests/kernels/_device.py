@@ -12,8 +12,6 @@ Imported by the test modules of this folder as ``_device`` (pytest puts the fold
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from wanrt.kernels._common import interpreting
@@ -26,20 +24,6 @@ DEVICE = "cuda" if COMPILED else "cpu"
 # Share of the elements that may round the other way on the GPU in :func:`assert_close_rounded` (as few as one
 # element in several hundred is expected; a missing rounding step moves nearly all of them).
 RARE_FLIPS = 0.02
-
-
-@contextlib.contextmanager
-def tf32_off():
-    """Full-precision fp32 cuDNN convolutions and matmuls inside the block (PyTorch runs cuDNN convolutions in TF32 by
-    default, ~1e-3, far above the float32 tolerance of an eager reference); the previous flags restored after.
-    Harmless on the CPU."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _share_outside(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> float:

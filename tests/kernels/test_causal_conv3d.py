@@ -9,11 +9,11 @@ The tiny odd shapes run where the kernel does: in the Triton interpreter on CPU 
 import pytest
 import torch
 import torch.nn.functional as F
-from _device import DEVICE, tf32_off
+from _device import DEVICE
 
 from wanrt.kernels.causal_conv3d import causal_conv3d
 from wanrt.models.vae import CausalConv3d, VAEConfig, WanVAE
-from wanrt.testing import assert_close
+from wanrt.testing import assert_close, tf32_off
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
