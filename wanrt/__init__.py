@@ -12,12 +12,18 @@ Public API::
     vae = wanrt.load_vae(path)
     t5 = wanrt.load_text_encoder(path)
     clip = wanrt.load_image_encoder(path)   # i2v / flf2v checkpoints
+
+    # torchrun --nproc-per-node 4 script.py
+    wanrt.distributed.init()
+    engine = wanrt.Engine("t2v-14b", path, parallel=wanrt.ParallelConfig(ulysses=2, ring=2))  # or "auto"
 """
 
 from .checkpoints.io import CheckpointError
 from .checkpoints.layout import LayoutError
 from .checkpoints.loaders import load_image_encoder, load_text_encoder, load_transformer, load_vae
+from . import distributed
 from .engine import Cancelled, Engine, EngineConfig, GenerationError
+from .parallel.config import ParallelConfig
 from .presets import PRESETS, Preset
 from .request import Request, resolve_request
 from .video import Video
@@ -40,4 +46,6 @@ __all__ = [
     "LayoutError",
     "GenerationError",
     "Cancelled",
+    "ParallelConfig",
+    "distributed",
 ]

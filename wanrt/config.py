@@ -12,6 +12,7 @@ import torch
 from .cache.teacache import TEACACHE_MODES  # what TeaCache compares between steps: "e" or "e0"
 from .ops.backends import BACKEND_NAMES as BACKENDS
 from .ops.backends import VAE_BACKENDS  # torch conv3d (reference), wanrt's Triton causal conv3d, TensorRT
+from .parallel.config import ParallelConfig
 from .sampling.schedulers import SOLVER_NAMES as SOLVERS
 
 #: DiT precisions and the dtype of their large weights (the 8-bit ones compute in bf16).
@@ -75,6 +76,10 @@ class EngineConfig:
         image_encoder_precision: dtype of the CLIP vision tower of i2v/flf2v models: "fp16" (the official
             dtype), "bf16" or "fp32". None (default): fp32 with precision "fp32", else fp16 on CUDA and bf16 on
             the CPU (where fp16 GEMMs are slow).
+        parallel: None (one process), a :class:`~wanrt.parallel.ParallelConfig` (Ulysses x Ring sequence
+            parallel, CFG parallel, sharded weights) or ``"auto"`` (a layout chosen from the world size and the
+            head count, logged; ``Engine.parallel`` reports it). Needs a process group: launch with torchrun and
+            call ``wanrt.distributed.init()`` first. The default device is then ``cuda:LOCAL_RANK``.
     """
 
     device: torch.device
@@ -95,6 +100,7 @@ class EngineConfig:
     image_cache_size: int = 2
     offload_image_encoder: bool = False
     image_encoder_precision: str | None = None
+    parallel: ParallelConfig | str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -140,6 +146,8 @@ class EngineConfig:
             raise ValueError(f"image_cache_size must be an int >= 0, got {self.image_cache_size!r}")
         if not isinstance(self.prompt_cache_size, int) or self.prompt_cache_size < 0:
             raise ValueError(f"prompt_cache_size must be an int >= 0, got {self.prompt_cache_size!r}")
+        if self.parallel is not None and self.parallel != "auto" and not isinstance(self.parallel, ParallelConfig):
+            raise ValueError(f"parallel must be None, 'auto' or a wanrt.ParallelConfig, got {self.parallel!r}")
 
     @property
     def use_cfg_batch(self) -> bool:
@@ -191,6 +199,15 @@ def engine_config(device, precision: str, backend: str, options: dict) -> Engine
     """
     from .checkpoints.loaders import _device
 
+    if options.get("parallel") is not None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("parallel= needs an initialized process group: launch with `torchrun "
+                               "--nproc-per-node N ...` and call wanrt.distributed.init() before creating the Engine "
+                               "(or run `wanrt generate --nproc N ...`)")
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())  # wanrt.distributed.init set LOCAL_RANK's
     config = EngineConfig(_device(device), precision, backend, **options)
     if config.vae_backend == "tensorrt":
         from .graph.tensorrt_vae import require_tensorrt

@@ -63,6 +63,8 @@ class Engine:
                 raise ValueError(f"preset {preset.name!r} needs checkpoint_dir: download the Wan2.1 weights yourself "
                                  "(official or diffusers layout) and pass the folder")
             check_kernels(config, preset.arch.dim // preset.arch.num_heads)  # before the tiny checkpoint is written
+            if config.parallel is not None:  # a layout that cannot fit fails before anything is written
+                _layout(config, preset.arch.num_heads, preset.guidance_scale)
             checkpoint_dir = cached_tiny_checkpoint("official", preset.name)
         self._load(preset, Path(checkpoint_dir), config, check=True)
 
@@ -86,15 +88,35 @@ class Engine:
         self.config, self.checkpoint_dir = config, ckpt
         dev = config.device
         quant = config.precision if config.precision in QUANTIZED_PRECISIONS else None
-        self.transformer = load_transformer(ckpt, device=dev, dtype=config.dit_dtype, backend=config.backend,
-                                            quantization=quant, vae_backend=config.vae_backend)
+        shard = getattr(config.parallel, "shard_weights", False)  # then loaded on the CPU: no replica on the GPU
+        self.transformer = load_transformer(ckpt, device="cpu" if shard else dev, dtype=config.dit_dtype,
+                                            backend="eager" if shard else config.backend, quantization=quant,
+                                            vae_backend=config.vae_backend)
         self.preset = preset = choose_preset(preset, ckpt, self.transformer.config, check)
+        self.mesh, self._shard_stats = None, None
+        if config.parallel is not None:
+            from .parallel.mesh import build_mesh
+
+            layout = _layout(config, self.transformer.config.num_heads, preset.guidance_scale)
+            self.mesh = build_mesh(layout, self.transformer.config.num_heads)
+            log.info("parallel layout: %s (rank %d)", self.mesh.describe(), self.mesh.rank)
+            if shard:
+                from .parallel.shard import shard_weights
+
+                self._shard_stats = shard_weights(self.transformer, self.mesh, dev)
+                self.transformer.set_backend(config.backend, vae=config.vae_backend)
         self.vae = load_vae(ckpt, device=dev, dtype=torch.float32)
         self.vae.set_backend(self.plan)  # the VAE's convolution, as resolved with the DiT's kernels
         self.decoder = Decoder(self.vae, dev, self.plan.vae, config.vae_tiling)
-        self.text_encoder = load_text_encoder(ckpt, config, self.transformer.config.text_len, self.plan.quant)
-        self.text = TextConditioner(self.text_encoder, dev, config.text_device, config.offload_text_encoder,
-                                    config.prompt_cache_size)
+        self.text_encoder = self.text = None
+        if self.mesh is None or self.mesh.is_root:  # in a parallel run rank 0 encodes and broadcasts
+            self.text_encoder = load_text_encoder(ckpt, config, self.transformer.config.text_len, self.plan.quant)
+            self.text = TextConditioner(self.text_encoder, dev, config.text_device, config.offload_text_encoder,
+                                        config.prompt_cache_size)
+        if self.mesh is not None:
+            from .parallel.runner import BroadcastText
+
+            self.text = BroadcastText(self.text, self.mesh, dev)
         self.image = ImageConditioner.load(ckpt, config, self.vae, self.transformer.config.image_dim) \
             if preset.task != "t2v" else None
         self.image_encoder = self.image.image_encoder if self.image is not None else None
@@ -104,7 +126,9 @@ class Engine:
             for block in self.transformer.blocks:
                 block.compile(backend=name, fullgraph=True, dynamic=False)
         self._graphs = None
-        if config.use_cuda_graphs:
+        if config.use_cuda_graphs and shard:
+            log.info("CUDA graphs are off with shard_weights (FSDP's gathers allocate per call)")
+        elif config.use_cuda_graphs:
             from .sampling.loop import make_step_graphs
 
             self._graphs = make_step_graphs(self.transformer)
@@ -113,6 +137,12 @@ class Engine:
     def device(self) -> torch.device:
         """The device the models run on."""
         return self.config.device
+
+    @property
+    def parallel(self):
+        """The layout this Engine runs under (a :class:`~wanrt.parallel.ParallelConfig`, ``"auto"`` resolved), or
+        None for a single process."""
+        return self.mesh.config if self.mesh is not None else None
 
     @property
     def plan(self):
@@ -196,6 +226,12 @@ class Engine:
         from .sampling.loop import GuidedStep, denoise
         from .sampling.schedulers import make_solver
 
+        mesh = self.mesh
+        if mesh is not None:
+            from .parallel import runner
+
+            if recorder is not None:
+                raise ValueError("TeaCache calibration runs in one process, not under a parallel layout")
         timings: dict[str, float] = {}
         t_start = t0 = time.perf_counter()
         cond, uncond = self.text(req)
@@ -209,31 +245,46 @@ class Engine:
         if req.image is not None:
             image_cond, stats["image_conditioning"] = self.image(req.image, req.last_image, req.height, req.width,
                                                                  req.num_frames, timings)
+            if mesh is not None:
+                image_cond = runner.broadcast_image(image_cond, mesh, self.device)
         batch_cfg = req.do_cfg and self.config.use_cfg_batch
         if batch_cfg and not cfg_batch_fits(req, self.preset, self.device, self.config.dit_dtype.itemsize):
             log.info("CFG branches run as two passes: a batch-2 forward would not fit in free memory")
             batch_cfg = False
         from .cache.teacache import TeaCache
 
-        teacache = TeaCache(req.teacache, req.num_inference_steps) if req.teacache is not None else None
-        step = GuidedStep(self.transformer, cond, uncond, req.guidance_scale, batch_cfg=batch_cfg,
-                          teacache=teacache, graphs=self._graphs, recorder=recorder, **image_cond)
+        if mesh is None:
+            teacache = TeaCache(req.teacache, req.num_inference_steps) if req.teacache is not None else None
+            step = GuidedStep(self.transformer, cond, uncond, req.guidance_scale, batch_cfg=batch_cfg,
+                              teacache=teacache, graphs=self._graphs, recorder=recorder, **image_cond)
+        else:
+            step, teacache = runner.make_step(self.transformer, mesh, cond, uncond, req.guidance_scale,
+                                              batch_cfg=batch_cfg, teacache_config=req.teacache,
+                                              num_steps=req.num_inference_steps, graphs=self._graphs,
+                                              image_cond=image_cond, device=self.device)
         t0 = time.perf_counter()
         x = denoise(step, make_solver(req.sample_solver, req.num_inference_steps, req.shift), x, seed=req.seed,
-                    callback=callback, cancel=cancel, progress=progress)
+                    callback=callback, cancel=cancel, progress=progress and (mesh is None or mesh.is_root),
+                    sync=runner.RankSync(mesh, self.device) if mesh is not None else None)
         self._sync()
         timings["denoise"] = time.perf_counter() - t0
         final = x.detach().to("cpu", torch.float32, copy=True)
         stats = {"cfg_batched": batch_cfg, "cuda_graphs": self._graph_stats(), "steps": req.num_inference_steps,
                  **stats}
         if teacache is not None:
-            stats["teacache"] = teacache.summary()
+            stats["teacache"] = teacache.summary() if mesh is None else runner.teacache_summary(teacache, mesh)
         fps = self.preset.fps
         if not decode:
+            if mesh is not None:
+                stats["parallel"] = runner.stats(mesh, self._graphs is not None, None, self._shard_stats)
             return Video(frames=None, fps=fps, seed=req.seed, latents=final, timings=timings, stats=stats)
         t0 = time.perf_counter()
         try:
-            frames = collect_frames(self.decode_stream(x), on_frames, keep_frames, (req.height, req.width))
+            if mesh is not None:
+                frames, how = runner.decode(self.decoder, x, mesh, on_frames, keep_frames, (req.height, req.width))
+                stats["parallel"] = runner.stats(mesh, self._graphs is not None, how, self._shard_stats)
+            else:
+                frames = collect_frames(self.decode_stream(x), on_frames, keep_frames, (req.height, req.width))
         except Exception as e:
             raise GenerationError(f"VAE decode failed after {getattr(e, 'delivered', 0)} frames ({type(e).__name__}: "
                                   f"{e}); the denoised latents are kept as .latents", final, req.seed) from e
@@ -291,6 +342,20 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _layout(config: EngineConfig, num_heads: int, guidance_scale: float):
+    """The :class:`~wanrt.parallel.ParallelConfig` of ``config.parallel`` for this world (``"auto"`` resolved with
+    CFG parallel when the preset's guidance is above 1). Raises ValueError naming the valid layouts."""
+    import torch.distributed as dist
+
+    from .parallel.config import resolve_layout
+
+    layout = resolve_layout(config.parallel, dist.get_world_size(), num_heads, guidance_scale > 1)
+    if config.parallel == "auto":
+        log.info("parallel='auto' chose ulysses %d x ring %d x cfg %d for %d ranks and %d heads", layout.ulysses,
+                 layout.ring, layout.cfg, layout.world_size, num_heads)
+    return layout
 
 
 _CALIBRATION_OPTIONS = {"negative_prompt", "image", "last_image", "max_area", "height", "width", "num_frames",

@@ -171,12 +171,13 @@ class TeaCache:
         else:
             blocks_out = blocks_in + cache.residual(branch)
 
-    :meth:`reset` before another video. Raises TypeError (``config`` not a :class:`TeaCacheConfig`) or
+    :meth:`reset` before another video. ``agree(branch, compute) -> compute`` (optional) replaces each decision
+    by the one the ranks of a parallel run agreed on (:func:`wanrt.parallel.step.teacache_agreement`). Raises TypeError (``config`` not a :class:`TeaCacheConfig`) or
     ValueError (``num_steps < 1``; ``branches`` not unique non-empty strings).
     """
 
     def __init__(self, config: TeaCacheConfig, num_steps: int,
-                 branches: tuple[str, ...] = ("cond", "uncond")) -> None:
+                 branches: tuple[str, ...] = ("cond", "uncond"), agree=None) -> None:
         if not isinstance(config, TeaCacheConfig):
             raise TypeError(f"config must be a TeaCacheConfig, got {type(config).__name__}")
         if not _is_int(num_steps) or num_steps < 1:
@@ -185,6 +186,7 @@ class TeaCache:
         if not branches or not all(isinstance(b, str) and b for b in branches) or len(set(branches)) != len(branches):
             raise ValueError(f"branches must be a non-empty tuple of unique non-empty strings, got {branches!r}")
         self.config, self.num_steps, self.branches = config, int(num_steps), branches
+        self.agree = agree
         self._coefficients = np.asarray(config.coefficients, dtype=np.float64)
         self.reset()
 
@@ -235,6 +237,8 @@ class TeaCache:
             if math.isfinite(rel):  # a non-finite rel (prev all zeros) computes
                 st.accumulated += float(np.polyval(self._coefficients, rel))
                 compute = not (st.accumulated < cfg.threshold and st.residual is not None)
+        if self.agree is not None:  # ranks of a parallel run follow one decision (wanrt.parallel.step)
+            compute = bool(self.agree(branch, compute)) or st.residual is None
         if compute:
             st.accumulated = 0.0
         if cfg.enabled:  # disabled: exactly the uncached run (no comparison, no sync, no buffer)

@@ -143,7 +143,7 @@ class _Projections(nn.Module):
 class SelfAttention(_Projections):
     """Official ``WanSelfAttention``: q/k RMS norm over ``dim``, 3-D RoPE, full attention."""
 
-    def forward(self, x: torch.Tensor, rope: RopeTable, plan: OpsPlan = _EAGER) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTable, plan: OpsPlan = _EAGER, sp=None) -> torch.Tensor:
         """Self-attention.
 
         Args:
@@ -151,12 +151,18 @@ class SelfAttention(_Projections):
             rope: Per-token RoPE rotations of the token grid.
             plan: Backends; with the ``triton`` attention backend the RoPE is applied inside the
                 attention kernel, otherwise together with the QK-norm (float64 on the eager path).
+            sp: sequence parallel (``wanrt.parallel.dit``): ``x`` is this rank's token shard, ``rope`` its
+                rows, and ``sp(q, k, v, plan)`` attends over the whole sequence (RoPE applied before it).
 
         Returns:
             ``[B, S, dim]`` in the dtype of ``o``'s weight.
         """
         v = self.v(x).unflatten(2, (self.num_heads, self.head_dim))  # [B, S, n, d], compute dtype
-        if plan.attention == "triton" and plan.fuse_rope:  # RoPE fused into the attention kernel
+        if sp is not None:  # this rank's tokens; the whole sequence is attended across the ranks
+            q = self._heads(self.q(x), self.norm_q, rope, v.dtype, plan)  # [B, S_local, n, d]
+            k = self._heads(self.k(x), self.norm_k, rope, v.dtype, plan)  # [B, S_local, n, d]
+            out = sp(q, k, v, plan)  # [B, S_local, n, d]
+        elif plan.attention == "triton" and plan.fuse_rope:  # RoPE fused into the attention kernel
             q = self._heads(self.q(x), self.norm_q, None, v.dtype, plan)  # [B, S, n, d]
             k = self._heads(self.k(x), self.norm_k, None, v.dtype, plan)  # [B, S, n, d]
             out = attention(q, k, v, rope=rope, backend="triton")  # [B, S, n, d]
@@ -257,6 +263,7 @@ class Block(nn.Module):
         context: torch.Tensor,
         context_img: torch.Tensor | None,
         plan: OpsPlan = _EAGER,
+        sp=None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One block.
 
@@ -265,7 +272,7 @@ class Block(nn.Module):
             h: ``norm1(x) * (1 + scale_sa) + shift_sa`` in the self-attention GEMM dtype.
             mod: :meth:`chunks` of this block.
             rope: RoPE rotations; context, context_img: embedded text/image tokens.
-            plan: Backends.
+            plan: Backends. sp: sequence parallel attention (see :meth:`SelfAttention.forward`), or None.
 
         Returns:
             ``(x, (y, gate))``: the float32 residual after cross-attention and the FFN output
@@ -274,7 +281,7 @@ class Block(nn.Module):
         _, _, gate_sa, shift_ff, scale_ff, gate_ff = mod
         fused = plan.fused
         prequant = plan.quant == fused  # the norm quantizes for the 8-bit Linears only with the plan's quant kernel
-        y = self.self_attn(h, rope, plan)  # [B, S, dim]
+        y = self.self_attn(h, rope, plan, sp) if sp is not None else self.self_attn(h, rope, plan)  # [B, S, dim]
         if isinstance(self.norm3, LayerNorm):
             x, h = gated_residual_layer_norm(
                 x, y, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias,
@@ -356,6 +363,7 @@ class DiTInputs:
         context_img: Embedded CLIP tokens ``[B, N_img, dim]`` (i2v/flf2v) or None.
         rope: RoPE rotations of the token grid.
         grid: Token grid ``(F', H', W')``.
+        sp: sequence parallel attention when ``x`` is one rank's token shard (``wanrt.parallel.dit``), else None.
     """
 
     x: torch.Tensor
@@ -365,6 +373,7 @@ class DiTInputs:
     context_img: torch.Tensor | None
     rope: RopeTable
     grid: tuple[int, int, int]
+    sp: Any = None
 
 
 _KEEP_FP32 = re.compile(
@@ -569,7 +578,7 @@ class WanDiT(nn.Module):
                     x, *pending, eps, shift=mod[0], scale=mod[1], out_dtype=out_dtype, quantize=quant,
                     backend=plan.fused,
                 )  # previous block's output x + y*gate_ffn, and this block's norm1 + modulation
-            x, pending = block(x, h, mod, inp.rope, inp.context, inp.context_img, plan)
+            x, pending = block(x, h, mod, inp.rope, inp.context, inp.context_img, plan, inp.sp)
         return x, pending
 
     def run_head(
@@ -585,6 +594,17 @@ class WanDiT(nn.Module):
             ``[B, S, dim]`` (float32 when a block ran), for step caches that store
             ``blocks_out - inp.x``.
         """
+        out, x = self.head_tokens(inp, x, pending)  # [B, S, pt*ph*pw*out_dim]
+        return self._unpatchify(out, inp.grid).float(), x
+
+    def head_tokens(
+        self,
+        inp: DiTInputs,
+        x: torch.Tensor,
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`run_head` before the unpatchify: ``(tokens [B, S, pt*ph*pw*out_dim], blocks_out [B, S, dim])``
+        (per token, so a rank can run it on its own token shard)."""
         plan, eps = self.plan, self.config.eps
         shift, scale = self.head.chunks(inp.e)  # 2 x [B, 1, dim]
         head_dtype = self.head.head.weight.dtype
@@ -594,8 +614,7 @@ class WanDiT(nn.Module):
             x, h = gated_residual_layer_norm(
                 x, *pending, eps, shift=shift, scale=scale, out_dtype=head_dtype, backend=plan.fused
             )
-        out = self.head.head(h)  # [B, S, pt*ph*pw*out_dim]
-        return self._unpatchify(out, inp.grid).float(), x
+        return self.head.head(h), x  # [B, S, pt*ph*pw*out_dim], [B, S, dim]
 
     # ---------------------------------------------------------------- helpers
 

@@ -34,14 +34,23 @@ def valid_layouts(world_size: int, num_heads: int) -> list[str]:
 class ParallelConfig:
     """A layout of ranks: ``ulysses * ring * cfg`` ranks in all.
 
+    Attributes:
+        ulysses: ranks whose all-to-all trades token shards for head shards (divides the head count).
+        ring: ranks passing key/value shards around a ring (any count).
+        cfg: 2 puts the conditional and unconditional guidance branches on the two halves of the world.
+        shard_weights: shard the DiT blocks' Linears over every rank with FSDP2 (``wanrt.parallel.shard``).
+        frames_on_all_ranks: every rank's ``Video.frames`` holds the video (broadcast from rank 0); otherwise
+            the other ranks get ``frames=None`` and the same metadata.
+
     Raises ``ValueError`` (from ``__post_init__``) when ``ulysses`` or ``ring`` is not a positive int, ``cfg``
-    is not 1 or 2, or ``shard_weights`` is not a bool.
+    is not 1 or 2, or ``shard_weights`` / ``frames_on_all_ranks`` is not a bool.
     """
 
     ulysses: int = 1
     ring: int = 1
     cfg: int = 1
     shard_weights: bool = False
+    frames_on_all_ranks: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ulysses", "ring", "cfg"):
@@ -50,8 +59,9 @@ class ParallelConfig:
                 raise ValueError(f"ParallelConfig.{name} must be a positive int, got {value!r}")
         if self.cfg not in (1, 2):
             raise ValueError(f"ParallelConfig.cfg must be 1 or 2 (the two guidance branches), got {self.cfg!r}")
-        if not isinstance(self.shard_weights, bool):
-            raise ValueError(f"ParallelConfig.shard_weights must be a bool, got {self.shard_weights!r}")
+        for name in ("shard_weights", "frames_on_all_ranks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ParallelConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def sp(self) -> int:
@@ -93,3 +103,19 @@ class ParallelConfig:
         sp = world_size // cfg
         ulysses = max(d for d in _divisors(sp) if num_heads % d == 0)
         return cls(ulysses=ulysses, ring=sp // ulysses, cfg=cfg)
+
+
+def resolve_layout(parallel: ParallelConfig | str, world_size: int, num_heads: int, guidance: bool) -> ParallelConfig:
+    """``parallel`` itself (checked against ``world_size`` and ``num_heads``), or for ``"auto"`` the layout of
+    :meth:`ParallelConfig.auto`.
+
+    Raises:
+        ValueError: a layout that does not fit (the message lists the valid ones), or ``parallel`` neither a
+            ``ParallelConfig`` nor ``"auto"``.
+    """
+    if parallel == "auto":
+        return ParallelConfig.auto(world_size, num_heads, guidance)
+    if not isinstance(parallel, ParallelConfig):
+        raise ValueError(f"parallel must be a ParallelConfig, 'auto' or None, got {parallel!r}")
+    parallel.check(world_size, num_heads)
+    return parallel

@@ -10,11 +10,16 @@ Inference only: no autograd.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from .comm import heads_to_seq, seq_to_heads
+
+
+#: ``attn(q, k, v) -> (out, lse)``: attention of ``q`` over every key of ``k``/``v`` with its log-sum-exp.
+LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,7 +66,8 @@ def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: torch.Tensor | None = None,
-                   group=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   group=None, *, block_lens: Sequence[int] | None = None,
+                   attn: LseAttention | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of this rank's queries over the keys of every rank of ``group`` (concatenated in rank order).
 
     Each rank holds equal-length shards ``q``/``k``/``v`` ``[B, S_local, H, D]`` (pad with ``pad_to_multiple``
@@ -69,8 +75,15 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: t
     (rank r sends to r+1, receives from r-1) with ``batch_isend_irecv``, the next transfer overlapping the
     current block's attention, and each block is merged into the running result. Returns ``(out, lse)`` as
     ``attention_with_lse`` over the full key sequence.
+
+    ``block_lens`` (one int per rank of ``group``, in ring-rank order) says instead that only the first
+    ``block_lens[j]`` keys of rank ``j``'s block are valid (padding at the end of the sequence): no mask
+    travels, each block is sliced to its valid keys (an empty block contributes nothing), and ``attn(q, k, v)``
+    (default the eager :func:`attention_with_lse`; see :func:`lse_attention`) computes each block.
     """
     world = dist.get_world_size(group)
+    if block_lens is not None:
+        return _ring_prefix(q, k, v, list(block_lens), group, attn or attention_with_lse)
     if k_valid is None:
         k_valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
     if world == 1:
@@ -95,6 +108,71 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: t
         if reqs:
             blocks = incoming
     return out, lse
+
+
+def _ring_prefix(q, k, v, block_lens: list[int], group, attn: LseAttention):
+    """Ring attention where rank ``j``'s block has ``block_lens[j]`` valid keys (a prefix)."""
+    world = dist.get_world_size(group)
+    if len(block_lens) != world:
+        raise ValueError(f"block_lens has {len(block_lens)} entries for a ring of {world} ranks")
+    rank = dist.get_rank(group)
+    nxt = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
+    prv = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
+    blocks = [k.contiguous(), v.contiguous()]
+    out = lse = None
+    for step in range(world):
+        reqs = []
+        if step + 1 < world:
+            incoming = [torch.empty_like(t) for t in blocks]
+            ops = [dist.P2POp(dist.isend, t, nxt, group) for t in blocks]
+            ops += [dist.P2POp(dist.irecv, t, prv, group) for t in incoming]
+            reqs = dist.batch_isend_irecv(ops)
+        n = block_lens[(rank - step) % world]  # the block now held came from ring rank (rank - step)
+        if n > 0:
+            o, l = attn(q, blocks[0][:, :n], blocks[1][:, :n])
+            o, l = o.to(_acc_dtype(q.dtype)), l.to(_acc_dtype(q.dtype))
+            out, lse = (o, l) if out is None else merge(out, lse, o, l)
+        for req in reqs:
+            req.wait()
+        if reqs:
+            blocks = incoming
+    if out is None:  # no valid key anywhere
+        b, s, h, d = q.shape
+        out = q.new_zeros((b, s, h, d), dtype=_acc_dtype(q.dtype))
+        lse = q.new_full((b, h, s), float("-inf"), dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+def lse_attention(backend: str) -> LseAttention:
+    """The attention-with-log-sum-exp of a kernel backend, for the blocks of Ring attention.
+
+    ``flash-attn`` (when installed, CUDA, fp16/bf16): ``flash_attn_func(..., return_attn_probs=True)``, whose
+    second output is the log-sum-exp. Every other backend: the eager :func:`attention_with_lse` (float32
+    scores; memory ``B*H*Sq*Sk*4`` bytes per block, computed in query chunks of at most 2**28 scores).
+    """
+    if backend == "flash-attn":
+        from flash_attn import flash_attn_func  # an optional extra: only imported when selected
+
+        def flash(q, k, v):
+            if q.dtype not in (torch.float16, torch.bfloat16):
+                return chunked_attention_with_lse(q, k, v)
+            out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+            return out, lse
+
+        return flash
+    return chunked_attention_with_lse
+
+
+def chunked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               max_scores: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_with_lse` (no mask) with the queries cut so that no chunk holds more than ``max_scores``
+    float32 scores; the same result."""
+    b, sq, h, _ = q.shape
+    step = max(1, max_scores // max(1, b * h * k.shape[1]))
+    if step >= sq:
+        return attention_with_lse(q, k, v)
+    parts = [attention_with_lse(q[:, i:i + step], k, v) for i in range(0, sq, step)]
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=2)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid_full: torch.Tensor | None = None,

@@ -162,7 +162,7 @@ class GuidedStep:
 
 def denoise(step: Callable[[torch.Tensor, int, int], torch.Tensor], solver, x: torch.Tensor, *, seed: int | None = None,
             callback: Callable[[int, int, torch.Tensor], bool | None] | None = None, cancel=None,
-            progress: bool = False) -> torch.Tensor:
+            progress: bool = False, sync: Callable[[bool, bool], tuple[bool, bool]] | None = None) -> torch.Tensor:
     """The denoising loop: for each of the solver's timesteps, the velocity ``step(x, t, i)`` (e.g. a
     :class:`GuidedStep`), a non-finite check, and the solver's update of ``x``.
 
@@ -174,6 +174,8 @@ def denoise(step: Callable[[torch.Tensor, int, int], torch.Tensor], solver, x: t
         callback: ``callback(i, num_steps, x)`` after each step; returning False cancels.
         cancel: a ``threading.Event`` checked before the first step and after each.
         progress: a tqdm bar.
+        sync: ``sync(nonfinite, stop) -> (nonfinite, stop)`` makes the ranks of a parallel run agree on the NaN
+            check and the stop, once before the first step and once per step (:class:`wanrt.parallel.step.RankSync`).
 
     Returns:
         The denoised latents (a solver buffer on the device).
@@ -189,19 +191,27 @@ def denoise(step: Callable[[torch.Tensor, int, int], torch.Tensor], solver, x: t
     def stop(i: int) -> Cancelled:
         return Cancelled(i, x.detach().to("cpu", torch.float32, copy=True), seed)
 
-    if cancel is not None and cancel.is_set():
+    def agreed(nonfinite: bool, halt: bool) -> tuple[bool, bool]:
+        return (nonfinite, halt) if sync is None else sync(nonfinite, halt)
+
+    if agreed(False, cancel is not None and cancel.is_set())[1]:
         raise stop(-1)
     timesteps = solver.timesteps.tolist()
     bar = tqdm(total=len(timesteps), disable=not progress, desc="denoise", unit="step")
     try:
         for i, t in enumerate(timesteps):
             v = step(x, int(t), i)
-            if not torch.isfinite(v.sum()):  # a NaN/Inf anywhere makes the sum non-finite
+            nonfinite = not torch.isfinite(v.sum())  # a NaN/Inf anywhere makes the sum non-finite
+            halt = False
+            if not nonfinite:
+                x = solver.step(v, i, x)
+                bar.update(1)
+                halt = (callback is not None and callback(i, len(timesteps), x) is False) or \
+                    (cancel is not None and cancel.is_set())
+            nonfinite, halt = agreed(nonfinite, halt)
+            if nonfinite:
                 raise FloatingPointError(f"the DiT produced NaN/Inf at step {i} (timestep {t})")
-            x = solver.step(v, i, x)
-            bar.update(1)
-            if (callback is not None and callback(i, len(timesteps), x) is False) or \
-                    (cancel is not None and cancel.is_set()):
+            if halt:
                 raise stop(i)
     finally:
         bar.close()
