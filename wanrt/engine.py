@@ -247,7 +247,7 @@ class Engine:
                                                                  req.num_frames, timings)
             if mesh is not None:
                 image_cond = runner.broadcast_image(image_cond, mesh, self.device)
-        batch_cfg = req.do_cfg and self.config.use_cfg_batch
+        batch_cfg = req.do_cfg and self.config.use_cfg_batch and (mesh is None or mesh.config.cfg == 1)
         if batch_cfg and not cfg_batch_fits(req, self.preset, self.device, self.config.dit_dtype.itemsize):
             log.info("CFG branches run as two passes: a batch-2 forward would not fit in free memory")
             batch_cfg = False

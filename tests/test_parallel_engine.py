@@ -1,0 +1,327 @@
+"""The Engine under parallel layouts, on spawned gloo groups of 2 and 4 ranks (tiny models, float32, CPU).
+
+Every layout is compared with the single-process Engine on the same request: the guided velocity of one step and
+the final latents within 1e-5 relative error, the frames within 1 uint8 level. The test size, 48x80 pixels and 9
+frames, gives 3 latent frames of 3x5 tokens: 45 tokens, which divide by neither 2 nor 4, so the padding is always
+exercised. TeaCache decisions, cancellation and NaN checks must agree on every rank; a rank that dies or stops
+answering makes the others raise RankFailure instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from spawn_group import assert_group_ok, spawn
+
+REL = 1e-5
+OPTS = dict(seed=3, num_inference_steps=3, height=48, width=80, num_frames=9)  # 45 tokens
+KW = dict(precision="fp32", backend="eager", prompt_cache_size=0)
+COEFS = (0.0, 0.0, 0.0, 0.1, 0.0)  # makes the tiny model skip about every other step (as tests/pinned_cases.py)
+TEACACHE = dict(num_inference_steps=6, teacache_threshold=0.25, teacache_coefficients=COEFS)
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _image():
+    return np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+
+
+def _velocity_error(eng, ref, opts) -> float:
+    """One guided step's velocity of the parallel Engine against the single-process GuidedStep."""
+    from wanrt.parallel import runner
+    from wanrt.sampling.loop import GuidedStep
+
+    req = ref.request("a cat", **opts)
+    cond, uncond = eng.text(req)
+    x = torch.randn(req.latent_shape, generator=torch.Generator().manual_seed(11))
+    step, _ = runner.make_step(eng.transformer, eng.mesh, cond, uncond, req.guidance_scale, batch_cfg=False,
+                               teacache_config=None, num_steps=req.num_inference_steps, graphs=None, image_cond={},
+                               device=torch.device("cpu"))
+    v = step(x, 937, 0).clone()
+    v_ref = GuidedStep(ref.transformer, cond, uncond, req.guidance_scale)(x, 937, 0)
+    return _rel(v, v_ref)
+
+
+def _compare(eng, ref_video, video, what: str) -> dict:
+    """Check a parallel run against the single-process one; return what every rank must agree on."""
+    rel = _rel(video.latents, ref_video.latents)
+    assert rel < REL, f"{what}: final latents rel {rel:.2e}"
+    if video.frames is not None:
+        diff = int(np.abs(video.frames.astype(int) - ref_video.frames.astype(int)).max())
+        assert diff <= 1, f"{what}: frames differ by {diff} levels"
+    stats = {k: v for k, v in video.stats.items() if k != "parallel"}
+    par = {k: v for k, v in video.stats["parallel"].items() if k != "rank"}
+    assert stats == ref_video.stats, what  # steps, CFG batching, TeaCache decisions, image conditioning
+    return {"what": what, "rel": rel, "seed": video.seed, "fps": video.fps, "latents": video.latents.clone(),
+            "stats": stats, "parallel": par, "has_frames": video.frames is not None,
+            "frames": None if video.frames is None else video.frames.copy()}
+
+
+def _run_layouts(rank, cases) -> list[dict]:
+    import wanrt
+
+    notes, refs = [], {}
+    for what, layout, preset, engine_opts, opts in cases:
+        key = (preset, tuple(sorted(engine_opts.items())), tuple(sorted((k, str(v)) for k, v in opts.items())))
+        if key not in refs:
+            ref_engine = wanrt.Engine(preset, **KW, **engine_opts)
+            refs[key] = (ref_engine, ref_engine.generate("a cat", progress=False, **opts))
+        ref_engine, ref_video = refs[key]
+        eng = wanrt.Engine(preset, parallel=layout, **KW, **engine_opts)
+        assert eng.parallel == layout
+        video = eng.generate("a cat", progress=False, **opts)
+        note = _compare(eng, ref_video, video, what)
+        if "teacache_threshold" in opts:  # the decisions: equal on every rank and to the single process
+            assert video.stats["teacache"] == ref_video.stats["teacache"], what
+            assert video.stats["teacache"]["cond"]["skipped"] > 0, what
+        if preset == "tiny" and "teacache_threshold" not in opts:
+            note["velocity_rel"] = _velocity_error(eng, ref_engine, opts)
+            assert note["velocity_rel"] < REL, f"{what}: velocity rel {note['velocity_rel']:.2e}"
+        notes.append(note)
+    return notes
+
+
+def _assert_ranks_agree(outcome, world):
+    """Every rank returned the same Video metadata and latents; frames on rank 0 (or everywhere when asked)."""
+    assert_group_ok(outcome, world)
+    per_rank = [outcome[r][1] for r in range(world)]
+    for notes in zip(*per_rank, strict=True):
+        first = notes[0]
+        for r, n in enumerate(notes):
+            assert n["what"] == first["what"]
+            assert (n["seed"], n["fps"], n["stats"], n["parallel"]) == \
+                (first["seed"], first["fps"], first["stats"], first["parallel"]), (first["what"], r)
+            assert torch.equal(n["latents"], first["latents"]), (first["what"], r)
+            all_ranks = "frames_on_all_ranks" in first["what"]
+            assert n["has_frames"] == (r == 0 or all_ranks), (first["what"], r)
+            if all_ranks:
+                assert np.array_equal(n["frames"], first["frames"])
+
+
+# --------------------------------------------------------------------------------------------------- 2 ranks
+
+
+def _body_layouts_two(rank, world):
+    from wanrt import ParallelConfig as P
+
+    cases = [
+        ("ulysses 2", P(ulysses=2), "tiny", {}, OPTS),
+        ("ring 2", P(ring=2), "tiny", {}, OPTS),
+        ("cfg 2", P(cfg=2), "tiny", {}, OPTS),
+        ("shard_weights, ulysses 2, frames_on_all_ranks", P(ulysses=2, shard_weights=True, frames_on_all_ranks=True),
+         "tiny", {}, OPTS),
+        ("ulysses 2, batched CFG", P(ulysses=2), "tiny", {"cfg_batch": True}, OPTS),
+        ("ring 2, guidance 1", P(ring=2), "tiny", {}, {**OPTS, "guidance_scale": 1.0}),
+        ("cfg 2, guidance 1", P(cfg=2), "tiny", {}, {**OPTS, "guidance_scale": 1.0}),
+        ("i2v ulysses 2", P(ulysses=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
+        ("i2v ring 2", P(ring=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
+        ("teacache ulysses 2", P(ulysses=2), "tiny", {}, {**OPTS, **TEACACHE}),
+        ("teacache cfg 2", P(cfg=2), "tiny", {}, {**OPTS, **TEACACHE}),
+    ]
+    return _run_layouts(rank, cases)
+
+
+def test_two_rank_layouts_match_one_process():
+    outcome = spawn(2, _body_layouts_two, deadline_s=300.0)
+    _assert_ranks_agree(outcome, 2)
+
+
+def _body_agreement(rank, world):
+    """Cancel and NaN on one rank stop every rank at the same step."""
+    import threading
+
+    import wanrt
+    from wanrt.parallel.mesh import build_mesh
+    from wanrt.parallel.step import RankSync
+    from wanrt.request import Cancelled
+    from wanrt.sampling.loop import denoise
+    from wanrt.sampling.schedulers import make_solver
+
+    notes = {}
+    eng = wanrt.Engine("tiny", parallel=wanrt.ParallelConfig(ulysses=2), **KW)
+    for how in ("callback", "event"):
+        event = threading.Event()
+
+        def callback(i, n, x, event=event, how=how):
+            if rank == 1 and i == 1:
+                if how == "event":
+                    event.set()
+                else:
+                    return False
+
+        with pytest.raises(Cancelled) as info:
+            eng.generate("a cat", progress=False, callback=callback, cancel=event, **{**OPTS, "num_inference_steps": 5})
+        notes[how] = info.value.step
+    # A cancel already set before the first step, on rank 0 only.
+    event = threading.Event()
+    if rank == 0:
+        event.set()
+    with pytest.raises(Cancelled) as info:
+        eng.generate("a cat", progress=False, cancel=event, **OPTS)
+    notes["before"] = info.value.step
+
+    mesh = build_mesh(wanrt.ParallelConfig(ring=2), 2)
+    sync = RankSync(mesh, torch.device("cpu"))
+
+    def step(x, t, i):
+        v = torch.zeros_like(x)
+        if rank == 1 and i == 2:
+            v[0, 0, 0, 0, 0] = float("nan")
+        return v
+
+    with pytest.raises(FloatingPointError, match="step 2"):
+        denoise(step, make_solver("unipc", 5, 5.0), torch.zeros(1, 16, 3, 6, 10), sync=sync)
+    notes["nan_syncs"] = sync.calls
+    return notes
+
+
+def test_cancel_and_nan_stop_every_rank_at_the_same_step():
+    outcome = spawn(2, _body_agreement, deadline_s=180.0)
+    assert_group_ok(outcome, 2)
+    for r in range(2):
+        assert outcome[r][1] == {"callback": 1, "event": 1, "before": -1, "nan_syncs": 4}, outcome[r][1]
+
+
+def _body_rank_dies(rank, world):
+    import wanrt
+    from wanrt.distributed import RankFailure
+
+    eng = wanrt.Engine("tiny", parallel=wanrt.ParallelConfig(ulysses=2), **KW)
+
+    def callback(i, n, x):
+        if rank == 1 and i == 1:
+            os._exit(3)  # the process dies mid-run, without a word
+
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank 0 of 2: .* failed; another rank failed"):
+        eng.generate("a cat", progress=False, callback=callback, **{**OPTS, "num_inference_steps": 6})
+    return {"seconds": time.monotonic() - start}
+
+
+def test_a_rank_that_dies_makes_the_others_fail_not_hang():
+    outcome = spawn(2, _body_rank_dies, deadline_s=120.0, timeout_s=20.0, expect_exit=(1,))
+    assert_group_ok(outcome, 2)
+    assert outcome[1][1] == {"exitcode": 3}
+    assert outcome[0][1]["seconds"] < 20.0  # a closed connection is seen at once, before the timeout
+
+
+def _body_rank_stalls(rank, world):
+    import wanrt
+    from wanrt.distributed import RankFailure
+
+    eng = wanrt.Engine("tiny", parallel=wanrt.ParallelConfig(cfg=2), **KW)
+
+    def callback(i, n, x):
+        if rank == 1 and i == 0:
+            time.sleep(8.0)  # stops answering for longer than the 3 s collective timeout
+
+    start = time.monotonic()
+    with pytest.raises(RankFailure):
+        eng.generate("a cat", progress=False, callback=callback, **OPTS)
+    return {"seconds": time.monotonic() - start}
+
+
+def test_a_rank_that_stalls_makes_the_others_fail_after_the_timeout():
+    outcome = spawn(2, _body_rank_stalls, deadline_s=120.0, timeout_s=3.0)
+    assert_group_ok(outcome, 2)
+    assert 2.5 < outcome[0][1]["seconds"] < 30.0
+
+
+# --------------------------------------------------------------------------------------------------- 4 ranks
+
+
+def _body_layouts_four(rank, world):
+    import wanrt
+    from wanrt import ParallelConfig as P
+
+    with pytest.raises(ValueError, match=r"2 heads do not divide by ulysses 4.*ulysses 2 x ring 2"):
+        wanrt.Engine("tiny", parallel=P(ulysses=4), **KW)
+    with pytest.raises(ValueError, match="world size is 4"):
+        wanrt.Engine("tiny", parallel=P(ulysses=2), **KW)
+    cases = [
+        ("ulysses 2 x ring 2", P(ulysses=2, ring=2), "tiny", {}, OPTS),
+        ("ring 4", P(ring=4), "tiny", {}, OPTS),
+        ("cfg 2 x ulysses 2", P(cfg=2, ulysses=2), "tiny", {}, OPTS),
+        ("cfg 2 x ring 2 shard_weights", P(cfg=2, ring=2, shard_weights=True), "tiny", {}, OPTS),
+        ("i2v cfg 2 x ulysses 2", P(cfg=2, ulysses=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
+        ("teacache ulysses 2 x ring 2", P(ulysses=2, ring=2), "tiny", {}, {**OPTS, **TEACACHE}),
+    ]
+    notes = _run_layouts(rank, cases)
+    eng = wanrt.Engine("tiny", parallel="auto", **KW)
+    assert eng.parallel == P(cfg=2, ulysses=2)  # CFG first, then Ulysses over the heads
+    return notes
+
+
+def test_four_rank_layouts_match_one_process():
+    outcome = spawn(4, _body_layouts_four, deadline_s=420.0)
+    _assert_ranks_agree(outcome, 4)
+
+
+def _body_vae(rank, world):
+    from wanrt.checkpoints.loaders import load_vae
+    from wanrt.checkpoints.tiny import cached_tiny_checkpoint
+    from wanrt.models.vae_tiling import TilingConfig, decode_tiled
+    from wanrt.parallel import ParallelConfig
+    from wanrt.parallel.mesh import build_mesh
+    from wanrt.parallel.vae import decode_tiled_parallel
+
+    vae = load_vae(cached_tiny_checkpoint("official", "tiny"), device="cpu", dtype=torch.float32)
+    mesh = build_mesh(ParallelConfig(ring=world), 2)
+    lat = torch.randn(1, 16, 3, 9, 13, generator=torch.Generator().manual_seed(5))
+    config = TilingConfig(tile_latent=4, overlap_latent=1)
+    out = decode_tiled_parallel(vae, lat, mesh, config)
+    one = decode_tiled_parallel(vae, lat[:, :, :, :3, :3], mesh, TilingConfig(tile_latent=4, overlap_latent=1))
+    if rank != 0:
+        assert out is None and one is None
+        return None
+    ref = decode_tiled(vae, lat, config)
+    assert torch.equal(out, ref), float((out - ref).abs().max())  # bit for bit
+    assert torch.equal(one, decode_tiled(vae, lat[:, :, :, :3, :3], config))  # a single tile: rank 0 alone
+    return None
+
+
+def test_parallel_tiled_vae_decode_is_bitwise_the_single_process_one():
+    outcome = spawn(4, _body_vae, deadline_s=180.0)
+    assert_group_ok(outcome, 4)
+
+
+# --------------------------------------------------------------------------------------------------- in process
+
+
+def test_engine_refuses_a_layout_without_a_process_group():
+    import torch.distributed as dist
+
+    import wanrt
+
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match=r"wanrt.distributed.init\(\).*--nproc"):
+        wanrt.Engine("tiny", parallel=wanrt.ParallelConfig(ulysses=2), **KW)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        wanrt.Engine("tiny", parallel="auto", **KW)
+
+
+@pytest.mark.parametrize("bad", ["ulysses", 2, {"ulysses": 2}, True])
+def test_engine_config_rejects_a_bad_parallel_value(bad):
+    import wanrt
+
+    with pytest.raises(ValueError, match="parallel must be None, 'auto' or a wanrt.ParallelConfig"):
+        wanrt.EngineConfig(torch.device("cpu"), parallel=bad)
+
+
+def test_resolve_layout():
+    from wanrt.parallel.config import ParallelConfig, resolve_layout
+
+    assert resolve_layout("auto", 8, 12, True) == ParallelConfig(ulysses=4, cfg=2)
+    assert resolve_layout("auto", 8, 12, False) == ParallelConfig(ulysses=4, ring=2)
+    assert resolve_layout("auto", 8, 40, True) == ParallelConfig(ulysses=4, cfg=2)
+    with pytest.raises(ValueError, match="12 heads do not divide by ulysses 8.*ulysses 4 x ring 2"):
+        resolve_layout(ParallelConfig(ulysses=8), 8, 12, True)
+    with pytest.raises(ValueError, match="parallel must be"):
+        resolve_layout("yes", 8, 12, True)
