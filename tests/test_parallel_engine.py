@@ -325,3 +325,44 @@ def test_resolve_layout():
         resolve_layout(ParallelConfig(ulysses=8), 8, 12, True)
     with pytest.raises(ValueError, match="parallel must be"):
         resolve_layout("yes", 8, 12, True)
+
+
+# --------------------------------------------------------------------------------------------------- command line
+
+
+def _cli(args, cwd, env_extra=None):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "wanrt", "generate", "--prompt", "a cat", "--height", "48", "--width",
+                           "80", "--steps", "2", "--seed", "5", "--precision", "fp32", "--backend", "eager",
+                           "--device", "cpu", "--no-progress", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=240)
+
+
+def test_cli_nproc_runs_torchrun_and_rank_0_alone_writes(tmp_path):
+    from wanrt.video import read_mp4
+
+    one = _cli(["-o", "one.mp4"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = _cli(["--nproc", "2", "--ring", "2", "-o", "two.mp4"], tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("wrote ") == 1 and "ulysses 1 x ring 2 x cfg 1 (2 ranks) (gloo)" in two.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "two.mp4"]  # no .part, no second writer
+    a, _ = read_mp4(tmp_path / "one.mp4")
+    b, _ = read_mp4(tmp_path / "two.mp4")
+    assert a.shape == b.shape == (9, 48, 80, 3)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0  # frames within 1 level, through the MP4 encoder
+
+
+def test_cli_parallel_errors_are_one_line_with_exit_codes(tmp_path):
+    r = _cli(["--ulysses", "2", "-o", "x.mp4"], tmp_path)  # a layout, no torchrun
+    assert r.returncode == 2 and "torchrun" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _cli(["--nproc", "2", "--ulysses", "4", "-o", "x.mp4"], tmp_path)  # 4 does not divide the 2 heads
+    assert r.returncode == 2, r.stderr
+    assert "rank 0, 1 failed (exit code 2, 2)" in r.stderr
+    assert "2 heads do not divide by ulysses 4" in r.stderr and "Valid layouts for 2 ranks" in r.stderr
+    assert not (tmp_path / "x.mp4").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import BACKENDS, PRECISIONS, SOLVERS, TEACACHE_MODES, TEXT_ENCODER_PRECISIONS
@@ -39,6 +40,14 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="keep UMT5 on the CPU and move it to its device only while encoding")
     g.add_argument("--offload-image-encoder", action="store_true",
                    help="i2v/flf2v: keep the CLIP image encoder on the CPU and move it to the device only while encoding")
+    p = g.add_argument_group("many GPUs", "under `torchrun --nproc-per-node N -m wanrt generate ...`, or with "
+                             "--nproc N; without a layout flag the layout is chosen for the world size (auto)")
+    p.add_argument("--nproc", type=_positive, default=None,
+                   help="start N processes on this machine through torchrun's launcher (torch.distributed.run)")
+    p.add_argument("--ulysses", type=_positive, default=None, help="Ulysses (all-to-all) sequence-parallel degree")
+    p.add_argument("--ring", type=_positive, default=None, help="Ring attention sequence-parallel degree")
+    p.add_argument("--cfg-parallel", action="store_true", help="the two guidance branches on two halves of the ranks")
+    p.add_argument("--shard-weights", action="store_true", help="shard the DiT's Linears over the ranks (FSDP2)")
 
     c = sub.add_parser("calibrate-teacache", help="fit TeaCache coefficients for a checkpoint and resolution",
                        description="Run one uncached generation, record how much the time-embedding input and "
@@ -105,6 +114,16 @@ def _more_parsers(sub) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _area(text: str) -> int:
     """``--max-area``: pixels (``399360``) or a product (``832*480``, ``832x480``)."""
     parts = text.lower().replace("x", "*").split("*")
@@ -144,13 +163,63 @@ def _request(args, **teacache):
     return req
 
 
-def _generate(args) -> int:
+def _launch(args, argv: list[str]) -> int:
+    """``--nproc N``: run this same command on N local processes with torchrun's launcher (``--standalone``: a
+    rendezvous on a free local port). Returns 0, or the exit code of the first rank that failed (2 bad input, 1 a
+    failure, 130 cancelled; its error is already printed)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    rest, skip = [], False
+    for a in argv:  # the command without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "wanrt", *rest])
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
+        print(f"wanrt generate: rank {', '.join(map(str, codes))} failed (exit code "
+              f"{', '.join(str(c) for c in codes.values())}); their errors are above", file=sys.stderr)
+        first = next(iter(codes.values()), 1)
+        return first if first in (1, 2, 130) else 1
+    return 0
+
+
+def _parallel(args):
+    """The layout from the flags (None for one process): under torchrun (WORLD_SIZE set) or with a layout flag,
+    the process group is set up here; no flag means ``"auto"``."""
+    import os
+
+    flags = args.ulysses is not None or args.ring is not None or args.cfg_parallel or args.shard_weights
+    if not flags and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from . import distributed
+    from .parallel.config import ParallelConfig
+
+    distributed.init()  # RuntimeError naming torchrun when its environment is missing
+    if not flags:
+        return "auto"
+    return ParallelConfig(ulysses=args.ulysses or 1, ring=args.ring or 1, cfg=2 if args.cfg_parallel else 1,
+                          shard_weights=args.shard_weights)
+
+
+def _generate(args, argv: list[str]) -> int:
     import signal
     import threading
 
     from .request import check_output_path
 
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args, argv)
     output = check_output_path(args.output)  # first: a finished video must have somewhere to go
+    try:
+        parallel = _parallel(args)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from e
     coefficients = mode = None
     if args.teacache_coefficients is not None:
         mode, coefficients = _read_coefficients(args.teacache_coefficients)
@@ -160,7 +229,8 @@ def _generate(args) -> int:
     engine = _engine(args, cfg_batch=on_off[args.cfg_batch], cuda_graphs=on_off[args.cuda_graphs],
                      compile=args.compile, text_encoder_precision=args.text_encoder_precision,
                      text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder,
-                     offload_image_encoder=args.offload_image_encoder)
+                     offload_image_encoder=args.offload_image_encoder, parallel=parallel)
+    root = engine.mesh is None or engine.mesh.is_root  # in a parallel run rank 0 alone prints and writes
     cancel = threading.Event()
 
     def interrupt(signum, frame):  # first Ctrl-C: stop at the next step; a second one interrupts at once
@@ -169,14 +239,23 @@ def _generate(args) -> int:
 
     previous = signal.signal(signal.SIGINT, interrupt)
     try:
-        video = engine.run(req, cancel=cancel, progress=not args.no_progress)
+        video = engine.run(req, cancel=cancel, progress=not args.no_progress and root)
     finally:
         signal.signal(signal.SIGINT, previous)
+        if parallel is not None:
+            from . import distributed
+
+            distributed.shutdown()
+    if not root:
+        return 0
     path = _save(video, output)
     f, h, w, _ = video.frames.shape
     print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps} fps), seed {video.seed}")
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
           + f" (backend {engine.plan.name})")
+    if "parallel" in video.stats:
+        print(f"parallel: {video.stats['parallel']['layout']} ({video.stats['parallel']['backend']}), VAE decode on "
+              f"{video.stats['parallel'].get('vae_decode')}")
     if "teacache" in video.stats:
         print("teacache: " + "; ".join(f"{b} computed {c['computed']}, skipped {c['skipped']}"
                                         for b, c in video.stats["teacache"].items()))
@@ -304,13 +383,15 @@ def _make_tiny(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``wanrt`` command. Returns the exit code (2 for bad arguments or input)."""
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        commands = {"generate": _generate, "calibrate-teacache": _calibrate, "export-vae": _export_vae,
-                    "make-tiny-checkpoint": _make_tiny}
+        if args.command == "generate":
+            return _generate(args, argv)
+        commands = {"calibrate-teacache": _calibrate, "export-vae": _export_vae, "make-tiny-checkpoint": _make_tiny}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print(f"wanrt {args.command}: interrupted", file=sys.stderr)
@@ -328,6 +409,7 @@ def _exit_code(e: Exception) -> int | None:
     the run, 130 for a cancelled run; None for anything else (re-raised)."""
     from .checkpoints.io import CheckpointError
     from .ops.backends import BackendUnavailableError
+    from .parallel.step import RankFailure
     from .request import Cancelled, GenerationError
 
     if isinstance(e, Cancelled):
@@ -335,7 +417,7 @@ def _exit_code(e: Exception) -> int | None:
     if isinstance(e, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, CheckpointError,
                       BackendUnavailableError)):
         return 2
-    if isinstance(e, (GenerationError, FloatingPointError)):
+    if isinstance(e, (GenerationError, FloatingPointError, RankFailure)):
         return 1
     return None
 

@@ -1,0 +1,7 @@
+"""``python -m wanrt ...`` (and ``torchrun --nproc-per-node N -m wanrt generate ...``): the ``wanrt`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
