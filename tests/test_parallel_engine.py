@@ -41,7 +41,7 @@ def _velocity_error(eng, ref, opts) -> float:
     req = ref.request("a cat", **opts)
     cond, uncond = eng.text(req)
     x = torch.randn(req.latent_shape, generator=torch.Generator().manual_seed(11))
-    step, _ = runner.make_step(eng.transformer, eng.mesh, cond, uncond, req.guidance_scale, batch_cfg=False,
+    step, _ = runner.make_step(eng.dit, eng.mesh, cond, uncond, req.guidance_scale, batch_cfg=False,
                                teacache_config=None, num_steps=req.num_inference_steps, graphs=None, image_cond={},
                                device=torch.device("cpu"))
     v = step(x, 937, 0).clone()
@@ -133,6 +133,26 @@ def test_two_rank_layouts_match_one_process():
     _assert_ranks_agree(outcome, 2)
 
 
+class CopyCapturer:
+    """A CPU stand-in for CUDA-graph capture that checks the wiring only: ``capture(fn)`` calls ``fn`` once and keeps
+    its outputs; ``replay()`` calls ``fn`` again and copies the new outputs into the kept ones (collectives run
+    again, as a CUDA graph replays its NCCL kernels)."""
+
+    def capture(self, fn):
+        first = fn()
+
+        def replay():
+            new = fn()
+            for kept, fresh in zip(_flat(first), _flat(new), strict=True):
+                kept.copy_(fresh)
+
+        return replay
+
+
+def _flat(out):
+    return [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
+
+
 def _body_agreement(rank, world):
     """Cancel and NaN on one rank stop every rank at the same step."""
     import threading
@@ -179,6 +199,32 @@ def _body_agreement(rank, world):
     with pytest.raises(FloatingPointError, match="step 2"):
         denoise(step, make_solver("unipc", 5, 5.0), torch.zeros(1, 16, 3, 6, 10), sync=sync)
     notes["nan_syncs"] = sync.calls
+
+    # The step graphs wrap the sequence-parallel DiT (its collectives inside): replayed, they give the same video.
+    from wanrt.sampling.loop import make_step_graphs
+
+    import wanrt.sampling.loop as loop
+    from wanrt.config import EngineConfig
+    from wanrt.parallel.dit import SeqParallelAttention
+
+    ref = wanrt.Engine("tiny", **KW).generate("a cat", progress=False, **OPTS)
+    # The Engine's own wiring, with graphs forced on and captured by the stand-in.
+    EngineConfig.use_cuda_graphs = property(lambda self: True)
+    loop.make_step_graphs = lambda model, max_graphs=4, capturer=None: make_step_graphs(model, max_graphs,
+                                                                                          CopyCapturer())
+    eng = wanrt.Engine("tiny", parallel=wanrt.ParallelConfig(ulysses=2), **KW)
+    assert eng._graphs is not None
+    calls, original = [], SeqParallelAttention.__call__
+    SeqParallelAttention.__call__ = lambda self, *a: calls.append(1) or original(self, *a)
+    try:
+        video = eng.generate("a cat", progress=False, **OPTS)
+    finally:
+        SeqParallelAttention.__call__ = original
+    assert len(calls) == 2 * (2 * OPTS["num_inference_steps"] + 1), len(calls)  # layers x (capture + branches x steps)
+    assert _rel(video.latents, ref.latents) < REL
+    graphs = video.stats["cuda_graphs"]["plain"]
+    assert graphs["captures"] == 1 and graphs["replays"] == 2 * OPTS["num_inference_steps"] - 1, graphs  # 2 branches
+    assert video.stats["parallel"]["cuda_graphs_capture_collectives"] is True
     return notes
 
 

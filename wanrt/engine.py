@@ -125,13 +125,18 @@ class Engine:
             name = config.compile if isinstance(config.compile, str) else "inductor"
             for block in self.transformer.blocks:
                 block.compile(backend=name, fullgraph=True, dynamic=False)
+        self.dit = self.transformer  # what the step runs: the DiT, or its sequence-parallel wrapper
+        if self.mesh is not None and self.mesh.sp > 1:
+            from .parallel.dit import SequenceParallelDiT
+
+            self.dit = SequenceParallelDiT(self.transformer, self.mesh)
         self._graphs = None
         if config.use_cuda_graphs and shard:
             log.info("CUDA graphs are off with shard_weights (FSDP's gathers allocate per call)")
         elif config.use_cuda_graphs:
             from .sampling.loop import make_step_graphs
 
-            self._graphs = make_step_graphs(self.transformer)
+            self._graphs = make_step_graphs(self.dit)  # under sequence parallel the graph holds the collectives
 
     @property
     def device(self) -> torch.device:
@@ -258,7 +263,7 @@ class Engine:
             step = GuidedStep(self.transformer, cond, uncond, req.guidance_scale, batch_cfg=batch_cfg,
                               teacache=teacache, graphs=self._graphs, recorder=recorder, **image_cond)
         else:
-            step, teacache = runner.make_step(self.transformer, mesh, cond, uncond, req.guidance_scale,
+            step, teacache = runner.make_step(self.dit, mesh, cond, uncond, req.guidance_scale,
                                               batch_cfg=batch_cfg, teacache_config=req.teacache,
                                               num_steps=req.num_inference_steps, graphs=self._graphs,
                                               image_cond=image_cond, device=self.device)

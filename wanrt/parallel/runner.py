@@ -49,18 +49,18 @@ def broadcast_image(image_cond: dict, mesh: ParallelMesh, device: torch.device) 
     return dict(zip(keys, broadcast_tensors([image_cond[k] for k in keys], mesh, device), strict=True))
 
 
-def make_step(model, mesh: ParallelMesh, cond, uncond, guidance_scale: float, *, batch_cfg: bool, teacache_config,
+def make_step(dit, mesh: ParallelMesh, cond, uncond, guidance_scale: float, *, batch_cfg: bool, teacache_config,
               num_steps: int, graphs, image_cond: dict, device: torch.device):
     """The step of ``mesh``'s layout and its TeaCache (or None): ``(step, teacache)``.
 
-    ``cfg=1``: one :class:`~wanrt.sampling.loop.GuidedStep` over the sequence-parallel DiT (both branches on every
-    rank, batched when ``batch_cfg``). ``cfg=2``: this half's branch alone, then :class:`CfgParallelStep`.
+    ``dit`` is the :class:`~wanrt.parallel.dit.SequenceParallelDiT` when ``mesh.sp > 1`` (else the DiT itself), the
+    model ``graphs`` (a :class:`~wanrt.sampling.loop.StepGraphSet` or None) were made for. ``cfg=1``: one
+    :class:`~wanrt.sampling.loop.GuidedStep` with both branches on every rank, batched when ``batch_cfg``.
+    ``cfg=2``: this half's branch alone, then :class:`CfgParallelStep`.
     """
     from ..cache.teacache import TeaCache
     from ..sampling.loop import GuidedStep
-    from .dit import SequenceParallelDiT
 
-    dit = SequenceParallelDiT(model, mesh) if mesh.sp > 1 else model
     agree = teacache_agreement(mesh, device)
     if mesh.config.cfg == 1:
         teacache = TeaCache(teacache_config, num_steps, agree=agree) if teacache_config is not None else None
