@@ -71,10 +71,11 @@ def _run_layouts(rank, cases) -> list[dict]:
     for what, layout, preset, engine_opts, opts in cases:
         key = (preset, tuple(sorted(engine_opts.items())), tuple(sorted((k, str(v)) for k, v in opts.items())))
         if key not in refs:
-            ref_engine = wanrt.Engine(preset, **KW, **engine_opts)
+            ref_engine = wanrt.Engine(preset, **{**KW, **engine_opts})
             refs[key] = (ref_engine, ref_engine.generate("a cat", progress=False, **opts))
         ref_engine, ref_video = refs[key]
-        eng = wanrt.Engine(preset, parallel=layout, **KW, **engine_opts)
+        eng = wanrt.Engine(preset, parallel=layout, **{**KW, **engine_opts})
+        assert eng.plan.attention == engine_opts.get("backend", "eager")
         assert eng.parallel == layout
         video = eng.generate("a cat", progress=False, **opts)
         note = _compare(eng, ref_video, video, what)
@@ -119,6 +120,8 @@ def _body_layouts_two(rank, world):
          "tiny", {}, OPTS),
         ("ulysses 2, batched CFG", P(ulysses=2), "tiny", {"cfg_batch": True}, OPTS),
         ("ring 2, guidance 1", P(ring=2), "tiny", {}, {**OPTS, "guidance_scale": 1.0}),
+        ("ring 2, Triton kernels (log-sum-exp from the kernel)", P(ring=2), "tiny", {"backend": "triton"},
+         {**OPTS, "num_inference_steps": 1}),
         ("cfg 2, guidance 1", P(cfg=2), "tiny", {}, {**OPTS, "guidance_scale": 1.0}),
         ("i2v ulysses 2", P(ulysses=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
         ("i2v ring 2", P(ring=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),

@@ -261,6 +261,53 @@ def test_autotune_config_sets():
                for c in configs if mod._config_tuple(c) in mod._CONFIGS_16BIT)
 
 
+# ------------------------------------------------------------------------------- log-sum-exp (Ring attention)
+
+
+def _lse_reference(q, k, k_lens=None) -> torch.Tensor:
+    """float64 ``logsumexp`` of the scaled scores ``[B, H, Sq]`` (-inf for a sample with no key)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    if k_lens is not None:
+        keep = torch.arange(k.shape[1], device=k.device)[None, :] < k_lens.to(k.device)[:, None]
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return torch.logsumexp(scores, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["s17_h3", "cross_50x33", "klens_block_multiple_and_over", "cross_klens"], ids=str)
+def test_attention_with_lse(case, dtype):
+    from wanrt.kernels.attention import attention_with_lse
+
+    b, sq, sk, h, d, _, lens = CASES[case]
+    q, k, v, k_lens, _ = _make_case(b, sq, sk, h, d, None, lens, dtype, seed=70)
+    out, lse = attention_with_lse(q, k, v, k_lens)
+    _check(out, _reference(q, k, v, k_lens), dtype, f"lse out {case}", (b, sq, h, d))
+    assert torch.equal(out, attention(q, k, v, k_lens)), "the output must be the plain kernel's"
+    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    ref = _lse_reference(q, k, k_lens)
+    torch.testing.assert_close(lse.double(), ref, rtol=0, atol=1e-5)  # fp32 scores of the same inputs
+
+
+def test_attention_with_lse_no_key_is_minus_inf_and_merges():
+    """A sample with no key gives lse -inf and zeros; two key halves merged with the lse rule give the whole."""
+    from wanrt.kernels.attention import attention_with_lse
+    from wanrt.parallel.ring import merge
+
+    q, k, v, _, _ = _make_case(2, 33, 50, 2, 16, None, None, torch.float32, seed=80)
+    out, lse = attention_with_lse(q, k, v, torch.tensor([0, 50], device=DEVICE))
+    assert torch.isneginf(lse[0]).all() and (out[0] == 0).all() and torch.isfinite(lse[1]).all()
+    a, la = attention_with_lse(q, k[:, :20], v[:, :20])
+    b_, lb = attention_with_lse(q, k[:, 20:], v[:, 20:])
+    merged, lse_m = merge(a.float(), la, b_.float(), lb)
+    _check(merged, _reference(q, k, v), torch.float32, "merged halves", (2, 33, 2, 16))
+    torch.testing.assert_close(lse_m.double(), _lse_reference(q, k), rtol=0, atol=1e-5)
+
+
+def test_attention_with_lse_opcheck():
+    q, k, v, k_lens, _ = _make_case(1, 17, 17, 2, 16, None, (12,), torch.float32, seed=90)
+    torch.library.opcheck(torch.ops.wanrt.attention_lse.default, (q, k, v, k_lens))
+
+
 # --------------------------------------------------------------------------------------------- GPU
 
 

@@ -92,7 +92,7 @@ def _attn_block(acc, l_i, m_i, q, K, V, Cos, Sin, start_n, kv_len,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, KLens, Cos, Sin,
+def _attn_fwd(Q, K, V, O, KLens, Cos, Sin, LSE,
               stride_qb, stride_qs, stride_qh,
               stride_kb, stride_ks, stride_kh,
               stride_vb, stride_vs, stride_vh,
@@ -101,10 +101,12 @@ def _attn_fwd(Q, K, V, O, KLens, Cos, Sin,
               H, Sq, Sk, S_rot, qk_scale, sk_bucket,
               D: tl.constexpr, BLOCK_D: tl.constexpr,
               HAS_KLENS: tl.constexpr, HAS_ROPE: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid ``(cdiv(Sq, BLOCK_M), B*H)``: one program per query block of one (sample, head).
 
-    ``sk_bucket`` is unused in the body; it is part of the autotuning key.
+    ``sk_bucket`` is unused in the body; it is part of the autotuning key. With ``HAS_LSE`` the natural-log
+    log-sum-exp of each query's scores is stored to ``LSE`` (float32 ``[B, H, Sq]`` contiguous; ``-inf`` for a
+    query with no key).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -151,6 +153,9 @@ def _attn_fwd(Q, K, V, O, KLens, Cos, Sin,
     out = acc / l_safe[:, None]
     tl.store(O + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :],
              cast_rne(out, O.dtype.element_ty, INTERP_BF16), mask=q_mask)
+    if HAS_LSE:  # m_i is in log2 units (qk_scale folds log2(e)): lse = (m + log2(l)) * ln(2)
+        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first set is for 16-bit inputs with head_dim <= 128
@@ -178,7 +183,7 @@ def _prune_configs(configs, named_args, **kwargs):
 _attn_fwd_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
              for bm, bn, w, st in dict.fromkeys(_CONFIGS_16BIT + _CONFIGS_WIDE)],
-    key=["D", "sk_bucket", "HAS_ROPE", "HAS_KLENS"],  # the autotuner adds the tensors' dtypes
+    key=["D", "sk_bucket", "HAS_ROPE", "HAS_KLENS", "HAS_LSE"],  # the autotuner adds the tensors' dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attn_fwd)
 
@@ -235,14 +240,16 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Tensor | None,
-            cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
-    """Check, allocate ``[B, Sq, H, D]`` contiguous in ``q.dtype``, and launch :func:`_attn_fwd`."""
+            cos: torch.Tensor | None, sin: torch.Tensor | None, with_lse: bool = False):
+    """Check, allocate ``[B, Sq, H, D]`` contiguous in ``q.dtype``, and launch :func:`_attn_fwd`; with
+    ``with_lse`` return ``(out, lse [B, H, Sq] float32)``."""
     _check_inputs(q, k, v, k_lens, cos, sin)
     check_device("attention", q, k, v, k_lens, cos, sin)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, sq, h, d = q.shape
     sk = k.shape[1]
     out = q.new_empty(q.shape)  # [B, Sq, H, D] contiguous
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device) if with_lse else out  # dummy when absent
 
     has_klens = k_lens is not None
     klens_arg = k_lens.to(torch.int32) if has_klens else out  # dummy pointer when absent
@@ -253,7 +260,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Ten
     else:
         cos_arg, sin_arg, s_rot, stride_cs = out, out, 0, 0
     interp = interpreting()
-    args = (q, k, v, out, klens_arg, cos_arg, sin_arg,
+    args = (q, k, v, out, klens_arg, cos_arg, sin_arg, lse,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -262,7 +269,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Ten
             h, sq, sk, s_rot, _LOG2E / math.sqrt(d), min(next_pow2(sk), 1 << 16))
     meta = {"D": d, "BLOCK_D": max(16, next_pow2(d)), "HAS_KLENS": has_klens, "HAS_ROPE": has_rope,
             "IEEE": q.dtype == torch.float32,  # no TF32 for fp32 inputs
-            "INTERP_BF16": interp and q.dtype == torch.bfloat16}
+            "INTERP_BF16": interp and q.dtype == torch.bfloat16, "HAS_LSE": with_lse}
     if interp:
         cfg = _INTERPRET_CONFIG
         _attn_fwd[(triton.cdiv(sq, cfg["BLOCK_M"]), b * h)](*args, **meta, **cfg)
@@ -272,7 +279,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Ten
 
         with torch.cuda.device(q.device):
             _attn_fwd_tuned[grid](*args, **meta)
-    return out
+    return (out, lse) if with_lse else out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,6 +297,36 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: tor
 def _attention_fake(q, k, v, k_lens, cos, sin):
     _check_inputs(q, k, v, k_lens, cos, sin)
     return q.new_empty(q.shape)  # contiguous [B, Sq, H, D] in q.dtype
+
+
+@torch.library.custom_op("wanrt::attention_lse", mutates_args=())
+def _attention_lse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_lens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(q, k, v, k_lens, None, None, with_lse=True)
+
+
+@_attention_lse_op.register_fake
+def _attention_lse_fake(q, k, v, k_lens):
+    _check_inputs(q, k, v, k_lens, None, None)
+    b, sq, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       k_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` (no RoPE) that also returns each query's log-sum-exp, for merging partial attentions
+    (Ring attention, ``wanrt.parallel.ring``).
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[B, Sq, H, D]`` in ``q.dtype`` and ``lse`` float32 ``[B, H, Sq]``, the natural log
+        of ``sum_j exp(q.k_j / sqrt(D))`` over the attended keys (``-inf`` and zero output when there is none).
+
+    Raises:
+        ValueError: as :func:`attention`.
+    """
+    _check_inputs(q, k, v, k_lens, None, None)
+    check_device("attention", q, k, v, k_lens)
+    return torch.ops.wanrt.attention_lse(q, k, v, k_lens)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_lens: torch.Tensor | None = None,

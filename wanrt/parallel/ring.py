@@ -146,10 +146,16 @@ def _ring_prefix(q, k, v, block_lens: list[int], group, attn: LseAttention):
 def lse_attention(backend: str) -> LseAttention:
     """The attention-with-log-sum-exp of a kernel backend, for the blocks of Ring attention.
 
-    ``flash-attn`` (when installed, CUDA, fp16/bf16): ``flash_attn_func(..., return_attn_probs=True)``, whose
-    second output is the log-sum-exp. Every other backend: the eager :func:`attention_with_lse` (float32
-    scores; memory ``B*H*Sq*Sk*4`` bytes per block, computed in query chunks of at most 2**28 scores).
+    ``triton``: wanrt's flash-attention kernel with its log-sum-exp output
+    (:func:`wanrt.kernels.attention.attention_with_lse`). ``flash-attn`` (when installed, CUDA, fp16/bf16):
+    ``flash_attn_func(..., return_attn_probs=True)``, whose second output is the log-sum-exp. Every other backend:
+    the eager :func:`attention_with_lse` (float32 scores; memory ``B*H*Sq*Sk*4`` bytes per block, computed in query
+    chunks of at most 2**28 scores).
     """
+    if backend == "triton":
+        from ..kernels.attention import attention_with_lse as triton_lse
+
+        return triton_lse
     if backend == "flash-attn":
         from flash_attn import flash_attn_func  # an optional extra: only imported when selected
 
