@@ -415,3 +415,30 @@ def test_cli_parallel_errors_are_one_line_with_exit_codes(tmp_path):
     assert "rank 0, 1 failed (exit code 2, 2)" in r.stderr
     assert "2 heads do not divide by ulysses 4" in r.stderr and "Valid layouts for 2 ranks" in r.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+# --------------------------------------------------------------------------------------------------- benchmark
+
+
+def test_bench_parallel_counts_what_its_formula_says(tmp_path):
+    """benchmarks/bench_parallel.py under torchrun (2 gloo ranks): a table row per layout, and the bytes counted at
+    the collectives equal the analytic formula of each layout (a 3x6x10 latent: 45 tokens, padded to 46; sharded
+    weights included)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_parallel.py"
+    out = tmp_path / "table.md"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(bench), "--quick", "--latent", "3", "6", "10", "--steps", "1", "--layouts", "u2r1c1",
+                        "u1r2c1", "u1r1c2", "u2r1c1s", "--out", str(out)], capture_output=True, text=True, env=env,
+                       timeout=240, cwd=bench.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ulysses")]
+    assert [row[0].strip() for row in rows] == ["ulysses 2 x ring 1 x cfg 1", "ulysses 1 x ring 2 x cfg 1",
+                                                "ulysses 1 x ring 1 x cfg 2", "ulysses 2 x ring 1 x cfg 1 + shard_weights"]
+    for row in rows:
+        counted, formula = float(row[5]), float(row[6])
+        assert counted > 0 and counted == formula, row
