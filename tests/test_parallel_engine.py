@@ -64,7 +64,7 @@ def _compare(eng, ref_video, video, what: str) -> dict:
             "frames": None if video.frames is None else video.frames.copy()}
 
 
-def _run_layouts(rank, cases) -> list[dict]:
+def _run_layouts(rank, cases, world=2) -> list[dict]:
     import wanrt
 
     notes, refs = [], {}
@@ -79,6 +79,11 @@ def _run_layouts(rank, cases) -> list[dict]:
         assert eng.parallel == layout
         video = eng.generate("a cat", progress=False, **opts)
         note = _compare(eng, ref_video, video, what)
+        if layout.shard_weights:  # after the run every sharded Linear holds its shard only (resharded)
+            from torch.distributed.tensor import DTensor
+
+            q = eng.transformer.blocks[0].self_attn.q.weight
+            assert isinstance(q, DTensor) and q.to_local().shape[0] == q.shape[0] // world, what
         if "teacache_threshold" in opts:  # the decisions: equal on every rank and to the single process
             assert video.stats["teacache"] == ref_video.stats["teacache"], what
             assert video.stats["teacache"]["cond"]["skipped"] > 0, what
@@ -109,30 +114,46 @@ def _assert_ranks_agree(outcome, world):
 # --------------------------------------------------------------------------------------------------- 2 ranks
 
 
-def _body_layouts_two(rank, world):
+def _two_rank_cases(group: str) -> list:
     from wanrt import ParallelConfig as P
 
-    cases = [
-        ("ulysses 2", P(ulysses=2), "tiny", {}, OPTS),
-        ("ring 2", P(ring=2), "tiny", {}, OPTS),
-        ("cfg 2", P(cfg=2), "tiny", {}, OPTS),
-        ("shard_weights, ulysses 2, frames_on_all_ranks", P(ulysses=2, shard_weights=True, frames_on_all_ranks=True),
-         "tiny", {}, OPTS),
-        ("ulysses 2, batched CFG", P(ulysses=2), "tiny", {"cfg_batch": True}, OPTS),
-        ("ring 2, guidance 1", P(ring=2), "tiny", {}, {**OPTS, "guidance_scale": 1.0}),
-        ("ring 2, Triton kernels (log-sum-exp from the kernel)", P(ring=2), "tiny", {"backend": "triton"},
-         {**OPTS, "num_inference_steps": 1}),
-        ("cfg 2, guidance 1", P(cfg=2), "tiny", {}, {**OPTS, "guidance_scale": 1.0}),
-        ("i2v ulysses 2", P(ulysses=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
-        ("i2v ring 2", P(ring=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
-        ("teacache ulysses 2", P(ulysses=2), "tiny", {}, {**OPTS, **TEACACHE}),
-        ("teacache cfg 2", P(cfg=2), "tiny", {}, {**OPTS, **TEACACHE}),
-    ]
-    return _run_layouts(rank, cases)
+    return {
+        "ulysses": [
+            ("ulysses 2", P(ulysses=2), "tiny", {}, OPTS),
+            ("ulysses 2, batched CFG", P(ulysses=2), "tiny", {"cfg_batch": True}, OPTS),
+            ("i2v ulysses 2", P(ulysses=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
+        ],
+        "ring": [
+            ("ring 2", P(ring=2), "tiny", {}, OPTS),
+            ("ring 2, guidance 1", P(ring=2), "tiny", {}, {**OPTS, "guidance_scale": 1.0}),
+            ("i2v ring 2", P(ring=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
+        ],
+        "cfg": [
+            ("cfg 2", P(cfg=2), "tiny", {}, OPTS),
+            ("cfg 2, guidance 1", P(cfg=2), "tiny", {}, {**OPTS, "guidance_scale": 1.0}),
+            ("teacache cfg 2", P(cfg=2), "tiny", {}, {**OPTS, **TEACACHE}),
+        ],
+        "shard": [
+            ("shard_weights, ulysses 2, frames_on_all_ranks",
+             P(ulysses=2, shard_weights=True, frames_on_all_ranks=True), "tiny", {}, OPTS),
+            ("teacache ulysses 2", P(ulysses=2), "tiny", {}, {**OPTS, **TEACACHE}),
+        ],
+        "triton": [
+            ("ring 2, Triton kernels (log-sum-exp from the kernel)", P(ring=2), "tiny", {"backend": "triton"},
+             {**OPTS, "num_inference_steps": 1}),
+        ],
+    }[group]
 
 
-def test_two_rank_layouts_match_one_process():
-    outcome = spawn(2, _body_layouts_two, deadline_s=300.0)
+def _body_layouts_two(group, rank, world):
+    return _run_layouts(rank, _two_rank_cases(group))
+
+
+@pytest.mark.parametrize("group", ["ulysses", "ring", "cfg", "shard", "triton"])
+def test_two_rank_layouts_match_one_process(group):
+    import functools
+
+    outcome = spawn(2, functools.partial(_body_layouts_two, group), deadline_s=300.0)
     _assert_ranks_agree(outcome, 2)
 
 
@@ -203,6 +224,20 @@ def _body_agreement(rank, world):
         denoise(step, make_solver("unipc", 5, 5.0), torch.zeros(1, 16, 3, 6, 10), sync=sync)
     notes["nan_syncs"] = sync.calls
 
+    # TeaCache: the ranks follow the first rank's decisions even where their own would differ (here rank 1's
+    # threshold 0 would compute every step).
+    from wanrt.cache.teacache import TeaCache, TeaCacheConfig
+    from wanrt.parallel.step import teacache_agreement
+
+    config = TeaCacheConfig(threshold=0.25 if rank == 0 else 0.0, coefficients=COEFS)
+    cache = TeaCache(config, 8, branches=("cond",), agree=teacache_agreement(mesh, torch.device("cpu")))
+    gen = torch.Generator().manual_seed(3)
+    for i in range(8):
+        e = torch.randn(1, 16, generator=gen) * 0.01 + 1.0  # small changes: rank 0 skips some steps
+        if cache.should_compute("cond", i, e):
+            cache.store("cond", torch.zeros(1, 4))
+    notes["teacache"] = cache.stats["cond"]
+
     # The step graphs wrap the sequence-parallel DiT (its collectives inside): replayed, they give the same video.
     from wanrt.sampling.loop import make_step_graphs
 
@@ -234,6 +269,9 @@ def _body_agreement(rank, world):
 def test_cancel_and_nan_stop_every_rank_at_the_same_step():
     outcome = spawn(2, _body_agreement, deadline_s=180.0)
     assert_group_ok(outcome, 2)
+    teacache = outcome[0][1].pop("teacache")
+    assert teacache["skipped"], teacache  # rank 0 skipped steps; rank 1, deciding alone, would have skipped none
+    assert outcome[1][1].pop("teacache") == teacache
     for r in range(2):
         assert outcome[r][1] == {"callback": 1, "event": 1, "before": -1, "nan_syncs": 4}, outcome[r][1]
 
@@ -302,7 +340,7 @@ def _body_layouts_four(rank, world):
         ("i2v cfg 2 x ulysses 2", P(cfg=2, ulysses=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
         ("teacache ulysses 2 x ring 2", P(ulysses=2, ring=2), "tiny", {}, {**OPTS, **TEACACHE}),
     ]
-    notes = _run_layouts(rank, cases)
+    notes = _run_layouts(rank, cases, world)
     eng = wanrt.Engine("tiny", parallel="auto", **KW)
     assert eng.parallel == P(cfg=2, ulysses=2)  # CFG first, then Ulysses over the heads
     return notes

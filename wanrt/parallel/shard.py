@@ -55,9 +55,8 @@ def shard_weights(model: WanDiT, mesh: ParallelMesh, device: torch.device) -> di
     dmesh = init_device_mesh(device.type, (mesh.world_size,))
     units, kept = _units(model)
     full = sum(p.numel() * p.element_size() for u in units for p in u.parameters())
-    for unit in units:
+    for unit in units:  # each unit is its own FSDP root: reshard_after_forward must be explicit to free it
         fully_shard(unit, mesh=dmesh, reshard_after_forward=True)
-        unit.register_forward_hook(lambda mod, args, out: mod.reshard())  # each unit is its own root: free it
     if device.type == "cuda":  # start the next unit's all-gather when a unit begins
         for unit, nxt in zip(units, units[1:]):
             unit.register_forward_pre_hook(lambda mod, args, nxt=nxt: nxt.unshard(async_op=True))
