@@ -69,19 +69,21 @@ def compile_usage(fn, pointers: dict[str, str], constexprs: dict, num_warps: int
 
 def attention_rows(arch: int, quick: bool = False) -> list[str]:
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "KLens": "*i32", "Cos": "*fp32",
-            "Sin": "*fp32"}
+            "Sin": "*fp32", "LSE": "*fp32"}
     rows = []
-    for rope in (False, True):
+    # the plain kernel, with fused RoPE, and with the log-sum-exp output of Ring attention
+    for rope, lse in ((False, False), (True, False), (False, True)):
+        label = "attention bf16 D128" + (" +RoPE" if rope else "") + (" +LSE" if lse else "")
         for bm, bn, w, st in attention._CONFIGS_16BIT[:1] if quick else attention._CONFIGS_16BIT:
             const = dict(D=128, BLOCK_D=128, HAS_KLENS=False, HAS_ROPE=rope, IEEE=False, INTERP_BF16=False,
-                         BLOCK_M=bm, BLOCK_N=bn)
+                         HAS_LSE=lse, BLOCK_M=bm, BLOCK_N=bn)
             try:
                 regs, stack, shared = compile_usage(attention._attn_fwd, ptrs, const, w, st, arch)
-                rows.append(f"| attention bf16 D128{' +RoPE' if rope else ''} | BLOCK_M {bm}, BLOCK_N {bn}, "
-                            f"{w} warps, {st} stages | {regs} | {stack} | {shared // 1024} |")
+                rows.append(f"| {label} | BLOCK_M {bm}, BLOCK_N {bn}, {w} warps, {st} stages | {regs} | {stack} | "
+                            f"{shared // 1024} |")
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
-                rows.append(f"| attention bf16 D128{' +RoPE' if rope else ''} | BLOCK_M {bm}, BLOCK_N {bn}, "
-                            f"{w} warps, {st} stages | failed: {type(e).__name__} | | |")
+                rows.append(f"| {label} | BLOCK_M {bm}, BLOCK_N {bn}, {w} warps, {st} stages | "
+                            f"failed: {type(e).__name__} | | |")
     return rows
 
 

@@ -265,8 +265,8 @@ DEFECTS: tuple[Defect, ...] = (
         name="cancel-checked-after-decode",
         file="engine.py",
         edits=(
-            ("                    callback=callback, cancel=cancel, progress=progress)",
-             "                    callback=None, cancel=None, progress=progress)"),
+            ("                    callback=callback, cancel=cancel, progress=progress and",
+             "                    callback=None, cancel=None, progress=progress and"),
             ('        timings["total"] = time.perf_counter() - t_start\n',
              ('        timings["total"] = time.perf_counter() - t_start\n'
               '        if cancel is not None and cancel.is_set():\n'

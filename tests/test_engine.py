@@ -252,3 +252,14 @@ def test_memory_estimate_is_refused_with_the_numbers():
         check_fits(big, p, "cpu")
     assert err.value.needed > err.value.capacity > 0
     assert "16384x16384" in str(err.value) and "GiB" in str(err.value)
+
+
+def test_memory_estimate_divides_the_dit_activations_over_sequence_parallel_ranks():
+    from wanrt.presets import get_preset
+    from wanrt.request import _dit_forward_bytes, estimate_memory, resolve_request
+
+    p = get_preset("t2v-14b")
+    req = resolve_request(p, "a cat", seed=1, height=720, width=1280)  # 75,600 tokens
+    one, eight = _dit_forward_bytes(req, p, 2), _dit_forward_bytes(req, p, 2, 8)
+    assert one > 8 * eight * 0.999 and eight * 8 >= one  # ceil(S / 8) tokens per rank
+    assert estimate_memory(req, p) - estimate_memory(req, p, sequence_parallel=8) == one - eight

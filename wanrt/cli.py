@@ -159,7 +159,8 @@ def _request(args, **teacache):
         max_area=args.max_area, height=args.height, width=args.width, num_frames=args.num_frames,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
         sample_solver=args.solver, seed=args.seed, **teacache)
-    check_fits(req, preset, _device(args.device))
+    sp = (getattr(args, "ulysses", None) or 1) * (getattr(args, "ring", None) or 1)  # ranks sharing the tokens
+    check_fits(req, preset, _device(args.device), sequence_parallel=sp)
     return req
 
 

@@ -185,7 +185,7 @@ class Engine:
                               teacache_defaults=(c.teacache_threshold, c.teacache_mode, c.teacache_coefficients),
                               **options)
         check_fits(req, self.preset, self.device, dtype_bytes=self.config.dit_dtype.itemsize,
-                   tiled_vae=c.vae_tiling)
+                   tiled_vae=c.vae_tiling, sequence_parallel=self.mesh.sp if self.mesh is not None else 1)
         return req
 
     # ------------------------------------------------------------------ generation
@@ -253,7 +253,8 @@ class Engine:
             if mesh is not None:
                 image_cond = runner.broadcast_image(image_cond, mesh, self.device)
         batch_cfg = req.do_cfg and self.config.use_cfg_batch and (mesh is None or mesh.config.cfg == 1)
-        if batch_cfg and not cfg_batch_fits(req, self.preset, self.device, self.config.dit_dtype.itemsize):
+        if batch_cfg and not cfg_batch_fits(req, self.preset, self.device, self.config.dit_dtype.itemsize,
+                                            mesh.sp if mesh is not None else 1):
             log.info("CFG branches run as two passes: a batch-2 forward would not fit in free memory")
             batch_cfg = False
         from .cache.teacache import TeaCache

@@ -374,7 +374,7 @@ def resolve_request(
 
 
 def estimate_memory(req: Request, preset: Preset, *, dtype_bytes: int = 2, cfg_batch: bool = False,
-                    tiled_vae: bool | None = None) -> int:
+                    tiled_vae: bool | None = None, sequence_parallel: int = 1) -> int:
     """Bytes a request needs beyond the weights (a coarse upper estimate, documented term by term).
 
     * latents: the noise, the solver's history (3 copies) and the guided velocity, float32;
@@ -385,9 +385,12 @@ def estimate_memory(req: Request, preset: Preset, *, dtype_bytes: int = 2, cfg_b
       the 2 cached ones, about 3 tensors alive, float32 — at the tile's size when tiled (automatically above
       720P), where the blended float32 video ``[3, F, H, W]`` is then held whole;
     * the uint8 frames ``[F, H, W, 3]`` the returned video keeps.
+
+    ``sequence_parallel``: ranks sharing the token sequence (``ulysses * ring``): each holds ``ceil(S / sp)`` tokens
+    of the DiT's activations (the Ulysses all-to-all trades tokens for heads, the same bytes).
     """
     lat = math.prod(req.latent_shape) * 4 * 5
-    dit = _dit_forward_bytes(req, preset, dtype_bytes) * (2 if cfg_batch and req.do_cfg else 1)
+    dit = _dit_forward_bytes(req, preset, dtype_bytes, sequence_parallel) * (2 if cfg_batch and req.do_cfg else 1)
     h, w = req.height, req.width
     if tiled_vae is None:
         tiled_vae = h * w > 1280 * 720
@@ -400,19 +403,21 @@ def estimate_memory(req: Request, preset: Preset, *, dtype_bytes: int = 2, cfg_b
     return lat + dit + vae + frames
 
 
-def _dit_forward_bytes(req: Request, preset: Preset, dtype_bytes: int) -> int:
-    """Activations of one sample's DiT forward (:func:`estimate_memory`'s DiT term, batch 1)."""
+def _dit_forward_bytes(req: Request, preset: Preset, dtype_bytes: int, sequence_parallel: int = 1) -> int:
+    """Activations of one sample's DiT forward on one rank (:func:`estimate_memory`'s DiT term, batch 1)."""
     a = preset.arch
-    return int(req.tokens * (4 * a.dim * 4 + (5 * a.dim + a.ffn_dim) * dtype_bytes) * 1.5)
+    tokens = -(-req.tokens // max(1, sequence_parallel))
+    return int(tokens * (4 * a.dim * 4 + (5 * a.dim + a.ffn_dim) * dtype_bytes) * 1.5)
 
 
-def cfg_batch_fits(req: Request, preset: Preset, device: torch.device, dtype_bytes: int = 2) -> bool:
+def cfg_batch_fits(req: Request, preset: Preset, device: torch.device, dtype_bytes: int = 2,
+                   sequence_parallel: int = 1) -> bool:
     """Whether a batch-2 DiT forward (both CFG branches at once) fits in the free memory of ``device``: the second
     sample's activations (:func:`estimate_memory`'s DiT term) against ``torch.cuda.mem_get_info``; always True
     off CUDA."""
     if torch.device(device).type != "cuda":
         return True
-    return _dit_forward_bytes(req, preset, dtype_bytes) < torch.cuda.mem_get_info(device)[0]
+    return _dit_forward_bytes(req, preset, dtype_bytes, sequence_parallel) < torch.cuda.mem_get_info(device)[0]
 
 
 def device_capacity(device: torch.device | str) -> int:
