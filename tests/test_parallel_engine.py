@@ -457,7 +457,9 @@ def test_cli_parallel_errors_are_one_line_with_exit_codes(tmp_path):
     assert r.returncode == 2 and "torchrun" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = _cli(["--nproc", "2", "--ulysses", "4", "-o", "x.mp4"], tmp_path)  # 4 does not divide the 2 heads
     assert r.returncode == 2, r.stderr
-    assert "rank 0, 1 failed (exit code 2, 2)" in r.stderr
+    import re
+
+    assert re.search(r"rank [01](, 1)? failed \(exit code [^)]*\b2\b", r.stderr), r.stderr  # the launcher stops the other
     assert "2 heads do not divide by ulysses 4" in r.stderr and "Valid layouts for 2 ranks" in r.stderr
     assert not (tmp_path / "x.mp4").exists()
 

@@ -168,8 +168,13 @@ def _launch(args, argv: list[str]) -> int:
     """``--nproc N``: run this same command on N local processes with torchrun's launcher (``--standalone``: a
     rendezvous on a free local port). Returns 0, or the exit code of the first rank that failed (2 bad input, 1 a
     failure, 130 cancelled; its error is already printed)."""
+    import torch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
+
+    if torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
+        raise ValueError(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} CUDA device(s), one per "
+                         "process; for several machines run torchrun on each (--nnodes, --rdzv-endpoint)")
 
     rest, skip = [], False
     for a in argv:  # the command without --nproc
@@ -185,8 +190,7 @@ def _launch(args, argv: list[str]) -> int:
         codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
         print(f"wanrt generate: rank {', '.join(map(str, codes))} failed (exit code "
               f"{', '.join(str(c) for c in codes.values())}); their errors are above", file=sys.stderr)
-        first = next(iter(codes.values()), 1)
-        return first if first in (1, 2, 130) else 1
+        return next((c for c in codes.values() if c in (2, 1, 130)), 1)  # a rank's own exit code, not the launcher's kill
     return 0
 
 

@@ -56,6 +56,8 @@ class Engine:
                  precision: str = "bf16", backend: str = "auto", **options):
         preset = get_preset(model)
         config = engine_config(device, precision, backend, options)  # validated before anything is written
+        if config.parallel is not None:  # a layout that cannot fit fails before any weight is read or written
+            _layout(config, preset.arch.num_heads, preset.guidance_scale, quiet=True)
         if checkpoint_dir is None:
             from .checkpoints.tiny import cached_tiny_checkpoint, is_tiny
 
@@ -63,8 +65,6 @@ class Engine:
                 raise ValueError(f"preset {preset.name!r} needs checkpoint_dir: download the Wan2.1 weights yourself "
                                  "(official or diffusers layout) and pass the folder")
             check_kernels(config, preset.arch.dim // preset.arch.num_heads)  # before the tiny checkpoint is written
-            if config.parallel is not None:  # a layout that cannot fit fails before anything is written
-                _layout(config, preset.arch.num_heads, preset.guidance_scale)
             checkpoint_dir = cached_tiny_checkpoint("official", preset.name)
         self._load(preset, Path(checkpoint_dir), config, check=True)
 
@@ -350,7 +350,7 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
 
-def _layout(config: EngineConfig, num_heads: int, guidance_scale: float):
+def _layout(config: EngineConfig, num_heads: int, guidance_scale: float, quiet: bool = False):
     """The :class:`~wanrt.parallel.ParallelConfig` of ``config.parallel`` for this world (``"auto"`` resolved with
     CFG parallel when the preset's guidance is above 1). Raises ValueError naming the valid layouts."""
     import torch.distributed as dist
@@ -358,7 +358,7 @@ def _layout(config: EngineConfig, num_heads: int, guidance_scale: float):
     from .parallel.config import resolve_layout
 
     layout = resolve_layout(config.parallel, dist.get_world_size(), num_heads, guidance_scale > 1)
-    if config.parallel == "auto":
+    if config.parallel == "auto" and not quiet:
         log.info("parallel='auto' chose ulysses %d x ring %d x cfg %d for %d ranks and %d heads", layout.ulysses,
                  layout.ring, layout.cfg, layout.world_size, num_heads)
     return layout
