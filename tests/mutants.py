@@ -309,7 +309,7 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="ring-block-lengths-of-own-block",
         file="parallel/ring.py",
-        edits=(("n = block_lens[(rank - step) % world]", "n = block_lens[rank]"),),
+        edits=(("        n = block_lens[source]\n", "        n = block_lens[dist.get_rank(group)]\n"),),
         tests=("tests/test_parallel_engine.py::test_two_rank_layouts_match_one_process[ring]",),
         what="Ring attention masks each received K/V block with the valid length of this rank's own block",
     ),

@@ -27,13 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, body, results, timeout_s=30.0):
+def _entry(rank, world, port, body, results, timeout_s=30.0, backend="gloo"):
     try:
         torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                           LOCAL_RANK=str(rank))
-        got_rank, got_world, device = init(timeout_s=timeout_s, backend="gloo")
-        assert (got_rank, got_world, device.type) == (rank, world, "cpu")
+        got_rank, got_world, device = init(timeout_s=timeout_s, backend=backend)
+        assert (got_rank, got_world, device.type) == (rank, world, "cpu" if backend == "gloo" else "cuda")
         notes = body(rank, world)
         results.put((rank, None, notes))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
@@ -48,17 +48,17 @@ def _entry(rank, world, port, body, results, timeout_s=30.0):
                 pass
 
 
-def spawn(world, body, deadline_s=GROUP_DEADLINE_S, timeout_s=30.0, expect_exit=()):
+def spawn(world, body, deadline_s=GROUP_DEADLINE_S, timeout_s=30.0, expect_exit=(), backend="gloo"):
     """Run ``body(rank, world)`` on ``world`` gloo ranks; return ``{rank: (error, notes)}`` (error None on success).
 
     Stops at the first error or the deadline, terminating every rank still running. Ranks in ``expect_exit`` may
     exit without reporting (their outcome is then ``(None, {"exitcode": code})``). Collectives time out after
-    ``timeout_s`` seconds.
+    ``timeout_s`` seconds. ``backend="nccl"`` puts rank r on ``cuda:r``.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, body, results, timeout_s), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(r, world, port, body, results, timeout_s, backend), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

@@ -489,3 +489,32 @@ def test_bench_parallel_counts_what_its_formula_says(tmp_path):
     for row in rows:
         counted, formula = float(row[5]), float(row[6])
         assert counted > 0 and counted == formula, row
+
+
+# --------------------------------------------------------------------------------------------------- GPUs (NCCL)
+
+
+def _body_nccl(rank, world):
+    """On 2 GPUs with NCCL: each two-rank layout against one GPU, fp32 eager (exact) and bf16 with the default
+    kernels and CUDA graphs (the collectives captured)."""
+    import wanrt
+    from wanrt import ParallelConfig as P
+
+    notes = []
+    for kw, bound in ((dict(precision="fp32", backend="eager", cuda_graphs=False), REL),
+                      (dict(precision="bf16", cuda_graphs=True), 1e-2)):
+        ref = wanrt.Engine("tiny", prompt_cache_size=0, **kw).generate("a cat", progress=False, **OPTS)
+        for layout in (P(ulysses=2), P(ring=2), P(cfg=2), P(ulysses=2, shard_weights=True)):
+            eng = wanrt.Engine("tiny", parallel=layout, prompt_cache_size=0, **kw)
+            video = eng.generate("a cat", progress=False, **OPTS)
+            rel = _rel(video.latents, ref.latents)
+            assert rel < bound, (layout, kw, rel)
+            notes.append((str(layout), kw["precision"], rel, video.stats.get("cuda_graphs")))
+    return notes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_gpu_two_ranks_on_nccl_match_one_gpu():
+    outcome = spawn(2, _body_nccl, deadline_s=400.0, timeout_s=120.0, backend="nccl")
+    assert_group_ok(outcome, 2)

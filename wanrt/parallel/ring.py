@@ -81,33 +81,40 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_valid: t
     travels, each block is sliced to its valid keys (an empty block contributes nothing), and ``attn(q, k, v)``
     (default the eager :func:`attention_with_lse`; see :func:`lse_attention`) computes each block.
     """
-    world = dist.get_world_size(group)
     if block_lens is not None:
         return _ring_prefix(q, k, v, list(block_lens), group, attn or attention_with_lse)
     if k_valid is None:
         k_valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-    if world == 1:
+    if dist.get_world_size(group) == 1:
         return attention_with_lse(q, k, v, k_valid)
+    out = lse = None
+    # bool is not sent by every backend (gloo): the mask travels as uint8.
+    for _, (kb, vb, valid) in _around_the_ring([k, v, k_valid.to(torch.uint8)], group):
+        o, l = attention_with_lse(q, kb, vb, valid.to(torch.bool))
+        out, lse = (o, l) if out is None else merge(out, lse, o, l)
+    return out, lse
+
+
+def _around_the_ring(blocks: list[torch.Tensor], group):
+    """Yield ``(source ring rank, blocks)`` for every rank's blocks in turn, starting with this rank's own: rank r
+    sends what it holds to r+1 and receives from r-1 (``batch_isend_irecv``), the next transfer started before
+    the caller works on the current blocks and waited for after."""
+    world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     nxt = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
     prv = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
-    # bool is not sent by every backend (gloo): the mask travels as uint8.
-    blocks = [k.contiguous(), v.contiguous(), k_valid.to(torch.uint8).contiguous()]
-    out = lse = None
+    blocks = [t.contiguous() for t in blocks]
     for step in range(world):
-        reqs = []
+        reqs, incoming = [], blocks
         if step + 1 < world:
             incoming = [torch.empty_like(t) for t in blocks]
             ops = [dist.P2POp(dist.isend, t, nxt, group) for t in blocks]
             ops += [dist.P2POp(dist.irecv, t, prv, group) for t in incoming]
             reqs = dist.batch_isend_irecv(ops)
-        o, l = attention_with_lse(q, blocks[0], blocks[1], blocks[2].to(torch.bool))
-        out, lse = (o, l) if out is None else merge(out, lse, o, l)
+        yield (rank - step) % world, blocks  # the blocks now held came from ring rank (rank - step)
         for req in reqs:
             req.wait()
-        if reqs:
-            blocks = incoming
-    return out, lse
+        blocks = incoming
 
 
 def _ring_prefix(q, k, v, block_lens: list[int], group, attn: LseAttention):
@@ -115,31 +122,18 @@ def _ring_prefix(q, k, v, block_lens: list[int], group, attn: LseAttention):
     world = dist.get_world_size(group)
     if len(block_lens) != world:
         raise ValueError(f"block_lens has {len(block_lens)} entries for a ring of {world} ranks")
-    rank = dist.get_rank(group)
-    nxt = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
-    prv = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
-    blocks = [k.contiguous(), v.contiguous()]
+    acc = _acc_dtype(q.dtype)
     out = lse = None
-    for step in range(world):
-        reqs = []
-        if step + 1 < world:
-            incoming = [torch.empty_like(t) for t in blocks]
-            ops = [dist.P2POp(dist.isend, t, nxt, group) for t in blocks]
-            ops += [dist.P2POp(dist.irecv, t, prv, group) for t in incoming]
-            reqs = dist.batch_isend_irecv(ops)
-        n = block_lens[(rank - step) % world]  # the block now held came from ring rank (rank - step)
+    for source, (kb, vb) in _around_the_ring([k, v], group):
+        n = block_lens[source]
         if n > 0:
-            o, l = attn(q, blocks[0][:, :n], blocks[1][:, :n])
-            o, l = o.to(_acc_dtype(q.dtype)), l.to(_acc_dtype(q.dtype))
+            o, l = attn(q, kb[:, :n], vb[:, :n])
+            o, l = o.to(acc), l.to(acc)
             out, lse = (o, l) if out is None else merge(out, lse, o, l)
-        for req in reqs:
-            req.wait()
-        if reqs:
-            blocks = incoming
     if out is None:  # no valid key anywhere
         b, s, h, d = q.shape
-        out = q.new_zeros((b, s, h, d), dtype=_acc_dtype(q.dtype))
-        lse = q.new_full((b, h, s), float("-inf"), dtype=_acc_dtype(q.dtype))
+        out = q.new_zeros((b, s, h, d), dtype=acc)
+        lse = q.new_full((b, h, s), float("-inf"), dtype=acc)
     return out, lse
 
 
