@@ -12,6 +12,7 @@ import torch
 from .cache.teacache import TEACACHE_MODES  # what TeaCache compares between steps: "e" or "e0"
 from .ops.backends import BACKEND_NAMES as BACKENDS
 from .ops.backends import VAE_BACKENDS  # torch conv3d (reference), wanrt's Triton causal conv3d, TensorRT
+from .offload.planner import OFFLOAD_MODES
 from .parallel.config import ParallelConfig
 from .sampling.schedulers import SOLVER_NAMES as SOLVERS
 
@@ -76,6 +77,14 @@ class EngineConfig:
         image_encoder_precision: dtype of the CLIP vision tower of i2v/flf2v models: "fp16" (the official
             dtype), "bf16" or "fp32". None (default): fp32 with precision "fp32", else fp16 on CUDA and bf16 on
             the CPU (where fp16 GEMMs are slow).
+        offload: where the parts live (``wanrt.offload``): "none" (default: everything on the device), "model"
+            (each part on the device only while it runs), "block" (the DiT blocks stream from host memory
+            through ``offload_window`` device slots; the other parts as "model"), or "auto" (the cheapest mode
+            that fits ``vram_budget_gb``). ``engine.memory_plan`` reports the plan.
+        vram_budget_gb: the GPU memory the plan must fit in (GiB); a budget that cannot be met raises
+            ``BudgetTooSmall`` (a ValueError) naming the smallest feasible one, before anything reaches the GPU.
+            With a budget, ``offload`` "none" means "auto".
+        offload_window: device slots for streamed blocks (>= 2: one computing, the others arriving).
         parallel: None (one process), a :class:`~wanrt.parallel.ParallelConfig` (Ulysses x Ring sequence
             parallel, CFG parallel, sharded weights) or ``"auto"`` (a layout chosen from the world size and the
             head count, logged; ``Engine.parallel`` reports it). Needs a process group: launch with torchrun and
@@ -100,6 +109,9 @@ class EngineConfig:
     image_cache_size: int = 2
     offload_image_encoder: bool = False
     image_encoder_precision: str | None = None
+    offload: str = "none"
+    vram_budget_gb: float | None = None
+    offload_window: int = 2
     parallel: ParallelConfig | str | None = None
 
     def __post_init__(self) -> None:
@@ -146,6 +158,21 @@ class EngineConfig:
             raise ValueError(f"image_cache_size must be an int >= 0, got {self.image_cache_size!r}")
         if not isinstance(self.prompt_cache_size, int) or self.prompt_cache_size < 0:
             raise ValueError(f"prompt_cache_size must be an int >= 0, got {self.prompt_cache_size!r}")
+        if self.offload not in (*OFFLOAD_MODES, "auto"):
+            raise ValueError(f"offload must be one of {(*OFFLOAD_MODES, 'auto')}, got {self.offload!r}")
+        if self.vram_budget_gb is not None:
+            if isinstance(self.vram_budget_gb, bool) or not isinstance(self.vram_budget_gb, (int, float)) \
+                    or not 0 < self.vram_budget_gb < float("inf"):
+                raise ValueError(f"vram_budget_gb must be a positive number of GiB, got {self.vram_budget_gb!r}")
+            if self.offload == "none":
+                object.__setattr__(self, "offload", "auto")
+        elif self.offload == "auto":
+            raise ValueError("offload='auto' needs vram_budget_gb (the budget it plans for)")
+        if isinstance(self.offload_window, bool) or not isinstance(self.offload_window, int) or self.offload_window < 2:
+            raise ValueError(f"offload_window must be an int >= 2, got {self.offload_window!r}")
+        if self.parallel is not None and self.offload != "none":
+            raise ValueError("offload and parallel layouts do not combine yet: use shard_weights to spread the "
+                             "weights over the GPUs")
         if self.parallel is not None and self.parallel != "auto" and not isinstance(self.parallel, ParallelConfig):
             raise ValueError(f"parallel must be None, 'auto' or a wanrt.ParallelConfig, got {self.parallel!r}")
 
@@ -156,7 +183,9 @@ class EngineConfig:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        """Replay the DiT from CUDA graphs: as set, else on CUDA."""
+        """Replay the DiT from CUDA graphs: as set, else on CUDA (never across offloaded weights)."""
+        if self.offload != "none":
+            return False
         return self.cuda_graphs if self.cuda_graphs is not None else self.device.type == "cuda"
 
     @property
@@ -227,6 +256,15 @@ def device_lock(device: torch.device) -> threading.Lock:
     whichever thread calls them. One lock per device name, created on first use."""
     with _DEVICE_LOCKS_GUARD:
         return _DEVICE_LOCKS.setdefault(str(device), threading.Lock())
+
+
+def resolve_kernels(config: EngineConfig, head_dim: int):
+    """The :class:`~wanrt.ops.OpsPlan` of ``config`` on its device for a DiT of ``head_dim`` (the pure resolver with
+    this machine's capabilities), whatever device the weights are on now. Raises BackendUnavailableError."""
+    from .ops.backends import plan
+    from .ops.selfcheck import probe_capabilities
+
+    return plan(config.backend, probe_capabilities(config.device, config.dit_dtype, head_dim), vae=config.vae_backend)
 
 
 def check_kernels(config: EngineConfig, head_dim: int) -> None:

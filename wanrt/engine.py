@@ -11,6 +11,7 @@ The eager path reproduces the official pipeline (``wan/text2video.py``; ``docs/m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -89,8 +90,10 @@ class Engine:
         dev = config.device
         quant = config.precision if config.precision in QUANTIZED_PRECISIONS else None
         shard = getattr(config.parallel, "shard_weights", False)  # then loaded on the CPU: no replica on the GPU
-        self.transformer = load_transformer(ckpt, device="cpu" if shard else dev, dtype=config.dit_dtype,
-                                            backend="eager" if shard else config.backend, quantization=quant,
+        offload = config.offload != "none"  # every part read into host memory first, placed by the memory plan
+        host = shard or offload
+        self.transformer = load_transformer(ckpt, device="cpu" if host else dev, dtype=config.dit_dtype,
+                                            backend="eager" if host else config.backend, quantization=quant,
                                             vae_backend=config.vae_backend)
         self.preset = preset = choose_preset(preset, ckpt, self.transformer.config, check)
         self.mesh, self._shard_stats = None, None
@@ -105,21 +108,30 @@ class Engine:
 
                 self._shard_stats = shard_weights(self.transformer, self.mesh, dev)
                 self.transformer.set_backend(config.backend, vae=config.vae_backend)
-        self.vae = load_vae(ckpt, device=dev, dtype=torch.float32)
+        self.vae = load_vae(ckpt, device="cpu" if offload else dev, dtype=torch.float32)
         self.vae.set_backend(self.plan)  # the VAE's convolution, as resolved with the DiT's kernels
         self.decoder = Decoder(self.vae, dev, self.plan.vae, config.vae_tiling)
         self.text_encoder = self.text = None
+        # Offloading: the encoders are read into host memory and visit the device while they run.
+        parts = dataclasses.replace(config, offload_text_encoder=True, offload_image_encoder=True) if offload \
+            else config
         if self.mesh is None or self.mesh.is_root:  # in a parallel run rank 0 encodes and broadcasts
-            self.text_encoder = load_text_encoder(ckpt, config, self.transformer.config.text_len, self.plan.quant)
-            self.text = TextConditioner(self.text_encoder, dev, config.text_device, config.offload_text_encoder,
+            self.text_encoder = load_text_encoder(ckpt, parts, self.transformer.config.text_len, self.plan.quant)
+            self.text = TextConditioner(self.text_encoder, dev, config.text_device, parts.offload_text_encoder,
                                         config.prompt_cache_size)
         if self.mesh is not None:
             from .parallel.runner import BroadcastText
 
             self.text = BroadcastText(self.text, self.mesh, dev)
-        self.image = ImageConditioner.load(ckpt, config, self.vae, self.transformer.config.image_dim) \
+        self.image = ImageConditioner.load(ckpt, parts, self.vae, self.transformer.config.image_dim) \
             if preset.task != "t2v" else None
         self.image_encoder = self.image.image_encoder if self.image is not None else None
+        self.memory_plan = None  # the offload plan (wanrt.offload.MemoryPlan), when the Engine offloads
+        if offload:
+            from .offload.placement import place, plan_for
+
+            self.memory_plan = plan_for(self, self._default_request())  # BudgetTooSmall before the GPU is touched
+            place(self, self.memory_plan)
         self._lock = device_lock(dev)
         if config.compile:
             name = config.compile if isinstance(config.compile, str) else "inductor"
@@ -142,6 +154,12 @@ class Engine:
     def device(self) -> torch.device:
         """The device the models run on."""
         return self.config.device
+
+    def _default_request(self) -> Request:
+        """The preset's default request (its size and frame count), which the memory plan is made for."""
+        kw = {} if self.preset.task == "t2v" else {"image": np.zeros((self.preset.height, self.preset.width, 3),
+                                                                        np.uint8)}
+        return resolve_request(self.preset, "memory plan", seed=0, **kw)
 
     @property
     def parallel(self):
@@ -186,6 +204,10 @@ class Engine:
                               **options)
         check_fits(req, self.preset, self.device, dtype_bytes=self.config.dit_dtype.itemsize,
                    tiled_vae=c.vae_tiling, sequence_parallel=self.mesh.sp if self.mesh is not None else 1)
+        if self.memory_plan is not None and self.memory_plan.budget is not None:
+            from .offload.placement import check_budget
+
+            check_budget(self, req)  # RequestTooLarge when this size does not fit the placed plan's budget
         return req
 
     # ------------------------------------------------------------------ generation
@@ -247,13 +269,17 @@ class Engine:
             x = torch.randn(req.latent_shape, generator=torch.Generator("cpu").manual_seed(req.seed))
         x = x.to(self.device, torch.float32)
         image_cond, stats = {}, {}
+        from .offload.placement import visiting
+
         if req.image is not None:
-            image_cond, stats["image_conditioning"] = self.image(req.image, req.last_image, req.height, req.width,
-                                                                 req.num_frames, timings)
+            with visiting(self, "vae"):  # the VAE encodes the conditioning frames
+                image_cond, stats["image_conditioning"] = self.image(req.image, req.last_image, req.height,
+                                                                     req.width, req.num_frames, timings)
             if mesh is not None:
                 image_cond = runner.broadcast_image(image_cond, mesh, self.device)
-        batch_cfg = req.do_cfg and self.config.use_cfg_batch and (mesh is None or mesh.config.cfg == 1)
-        if batch_cfg and not cfg_batch_fits(req, self.preset, self.device, self.config.dit_dtype.itemsize,
+        streaming = self.transformer.offload is not None  # block offload: one forward per step, each block once
+        batch_cfg = req.do_cfg and (self.config.use_cfg_batch or streaming) and (mesh is None or mesh.config.cfg == 1)
+        if batch_cfg and not streaming and not cfg_batch_fits(req, self.preset, self.device, self.config.dit_dtype.itemsize,
                                             mesh.sp if mesh is not None else 1):
             log.info("CFG branches run as two passes: a batch-2 forward would not fit in free memory")
             batch_cfg = False
@@ -269,9 +295,11 @@ class Engine:
                                               num_steps=req.num_inference_steps, graphs=self._graphs,
                                               image_cond=image_cond, device=self.device)
         t0 = time.perf_counter()
-        x = denoise(step, make_solver(req.sample_solver, req.num_inference_steps, req.shift), x, seed=req.seed,
-                    callback=callback, cancel=cancel, progress=progress and (mesh is None or mesh.is_root),
-                    sync=runner.RankSync(mesh, self.device) if mesh is not None else None)
+        moved = self.transformer.offload.moved_bytes if streaming else 0
+        with visiting(self, "dit"):
+            x = denoise(step, make_solver(req.sample_solver, req.num_inference_steps, req.shift), x, seed=req.seed,
+                        callback=callback, cancel=cancel, progress=progress and (mesh is None or mesh.is_root),
+                        sync=runner.RankSync(mesh, self.device) if mesh is not None else None)
         self._sync()
         timings["denoise"] = time.perf_counter() - t0
         final = x.detach().to("cpu", torch.float32, copy=True)
@@ -279,6 +307,10 @@ class Engine:
                  **stats}
         if teacache is not None:
             stats["teacache"] = teacache.summary() if mesh is None else runner.teacache_summary(teacache, mesh)
+        if self.memory_plan is not None:
+            stats["offload"] = {"plan": self.memory_plan.describe(), "mode": self.memory_plan.mode,
+                                "graphed": "nothing: CUDA graphs are not captured across offloaded weights",
+                                "moved_bytes": (self.transformer.offload.moved_bytes - moved) if streaming else 0}
         fps = self.preset.fps
         if not decode:
             if mesh is not None:
@@ -290,7 +322,8 @@ class Engine:
                 frames, how = runner.decode(self.decoder, x, mesh, on_frames, keep_frames, (req.height, req.width))
                 stats["parallel"] = runner.stats(mesh, self._graphs is not None, how, self._shard_stats)
             else:
-                frames = collect_frames(self.decode_stream(x), on_frames, keep_frames, (req.height, req.width))
+                with visiting(self, "vae"):
+                    frames = collect_frames(self.decode_stream(x), on_frames, keep_frames, (req.height, req.width))
         except Exception as e:
             raise GenerationError(f"VAE decode failed after {getattr(e, 'delivered', 0)} frames ({type(e).__name__}: "
                                   f"{e}); the denoised latents are kept as .latents", final, req.seed) from e

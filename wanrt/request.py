@@ -389,6 +389,13 @@ def estimate_memory(req: Request, preset: Preset, *, dtype_bytes: int = 2, cfg_b
     ``sequence_parallel``: ranks sharing the token sequence (``ulysses * ring``): each holds ``ceil(S / sp)`` tokens
     of the DiT's activations (the Ulysses all-to-all trades tokens for heads, the same bytes).
     """
+    return sum(memory_terms(req, preset, dtype_bytes=dtype_bytes, cfg_batch=cfg_batch, tiled_vae=tiled_vae,
+                            sequence_parallel=sequence_parallel).values())
+
+
+def memory_terms(req: Request, preset: Preset, *, dtype_bytes: int = 2, cfg_batch: bool = False,
+                 tiled_vae: bool | None = None, sequence_parallel: int = 1) -> dict[str, int]:
+    """:func:`estimate_memory` term by term: ``{"latents", "dit", "vae", "frames"}`` in bytes."""
     lat = math.prod(req.latent_shape) * 4 * 5
     dit = _dit_forward_bytes(req, preset, dtype_bytes, sequence_parallel) * (2 if cfg_batch and req.do_cfg else 1)
     h, w = req.height, req.width
@@ -400,13 +407,17 @@ def estimate_memory(req: Request, preset: Preset, *, dtype_bytes: int = 2, cfg_b
         vae = frames * 4  # the whole blended float32 video
         h, w = min(h, 512), min(w, 512)
     vae += h * w * 96 * 6 * 3 * 4
-    return lat + dit + vae + frames
+    return {"latents": lat, "dit": dit, "vae": vae, "frames": frames}
 
 
-def _dit_forward_bytes(req: Request, preset: Preset, dtype_bytes: int, sequence_parallel: int = 1) -> int:
-    """Activations of one sample's DiT forward on one rank (:func:`estimate_memory`'s DiT term, batch 1)."""
+def _dit_forward_bytes(req: Request, preset: Preset, dtype_bytes: int, sequence_parallel: int = 1,
+                       ffn: bool = True) -> int:
+    """Activations of one sample's DiT forward on one rank (:func:`estimate_memory`'s DiT term, batch 1); without
+    ``ffn``, only the FFN hidden state's share (``ffn_dim`` per token)."""
     a = preset.arch
     tokens = -(-req.tokens // max(1, sequence_parallel))
+    if not ffn:
+        return int(tokens * a.ffn_dim * dtype_bytes * 1.5)
     return int(tokens * (4 * a.dim * 4 + (5 * a.dim + a.ffn_dim) * dtype_bytes) * 1.5)
 
 

@@ -248,6 +248,7 @@ class Block(nn.Module):
             Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, dim)
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.ffn_chunk: int | None = None  # tokens per FFN chunk (WanDiT.set_ffn_chunk)
 
     def chunks(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(modulation + e0).chunk(6)``: shift/scale/gate of self-attention, then of the FFN;
@@ -296,7 +297,15 @@ class Block(nn.Module):
             out_dtype=compute_dtype(self.ffn[0]), quantize=input_quant_dtype(self.ffn[0]) if prequant else None,
             backend=fused,
         )  # x + cross-attention; h = norm2(x) * (1 + scale_ff) + shift_ff
-        return x, (self.ffn(h), gate_ff)
+        return x, (self.feed_forward(h), gate_ff)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN on ``h`` ``[B, S, dim]``, in token chunks of ``ffn_chunk`` when set (per token: the same values,
+        without the ``[B, S, ffn_dim]`` hidden state of the whole sequence)."""
+        chunk = self.ffn_chunk
+        if chunk is None or h.shape[1] <= chunk:
+            return self.ffn(h)
+        return torch.cat([self.ffn(h[:, s:s + chunk]) for s in range(0, h.shape[1], chunk)], dim=1)
 
 
 class Head(nn.Module):
@@ -417,6 +426,15 @@ class WanDiT(nn.Module):
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._rope_last: tuple[Any, RopeTable] | None = None
         self.plan = _EAGER
+        self.offload = None  # a wanrt.offload.BlockMover when the blocks stream from host memory
+
+    def set_ffn_chunk(self, tokens: int | None) -> None:
+        """Run every block's FFN in chunks of ``tokens`` tokens (None: whole), bounding its hidden state to
+        ``tokens * ffn_dim``. Raises ValueError for a non-positive count."""
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"ffn chunk must be a positive int or None, got {tokens!r}")
+        for block in self.blocks:
+            block.ffn_chunk = tokens
 
     def set_backend(self, backend: str | OpsPlan = "auto", *, fused: str | None = None, quant: str | None = None,
                     vae: str | None = None) -> OpsPlan:
@@ -563,8 +581,11 @@ class WanDiT(nn.Module):
             output is ``x + y * gate``; :meth:`run_head` computes it fused with the head's norm.
         """
         x, plan, eps = inp.x, self.plan, self.config.eps
+        mover = self.offload  # block offload (wanrt.offload.BlockMover): copies around each block, or None
         pending = None  # (y, gate) of the previous block's FFN, fused with the next norm
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if mover is not None:
+                mover.before(i)
             mod = block.chunks(inp.e0)  # 6 x [B, 1, dim] fp32
             sa = block.self_attn
             out_dtype = compute_dtype(sa.q)
@@ -579,6 +600,8 @@ class WanDiT(nn.Module):
                     backend=plan.fused,
                 )  # previous block's output x + y*gate_ffn, and this block's norm1 + modulation
             x, pending = block(x, h, mod, inp.rope, inp.context, inp.context_img, plan, inp.sp)
+            if mover is not None:
+                mover.after(i)
         return x, pending
 
     def run_head(
