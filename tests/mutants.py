@@ -373,4 +373,34 @@ DEFECTS: tuple[Defect, ...] = (
         tests=("tests/test_parallel_engine.py::test_cancel_and_nan_stop_every_rank_at_the_same_step",),
         what="under sequence parallel the CUDA graphs capture the whole single-rank forward on every rank",
     ),
+    # ---------------------------------------------------------------------------- offload (wanrt.offload)
+    Defect(
+        name="offload-no-prefetch",
+        file="offload/mover.py",
+        edits=(("        self._ensure(p + self.window - 1)  # S[m + k]: issued before S[m] computes\n",
+                "        self._ensure(p)\n"),),
+        tests=("tests/test_offload.py::test_mover_schedule[0-2]",),
+        what="block offload copies each block just before it computes: nothing overlaps the compute",
+    ),
+    Defect(
+        name="offload-one-slot-for-all",
+        file="offload/mover.py",
+        edits=(("        slot = position % self.window\n", "        slot = 0\n"),),
+        tests=("tests/test_offload.py::test_mover_schedule[0-2]",),
+        what="every streamed block is copied into the same slot, overwriting the block about to compute",
+    ),
+    Defect(
+        name="offload-two-passes-per-step",
+        file="engine.py",
+        edits=(("(self.config.use_cfg_batch or streaming)", "self.config.use_cfg_batch"),),
+        tests=("tests/test_offload.py::test_block_offload_batches_cfg_so_each_block_moves_once_per_step",),
+        what="block offload with two CFG passes moves every block twice per step",
+    ),
+    Defect(
+        name="planner-resident-from-the-largest-phase",
+        file="offload/planner.py",
+        edits=(('            spare = budget_bytes - least.phases["denoise"]', "            spare = budget_bytes - least.peak"),),
+        tests=("tests/test_offload.py::test_planner_fills_the_budget_with_resident_blocks",),
+        what="the planner sizes the resident blocks from the largest phase (the text encoder's), not denoising's",
+    ),
 )

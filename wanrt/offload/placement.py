@@ -40,6 +40,8 @@ def part_sizes(engine, req, *, batched_cfg: bool) -> PartSizes:
                          tiled_vae=engine.config.vae_tiling)
     ffn = _dit_forward_bytes(req, engine.preset, dtype_bytes, ffn=False) * (2 if batched_cfg and req.do_cfg else 1)
     text = engine.text_encoder.model if engine.text_encoder is not None else None
+    if engine.config.text_device.type == "cpu" and engine.device.type != "cpu":
+        text = None  # the text encoder runs on the host: it never takes GPU memory
     image = engine.image_encoder.model if engine.image_encoder is not None else None
     return PartSizes(text_encoder=nbytes(text), image_encoder=nbytes(image), vae=nbytes(engine.vae),
                      dit_other=nbytes(dit) - block * len(blocks), block=block, blocks=len(blocks),

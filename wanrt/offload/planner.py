@@ -170,7 +170,7 @@ def plan_memory(sizes: PartSizes, budget_bytes: int | None = None, mode: str | N
             if budget_bytes is None:
                 candidates.append(least)
                 continue
-            spare = budget_bytes - least.peak
+            spare = budget_bytes - least.phases["denoise"]  # what the blocks may add to the denoising phase
             resident = min(streamable, spare // sizes.block) if spare >= 0 and sizes.block else 0
             candidates.append(_plan(sizes, m, int(resident), window, chunked, budget_bytes, ffn_chunk_tokens))
     if budget_bytes is None:

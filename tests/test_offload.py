@@ -1,0 +1,212 @@
+"""wanrt.offload: the memory planner (pure), the block mover's schedule, and Engines that offload giving the same
+videos bit for bit as the resident Engine (CPU: the "device" is host memory too, but every copy, pointer swap and
+schedule decision runs as on a GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import wanrt
+from wanrt.offload import BudgetTooSmall, PartSizes, plan_memory
+from wanrt.offload.planner import GIB
+
+MIB = 1 << 20
+KW = dict(backend="eager", prompt_cache_size=0)
+OPTS = dict(seed=3, num_inference_steps=4, height=48, width=80, num_frames=9)
+COEFS = (0.0, 0.0, 0.0, 0.1, 0.0)  # the tiny model skips about every other step (tests/pinned_cases.py)
+TEACACHE = dict(teacache_threshold=0.25, teacache_coefficients=COEFS, num_inference_steps=6)
+
+
+# ------------------------------------------------------------------------------------------------- the planner
+
+# A 14B-like model in bf16: 40 blocks of 0.7 GiB, 1 GiB outside them, an 11 GiB text encoder.
+SIZES = PartSizes(text_encoder=11 * GIB, image_encoder=0, vae=250 * MIB, dit_other=1 * GIB, block=700 * MIB,
+                  blocks=40, dit_activations=6 * GIB, ffn_hidden=3 * GIB, text_activations=256 * MIB,
+                  vae_activations=2 * GIB, workspace=512 * MIB)
+
+
+def test_planner_takes_the_cheapest_mode_that_fits():
+    everything = SIZES.text_encoder + SIZES.vae + SIZES.dit + SIZES.dit_activations + SIZES.workspace
+    plan = plan_memory(SIZES, everything)
+    assert plan.mode == "none" and plan.peak == everything and plan.moved_per_step == 0
+    plan = plan_memory(SIZES, SIZES.dit + SIZES.dit_activations + SIZES.workspace)  # the DiT phase alone fits
+    assert plan.mode == "model" and plan.resident == 40 and plan.moved_per_step == 0
+    assert plan.placement["dit"] == "gpu while running"
+
+
+def test_planner_fills_the_budget_with_resident_blocks():
+    base = SIZES.dit_other + SIZES.dit_activations + SIZES.workspace  # + (resident + window) blocks
+    budget = base + 12 * SIZES.block + SIZES.block // 2
+    plan = plan_memory(SIZES, budget)
+    assert (plan.mode, plan.resident, plan.window, plan.ffn_chunk) == ("block", 10, 2, None)
+    assert plan.moved_per_step == 30 * SIZES.block and plan.peak == base + 12 * SIZES.block <= budget
+    assert plan.phases["denoise"] == plan.peak and plan.phases["text"] == SIZES.text_encoder + SIZES.text_activations
+
+
+def test_planner_chunks_the_ffn_only_when_nothing_else_fits():
+    import dataclasses
+
+    sizes = dataclasses.replace(SIZES, text_encoder=2 * GIB)  # an 8-bit text encoder: the DiT phase is the floor
+    base = sizes.dit_other + sizes.dit_activations + sizes.workspace + 2 * sizes.block
+    assert plan_memory(sizes, base).ffn_chunk is None
+    plan = plan_memory(sizes, base - 1)
+    assert plan.mode == "block" and plan.ffn_chunk == 4096 and plan.resident == 4  # 3 GiB freed: 4 more blocks
+
+
+def test_planner_names_the_smallest_feasible_budget():
+    with pytest.raises(BudgetTooSmall, match=r"smallest feasible budget is (\d+\.\d\d) GiB") as err:
+        plan_memory(SIZES, 2 * GIB)
+    minimum = err.value.minimum
+    assert minimum == SIZES.text_encoder + SIZES.text_activations  # the text encoder phase is the floor here
+    assert plan_memory(SIZES, minimum).peak <= minimum  # and that budget is feasible
+    with pytest.raises(BudgetTooSmall):
+        plan_memory(SIZES, minimum - 1)
+
+
+def test_planner_explicit_modes_and_bad_input():
+    assert plan_memory(SIZES, mode="block").resident == 0  # no budget: the least memory
+    assert plan_memory(SIZES, mode="none").mode == "none"
+    with pytest.raises(BudgetTooSmall):
+        plan_memory(SIZES, 20 * GIB, mode="none")
+    with pytest.raises(ValueError, match="offload must be one of"):
+        plan_memory(SIZES, mode="disk")
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        plan_memory(SIZES, window=1)
+
+
+# ------------------------------------------------------------------------------------------------- the mover
+
+
+def _tiny_dit(layers=5):
+    import dataclasses
+
+    from wanrt.checkpoints.tiny import dit_config_for
+    from wanrt.models.dit import WanDiT
+    from wanrt.presets import get_preset
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(dit_config_for(get_preset("tiny")), num_layers=layers)
+    return WanDiT(cfg).eval()
+
+
+@pytest.mark.parametrize("resident, window", [(0, 2), (1, 2), (2, 3)])
+def test_mover_schedule(resident, window):
+    """Per forward: each streamed block is copied once; block S[m + k]'s copy is issued before S[m] computes and
+    waited on before S[m + k] computes; the output is bit for bit the resident one."""
+    from wanrt.offload.mover import BlockMover
+
+    model = _tiny_dit()
+    x, ctx = torch.randn(1, 16, 3, 6, 10), torch.randn(1, 20, 64)
+    with torch.no_grad():
+        ref = [model(x, t, ctx) for t in (900, 500, 100)]
+    events, movers = [], []
+
+    def record(event, block, position):
+        events.append((event, block, position))
+        if event == "compute":  # it computes from a device slot, not from its host copy
+            slots = {t.data_ptr() for slot in movers[0]._slots for t in slot}
+            assert all(p.data_ptr() in slots for p in model.blocks[block].parameters()), (block, position)
+
+    model.offload = BlockMover(model.blocks, torch.device("cpu"), resident, window, recorder=record)
+    movers.append(model.offload)
+    with torch.no_grad():
+        out = [model(x, t, ctx) for t in (900, 500, 100)]
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+    streamed = list(range(resident, 5))
+    k = window - 1
+    order = {ev: i for i, ev in enumerate(events)}
+    for p in range(3 * len(streamed)):
+        block = streamed[p % len(streamed)]
+        compute = order[("compute", block, p)]
+        assert order[("wait", block, p)] < compute and order[("issue", block, p)] < compute
+        if p + k < 3 * len(streamed):
+            assert order[("issue", streamed[(p + k) % len(streamed)], p + k)] < compute
+    computes = [i for i, (e, _, _) in enumerate(events) if e == "compute"]
+    forwards = [computes[j] for j in range(0, len(computes), len(streamed))]
+    for a, b in zip(forwards, forwards[1:]):  # between two forwards' first computes: each block issued once
+        issued = [blk for e, blk, _ in events[a:b] if e == "issue"]
+        assert sorted(issued) == streamed
+    assert not any(blk < resident for e, blk, _ in events)  # resident blocks never move
+
+
+def test_mover_keeps_one_host_copy_and_reuses_its_slots():
+    from wanrt.offload.mover import BlockMover
+
+    model = _tiny_dit()
+    before = {id(p) for p in model.blocks.parameters()}
+    mover = BlockMover(model.blocks, torch.device("cpu"), 1, 2)
+    slots = {t.data_ptr() for slot in mover._slots for t in slot}
+    host = {t.data_ptr() for ts in mover._host.values() for t in ts}
+    assert len(slots) == 2 * len(mover._host[1]) and not slots & host
+    assert {id(p) for p in model.blocks.parameters()} == before  # the same Parameters, pointing elsewhere
+    x, ctx = torch.randn(1, 16, 3, 6, 10), torch.randn(1, 20, 64)
+    with torch.no_grad():
+        model(x, 500, ctx)
+    pointed = {p.data_ptr() for b in range(1, 5) for p in model.blocks[b].parameters()}
+    assert pointed <= slots | host  # nothing new was allocated for the weights
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        BlockMover(model.blocks, torch.device("cpu"), 0, 1)
+
+
+def test_chunked_ffn_matches_the_whole_ffn():
+    model = _tiny_dit(2)
+    x, ctx = torch.randn(1, 16, 3, 6, 10), torch.randn(1, 20, 64)
+    with torch.no_grad():
+        ref = model(x, 500, ctx)
+        model.set_ffn_chunk(7)  # 45 tokens: 7 chunks, the last one short
+        out = model(x, 500, ctx)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # per token; the GEMM's M differs, not the math
+    with pytest.raises(ValueError, match="positive int"):
+        model.set_ffn_chunk(0)
+
+
+# ------------------------------------------------------------------------------------------------- the Engine
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-i2v"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_offloaded_engines_give_the_resident_video_bit_for_bit(preset, precision):
+    extra = {"image": np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)} \
+        if preset != "tiny" else {}
+    opts = {**OPTS, **TEACACHE, **extra}
+    ref = wanrt.Engine(preset, precision=precision, cfg_batch=True, **KW).generate("a cat", progress=False, **opts)
+    for offload in ("model", "block"):
+        eng = wanrt.Engine(preset, precision=precision, cfg_batch=True, offload=offload, **KW)
+        video = eng.generate("a cat", progress=False, **opts)
+        assert torch.equal(video.latents, ref.latents), offload
+        assert np.array_equal(video.frames, ref.frames), offload
+        assert video.stats["teacache"] == ref.stats["teacache"] and video.stats["teacache"]["cond"]["skipped"]
+        stats = video.stats["offload"]
+        assert stats["mode"] == offload and "not captured" in stats["graphed"]
+        if offload == "block":  # only computed steps move blocks: one copy of each block per computed forward
+            again = eng.generate("a cat", progress=False, **opts)  # (the first run's first copies ran at load)
+            assert torch.equal(again.latents, ref.latents)
+            forwards = max(again.stats["teacache"][b]["computed"] for b in ("cond", "uncond"))
+            assert again.stats["offload"]["moved_bytes"] == forwards * 2 * eng.transformer.offload.block_bytes
+
+
+def test_block_offload_batches_cfg_so_each_block_moves_once_per_step():
+    ref = wanrt.Engine("tiny", precision="fp32", cfg_batch=True, **KW).generate("a cat", progress=False, **OPTS)
+    eng = wanrt.Engine("tiny", precision="fp32", cfg_batch=False, offload="block", **KW)
+    eng.generate("a cat", progress=False, **OPTS)
+    video = eng.generate("a cat", progress=False, **OPTS)  # in steady state (the first copies ran at load)
+    assert video.stats["cfg_batched"] is True and torch.equal(video.latents, ref.latents)
+    assert video.stats["offload"]["moved_bytes"] == OPTS["num_inference_steps"] * 2 * eng.transformer.offload.block_bytes
+
+
+def test_engine_budget():
+    eng = wanrt.Engine("tiny", precision="fp32", vram_budget_gb=4.0, **KW)
+    assert eng.memory_plan.mode == "none" and eng.memory_plan.budget == 4 * GIB
+    with pytest.raises(BudgetTooSmall, match=r"smallest feasible budget is 0\.\d\d GiB"):
+        wanrt.Engine("tiny", precision="fp32", vram_budget_gb=0.05, **KW)
+    with pytest.raises(ValueError, match="offload='auto' needs vram_budget_gb"):
+        wanrt.Engine("tiny", offload="auto", **KW)
+    with pytest.raises(ValueError, match="offload must be one of"):
+        wanrt.Engine("tiny", offload="disk", **KW)
+    with pytest.raises(ValueError, match="vram_budget_gb must be a positive number"):
+        wanrt.Engine("tiny", vram_budget_gb=-1, **KW)
+    eng = wanrt.Engine("tiny", precision="fp32", vram_budget_gb=0.6, **KW)  # just above the 0.5 GiB workspace
+    with pytest.raises(ValueError, match="with the placement made for the budget"):
+        eng.request("a cat", height=1024, width=1024, num_frames=81)
