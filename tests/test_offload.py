@@ -210,3 +210,18 @@ def test_engine_budget():
     eng = wanrt.Engine("tiny", precision="fp32", vram_budget_gb=0.6, **KW)  # just above the 0.5 GiB workspace
     with pytest.raises(ValueError, match="with the placement made for the budget"):
         eng.request("a cat", height=1024, width=1024, num_frames=81)
+
+
+def test_cli_offload_flags(tmp_path, capsys):
+    from wanrt.cli import main
+    from wanrt.video import read_mp4
+
+    out = tmp_path / "o.mp4"
+    base = ["generate", "--prompt", "a cat", "--height", "48", "--width", "80", "--steps", "2", "--seed", "1",
+            "--precision", "fp32", "--device", "cpu", "--no-progress", "-o", str(out)]
+    assert main([*base, "--offload", "block"]) == 0
+    text = capsys.readouterr().out
+    assert "memory: offload block, 0 resident + 2 streaming blocks" in text
+    assert read_mp4(out)[0].shape == (9, 48, 80, 3)
+    assert main([*base, "--vram-budget-gb", "0.05"]) == 2
+    assert "smallest feasible budget is" in capsys.readouterr().err

@@ -40,6 +40,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="keep UMT5 on the CPU and move it to its device only while encoding")
     g.add_argument("--offload-image-encoder", action="store_true",
                    help="i2v/flf2v: keep the CLIP image encoder on the CPU and move it to the device only while encoding")
+    o = g.add_argument_group("small GPUs", "where the parts live (engine.memory_plan); see the README's offload section")
+    o.add_argument("--offload", default=None, choices=["none", "model", "block"],
+                   help="none (all on the GPU), model (each part on the GPU only while it runs), block (the DiT "
+                        "blocks stream from host memory); default: none, or chosen for --vram-budget-gb")
+    o.add_argument("--vram-budget-gb", type=float, default=None,
+                   help="plan for this much GPU memory (GiB); refused before loading onto the GPU when it cannot be "
+                        "met, naming the smallest feasible budget")
     p = g.add_argument_group("many GPUs", "under `torchrun --nproc-per-node N -m wanrt generate ...`, or with "
                              "--nproc N; without a layout flag the layout is chosen for the world size (auto)")
     p.add_argument("--nproc", type=_positive, default=None,
@@ -194,6 +201,16 @@ def _launch(args, argv: list[str]) -> int:
     return 0
 
 
+def _offload_options(args) -> dict:
+    """``offload`` / ``vram_budget_gb`` for the Engine, only those given (the Engine's defaults otherwise)."""
+    out = {}
+    if args.offload is not None:
+        out["offload"] = "auto" if args.offload == "none" and args.vram_budget_gb is not None else args.offload
+    if args.vram_budget_gb is not None:
+        out["vram_budget_gb"] = args.vram_budget_gb
+    return out
+
+
 def _parallel(args):
     """The layout from the flags (None for one process): under torchrun (WORLD_SIZE set) or with a layout flag,
     the process group is set up here; no flag means ``"auto"``."""
@@ -234,7 +251,8 @@ def _generate(args, argv: list[str]) -> int:
     engine = _engine(args, cfg_batch=on_off[args.cfg_batch], cuda_graphs=on_off[args.cuda_graphs],
                      compile=args.compile, text_encoder_precision=args.text_encoder_precision,
                      text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder,
-                     offload_image_encoder=args.offload_image_encoder, parallel=parallel)
+                     offload_image_encoder=args.offload_image_encoder, parallel=parallel,
+                     **_offload_options(args))
     root = engine.mesh is None or engine.mesh.is_root  # in a parallel run rank 0 alone prints and writes
     cancel = threading.Event()
 
@@ -258,6 +276,8 @@ def _generate(args, argv: list[str]) -> int:
     print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps} fps), seed {video.seed}")
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
           + f" (backend {engine.plan.name})")
+    if "offload" in video.stats:
+        print(f"memory: {video.stats['offload']['plan']}")
     if "parallel" in video.stats:
         print(f"parallel: {video.stats['parallel']['layout']} ({video.stats['parallel']['backend']}), VAE decode on "
               f"{video.stats['parallel'].get('vae_decode')}")
