@@ -85,6 +85,8 @@ class EngineConfig:
             ``BudgetTooSmall`` (a ValueError) naming the smallest feasible one, before anything reaches the GPU.
             With a budget, ``offload`` "none" means "auto".
         offload_window: device slots for streamed blocks (>= 2: one computing, the others arriving).
+        offload_to_disk: with block offload, the streamed blocks are not held in host memory: each copy reads the
+            block from the checkpoint file (memory-mapped) into a small staging ring (``wanrt.offload.disk``).
         parallel: None (one process), a :class:`~wanrt.parallel.ParallelConfig` (Ulysses x Ring sequence
             parallel, CFG parallel, sharded weights) or ``"auto"`` (a layout chosen from the world size and the
             head count, logged; ``Engine.parallel`` reports it). Needs a process group: launch with torchrun and
@@ -112,6 +114,7 @@ class EngineConfig:
     offload: str = "none"
     vram_budget_gb: float | None = None
     offload_window: int = 2
+    offload_to_disk: bool = False
     parallel: ParallelConfig | str | None = None
 
     def __post_init__(self) -> None:
@@ -170,6 +173,13 @@ class EngineConfig:
             raise ValueError("offload='auto' needs vram_budget_gb (the budget it plans for)")
         if isinstance(self.offload_window, bool) or not isinstance(self.offload_window, int) or self.offload_window < 2:
             raise ValueError(f"offload_window must be an int >= 2, got {self.offload_window!r}")
+        if not isinstance(self.offload_to_disk, bool):
+            raise ValueError(f"offload_to_disk must be a bool, got {self.offload_to_disk!r}")
+        if self.offload_to_disk and self.offload not in ("block", "auto"):
+            raise ValueError("offload_to_disk streams DiT blocks: it needs offload='block' (or a vram_budget_gb)")
+        if self.offload_to_disk and self.precision in QUANTIZED_PRECISIONS:
+            raise ValueError(f"offload_to_disk streams float weights; precision {self.precision!r} quantizes them at "
+                             "load (use bf16, fp16 or fp32)")
         if self.parallel is not None and self.offload != "none":
             raise ValueError("offload and parallel layouts do not combine yet: use shard_weights to spread the "
                              "weights over the GPUs")

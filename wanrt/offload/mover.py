@@ -21,6 +21,7 @@ can be recorded (``recorder``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,9 @@ from torch import nn
 
 #: ``recorder(event, block, position)``: ``event`` is "issue", "wait", "compute", "done".
 Recorder = Callable[[str, int, int], None]
+#: ``reader(block, names, buffers)``: write block ``block``'s tensors (its qualified state-dict names) into
+#: ``buffers`` (disk placement: :class:`wanrt.offload.disk.DiskBlocks`).
+Reader = Callable[[int, list[str], list[torch.Tensor]], None]
 
 
 def _tensors(block: nn.Module) -> list[tuple[nn.Module, str, bool]]:
@@ -37,6 +41,14 @@ def _tensors(block: nn.Module) -> list[tuple[nn.Module, str, bool]]:
         out += [(module, name, True) for name, p in module.named_parameters(recurse=False) if p is not None]
         out += [(module, name, False) for name, b in module.named_buffers(recurse=False) if b is not None]
     return out
+
+
+def _path(root: nn.Module, module: nn.Module) -> str:
+    """The qualified name of ``module`` inside ``root``."""
+    for name, m in root.named_modules():
+        if m is module:
+            return name
+    raise ValueError("module not inside the block")
 
 
 def _get(module: nn.Module, name: str, is_param: bool) -> torch.Tensor:
@@ -62,13 +74,16 @@ class BlockMover:
         pin: pin the host copies (default: when ``device`` is CUDA); each tensor is pinned in place of the
             unpinned one, so host memory holds one copy of the weights.
         recorder: optional ``recorder(event, block, position)`` of the schedule.
+        reader: disk placement: the streamed blocks' tensors are not kept in host memory (their module tensors are
+            released); each copy reads the block with ``reader(block, names, buffers)`` into a staging buffer (one
+            per slot, pinned on CUDA; on the CPU straight into the slot), so host memory holds ``window`` blocks.
 
     Raises:
         ValueError: ``window < 2``, ``resident`` out of range, blocks of different shapes.
     """
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device, resident: int, window: int = 2, *,
-                 pin: bool | None = None, recorder: Recorder | None = None):
+                 pin: bool | None = None, recorder: Recorder | None = None, reader: Reader | None = None):
         n = len(blocks)
         if window < 2:
             raise ValueError(f"window must be >= 2 (one block computing, one arriving), got {window}")
@@ -85,25 +100,34 @@ class BlockMover:
         for i in range(resident):
             blocks[i].to(self.device)
         self._entries = [_tensors(blocks[i]) for i in range(n)]
+        self._names = [[f"{i}.{name}" if module is blocks[i] else f"{i}.{_path(blocks[i], module)}.{name}"
+                        for module, name, _ in self._entries[i]] for i in range(n)]
+        self.reader = reader
         self._host: dict[int, list[torch.Tensor]] = {}
+        specs = {i: [(_get(m, nm, p).shape, _get(m, nm, p).dtype) for m, nm, p in self._entries[i]]
+                 for i in self.streamed}
+        if self.streamed and any(s != specs[self.streamed[0]] for s in specs.values()):
+            raise ValueError("block offload needs blocks of identical tensor shapes and dtypes")
         for i in self.streamed:
             host = []
-            for module, name, is_param in self._entries[i]:
-                t = _get(module, name, is_param).detach()
-                t = t.to("cpu")
-                if pin:
-                    t = t.pin_memory()
+            for (module, name, is_param), (shape, dtype) in zip(self._entries[i], specs[i]):
+                if reader is not None:  # released: a one-element placeholder of the right shape until read
+                    t = torch.zeros((), dtype=dtype).expand(shape)
+                else:
+                    t = _get(module, name, is_param).detach().to("cpu")
+                    if pin:
+                        t = t.pin_memory()
                 _point(module, name, is_param, t)
                 host.append(t)
             self._host[i] = host
-        if self.streamed:
-            shapes = [[(t.shape, t.dtype) for t in self._host[i]] for i in self.streamed]
-            if any(s != shapes[0] for s in shapes):
-                raise ValueError("block offload needs blocks of identical tensor shapes and dtypes")
-        self.block_bytes = sum(t.numel() * t.element_size() for t in self._host[self.streamed[0]]) \
-            if self.streamed else 0
-        self._slots = [[torch.empty(t.shape, dtype=t.dtype, device=self.device) for t in self._host[self.streamed[0]]]
+        spec = specs[self.streamed[0]] if self.streamed else []
+        self.block_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in spec)
+        self._slots = [[torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in spec]
                        for _ in range(self.window)]
+        self._staging = None  # disk placement on CUDA: pinned host buffers the reader fills, one set per slot
+        if reader is not None and self.cuda:
+            self._staging = [[torch.empty(shape, dtype=dtype).pin_memory() for shape, dtype in spec]
+                             for _ in range(self.window)]
         self._occupant: list[int | None] = [None] * self.window  # the block whose tensors point at each slot
         self._copy_done = [None] * self.window
         self._compute_done = [None] * self.window
@@ -128,14 +152,25 @@ class BlockMover:
             for (module, name, is_param), host in zip(self._entries[old], self._host[old]):
                 _point(module, name, is_param, host)
         bufs = self._slots[slot]
-        if self.cuda:
+        host = self._host[block]
+        if self.reader is not None:
+            if self._staging is not None:
+                self._copy_done[slot].synchronize()  # the staging buffers' last copy to the device has finished
+                host = self._staging[slot]
+                self.reader(block, self._names[block], host)
+            else:  # CPU: the slot is host memory: read straight into it
+                self.reader(block, self._names[block], bufs)
+                host = None
+        if host is None:
+            pass
+        elif self.cuda:
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(self._compute_done[slot])  # the slot's last block has computed
-                for dst, src in zip(bufs, self._host[block]):
+                for dst, src in zip(bufs, host):
                     dst.copy_(src, non_blocking=True)
                 self._copy_done[slot].record(self._stream)
         else:
-            for dst, src in zip(bufs, self._host[block]):
+            for dst, src in zip(bufs, host):
                 dst.copy_(src)
         for (module, name, is_param), buf in zip(self._entries[block], bufs):
             _point(module, name, is_param, buf)

@@ -89,7 +89,12 @@ def place(engine, plan: MemoryPlan) -> None:
 
         _move_except_blocks(dit, dev)
         streamed = len(dit.blocks) - plan.resident
-        dit.offload = BlockMover(dit.blocks, dev, plan.resident, plan.window) if streamed > 0 else None
+        reader = None
+        if engine.config.offload_to_disk and streamed > 0:
+            from .disk import DiskBlocks
+
+            reader = DiskBlocks(engine.checkpoint_dir)
+        dit.offload = BlockMover(dit.blocks, dev, plan.resident, plan.window, reader=reader) if streamed > 0 else None
         if streamed == 0:
             dit.blocks.to(dev)
     dit.set_ffn_chunk(plan.ffn_chunk)
