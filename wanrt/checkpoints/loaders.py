@@ -112,6 +112,16 @@ def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], text_len: int = 5
     return DiTConfig(**cfg)
 
 
+def _single_gguf(folder: Path) -> Path | None:
+    """The one ``*.gguf`` file of a checkpoint folder (ComfyUI users keep the DiT so), or None."""
+    if not folder.is_dir():
+        return None
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) > 1:
+        raise LayoutError(f"{folder}: several .gguf files ({', '.join(p.name for p in found)}); pass one of them")
+    return found[0] if found else None
+
+
 def _resolve_dit(path: Path):
     """Return (weights entry file, config or None, config source) for any accepted DiT path."""
     from ..models.dit import DiTConfig
@@ -194,6 +204,24 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
 
     path, dtype = _check_path_and_dtype(path, dtype)
+    gguf_file = path if path.suffix == ".gguf" else _single_gguf(path)
+    if gguf_file is not None:  # GGUF: quantized blocks kept on the device, dequantized per layer
+        from .gguf_loader import load_gguf_transformer
+
+        if quantization is not None:
+            raise ValueError(f"{gguf_file.name} is already quantized (GGUF); leave quantization unset")
+        target = _device(device)
+        sibling = gguf_file.parent / "config.json"  # the architecture, where the file's folder says it
+        if config is None and sibling.is_file():
+            raw = read_json(sibling)
+            kind = config_kind(raw)
+            if kind is not None:
+                config = DiTConfig.from_official_config(raw) if kind == "official" else \
+                    DiTConfig.from_diffusers_config(raw)
+        model = load_gguf_transformer(gguf_file, target, dtype, config)
+        model.set_backend(plan(backend, probe_capabilities(target, dtype or torch.bfloat16, model.config.head_dim),
+                               vae=vae_backend))
+        return model
     weights, cfg = _resolve_dit(path)
     with open_tensor_source(weights) as src:
         _, mapper = _dit_key_mapper(src.keys())
