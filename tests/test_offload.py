@@ -223,6 +223,8 @@ def test_cli_offload_flags(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "memory: offload block, 0 resident + 2 streaming blocks" in text
     assert read_mp4(out)[0].shape == (9, 48, 80, 3)
+    assert main([*base, "--offload", "block", "--offload-to-disk"]) == 0
+    assert "memory: offload block" in capsys.readouterr().out
     assert main([*base, "--vram-budget-gb", "0.05"]) == 2
     assert "smallest feasible budget is" in capsys.readouterr().err
 

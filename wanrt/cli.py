@@ -47,6 +47,9 @@ def _build_parser() -> argparse.ArgumentParser:
     o.add_argument("--vram-budget-gb", type=float, default=None,
                    help="plan for this much GPU memory (GiB); refused before loading onto the GPU when it cannot be "
                         "met, naming the smallest feasible budget")
+    o.add_argument("--offload-to-disk", action="store_true",
+                   help="with block offload: read the streamed blocks from the checkpoint file at each copy instead "
+                        "of holding them in host memory")
     p = g.add_argument_group("many GPUs", "under `torchrun --nproc-per-node N -m wanrt generate ...`, or with "
                              "--nproc N; without a layout flag the layout is chosen for the world size (auto)")
     p.add_argument("--nproc", type=_positive, default=None,
@@ -208,6 +211,8 @@ def _offload_options(args) -> dict:
         out["offload"] = "auto" if args.offload == "none" and args.vram_budget_gb is not None else args.offload
     if args.vram_budget_gb is not None:
         out["vram_budget_gb"] = args.vram_budget_gb
+    if args.offload_to_disk:
+        out["offload_to_disk"] = True
     return out
 
 
