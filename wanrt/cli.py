@@ -87,6 +87,12 @@ def _add_model_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
     g.add_argument("--checkpoint-dir", default=None,
                    help="checkpoint folder (official or diffusers layout); optional for --model tiny")
+    f = g.add_argument_group("single files", "instead of --checkpoint-dir, one file per part (ComfyUI's downloads)")
+    f.add_argument("--dit", default=None, help="the DiT: .safetensors (fp16/bf16/fp8/fp8-scaled) or .gguf")
+    f.add_argument("--text-encoder", default=None, help="UMT5 .safetensors (also umt5_xxl_fp8_e4m3fn_scaled)")
+    f.add_argument("--vae", default=None, help="wan_2.1_vae.safetensors")
+    f.add_argument("--image-encoder", default=None, help="i2v/flf2v: clip_vision_h.safetensors")
+    f.add_argument("--tokenizer", default=None, help="a tokenizer folder, when the text-encoder file carries none")
     g.add_argument("--prompt", required=True, help="text prompt")
     g.add_argument("--image", default=None,
                    help="i2v/flf2v: the first frame (an image file); the video keeps its aspect ratio")
@@ -319,6 +325,13 @@ def _save(video, output):
 def _engine(args, **options):
     from .engine import Engine
 
+    files = {part: getattr(args, part) for part in ("dit", "text_encoder", "vae", "image_encoder", "tokenizer")
+             if getattr(args, part, None) is not None}
+    if files:
+        if args.checkpoint_dir is not None:
+            raise ValueError("give --checkpoint-dir or the single files (--dit, --text-encoder, --vae, ...), not both")
+        return Engine(args.model, files=files, device=args.device, precision=args.precision, backend=args.backend,
+                      **options)
     if args.checkpoint_dir is None:
         return Engine(args.model, device=args.device, precision=args.precision, backend=args.backend, **options)
     return Engine(args.model, args.checkpoint_dir, device=args.device, precision=args.precision,

@@ -194,7 +194,7 @@ class ImageConditioner:
         return {"y": y, "clip_fea": clip}, "computed"
 
 
-def load_text_encoder(ckpt, cfg, text_len: int, quant_backend: str = "eager"):
+def load_text_encoder(ckpt, cfg, text_len: int, quant_backend: str = "eager", tokenizer=None):
     """The UMT5 encoder of checkpoint ``ckpt`` for :class:`~wanrt.config.EngineConfig` ``cfg``: on ``text_device`` (on the CPU while offloaded), quantized layer by layer when
     ``text_encoder_precision`` is 8-bit."""
     from .checkpoints.loaders import load_text_encoder as loader
@@ -202,7 +202,7 @@ def load_text_encoder(ckpt, cfg, text_len: int, quant_backend: str = "eager"):
 
     home = torch.device("cpu") if cfg.offload_text_encoder else cfg.text_device
     scheme = cfg.text_encoder_precision if cfg.text_encoder_precision in QUANTIZED_PRECISIONS else None
-    te = loader(ckpt, device="cpu" if scheme else home, dtype=cfg.text_dtype, text_len=text_len)
+    te = loader(ckpt, device="cpu" if scheme else home, dtype=cfg.text_dtype, text_len=text_len, tokenizer=tokenizer)
     if scheme:
         from .quant import QuantConfig, quantize_, t5_filter
 

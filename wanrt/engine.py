@@ -42,6 +42,10 @@ class Engine:
     Args:
         model: preset name (see ``wanrt.PRESETS``; the I2V 480P and 720P checkpoints have identical tensors: the
             preset name chooses the defaults).
+        files: instead of ``checkpoint_dir``, one file per part, as ComfyUI users keep them: ``{"dit": the DiT
+            (.safetensors in fp16/bf16/fp8/fp8-scaled, or .gguf), "text_encoder": UMT5 (.safetensors, also ComfyUI's
+            scaled fp8 with its embedded tokenizer), "vae": ..., "image_encoder": CLIP vision (i2v/flf2v),
+            "tokenizer": a tokenizer folder, when the text-encoder file carries none}``.
         checkpoint_dir: the checkpoint folder (official or diffusers layout); None only for the tiny presets (a
             random tiny checkpoint is written once to ``$XDG_CACHE_HOME/wanrt``).
         device: torch device (default CUDA when available). precision, backend, **options: :class:`EngineConfig`
@@ -53,10 +57,19 @@ class Engine:
             architecture differs from the preset's; FileNotFoundError, LayoutError, CheckpointError: the loaders'.
     """
 
-    def __init__(self, model: str, checkpoint_dir: str | Path | None = None, *, device=None,
-                 precision: str = "bf16", backend: str = "auto", **options):
+    def __init__(self, model: str, checkpoint_dir: str | Path | None = None, *, files: dict | None = None,
+                 device=None, precision: str = "bf16", backend: str = "auto", **options):
         preset = get_preset(model)
         config = engine_config(device, precision, backend, options)  # validated before anything is written
+        if files is not None:
+            if checkpoint_dir is not None:
+                raise ValueError("give checkpoint_dir or files, not both")
+            self._files = _check_files(files, preset.task)
+            if config.parallel is not None:
+                _layout(config, preset.arch.num_heads, preset.guidance_scale, quiet=True)
+            self._load(preset, Path(self._files["dit"]), config, check=True)
+            return
+        self._files = None
         if config.parallel is not None:  # a layout that cannot fit fails before any weight is read or written
             _layout(config, preset.arch.num_heads, preset.guidance_scale, quiet=True)
         if checkpoint_dir is None:
@@ -80,6 +93,7 @@ class Engine:
         Raises as :class:`Engine`.
         """
         self = cls.__new__(cls)
+        self._files = None
         self._load(None, Path(checkpoint_dir), engine_config(device, precision, backend, options), check=False)
         return self
 
@@ -92,9 +106,14 @@ class Engine:
         shard = getattr(config.parallel, "shard_weights", False)  # then loaded on the CPU: no replica on the GPU
         offload = config.offload != "none"  # every part read into host memory first, placed by the memory plan
         host = shard or offload
+        arch = None
+        if getattr(self, "_files", None) and preset is not None:  # single files carry no config: the preset's
+            from .checkpoints.tiny import dit_config_for
+
+            arch = dit_config_for(preset)
         self.transformer = load_transformer(ckpt, device="cpu" if host else dev, dtype=config.dit_dtype,
                                             backend="eager" if host else config.backend, quantization=quant,
-                                            vae_backend=config.vae_backend)
+                                            vae_backend=config.vae_backend, config=arch)
         self.preset = preset = choose_preset(preset, ckpt, self.transformer.config, check)
         self.mesh, self._shard_stats = None, None
         if config.parallel is not None:
@@ -108,7 +127,8 @@ class Engine:
 
                 self._shard_stats = shard_weights(self.transformer, self.mesh, dev)
                 self.transformer.set_backend(config.backend, vae=config.vae_backend)
-        self.vae = load_vae(ckpt, device="cpu" if offload else dev, dtype=torch.float32)
+        files = self._files or {}
+        self.vae = load_vae(files.get("vae", ckpt), device="cpu" if offload else dev, dtype=torch.float32)
         self.vae.set_backend(self.plan)  # the VAE's convolution, as resolved with the DiT's kernels
         self.decoder = Decoder(self.vae, dev, self.plan.vae, config.vae_tiling)
         self.text_encoder = self.text = None
@@ -116,14 +136,17 @@ class Engine:
         parts = dataclasses.replace(config, offload_text_encoder=True, offload_image_encoder=True) if offload \
             else config
         if self.mesh is None or self.mesh.is_root:  # in a parallel run rank 0 encodes and broadcasts
-            self.text_encoder = load_text_encoder(ckpt, parts, self.transformer.config.text_len, self.plan.quant)
+            self.text_encoder = load_text_encoder(files.get("text_encoder", ckpt), parts,
+                                                  self.transformer.config.text_len, self.plan.quant,
+                                                  tokenizer=files.get("tokenizer"))
             self.text = TextConditioner(self.text_encoder, dev, config.text_device, parts.offload_text_encoder,
                                         config.prompt_cache_size)
         if self.mesh is not None:
             from .parallel.runner import BroadcastText
 
             self.text = BroadcastText(self.text, self.mesh, dev)
-        self.image = ImageConditioner.load(ckpt, parts, self.vae, self.transformer.config.image_dim) \
+        self.image = ImageConditioner.load(files.get("image_encoder", ckpt), parts, self.vae,
+                                           self.transformer.config.image_dim) \
             if preset.task != "t2v" else None
         self.image_encoder = self.image.image_encoder if self.image is not None else None
         self.memory_plan = None  # the offload plan (wanrt.offload.MemoryPlan), when the Engine offloads
@@ -381,6 +404,33 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+#: the parts ``Engine(files=...)`` takes (ComfyUI's single files); "tokenizer" is a folder, optional.
+FILE_PARTS = ("dit", "text_encoder", "vae", "image_encoder", "tokenizer")
+
+
+def _check_files(files: dict, task: str) -> dict[str, Path]:
+    """``files`` of ``Engine(files=...)`` as paths: known parts only, "dit", "text_encoder", "vae" (and
+    "image_encoder" for i2v/flf2v) present, every path existing. Raises ValueError / FileNotFoundError naming the part."""
+    if not isinstance(files, dict):
+        raise ValueError(f"files must be a dict of part -> path, got {type(files).__name__}")
+    unknown = set(files) - set(FILE_PARTS)
+    if unknown:
+        raise ValueError(f"files: unknown part(s) {sorted(unknown)}; parts are {list(FILE_PARTS)}")
+    needed = ["dit", "text_encoder", "vae"] + (["image_encoder"] if task != "t2v" else [])
+    missing = [p for p in needed if files.get(p) is None]
+    if missing:
+        raise ValueError(f"files: missing {missing} (a {task} Engine needs {needed})")
+    out = {}
+    for part, path in files.items():
+        if path is None:
+            continue
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"files[{part!r}]: {path} does not exist")
+        out[part] = path
+    return out
 
 
 def _layout(config: EngineConfig, num_heads: int, guidance_scale: float, quiet: bool = False):

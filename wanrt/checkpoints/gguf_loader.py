@@ -58,9 +58,12 @@ def _values(qtype: str, shape: tuple[int, ...], data: np.ndarray) -> torch.Tenso
     return t.reshape(shape)
 
 
-def load_gguf_transformer(path: Path, device: torch.device, dtype: torch.dtype | None, config=None):
+def load_gguf_transformer(path: Path, device: torch.device, dtype: torch.dtype | None, config, key_mapper,
+                          config_from_shapes):
     """The DiT of GGUF file ``path`` on ``device`` (eager kernels; the caller sets the backend): quantized weights as
     :class:`GGUFLinear` computing in ``dtype`` (default bf16), the rest as ``load_transformer`` loads them.
+    ``key_mapper(keys)`` picks the key map and ``config_from_shapes(shapes, file=)`` infers the architecture when
+    ``config`` is None (both from ``wanrt.checkpoints.loaders``, which calls this).
 
     Raises:
         CheckpointError: missing or unexpected keys, shape mismatches, unsupported types (names the file and key).
@@ -68,10 +71,9 @@ def load_gguf_transformer(path: Path, device: torch.device, dtype: torch.dtype |
     """
     from ..models.dit import Linear, WanDiT
     from ..quant.gguf import BLOCKS, GGUFLinear
-    from .loaders import _dit_key_mapper, dit_config_from_shapes
 
     tensors = read_gguf(path)
-    _, mapper = _dit_key_mapper(list(tensors))
+    _, mapper = key_mapper(list(tensors))
     mapped = {}
     for key in tensors:
         try:
@@ -80,7 +82,7 @@ def load_gguf_transformer(path: Path, device: torch.device, dtype: torch.dtype |
             raise CheckpointError("DiT: unexpected key in checkpoint", path, key) from None
         if official is not None:
             mapped[official] = key
-    cfg = config or dit_config_from_shapes({k: tensors[v][1] for k, v in mapped.items()}, file=path)
+    cfg = config or config_from_shapes({k: tensors[v][1] for k, v in mapped.items()}, file=path)
     compute = dtype or torch.bfloat16
     with torch.device("meta"):
         model = WanDiT(cfg)

@@ -218,7 +218,7 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
             if kind is not None:
                 config = DiTConfig.from_official_config(raw) if kind == "official" else \
                     DiTConfig.from_diffusers_config(raw)
-        model = load_gguf_transformer(gguf_file, target, dtype, config)
+        model = load_gguf_transformer(gguf_file, target, dtype, config, _dit_key_mapper, dit_config_from_shapes)
         model.set_backend(plan(backend, probe_capabilities(target, dtype or torch.bfloat16, model.config.head_dim),
                                vae=vae_backend))
         return model
@@ -595,6 +595,8 @@ def load_text_encoder(path, device=None, dtype=torch.bfloat16, *, tokenizer=None
     path, dtype = _check_path_and_dtype(path, dtype)
     hf_cfg = None
     tok_dir = Path(tokenizer) if tokenizer is not None else None
+    if path.is_file() and path.suffix == ".safetensors":  # a single file (ComfyUI's umt5_xxl_*.safetensors)
+        return _load_text_encoder_file(path, device, dtype, tok_dir, text_len)
     if path.is_file():
         weights = path
         tok_dir = tok_dir or path.parent / OFFICIAL_TOKENIZER
@@ -633,6 +635,103 @@ def load_text_encoder(path, device=None, dtype=torch.bfloat16, *, tokenizer=None
                 if mk is not None:
                     shapes[mk] = s
             cfg = UMT5Config.from_state_dict_shapes(shapes)
+        with torch.device("meta"):
+            model = UMT5Encoder(cfg)
+        load_into_module(model, src, to_official=mapper, device=_device(device), dtype=dtype,
+                         keep_fp32=UMT5Encoder.keep_fp32, what="text encoder")
+    return TextEncoder(tok, model, text_len=text_len)
+
+
+class _ScaledFp8Source:
+    """A :class:`TensorSource` view of a ComfyUI "scaled fp8" file: every fp8 ``<layer>.weight`` comes back
+    multiplied by its ``<layer>.scale_weight`` (float32), and the scales, the ``scaled_fp8`` marker and an embedded
+    ``spiece_model`` are not keys of the view."""
+
+    def __init__(self, src):
+        self.src, self.metadata = src, src.metadata
+        hidden = {"scaled_fp8", "spiece_model"}
+        self._keys = [k for k in src.keys() if k not in hidden and not k.endswith(".scale_weight")]
+
+    def keys(self):
+        return list(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def shape(self, key):
+        return self.src.shape(key)
+
+    def shapes(self):
+        return {k: self.src.shape(k) for k in self._keys}
+
+    def dtype_name(self, key):
+        return "F32" if self.src.dtype_name(key).startswith("F8") else self.src.dtype_name(key)
+
+    def file_of(self, key):
+        return self.src.file_of(key)
+
+    def describe(self):
+        return self.src.describe()
+
+    def get(self, key):
+        t = self.src.get(key)
+        if self.src.dtype_name(key).startswith("F8"):
+            scale = key[: -len("weight")] + "scale_weight"
+            if scale not in self.src:
+                raise CheckpointError("an fp8 weight without its scale_weight", self.src.file_of(key), scale)
+            t = t.float() * self.src.get(scale).float()
+        return t
+
+
+def _tokenizer_from_spiece(data: torch.Tensor, text_len: int):
+    """A T5 tokenizer from the SentencePiece model bytes ComfyUI embeds in its text-encoder file (``spiece_model``,
+    uint8), written to a temporary folder and read by transformers."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="wanrt-spiece-"))
+    (folder / "spiece.model").write_bytes(data.numpy().tobytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": text_len}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return load_tokenizer(folder)
+
+
+def _load_text_encoder_file(path: Path, device, dtype, tok_dir: Path | None, text_len: int):
+    """The UMT5 encoder of a single safetensors file: transformers or official keys, stored in bf16/fp16/fp32 or as
+    ComfyUI's scaled fp8 (dequantized at load); the tokenizer from the file's ``spiece_model`` tensor when it has
+    one, else ``tok_dir`` (or ``google/umt5-xxl`` beside the file)."""
+    from ..models.t5 import TextEncoder, UMT5Config, UMT5Encoder
+    from .keymap_t5 import t5_to_official
+
+    with open_tensor_source(path) as raw:
+        scaled = "scaled_fp8" in raw or any(k.endswith(".scale_weight") for k in raw.keys())
+        embedded = "spiece_model" in raw
+        src = _ScaledFp8Source(raw) if scaled or embedded else raw
+        if embedded:
+            tok = _tokenizer_from_spiece(raw.get("spiece_model"), text_len)
+        else:
+            tok_dir = tok_dir or path.parent / OFFICIAL_TOKENIZER
+            if not tok_dir.is_dir():
+                raise LayoutError(f"{path}: the file carries no tokenizer (no spiece_model tensor) and no tokenizer "
+                                  f"folder was given or found at {tok_dir}; pass tokenizer=<folder of google/umt5-xxl>")
+            tok = load_tokenizer(tok_dir)
+        hf_keys = any(k.startswith(("encoder.", "shared.")) for k in src.keys())
+        mapper = None
+        if hf_keys:
+            def mapper(k: str):
+                if k == "encoder.embed_tokens.weight" and "shared.weight" in src:
+                    return None  # tied duplicate of shared.weight
+                return t5_to_official(k)
+        shapes = {}
+        for k, s in src.shapes().items():
+            try:
+                mk = mapper(k) if mapper else k
+            except (KeyError, ValueError):
+                raise CheckpointError("text encoder: unexpected key in checkpoint", path, k) from None
+            if mk is not None:
+                shapes[mk] = s
+        cfg = UMT5Config.from_state_dict_shapes(shapes)
         with torch.device("meta"):
             model = UMT5Encoder(cfg)
         load_into_module(model, src, to_official=mapper, device=_device(device), dtype=dtype,
