@@ -111,7 +111,7 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="ffn-gate-ignored",
         file="models/dit.py",
-        edits=(("return x, (self.ffn(h), gate_ff)", "return x, (self.ffn(h), torch.ones_like(gate_ff))"),),
+        edits=(("return x, (self.feed_forward(h), gate_ff)", "return x, (self.feed_forward(h), torch.ones_like(gate_ff))"),),
         tests=("tests/test_dit.py::test_parity_with_diffusers[t2v]",),
         what="the blocks' gated FFN residual added without its gate",
     ),
@@ -402,5 +402,37 @@ DEFECTS: tuple[Defect, ...] = (
         edits=(('            spare = budget_bytes - least.phases["denoise"]', "            spare = budget_bytes - least.peak"),),
         tests=("tests/test_offload.py::test_planner_fills_the_budget_with_resident_blocks",),
         what="the planner sizes the resident blocks from the largest phase (the text encoder's), not denoising's",
+    ),
+    Defect(
+        name="disk-placement-reads-block-0",
+        file="offload/mover.py",
+        edits=(('        self._names = [[f"{i}.{name}" if module is blocks[i] else f"{i}.{_path(blocks[i], module)}.{name}"',
+                '        self._names = [[f"0.{name}" if module is blocks[i] else f"0.{_path(blocks[i], module)}.{name}"'),),
+        tests=("tests/test_offload.py::test_disk_placement_gives_the_resident_video_bit_for_bit",),
+        what="disk placement reads the first block's tensors for every streamed block",
+    ),
+    # ---------------------------------------------------------------------------- GGUF and ComfyUI files
+    Defect(
+        name="gguf-k-scales-and-mins-swapped",
+        file="quant/gguf.py",
+        edits=(("    return torch.cat([sc_lo, sc_hi], dim=-1), torch.cat([m_lo, m_hi], dim=-1)",
+                "    return torch.cat([m_lo, m_hi], dim=-1), torch.cat([sc_lo, sc_hi], dim=-1)"),),
+        tests=("tests/test_gguf.py::test_dequantize_matches_the_gguf_package[Q4_K]",),
+        what="Q4_K/Q5_K read the sub-block mins as scales and the scales as mins",
+    ),
+    Defect(
+        name="gguf-q6k-offset",
+        file="quant/gguf.py",
+        edits=(("        q = torch.stack([q1, q2, q3, q4], dim=2).float() - 32",
+                "        q = torch.stack([q1, q2, q3, q4], dim=2).float() - 31"),),
+        tests=("tests/test_gguf.py::test_dequantize_matches_the_gguf_package[Q6_K]",),
+        what="Q6_K values are centred on 31 instead of 32",
+    ),
+    Defect(
+        name="scaled-fp8-scale-ignored",
+        file="checkpoints/loaders.py",
+        edits=(("            t = t.float() * self.src.get(scale).float()", "            t = t.float()"),),
+        tests=("tests/test_comfy_files.py::test_scaled_fp8_text_encoder_with_its_embedded_tokenizer",),
+        what="ComfyUI's scaled-fp8 text encoder loads its fp8 weights without their scale_weight",
     ),
 )
