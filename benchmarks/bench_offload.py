@@ -62,7 +62,8 @@ def _meta_sizes(preset_name: str, precision: str, height: int, width: int, frame
     return PartSizes(text_encoder=0, image_encoder=0, vae=254 << 20, dit_other=size(model, "") - block * len(model.blocks),
                      block=block, blocks=len(model.blocks), dit_activations=terms["dit"] + terms["latents"],
                      ffn_hidden=2 * _dit_forward_bytes(req, preset, 2, ffn=False),
-                     vae_activations=terms["vae"] + terms["frames"])
+                     vae_activations=terms["vae"] + terms["frames"], cfg_samples=2,
+                     residual=req.tokens * preset.arch.dim * 8)
 
 
 def plan_rows() -> list[str]:
@@ -74,8 +75,10 @@ def plan_rows() -> list[str]:
         sizes = _meta_sizes(name, precision, h, w, 81)
         try:
             plan = plan_memory(sizes, budget * GIB)
+            ffn = (f"chunks of {plan.ffn_chunk}" if plan.ffn_chunk else "whole") + \
+                (", CFG samples one at a time" if plan.microbatch else "")
             rows.append(f"| {name} {precision} {w}x{h}x81 | {budget} | {sizes.dit / GIB:.2f} | {plan.mode} | "
-                        f"{plan.resident if plan.mode == 'block' else 'all'} | {plan.ffn_chunk or 'whole'} | "
+                        f"{plan.resident if plan.mode == 'block' else 'all'} | {ffn} | "
                         f"{plan.peak / GIB:.2f} | {plan.moved_per_step / GIB:.2f} |")
         except ValueError as e:
             rows.append(f"| {name} {precision} {w}x{h}x81 | {budget} | {sizes.dit / GIB:.2f} | infeasible: {e} | | | | |")
@@ -176,7 +179,7 @@ def main() -> None:
         bw = f" Measured host→device copy bandwidth (pinned, 256 MiB): {gbps:.1f} GB/s."
     lines = [header("bench_offload", a.device), "",
              "## Plans for the targets (pure planner; text encoder on the host)", "",
-             "| model | budget GiB | DiT weights GiB | mode | resident blocks | FFN | expected peak GiB | "
+             "| model | budget GiB | DiT weights GiB | mode | resident blocks | activations | expected peak GiB | "
              "GiB moved / step |", "|---|---|---|---|---|---|---|---|", *plan_rows(), "",
              f"## Measured: {what}", "",
              f"Median of {a.steps} steps after a warm-up step; one step = one batch-2 forward.{bw}", "",

@@ -427,6 +427,7 @@ class WanDiT(nn.Module):
         self._rope_last: tuple[Any, RopeTable] | None = None
         self.plan = _EAGER
         self.offload = None  # a wanrt.offload.BlockMover when the blocks stream from host memory
+        self.microbatch = False  # run a batch's samples through each block one at a time (memory plans)
 
     def set_ffn_chunk(self, tokens: int | None) -> None:
         """Run every block's FFN in chunks of ``tokens`` tokens (None: whole), bounding its hidden state to
@@ -580,29 +581,43 @@ class WanDiT(nn.Module):
             add, and that add's ``(y, gate)`` (``None`` for a model without blocks). The blocks'
             output is ``x + y * gate``; :meth:`run_head` computes it fused with the head's norm.
         """
-        x, plan, eps = inp.x, self.plan, self.config.eps
         mover = self.offload  # block offload (wanrt.offload.BlockMover): copies around each block, or None
-        pending = None  # (y, gate) of the previous block's FFN, fused with the next norm
+        b = inp.x.shape[0]
+        # micro-batching: the samples of a batch (the two CFG branches) go through each block one after the other,
+        # so the block's weights are used (and, offloaded, moved) once while one sample's activations are alive
+        groups = [slice(s, s + 1) for s in range(b)] if self.microbatch and b > 1 else [slice(None)]
+        xs = [inp.x[g] for g in groups]
+        pendings: list = [None] * len(groups)  # (y, gate) of the previous block's FFN, fused with the next norm
         for i, block in enumerate(self.blocks):
             if mover is not None:
                 mover.before(i)
-            mod = block.chunks(inp.e0)  # 6 x [B, 1, dim] fp32
-            sa = block.self_attn
-            out_dtype = compute_dtype(sa.q)
-            quant = input_quant_dtype(sa.q, sa.k, sa.v)  # 8-bit q/k/v: quantize norm1's output once for all
-            quant = quant if plan.quant == plan.fused else None  # ... with the plan's quant kernel (Block.forward)
-            if pending is None:  # block 0: norm1 of the patch embedding (rounded to its dtype)
-                h = modulated_layer_norm(x, mod[0], mod[1], eps, out_dtype=out_dtype, quantize=quant,
-                                         backend=plan.fused)
-            else:
-                x, h = gated_residual_layer_norm(
-                    x, *pending, eps, shift=mod[0], scale=mod[1], out_dtype=out_dtype, quantize=quant,
-                    backend=plan.fused,
-                )  # previous block's output x + y*gate_ffn, and this block's norm1 + modulation
-            x, pending = block(x, h, mod, inp.rope, inp.context, inp.context_img, plan, inp.sp)
+            for j, g in enumerate(groups):
+                xs[j], pendings[j] = self._block(block, xs[j], pendings[j], inp, g)
             if mover is not None:
                 mover.after(i)
-        return x, pending
+        if len(groups) == 1:
+            return xs[0], pendings[0]
+        pending = None if pendings[0] is None else tuple(torch.cat(p, dim=0) for p in zip(*pendings, strict=True))
+        return torch.cat(xs, dim=0), pending
+
+    def _block(self, block: Block, x: torch.Tensor, pending, inp: DiTInputs, g: slice):
+        """One block on the samples ``g`` of the batch: its norm1 fused with the previous block's gated FFN add."""
+        plan, eps = self.plan, self.config.eps
+        mod = block.chunks(inp.e0[g])  # 6 x [b, 1, dim] fp32
+        sa = block.self_attn
+        out_dtype = compute_dtype(sa.q)
+        quant = input_quant_dtype(sa.q, sa.k, sa.v)  # 8-bit q/k/v: quantize norm1's output once for all
+        quant = quant if plan.quant == plan.fused else None  # ... with the plan's quant kernel (Block.forward)
+        if pending is None:  # block 0: norm1 of the patch embedding (rounded to its dtype)
+            h = modulated_layer_norm(x, mod[0], mod[1], eps, out_dtype=out_dtype, quantize=quant,
+                                     backend=plan.fused)
+        else:
+            x, h = gated_residual_layer_norm(
+                x, *pending, eps, shift=mod[0], scale=mod[1], out_dtype=out_dtype, quantize=quant,
+                backend=plan.fused,
+            )  # previous block's output x + y*gate_ffn, and this block's norm1 + modulation
+        context_img = inp.context_img[g] if inp.context_img is not None else None
+        return block(x, h, mod, inp.rope, inp.context[g], context_img, plan, inp.sp)
 
     def run_head(
         self,

@@ -39,6 +39,8 @@ def part_sizes(engine, req, *, batched_cfg: bool) -> PartSizes:
     terms = memory_terms(req, engine.preset, dtype_bytes=dtype_bytes, cfg_batch=batched_cfg,
                          tiled_vae=engine.config.vae_tiling)
     ffn = _dit_forward_bytes(req, engine.preset, dtype_bytes, ffn=False) * (2 if batched_cfg and req.do_cfg else 1)
+    samples = 2 if batched_cfg and req.do_cfg else 1
+    residual = req.tokens * engine.preset.arch.dim * (4 + 2 * dtype_bytes)  # x (fp32), y and gate of one sample
     text = engine.text_encoder.model if engine.text_encoder is not None else None
     if engine.config.text_device.type == "cpu" and engine.device.type != "cpu":
         text = None  # the text encoder runs on the host: it never takes GPU memory
@@ -46,7 +48,7 @@ def part_sizes(engine, req, *, batched_cfg: bool) -> PartSizes:
     return PartSizes(text_encoder=nbytes(text), image_encoder=nbytes(image), vae=nbytes(engine.vae),
                      dit_other=nbytes(dit) - block * len(blocks), block=block, blocks=len(blocks),
                      dit_activations=terms["dit"] + terms["latents"], ffn_hidden=ffn, text_activations=TEXT_ACTIVATIONS,
-                     vae_activations=terms["vae"] + terms["frames"])
+                     vae_activations=terms["vae"] + terms["frames"], cfg_samples=samples, residual=residual)
 
 
 def plan_for(engine, req) -> MemoryPlan:
@@ -98,6 +100,7 @@ def place(engine, plan: MemoryPlan) -> None:
         if streamed == 0:
             dit.blocks.to(dev)
     dit.set_ffn_chunk(plan.ffn_chunk)
+    dit.microbatch = plan.microbatch
     kernels = resolve_kernels(engine.config, dit.config.head_dim)
     dit.set_backend(kernels)
     engine.vae.set_backend(kernels)
@@ -127,7 +130,7 @@ def check_budget(engine, req) -> None:
     batched = placed.mode == "block" or (req.do_cfg and c.use_cfg_batch)
     sizes = part_sizes(engine, req, batched_cfg=batched)
     plan = _plan(sizes, placed.mode, placed.resident, placed.window, placed.ffn_chunk is not None, placed.budget,
-                 placed.ffn_chunk or 0)
+                 placed.ffn_chunk or 0, placed.microbatch)
     if plan.peak > placed.budget:
         raise RequestTooLarge(f"this request ({req.width}x{req.height}, {req.num_frames} frames) needs about "
                               f"{plan.peak / GIB:.2f} GiB with the placement made for the budget ({placed.describe()}), "

@@ -12,8 +12,10 @@ Three modes, cheapest in transfers first:
   ``dit_other + (resident + window) * block + activations + workspace``; ``(blocks - resident) * block`` bytes move
   per step.
 
-When the activations of one DiT forward do not fit, the FFN runs in token chunks (exact: it is per token), which
-removes the FFN hidden state (``ffn_dim`` per token) from the activation term.
+When the activations of one DiT forward do not fit, two measures shrink them, tried in this order: micro-batching
+(the CFG samples of a batched forward go through each block one after the other: one sample's activations plus the
+other's residual stream, the weights still used once), then the FFN in token chunks (per token: it removes the FFN
+hidden state, ``ffn_dim`` per token, from the activation term).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class PartSizes:
         ffn_hidden: the part of ``dit_activations`` that is the FFN hidden state (what chunking the FFN removes).
         text_activations, vae_activations: the text encoder's and the VAE decode's working memory.
         workspace: allowance for kernels' workspaces, the CUDA context and allocator slack.
+        cfg_samples: samples in the forward ``dit_activations`` was measured for (2: both CFG branches batched).
+        residual: one sample's residual stream (what stays alive of a sample while another one runs a block).
     """
 
     text_encoder: int
@@ -50,6 +54,8 @@ class PartSizes:
     text_activations: int = 0
     vae_activations: int = 0
     workspace: int = 512 << 20
+    cfg_samples: int = 1
+    residual: int = 0
 
     @property
     def dit(self) -> int:
@@ -66,6 +72,7 @@ class MemoryPlan:
         resident: DiT blocks kept on the GPU (all of them unless ``mode == "block"``).
         window: streaming slots for the other blocks (0 unless ``mode == "block"``).
         ffn_chunk: the FFN runs in chunks of this many tokens (None: whole).
+        microbatch: the batch's samples (CFG branches) go through each block one at a time.
         peak: expected peak GPU bytes; budget: the budget planned for (None: none given).
         moved_per_step: bytes copied host→GPU per denoising step (DiT forward).
         placement: ``{part: "gpu" | "gpu while running" | "host" | "streamed"}``.
@@ -76,6 +83,7 @@ class MemoryPlan:
     resident: int
     window: int
     ffn_chunk: int | None
+    microbatch: bool
     peak: int
     budget: int | None
     moved_per_step: int
@@ -86,6 +94,7 @@ class MemoryPlan:
         """One line: the mode, the blocks, the peak and the bytes per step."""
         blocks = f", {self.resident} resident + {self.window} streaming blocks" if self.mode == "block" else ""
         chunk = f", FFN in chunks of {self.ffn_chunk} tokens" if self.ffn_chunk else ""
+        chunk += ", CFG samples one at a time per block" if self.microbatch else ""
         return (f"offload {self.mode}{blocks}{chunk}: expected peak {self.peak / GIB:.2f} GiB"
                 f"{'' if self.budget is None else f' of {self.budget / GIB:.2f}'}, "
                 f"{self.moved_per_step / GIB:.2f} GiB moved per step")
@@ -99,8 +108,12 @@ class BudgetTooSmall(ValueError):
         self.minimum = minimum
 
 
-def _phases(s: PartSizes, mode: str, resident: int, window: int, chunked: bool) -> dict[str, int]:
-    act = s.dit_activations - (s.ffn_hidden if chunked else 0)
+def _phases(s: PartSizes, mode: str, resident: int, window: int, chunked: bool, micro: bool) -> dict[str, int]:
+    act, ffn = s.dit_activations, s.ffn_hidden
+    if micro and s.cfg_samples > 1:
+        act = act // s.cfg_samples + (s.cfg_samples - 1) * s.residual
+        ffn = ffn // s.cfg_samples
+    act -= ffn if chunked else 0
     text = s.text_encoder + s.text_activations
     image = s.image_encoder + s.vae  # CLIP and the VAE encode of the conditioning frames
     decode = s.vae + s.vae_activations
@@ -116,8 +129,8 @@ def _phases(s: PartSizes, mode: str, resident: int, window: int, chunked: bool) 
 
 
 def _plan(s: PartSizes, mode: str, resident: int, window: int, chunked: bool, budget: int | None,
-          ffn_chunk_tokens: int) -> MemoryPlan:
-    phases = _phases(s, mode, resident, window, chunked)
+          ffn_chunk_tokens: int, micro: bool = False) -> MemoryPlan:
+    phases = _phases(s, mode, resident, window, chunked, micro)
     moved = (s.blocks - resident) * s.block if mode == "block" else 0
     if mode == "none":
         placement = {"text_encoder": "gpu", "image_encoder": "gpu", "dit": "gpu", "vae": "gpu"}
@@ -131,7 +144,8 @@ def _plan(s: PartSizes, mode: str, resident: int, window: int, chunked: bool, bu
     if not s.image_encoder:
         placement.pop("image_encoder")
     return MemoryPlan(mode, s.blocks if mode != "block" else resident, window if mode == "block" else 0,
-                      ffn_chunk_tokens if chunked else None, max(phases.values()), budget, moved, placement, phases)
+                      ffn_chunk_tokens if chunked else None, micro and s.cfg_samples > 1, max(phases.values()), budget,
+                      moved, placement, phases)
 
 
 def plan_memory(sizes: PartSizes, budget_bytes: int | None = None, mode: str | None = None, *,
@@ -155,24 +169,26 @@ def plan_memory(sizes: PartSizes, budget_bytes: int | None = None, mode: str | N
     if any(v < 0 for v in vars(sizes).values()):
         raise ValueError(f"sizes must be >= 0, got {sizes}")
     streamable = max(0, sizes.blocks - window)  # the most blocks that can be resident while streaming
+    measures = [(False, False), (False, True), (True, False), (True, True)]  # (chunked, micro), cheapest first
     candidates: list[MemoryPlan] = []
     for m in ([mode] if mode else list(OFFLOAD_MODES)):
-        for chunked in (False, True):
-            if chunked and not sizes.ffn_hidden:
+        for chunked, micro in measures:
+            if (chunked and not sizes.ffn_hidden) or (micro and sizes.cfg_samples < 2):
                 continue
+            args = (budget_bytes, ffn_chunk_tokens, micro)
             if m != "block":
-                candidates.append(_plan(sizes, m, sizes.blocks, 0, chunked, budget_bytes, ffn_chunk_tokens))
+                candidates.append(_plan(sizes, m, sizes.blocks, 0, chunked, *args))
                 continue
             if sizes.blocks <= window and mode is None:  # chosen for a budget: the window would hold them all
-                candidates.append(_plan(sizes, m, sizes.blocks, 0, chunked, budget_bytes, ffn_chunk_tokens))
+                candidates.append(_plan(sizes, m, sizes.blocks, 0, chunked, *args))
                 continue
-            least = _plan(sizes, m, 0, window, chunked, budget_bytes, ffn_chunk_tokens)
+            least = _plan(sizes, m, 0, window, chunked, *args)
             if budget_bytes is None:
                 candidates.append(least)
                 continue
             spare = budget_bytes - least.phases["denoise"]  # what the blocks may add to the denoising phase
             resident = min(streamable, spare // sizes.block) if spare >= 0 and sizes.block else 0
-            candidates.append(_plan(sizes, m, int(resident), window, chunked, budget_bytes, ffn_chunk_tokens))
+            candidates.append(_plan(sizes, m, int(resident), window, chunked, *args))
     if budget_bytes is None:
         return candidates[0]
     for plan in candidates:
