@@ -435,4 +435,11 @@ DEFECTS: tuple[Defect, ...] = (
         tests=("tests/test_comfy_files.py::test_scaled_fp8_text_encoder_with_its_embedded_tokenizer",),
         what="ComfyUI's scaled-fp8 text encoder loads its fp8 weights without their scale_weight",
     ),
+    Defect(
+        name="microbatch-first-sample-twice",
+        file="models/dit.py",
+        edits=(("        xs = [inp.x[g] for g in groups]\n", "        xs = [inp.x[groups[0]] for g in groups]\n"),),
+        tests=("tests/test_offload.py::test_microbatched_blocks_match_the_batch",),
+        what="micro-batching runs the first CFG sample's tokens for every sample",
+    ),
 )
