@@ -53,8 +53,8 @@ def read_gguf(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
 def _values(qtype: str, shape: tuple[int, ...], data: np.ndarray) -> torch.Tensor:
     """An unquantized GGUF tensor as a CPU tensor of ``shape`` (float32 for F32, float16, bfloat16)."""
     t = torch.from_numpy(np.array(data, copy=True))  # the file's mapping is read-only
-    if qtype == "BF16":
-        t = t.view(torch.uint8).view(torch.bfloat16) if t.dtype == torch.uint8 else t.view(torch.bfloat16)
+    if qtype == "BF16":  # stored as raw 16-bit words
+        t = t.view(torch.bfloat16)
     return t.reshape(shape)
 
 

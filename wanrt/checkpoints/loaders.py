@@ -589,8 +589,7 @@ def load_text_encoder(path, device=None, dtype=torch.bfloat16, *, tokenizer=None
     Raises:
         FileNotFoundError, LayoutError, CheckpointError: as for :func:`load_transformer`.
     """
-    from ..models.t5 import TextEncoder, UMT5Config, UMT5Encoder
-    from .keymap_t5 import t5_to_official
+    from ..models.t5 import TextEncoder
 
     path, dtype = _check_path_and_dtype(path, dtype)
     hf_cfg = None
@@ -619,27 +618,39 @@ def load_text_encoder(path, device=None, dtype=torch.bfloat16, *, tokenizer=None
         raise LayoutError(f"{path}: no tokenizer folder found")
     tok = load_tokenizer(tok_dir)
     with open_tensor_source(weights) as src:
-        hf_keys = any(k.startswith(("encoder.", "shared.")) for k in src.keys())
-        mapper = None
-        if hf_keys:
-            def mapper(k: str):
-                if k == "encoder.embed_tokens.weight" and "shared.weight" in src:
-                    return None  # tied duplicate of shared.weight
-                return t5_to_official(k)
-        if hf_cfg is not None:
-            cfg = UMT5Config.from_hf_config(hf_cfg)
-        else:
-            shapes = {}
-            for k, s in src.shapes().items():
-                mk = mapper(k) if mapper else k
-                if mk is not None:
-                    shapes[mk] = s
-            cfg = UMT5Config.from_state_dict_shapes(shapes)
-        with torch.device("meta"):
-            model = UMT5Encoder(cfg)
-        load_into_module(model, src, to_official=mapper, device=_device(device), dtype=dtype,
-                         keep_fp32=UMT5Encoder.keep_fp32, what="text encoder")
+        model = _umt5_from_source(src, hf_cfg, device, dtype)
     return TextEncoder(tok, model, text_len=text_len)
+
+
+def _umt5_from_source(src, hf_cfg: dict | None, device, dtype):
+    """The UMT5 encoder of a tensor source with official or transformers keys; its config from ``hf_cfg`` or from
+    the shapes. Raises CheckpointError (an unknown key, and as :func:`load_into_module`)."""
+    from ..models.t5 import UMT5Config, UMT5Encoder
+    from .keymap_t5 import t5_to_official
+
+    mapper = None
+    if any(k.startswith(("encoder.", "shared.")) for k in src.keys()):
+        def mapper(k: str):
+            if k == "encoder.embed_tokens.weight" and "shared.weight" in src:
+                return None  # tied duplicate of shared.weight
+            return t5_to_official(k)
+    if hf_cfg is not None:
+        cfg = UMT5Config.from_hf_config(hf_cfg)
+    else:
+        shapes = {}
+        for k, s in src.shapes().items():
+            try:
+                mk = mapper(k) if mapper else k
+            except (KeyError, ValueError):
+                raise CheckpointError("text encoder: unexpected key in checkpoint", src.file_of(k), k) from None
+            if mk is not None:
+                shapes[mk] = s
+        cfg = UMT5Config.from_state_dict_shapes(shapes)
+    with torch.device("meta"):
+        model = UMT5Encoder(cfg)
+    load_into_module(model, src, to_official=mapper, device=_device(device), dtype=dtype,
+                     keep_fp32=UMT5Encoder.keep_fp32, what="text encoder")
+    return model
 
 
 class _ScaledFp8Source:
@@ -701,8 +712,7 @@ def _load_text_encoder_file(path: Path, device, dtype, tok_dir: Path | None, tex
     """The UMT5 encoder of a single safetensors file: transformers or official keys, stored in bf16/fp16/fp32 or as
     ComfyUI's scaled fp8 (dequantized at load); the tokenizer from the file's ``spiece_model`` tensor when it has
     one, else ``tok_dir`` (or ``google/umt5-xxl`` beside the file)."""
-    from ..models.t5 import TextEncoder, UMT5Config, UMT5Encoder
-    from .keymap_t5 import t5_to_official
+    from ..models.t5 import TextEncoder
 
     with open_tensor_source(path) as raw:
         scaled = "scaled_fp8" in raw or any(k.endswith(".scale_weight") for k in raw.keys())
@@ -716,26 +726,7 @@ def _load_text_encoder_file(path: Path, device, dtype, tok_dir: Path | None, tex
                 raise LayoutError(f"{path}: the file carries no tokenizer (no spiece_model tensor) and no tokenizer "
                                   f"folder was given or found at {tok_dir}; pass tokenizer=<folder of google/umt5-xxl>")
             tok = load_tokenizer(tok_dir)
-        hf_keys = any(k.startswith(("encoder.", "shared.")) for k in src.keys())
-        mapper = None
-        if hf_keys:
-            def mapper(k: str):
-                if k == "encoder.embed_tokens.weight" and "shared.weight" in src:
-                    return None  # tied duplicate of shared.weight
-                return t5_to_official(k)
-        shapes = {}
-        for k, s in src.shapes().items():
-            try:
-                mk = mapper(k) if mapper else k
-            except (KeyError, ValueError):
-                raise CheckpointError("text encoder: unexpected key in checkpoint", path, k) from None
-            if mk is not None:
-                shapes[mk] = s
-        cfg = UMT5Config.from_state_dict_shapes(shapes)
-        with torch.device("meta"):
-            model = UMT5Encoder(cfg)
-        load_into_module(model, src, to_official=mapper, device=_device(device), dtype=dtype,
-                         keep_fp32=UMT5Encoder.keep_fp32, what="text encoder")
+        model = _umt5_from_source(src, None, device, dtype)
     return TextEncoder(tok, model, text_len=text_len)
 
 

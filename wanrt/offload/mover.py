@@ -153,23 +153,19 @@ class BlockMover:
                 _point(module, name, is_param, host)
         bufs = self._slots[slot]
         host = self._host[block]
-        if self.reader is not None:
-            if self._staging is not None:
-                self._copy_done[slot].synchronize()  # the staging buffers' last copy to the device has finished
+        if self.reader is not None and self._staging is None:  # CPU: the slot is host memory: read straight into it
+            self.reader(block, self._names[block], bufs)
+        elif self.cuda:
+            if self.reader is not None:  # disk placement on CUDA: through the slot's pinned staging buffers
+                self._copy_done[slot].synchronize()  # their last copy to the device has finished
                 host = self._staging[slot]
                 self.reader(block, self._names[block], host)
-            else:  # CPU: the slot is host memory: read straight into it
-                self.reader(block, self._names[block], bufs)
-                host = None
-        if host is None:
-            pass
-        elif self.cuda:
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(self._compute_done[slot])  # the slot's last block has computed
                 for dst, src in zip(bufs, host):
                     dst.copy_(src, non_blocking=True)
                 self._copy_done[slot].record(self._stream)
-        else:
+        else:  # CPU, weights in host memory
             for dst, src in zip(bufs, host):
                 dst.copy_(src)
         for (module, name, is_param), buf in zip(self._entries[block], bufs):

@@ -29,7 +29,8 @@ def _fail(what: str, mesh: ParallelMesh, e: BaseException) -> RankFailure:
                        f"answer within the group's timeout ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
-def _flag_device(mesh: ParallelMesh, device: torch.device) -> torch.device:
+def _flag_device(device: torch.device) -> torch.device:
+    """Where small agreement tensors live: ``device`` under NCCL, the CPU under gloo."""
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
@@ -39,7 +40,7 @@ class RankSync:
 
     def __init__(self, mesh: ParallelMesh, device: torch.device):
         self.mesh = mesh
-        self.device = _flag_device(mesh, device)
+        self.device = _flag_device(device)
         self.calls = 0
 
     def __call__(self, nonfinite: bool, stop: bool) -> tuple[bool, bool]:
@@ -56,7 +57,7 @@ class RankSync:
 def teacache_agreement(mesh: ParallelMesh, device: torch.device):
     """The ``agree(branch, compute) -> compute`` hook of :class:`~wanrt.cache.teacache.TeaCache`: the decision of
     the sequence-parallel group's first rank (``mesh.sp_root``), broadcast within the group."""
-    dev = _flag_device(mesh, device)
+    dev = _flag_device(device)
 
     def agree(branch: str, compute: bool) -> bool:
         if mesh.sp == 1:
@@ -77,7 +78,7 @@ def broadcast_tensors(tensors: list[torch.Tensor] | None, mesh: ParallelMesh, de
     None (or anything: it is replaced)."""
     meta = [[(tuple(t.shape), t.dtype) for t in tensors] if mesh.rank == src else None]
     try:
-        dist.broadcast_object_list(meta, src=src, device=_flag_device(mesh, device))
+        dist.broadcast_object_list(meta, src=src, device=_flag_device(device))
         out = []
         for i, (shape, dtype) in enumerate(meta[0]):
             buf = tensors[i].to(device).contiguous() if mesh.rank == src else torch.empty(shape, dtype=dtype,
