@@ -14,27 +14,9 @@ import torch
 gguf = pytest.importorskip("gguf")  # in the test extra; a missing package is an install error, not a skip in CI
 
 from wanrt.quant.gguf import BLOCKS, GGUFLinear, dequantize  # noqa: E402
+from wanrt.testing import random_gguf_blocks as _random_blocks  # noqa: E402
 
 T = gguf.GGMLQuantizationType
-
-
-def _random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Random GGUF blocks of a ``[rows, cols]`` weight with finite fp16 scales (``[rows, bytes per row]``)."""
-    per, nbytes = BLOCKS[qtype]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (rows, cols // per * nbytes), dtype=np.uint8)
-    blk = raw.reshape(-1, nbytes)
-
-    def f16(lo, hi):
-        return rng.uniform(lo, hi, len(blk)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-
-    if qtype in ("Q8_0", "Q4_0", "Q5_0"):
-        blk[:, 0:2] = f16(-0.01, 0.01)
-    elif qtype in ("Q4_K", "Q5_K"):
-        blk[:, 0:2], blk[:, 2:4] = f16(0, 0.002), f16(0, 0.002)
-    else:
-        blk[:, 208:210] = f16(-0.0005, 0.0005)
-    return raw
 
 
 @pytest.mark.parametrize("qtype", list(BLOCKS))
@@ -68,17 +50,20 @@ def _model(dim: int, ffn: int):
     return WanDiT(cfg).eval()
 
 
-def _write_gguf(path, model, qtype: str, float_type=T.F32):
-    """``model``'s state in GGUF: the blocks' Linear weights in ``qtype`` (quantized by the package for the 32-value
-    types, random valid blocks for the K types: the package cannot quantize those), the rest in ``float_type``
-    (F32 for the keep_fp32 tensors). Returns the dequantized Linear weights the file holds."""
+def _write_gguf(path, model, qtype, float_type=T.F32):
+    """``model``'s state in GGUF: the blocks' Linear weights in ``qtype`` (a type name, or a function of the key
+    giving one: files like Q4_K_M mix types) (quantized by the package for the 32-value types, random valid blocks
+    for the K types: the package cannot quantize those), the rest in ``float_type`` (F32 for the keep_fp32
+    tensors). Returns the dequantized Linear weights the file holds."""
     from wanrt.models.dit import WanDiT
 
     w = gguf.GGUFWriter(str(path), "wan")
+    qtype_of = qtype if callable(qtype) else (lambda key: qtype)
     held = {}
     for i, (key, value) in enumerate(model.state_dict().items()):
         x = value.detach().float().numpy()
         if key.startswith("blocks.") and key.endswith(".weight") and x.ndim == 2:
+            qtype = qtype_of(key)
             if qtype in ("Q8_0", "Q4_0", "Q5_0"):
                 q = gguf.quants.quantize(x, getattr(T, qtype))
             else:
@@ -156,6 +141,38 @@ def test_gguf_half_precision_tensors_beside(tmp_path, float_type):
         out, ref = loaded(x, t, ctx), model(x, t, ctx)
     rel = float((out - ref).norm() / ref.norm())
     assert rel < 6e-3, rel  # measured 2.8e-3 (Q8_0 blocks, bf16 compute)
+
+
+def test_mixed_types_stream_through_block_offload_and_the_triton_dequantizer(tmp_path):
+    """A Q4_K_M-like file (Q6_K for one block's FFN output, Q4_K elsewhere): blocks of different byte shapes share
+    the offload slots, and the output is the resident model's bit for bit; with the Triton plan every GGUF Linear
+    dequantizes in the kernel (interpreted here) and the output equals the eager plan's within float32 rounding."""
+    import wanrt
+    from wanrt.offload.mover import BlockMover
+    from wanrt.quant.gguf import GGUFLinear
+
+    model = _model(256, 512)
+    path = tmp_path / "wan-Q4_K_M.gguf"
+    _write_gguf(path, model, lambda key: "Q6_K" if key == "blocks.0.ffn.2.weight" else "Q4_K")
+    kw = dict(device="cpu", dtype=torch.float32, config=model.config)
+    resident = wanrt.load_transformer(path, backend="eager", **kw)
+    assert resident.blocks[0].ffn[2].raw.shape != resident.blocks[1].ffn[2].raw.shape
+    x, t, ctx = _inputs(model)
+    with torch.no_grad():
+        ref = resident(x, t, ctx)
+        streamed = wanrt.load_transformer(path, backend="eager", **kw)
+        streamed.offload = BlockMover(streamed.blocks, torch.device("cpu"), 0, 2)
+        assert streamed.offload.stats()["block_bytes"] == max(
+            sum(b.numel() * b.element_size() for b in (*blk.parameters(), *blk.buffers()))
+            for blk in resident.blocks)
+        for _ in range(2):
+            assert torch.equal(streamed(x, t, ctx), ref)
+        fused = wanrt.load_transformer(path, backend="triton", **kw)
+        layers = [m for m in fused.modules() if isinstance(m, GGUFLinear)]
+        assert layers and all(m.dequant_backend == "triton" for m in layers)
+        torch.testing.assert_close(fused(x, t, ctx), ref, rtol=1e-4, atol=1e-4)
+        fused.set_backend("eager")
+        assert all(m.dequant_backend == "eager" for m in layers)
 
 
 def test_engine_detects_a_gguf_dit_in_the_checkpoint_folder(tmp_path):

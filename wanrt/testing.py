@@ -156,3 +156,28 @@ def tf32_off():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def random_gguf_blocks(qtype: str, rows: int, cols: int, seed: int = 0):
+    """Random GGUF blocks (NumPy uint8 ``[rows, bytes per row]``) of a ``[rows, cols]`` weight in ``qtype`` (a type
+    of :data:`wanrt.quant.gguf.BLOCKS`): random bytes, with finite fp16 block scales of weight-like size written
+    over their scale fields, so every bit pattern of the quants, sub-block scales and high bits occurs."""
+    import numpy as np
+
+    from .quant.gguf import BLOCKS
+
+    per, nbytes = BLOCKS[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // per * nbytes), dtype=np.uint8)
+    blk = raw.reshape(-1, nbytes)
+
+    def f16(lo, hi):
+        return rng.uniform(lo, hi, len(blk)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+    if qtype in ("Q8_0", "Q4_0", "Q5_0"):
+        blk[:, 0:2] = f16(-0.01, 0.01)
+    elif qtype in ("Q4_K", "Q5_K"):
+        blk[:, 0:2], blk[:, 2:4] = f16(0, 0.002), f16(0, 0.002)
+    else:
+        blk[:, 208:210] = f16(-0.0005, 0.0005)
+    return raw

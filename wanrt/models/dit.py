@@ -442,7 +442,7 @@ class WanDiT(nn.Module):
         """Choose the kernels that run this model (call after the weights are on their device).
 
         The plan is the only record of them: the 8-bit Linears of :mod:`wanrt.quant` get its ``quant``
-        backend here (their ``act_backend``).
+        backend here (their ``act_backend``), the GGUF Linears its ``fused`` one (their ``dequant_backend``).
 
         Args:
             backend: ``"auto"``, a name of :data:`wanrt.ops.ATTENTION_BACKENDS` (``eager``,
@@ -470,6 +470,8 @@ class WanDiT(nn.Module):
         for m in self.modules():
             if hasattr(m, "act_backend"):  # wanrt.quant's 8-bit Linears
                 m.act_backend = backend.quant
+            if hasattr(m, "dequant_backend"):  # GGUF Linears: dequantized by the fused-ops backend
+                m.dequant_backend = backend.fused
         self.plan = backend
         return backend
 

@@ -1,7 +1,9 @@
 """Block offload: the DiT blocks in host memory (pinned on CUDA), streamed through a few device slots.
 
 :class:`BlockMover` keeps the first ``resident`` blocks on the device and streams the others through ``window``
-slots, each slot a set of device tensors shaped like one block's parameters and buffers, allocated once. The
+slots, each slot one device byte arena the size of the largest streamed block, allocated once (a block's
+parameters and buffers are views of it at 64-byte aligned offsets, so blocks of different shapes and dtypes, as in
+a GGUF file that mixes quantization types, share the slots). The
 streamed blocks form a cycle that continues across forwards (the next forward's first blocks are copied while the
 current forward's last ones compute). With ``k = window - 1``::
 
@@ -26,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+_ALIGN = 64  # bytes: where each tensor of a block starts in a slot
 
 #: ``recorder(event, block, position)``: ``event`` is "issue", "wait", "compute", "done".
 Recorder = Callable[[str, int, int], None]
@@ -67,7 +71,8 @@ class BlockMover:
     """Streams ``blocks[resident:]`` of a DiT through ``window`` device slots (see the module docstring).
 
     Args:
-        blocks: the DiT's blocks, on the CPU (host memory); all streamed blocks must have the same tensor shapes.
+        blocks: the DiT's blocks, on the CPU (host memory); they may differ in shapes and dtypes (each slot is a
+            byte arena the size of the largest streamed block).
         device: where they compute.
         resident: the first blocks kept on ``device`` for good.
         window: device slots for the streamed blocks (>= 2).
@@ -79,7 +84,7 @@ class BlockMover:
             per slot, pinned on CUDA; on the CPU straight into the slot), so host memory holds ``window`` blocks.
 
     Raises:
-        ValueError: ``window < 2``, ``resident`` out of range, blocks of different shapes.
+        ValueError: ``window < 2``, ``resident`` out of range.
     """
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device, resident: int, window: int = 2, *,
@@ -104,30 +109,34 @@ class BlockMover:
                         for module, name, _ in self._entries[i]] for i in range(n)]
         self.reader = reader
         self._host: dict[int, list[torch.Tensor]] = {}
-        specs = {i: [(_get(m, nm, p).shape, _get(m, nm, p).dtype) for m, nm, p in self._entries[i]]
-                 for i in self.streamed}
-        if self.streamed and any(s != specs[self.streamed[0]] for s in specs.values()):
-            raise ValueError("block offload needs blocks of identical tensor shapes and dtypes")
+        # Each block's layout in a slot: its tensors at 64-byte aligned offsets of one byte arena, so blocks of
+        # different shapes and dtypes (a GGUF Q4_K_M file mixes Q4_K and Q6_K Linears) share the slots.
+        self._layout: dict[int, list[tuple[int, torch.Size, torch.dtype]]] = {}
+        self._bytes: dict[int, int] = {}
+        arena = 0  # bytes of a slot
         for i in self.streamed:
-            host = []
-            for (module, name, is_param), (shape, dtype) in zip(self._entries[i], specs[i]):
+            host, layout, offset, size = [], [], 0, 0
+            for module, name, is_param in self._entries[i]:
+                t = _get(module, name, is_param)
+                layout.append((offset, t.shape, t.dtype))
+                offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+                size += t.numel() * t.element_size()
                 if reader is not None:  # released: a one-element placeholder of the right shape until read
-                    t = torch.zeros((), dtype=dtype).expand(shape)
+                    t = torch.zeros((), dtype=t.dtype).expand(t.shape)
                 else:
-                    t = _get(module, name, is_param).detach().to("cpu")
+                    t = t.detach().to("cpu")
                     if pin:
                         t = t.pin_memory()
                 _point(module, name, is_param, t)
                 host.append(t)
-            self._host[i] = host
-        spec = specs[self.streamed[0]] if self.streamed else []
-        self.block_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in spec)
-        self._slots = [[torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in spec]
-                       for _ in range(self.window)]
-        self._staging = None  # disk placement on CUDA: pinned host buffers the reader fills, one set per slot
+            self._host[i], self._layout[i], self._bytes[i] = host, layout, size
+            arena = max(arena, offset)
+        self.block_bytes = max(self._bytes.values(), default=0)  # the largest streamed block
+        self._slots = [torch.empty(arena, dtype=torch.uint8, device=self.device) for _ in range(self.window)]
+        self._staging = None  # disk placement on CUDA: pinned host arenas the reader fills, one per slot
         if reader is not None and self.cuda:
-            self._staging = [[torch.empty(shape, dtype=dtype).pin_memory() for shape, dtype in spec]
-                             for _ in range(self.window)]
+            self._staging = [torch.empty(arena, dtype=torch.uint8).pin_memory() for _ in range(self.window)]
+        self._views: dict[tuple[int, int, int], list[torch.Tensor]] = {}  # (arenas, slot, block) -> views
         self._occupant: list[int | None] = [None] * self.window  # the block whose tensors point at each slot
         self._copy_done = [None] * self.window
         self._compute_done = [None] * self.window
@@ -151,14 +160,14 @@ class BlockMover:
         if old is not None:  # the previous occupant goes back to its host copy
             for (module, name, is_param), host in zip(self._entries[old], self._host[old]):
                 _point(module, name, is_param, host)
-        bufs = self._slots[slot]
+        bufs = self._view(self._slots, slot, block)
         host = self._host[block]
         if self.reader is not None and self._staging is None:  # CPU: the slot is host memory: read straight into it
             self.reader(block, self._names[block], bufs)
         elif self.cuda:
             if self.reader is not None:  # disk placement on CUDA: through the slot's pinned staging buffers
                 self._copy_done[slot].synchronize()  # their last copy to the device has finished
-                host = self._staging[slot]
+                host = self._view(self._staging, slot, block)
                 self.reader(block, self._names[block], host)
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(self._compute_done[slot])  # the slot's last block has computed
@@ -171,10 +180,21 @@ class BlockMover:
         for (module, name, is_param), buf in zip(self._entries[block], bufs):
             _point(module, name, is_param, buf)
         self._occupant[slot] = block
-        self.moved_bytes += self.block_bytes
+        self.moved_bytes += self._bytes[block]
         self.copies += 1
         if self.recorder is not None:
             self.recorder("issue", block, position)
+
+    def _view(self, arenas: list[torch.Tensor], slot: int, block: int) -> list[torch.Tensor]:
+        """Block ``block``'s tensors laid out in ``arenas[slot]`` (views, made once per slot and block)."""
+        key = (id(arenas), slot, block)
+        views = self._views.get(key)
+        if views is None:
+            arena = arenas[slot]
+            views = [arena[off: off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                     for off, shape, dtype in self._layout[block]]
+            self._views[key] = views
+        return views
 
     def _ensure(self, last: int) -> None:
         """Issue every copy up to ``position`` ``last``."""
@@ -208,7 +228,16 @@ class BlockMover:
             self.recorder("done", i, p)
         self._position += 1
 
+    def slot_of(self, t: torch.Tensor) -> int | None:
+        """The slot whose memory ``t`` lies in, or None (a host copy, a placeholder, a resident block)."""
+        p = t.data_ptr()
+        for k, arena in enumerate(self._slots):
+            if arena.data_ptr() <= p < arena.data_ptr() + arena.numel():
+                return k
+        return None
+
     def stats(self) -> dict:
-        """``{"resident", "streamed", "window", "block_bytes", "copies", "moved_bytes"}``."""
+        """``{"resident", "streamed", "window", "block_bytes" (the largest streamed block), "copies",
+        "moved_bytes"}``."""
         return {"resident": self.resident, "streamed": len(self.streamed), "window": self.window,
                 "block_bytes": self.block_bytes, "copies": self.copies, "moved_bytes": self.moved_bytes}

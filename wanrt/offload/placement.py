@@ -34,7 +34,8 @@ def part_sizes(engine, req, *, batched_cfg: bool) -> PartSizes:
 
     dit = engine.transformer
     blocks = list(dit.blocks)
-    block = nbytes(blocks[0]) if blocks else 0
+    sizes = [nbytes(b) for b in blocks]
+    block = max(sizes, default=0)  # the largest block (GGUF files may mix types across blocks)
     dtype_bytes = engine.config.dit_dtype.itemsize
     terms = memory_terms(req, engine.preset, dtype_bytes=dtype_bytes, cfg_batch=batched_cfg,
                          tiled_vae=engine.config.vae_tiling)
@@ -46,7 +47,7 @@ def part_sizes(engine, req, *, batched_cfg: bool) -> PartSizes:
         text = None  # the text encoder runs on the host: it never takes GPU memory
     image = engine.image_encoder.model if engine.image_encoder is not None else None
     return PartSizes(text_encoder=nbytes(text), image_encoder=nbytes(image), vae=nbytes(engine.vae),
-                     dit_other=nbytes(dit) - block * len(blocks), block=block, blocks=len(blocks),
+                     dit_other=nbytes(dit) - sum(sizes), block=block, blocks=len(blocks),
                      dit_activations=terms["dit"] + terms["latents"], ffn_hidden=ffn, text_activations=TEXT_ACTIVATIONS,
                      vae_activations=terms["vae"] + terms["frames"], cfg_samples=samples, residual=residual)
 

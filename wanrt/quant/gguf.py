@@ -15,8 +15,9 @@ Block formats (``ggml-quants``; one row of a ``[out, in]`` weight is ``in / bloc
 * ``Q6_K``: 256 values in 16 sub-blocks of 16: ``ql`` (128 bytes, low 4 bits), ``qh`` (64 bytes, high 2 bits),
   16 int8 scales, ``d`` (fp16) last; ``w = d sc (q - 32)``.
 
-:func:`dequantize` is the PyTorch implementation (any device); the ``gguf`` package's NumPy dequantizers are its
-reference in the tests. :class:`GGUFLinear` holds the raw blocks (``uint8 [out, bytes per row]``) and dequantizes
+:func:`dequantize` is the PyTorch implementation (any device, the eager twin); the ``gguf`` package's NumPy
+dequantizers are its reference in the tests; :mod:`wanrt.kernels.gguf` is the one-kernel Triton version the plan
+picks on CUDA. :class:`GGUFLinear` holds the raw blocks (``uint8 [out, bytes per row]``) and dequantizes
 them to the compute dtype just before its GEMM.
 """
 
@@ -124,6 +125,9 @@ class GGUFLinear(nn.Module):
     Args:
         in_features, out_features: the weight's shape ``[out, in]``; ``in`` must be a multiple of the block size.
         qtype: one of :data:`QUANTIZED_TYPES`. bias: keep a float32 bias. out_dtype: the compute dtype.
+
+    ``dequant_backend`` (set by ``WanDiT.set_backend`` from the plan's fused-ops backend): ``"eager"``
+    (:func:`dequantize`) or ``"triton"`` (:func:`wanrt.kernels.gguf.gguf_dequantize`, one kernel).
     """
 
     def __init__(self, in_features: int, out_features: int, qtype: str, bias: bool = True,
@@ -135,6 +139,7 @@ class GGUFLinear(nn.Module):
         if in_features % per:
             raise ValueError(f"{qtype} needs in_features divisible by {per}, got {in_features}")
         self.in_features, self.out_features, self.qtype, self.out_dtype = in_features, out_features, qtype, out_dtype
+        self.dequant_backend = "eager"
         self.register_buffer("raw", torch.empty(out_features, in_features // per * nbytes, dtype=torch.uint8,
                                                 device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
@@ -146,6 +151,10 @@ class GGUFLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight ``[out, in]`` in ``out_dtype``."""
+        if self.dequant_backend == "triton":
+            from ..kernels.gguf import gguf_dequantize
+
+            return gguf_dequantize(self.raw, self.qtype, self.out_dtype).view(self.out_features, self.in_features)
         return dequantize(self.raw, self.qtype, (self.out_features, self.in_features), self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,4 +162,5 @@ class GGUFLinear(nn.Module):
         return F.linear(x.to(self.out_dtype), self.dequantized(), bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.qtype}, out_dtype={self.out_dtype}"
+        return (f"in={self.in_features}, out={self.out_features}, {self.qtype}, out_dtype={self.out_dtype}, "
+                f"dequant={self.dequant_backend}")
