@@ -210,3 +210,5 @@ def test_corrupt_and_unsupported_gguf_files_name_the_file(tmp_path):
     _write_gguf(path, model, "Q8_0")
     with pytest.raises(ValueError, match="already quantized"):
         wanrt.load_transformer(path, device="cpu", quantization="int8", backend="eager")
+    with pytest.raises(ValueError, match="disk placement streams safetensors"):
+        wanrt.load_transformer(path, device="cpu", backend="eager", defer_blocks=True)

@@ -113,7 +113,8 @@ class Engine:
             arch = dit_config_for(preset)
         self.transformer = load_transformer(ckpt, device="cpu" if host else dev, dtype=config.dit_dtype,
                                             backend="eager" if host else config.backend, quantization=quant,
-                                            vae_backend=config.vae_backend, config=arch)
+                                            vae_backend=config.vae_backend, config=arch,
+                                            defer_blocks=config.offload_to_disk)  # disk: read when placed
         self.preset = preset = choose_preset(preset, ckpt, self.transformer.config, check)
         self.mesh, self._shard_stats = None, None
         if config.parallel is not None:

@@ -340,6 +340,7 @@ def load_into_module(
     keep_stored: Callable[[str], bool] = lambda name: False,
     fill_missing: dict[str, torch.Tensor] | None = None,
     scalar_ok: Callable[[str], bool] = lambda name: False,
+    defer: Callable[[str], bool] = lambda name: False,
     what: str = "model",
 ) -> torch.nn.Module:
     """Materialize a meta-device module from a tensor source, one tensor at a time.
@@ -358,6 +359,9 @@ def load_into_module(
             stored without one).
         scalar_ok: module keys that may come as a single value, broadcast to the parameter's shape
             (per-tensor quantization scales).
+        defer: module keys checked (presence, shape, float-ness) but not read: they get a one-element placeholder
+            of their shape and target dtype (``torch.zeros(()).expand(shape)``, no memory), for a reader that fills
+            them later (disk placement, :mod:`wanrt.offload.disk`). Needs ``dtype`` for floating-point keys.
         what: a name for messages ("DiT", "VAE", ...).
 
     Returns:
@@ -417,6 +421,13 @@ def load_into_module(
     for key in expected:
         if key not in mapped:
             state[key] = fill_missing[key].to(device)
+            continue
+        if defer(key):
+            if expected_float[key] and dtype is None and not keep_fp32(key):
+                raise ValueError(f"{what}: deferred tensors need a target dtype ({key!r})")
+            target = (torch.float32 if keep_fp32(key) else dtype) if expected_float[key] else \
+                source.get(mapped[key]).dtype
+            state[key] = torch.zeros((), dtype=target, device=device).expand(expected[key])
             continue
         t = source.get(mapped[key])
         if scalar_ok(key) and t.numel() == 1 and tuple(t.shape) != expected[key]:

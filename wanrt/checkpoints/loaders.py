@@ -154,7 +154,7 @@ def _resolve_dit(path: Path):
 
 
 def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, backend="auto", quantization=None,
-                     vae_backend="eager"):
+                     vae_backend="eager", defer_blocks=False):
     """Load the Wan2.1 DiT from any supported layout.
 
     Args:
@@ -180,6 +180,9 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
         vae_backend: the VAE's backend (``"eager"``, ``"triton"``, ``"tensorrt"``), resolved and checked into
             ``model.plan.vae`` with the rest so that one plan names every kernel (the Engine hands it to
             ``WanVAE.set_backend``); this model does not run it.
+        defer_blocks: check the blocks' tensors in the file's header but do not read them: each is a one-element
+            placeholder of its shape and dtype (no memory) until a reader fills it (disk placement,
+            :mod:`wanrt.offload.disk`, which the Engine uses with ``offload_to_disk``). Float checkpoints only.
 
     Returns:
         ``WanDiT`` in eval mode, called as ``model(x, t, context)``: x ``[B, C_in, F, H, W]``, t ``[B]``
@@ -210,6 +213,9 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
 
         if quantization is not None:
             raise ValueError(f"{gguf_file.name} is already quantized (GGUF); leave quantization unset")
+        if defer_blocks:
+            raise ValueError(f"{gguf_file.name}: disk placement streams safetensors checkpoints; a GGUF DiT is held "
+                             "quantized in memory (load it without offload_to_disk)")
         target = _device(device)
         sibling = gguf_file.parent / "config.json"  # the architecture, where the file's folder says it
         if config is None and sibling.is_file():
@@ -245,6 +251,9 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
         compute = dtype or torch.bfloat16
         ops_plan = plan(backend, probe_capabilities(target, compute, cfg.head_dim), vae=vae_backend)
         stored = _stored_quantization(src, mapper, quantization, target)
+        if defer_blocks and (quantization is not None or stored.layers):
+            raise ValueError("defer_blocks (disk placement) streams float weights; this load is 8-bit "
+                             f"({quantization or stored.scheme}): load it without offload_to_disk")
         act_backend = ops_plan.quant  # per-token activation quantization: the plan's, as every kernel
         qmap = _quant_mapper(mapper)
         with torch.device("meta"):
@@ -285,6 +294,7 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
             load_into_module(
                 model, src, to_official=qmap, device=target, dtype=dtype,
                 keep_fp32=WanDiT.keep_fp32, what="DiT",
+                defer=(lambda k: k.startswith("blocks.")) if defer_blocks else (lambda k: False),
             )
     model.set_backend(ops_plan)
     return model

@@ -55,6 +55,23 @@ def _path(root: nn.Module, module: nn.Module) -> str:
     raise ValueError("module not inside the block")
 
 
+def _qualified(blocks: nn.ModuleList, i: int, entries) -> list[str]:
+    """The state-dict names (below ``blocks``) of block ``i``'s ``entries`` (from :func:`_tensors`)."""
+    return [f"{i}.{name}" if module is blocks[i] else f"{i}.{_path(blocks[i], module)}.{name}"
+            for module, name, _ in entries]
+
+
+def read_blocks(blocks: nn.ModuleList, indices, reader: Reader, device: torch.device) -> None:
+    """Give blocks ``indices`` real tensors on ``device``, filled by ``reader`` (disk placement: the blocks were
+    loaded as placeholders, ``load_transformer(defer_blocks=True)``)."""
+    for i in indices:
+        entries = _tensors(blocks[i])
+        bufs = [torch.empty(_get(m, n, p).shape, dtype=_get(m, n, p).dtype, device=device) for m, n, p in entries]
+        reader(i, _qualified(blocks, i, entries), bufs)
+        for (module, name, is_param), buf in zip(entries, bufs):
+            _point(module, name, is_param, buf)
+
+
 def _get(module: nn.Module, name: str, is_param: bool) -> torch.Tensor:
     return module._parameters[name] if is_param else module._buffers[name]
 
@@ -102,11 +119,12 @@ class BlockMover:
         pin = self.cuda if pin is None else pin
         self.moved_bytes = 0  # host->device bytes copied so far
         self.copies = 0
+        if reader is not None:  # disk placement: the resident blocks are read once from the file
+            read_blocks(blocks, range(resident), reader, self.device)
         for i in range(resident):
             blocks[i].to(self.device)
         self._entries = [_tensors(blocks[i]) for i in range(n)]
-        self._names = [[f"{i}.{name}" if module is blocks[i] else f"{i}.{_path(blocks[i], module)}.{name}"
-                        for module, name, _ in self._entries[i]] for i in range(n)]
+        self._names = [_qualified(blocks, i, self._entries[i]) for i in range(n)]
         self.reader = reader
         self._host: dict[int, list[torch.Tensor]] = {}
         # Each block's layout in a slot: its tensors at 64-byte aligned offsets of one byte arena, so blocks of

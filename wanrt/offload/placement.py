@@ -77,6 +77,18 @@ def place(engine, plan: MemoryPlan) -> None:
     from ..config import resolve_kernels
 
     dev, dit = engine.device, engine.transformer
+    reader = None
+    if engine.config.offload_to_disk:  # the blocks were loaded as placeholders: read from the file when placed
+        from .disk import DiskBlocks
+
+        reader = DiskBlocks(engine.checkpoint_dir)
+    streamed = len(dit.blocks) - plan.resident if plan.mode == "block" else 0
+    if reader is not None and streamed == 0:  # nothing streams: every block is read once, where it will live
+        from .mover import read_blocks
+
+        read_blocks(dit.blocks, range(len(dit.blocks)), reader, dev if plan.mode != "model" else torch.device("cpu"))
+        reader.close()
+        reader = None
     if plan.mode == "none":
         dit.to(dev)
         engine.vae.to(dev)
@@ -91,12 +103,6 @@ def place(engine, plan: MemoryPlan) -> None:
         from .mover import BlockMover
 
         _move_except_blocks(dit, dev)
-        streamed = len(dit.blocks) - plan.resident
-        reader = None
-        if engine.config.offload_to_disk and streamed > 0:
-            from .disk import DiskBlocks
-
-            reader = DiskBlocks(engine.checkpoint_dir)
         dit.offload = BlockMover(dit.blocks, dev, plan.resident, plan.window, reader=reader) if streamed > 0 else None
         if streamed == 0:
             dit.blocks.to(dev)
