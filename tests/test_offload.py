@@ -207,6 +207,8 @@ def test_engine_budget():
         wanrt.Engine("tiny", offload="disk", **KW)
     with pytest.raises(ValueError, match="vram_budget_gb must be a positive number"):
         wanrt.Engine("tiny", vram_budget_gb=-1, **KW)
+    with pytest.raises(ValueError, match="offload and shard_weights do not combine"):
+        wanrt.Engine("tiny", offload="block", parallel=wanrt.ParallelConfig(ulysses=2, shard_weights=True), **KW)
     eng = wanrt.Engine("tiny", precision="fp32", vram_budget_gb=0.6, **KW)  # just above the 0.5 GiB workspace
     with pytest.raises(ValueError, match="with the placement made for the budget"):
         eng.request("a cat", height=1024, width=1024, num_frames=81)

@@ -57,12 +57,29 @@ def _compare(eng, ref_video, video, what: str) -> dict:
     if video.frames is not None:
         diff = int(np.abs(video.frames.astype(int) - ref_video.frames.astype(int)).max())
         assert diff <= 1, f"{what}: frames differ by {diff} levels"
-    stats = {k: v for k, v in video.stats.items() if k != "parallel"}
+    stats = {k: v for k, v in video.stats.items() if k not in ("parallel", "offload")}
+    if "offload" in video.stats:  # the plan differs (this rank's share of the activations); the moves do not
+        got, want = video.stats["offload"], ref_video.stats["offload"]
+        assert (got["mode"], got["moved_bytes"]) == (want["mode"], want["moved_bytes"]), what
+        stats["offload"] = {"mode": got["mode"], "moved_bytes": got["moved_bytes"]}
+        ref_video = _without_offload_plan(ref_video)
+        if eng.mesh.config.cfg > 1:  # block offload batches CFG in one process; CFG parallel splits the branches
+            assert ref_video.stats["cfg_batched"] and not stats["cfg_batched"], what
+            stats["cfg_batched"] = True
     par = {k: v for k, v in video.stats["parallel"].items() if k != "rank"}
     assert stats == ref_video.stats, what  # steps, CFG batching, TeaCache decisions, image conditioning
     return {"what": what, "rel": rel, "seed": video.seed, "fps": video.fps, "latents": video.latents.numpy().copy(),
             "stats": stats, "parallel": par, "has_frames": video.frames is not None,
             "frames": None if video.frames is None else video.frames.copy()}
+
+
+def _without_offload_plan(video):
+    """``video`` with its stats' offload entry reduced to the mode and the bytes moved."""
+    import dataclasses
+
+    stats = dict(video.stats)
+    stats["offload"] = {k: stats["offload"][k] for k in ("mode", "moved_bytes")}
+    return dataclasses.replace(video, stats=stats)
 
 
 def _run_layouts(rank, cases, world=2) -> list[dict]:
@@ -80,6 +97,9 @@ def _run_layouts(rank, cases, world=2) -> list[dict]:
         assert eng.parallel == layout
         video = eng.generate("a cat", progress=False, **opts)
         note = _compare(eng, ref_video, video, what)
+        if "offload" in engine_opts:  # planned for this rank's share of the activations
+            assert eng.memory_plan.phases["denoise"] < ref_engine.memory_plan.phases["denoise"], what
+            assert eng.memory_plan.mode == engine_opts["offload"], what
         if layout.shard_weights:  # after the run every sharded Linear holds its shard only (resharded)
             from torch.distributed.tensor import DTensor
 
@@ -139,6 +159,11 @@ def _two_rank_cases(group: str) -> list:
              P(ulysses=2, shard_weights=True, frames_on_all_ranks=True), "tiny", {}, OPTS),
             ("teacache ulysses 2", P(ulysses=2), "tiny", {}, {**OPTS, **TEACACHE}),
         ],
+        "offload": [
+            ("ulysses 2, block offload", P(ulysses=2), "tiny", {"offload": "block"}, OPTS),
+            ("teacache cfg 2, block offload", P(cfg=2), "tiny", {"offload": "block"}, {**OPTS, **TEACACHE}),
+            ("i2v ring 2, model offload", P(ring=2), "tiny-i2v", {"offload": "model"}, {**OPTS, "image": _image()}),
+        ],
         "triton": [
             ("ring 2, Triton kernels (log-sum-exp from the kernel)", P(ring=2), "tiny", {"backend": "triton"},
              {**OPTS, "num_inference_steps": 1}),
@@ -150,7 +175,7 @@ def _body_layouts_two(group, rank, world):
     return _run_layouts(rank, _two_rank_cases(group))
 
 
-@pytest.mark.parametrize("group", ["ulysses", "ring", "cfg", "shard", "triton"])
+@pytest.mark.parametrize("group", ["ulysses", "ring", "cfg", "shard", "offload", "triton"])
 def test_two_rank_layouts_match_one_process(group):
     import functools
 

@@ -180,9 +180,9 @@ class EngineConfig:
         if self.offload_to_disk and self.precision in QUANTIZED_PRECISIONS:
             raise ValueError(f"offload_to_disk streams float weights; precision {self.precision!r} quantizes them at "
                              "load (use bf16, fp16 or fp32)")
-        if self.parallel is not None and self.offload != "none":
-            raise ValueError("offload and parallel layouts do not combine yet: use shard_weights to spread the "
-                             "weights over the GPUs")
+        if getattr(self.parallel, "shard_weights", False) and self.offload != "none":
+            raise ValueError("offload and shard_weights do not combine: shard_weights already spreads the DiT over "
+                             "the GPUs (each holds 1/world of it); use one or the other")
         if self.parallel is not None and self.parallel != "auto" and not isinstance(self.parallel, ParallelConfig):
             raise ValueError(f"parallel must be None, 'auto' or a wanrt.ParallelConfig, got {self.parallel!r}")
 
@@ -238,16 +238,17 @@ def engine_config(device, precision: str, backend: str, options: dict) -> Engine
     """
     from .checkpoints.loaders import _device
 
-    if options.get("parallel") is not None:
+    parallel = options.get("parallel") is not None
+    if parallel and device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # wanrt.distributed.init set LOCAL_RANK's
+    config = EngineConfig(_device(device), precision, backend, **options)  # option errors first
+    if parallel:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("parallel= needs an initialized process group: launch with `torchrun "
                                "--nproc-per-node N ...` and call wanrt.distributed.init() before creating the Engine "
                                "(or run `wanrt generate --nproc N ...`)")
-        if device is None and torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())  # wanrt.distributed.init set LOCAL_RANK's
-    config = EngineConfig(_device(device), precision, backend, **options)
     if config.vae_backend == "tensorrt":
         from .graph.tensorrt_vae import require_tensorrt
 

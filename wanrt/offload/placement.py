@@ -29,7 +29,8 @@ def nbytes(module: nn.Module | None) -> int:
 
 
 def part_sizes(engine, req, *, batched_cfg: bool) -> PartSizes:
-    """The measured :class:`PartSizes` of ``engine``'s parts for request ``req``."""
+    """The measured :class:`PartSizes` of ``engine``'s parts for request ``req``, on one rank: under a parallel
+    layout the activations are this rank's token shard, one CFG branch under CFG parallel."""
     from ..request import _dit_forward_bytes, memory_terms
 
     dit = engine.transformer
@@ -37,11 +38,16 @@ def part_sizes(engine, req, *, batched_cfg: bool) -> PartSizes:
     sizes = [nbytes(b) for b in blocks]
     block = max(sizes, default=0)  # the largest block (GGUF files may mix types across blocks)
     dtype_bytes = engine.config.dit_dtype.itemsize
+    mesh = getattr(engine, "mesh", None)  # a parallel layout: this rank's share of the activations
+    sp = mesh.sp if mesh is not None else 1
+    if mesh is not None and mesh.config.cfg > 1:
+        batched_cfg = False  # each rank runs one CFG branch
     terms = memory_terms(req, engine.preset, dtype_bytes=dtype_bytes, cfg_batch=batched_cfg,
-                         tiled_vae=engine.config.vae_tiling)
-    ffn = _dit_forward_bytes(req, engine.preset, dtype_bytes, ffn=False) * (2 if batched_cfg and req.do_cfg else 1)
+                         tiled_vae=engine.config.vae_tiling, sequence_parallel=sp)
     samples = 2 if batched_cfg and req.do_cfg else 1
-    residual = req.tokens * engine.preset.arch.dim * (4 + 2 * dtype_bytes)  # x (fp32), y and gate of one sample
+    ffn = _dit_forward_bytes(req, engine.preset, dtype_bytes, sp, ffn=False) * samples
+    tokens = -(-req.tokens // sp)
+    residual = tokens * engine.preset.arch.dim * (4 + 2 * dtype_bytes)  # x (fp32), y and gate of one sample
     text = engine.text_encoder.model if engine.text_encoder is not None else None
     if engine.config.text_device.type == "cpu" and engine.device.type != "cpu":
         text = None  # the text encoder runs on the host: it never takes GPU memory
