@@ -4,6 +4,8 @@ schedule decision runs as on a GPU)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -278,12 +280,42 @@ def test_disk_placement_loads_no_block_until_it_is_placed(tiny_official):
             assert torch.equal(lazy(x, t, ctx), full(x, t, ctx))
     with pytest.raises(ValueError, match="streams float weights"):
         wanrt.load_transformer(tiny_official, defer_blocks=True, quantization="int8", **kw)
+    # fp32 stored, fp32 model: read straight into the slot (the bf16 model above went through a rounding cast)
+    full32 = wanrt.load_transformer(tiny_official, device="cpu", dtype=torch.float32, backend="eager")
+    lazy32 = wanrt.load_transformer(tiny_official, device="cpu", dtype=torch.float32, backend="eager",
+                                    defer_blocks=True)
+    lazy32.offload = BlockMover(lazy32.blocks, torch.device("cpu"), 0, 2, reader=DiskBlocks(tiny_official))
+    with torch.no_grad():
+        assert torch.equal(lazy32(x, 500, ctx), full32(x, 500, ctx))
     # a budget that fits everything: plan "none", every block read from the file at placement
     ref = wanrt.Engine("tiny", precision="bf16", **KW).generate("a cat", progress=False, **OPTS)
     eng = wanrt.Engine("tiny", precision="bf16", vram_budget_gb=4.0, offload_to_disk=True, **KW)
     assert eng.memory_plan.mode == "none" and eng.transformer.offload is None
     assert all(p.is_contiguous() for p in eng.transformer.blocks.parameters())
     assert torch.equal(eng.generate("a cat", progress=False, **OPTS).latents, ref.latents)
+
+
+def test_disk_placement_names_the_file_when_it_changes_under_it(tmp_path, tiny_official):
+    import shutil
+
+    from wanrt.checkpoints.io import CheckpointError
+    from wanrt.offload.disk import DiskBlocks
+    from wanrt.offload.mover import BlockMover
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_official, folder)
+    model = wanrt.load_transformer(folder, device="cpu", dtype=torch.float32, backend="eager", defer_blocks=True)
+    (weights,) = folder.glob("*.safetensors")
+    from wanrt.offload.disk import safetensors_offsets
+
+    last = max(end for k, (_, _, _, end) in safetensors_offsets(weights).items() if k.startswith("blocks.1."))
+    reader = DiskBlocks(folder)
+    with open(weights, "r+b") as f:  # truncated inside block 1 while the reader holds it open
+        f.truncate(last - 100)
+    with pytest.raises(CheckpointError, match=r"short read.*" + weights.name):
+        BlockMover(model.blocks, torch.device("cpu"), 0, 2, reader=reader)
+    with pytest.raises(CheckpointError, match=weights.name):  # and a new reader refuses the file
+        DiskBlocks(folder)
 
 
 def _rss_anon_mib() -> float:
@@ -294,127 +326,57 @@ def _rss_anon_mib() -> float:
     raise RuntimeError("no RssAnon")
 
 
+HOST_MEMORY = Path(__file__).resolve().parents[1] / "benchmarks" / "host_memory.py"
+
+
+def _host_memory(*args) -> dict | None:
+    """``benchmarks/host_memory.py ARGS`` in its own process (resident memory only grows within one)."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(HOST_MEMORY), *map(str, args)], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]) if args[0] != "write" else None
+
+
 @pytest.fixture(scope="module")
 def dit_1_3b_file(tmp_path_factory):
     """A t2v-1.3B-size DiT checkpoint folder (random weights, bf16 blocks: 2.8 GB), written once per module."""
-    import subprocess
-    import sys
-    import textwrap
-
-    tmp_path = tmp_path_factory.mktemp("dit-1.3b")
-    script = textwrap.dedent('''
-        import json, sys, torch
-        from safetensors.torch import save_file
-        from wanrt.checkpoints.tiny import dit_config_for
-        from wanrt.models.dit import WanDiT
-        from wanrt.presets import get_preset
-        cfg = dit_config_for(get_preset("t2v-1.3b"))
-        folder = sys.argv[1]
-        with torch.device("meta"):
-            model = WanDiT(cfg)
-        g = torch.Generator().manual_seed(0)
-        state = {}
-        for k, p in model.state_dict().items():
-            dtype = torch.float32 if WanDiT.keep_fp32(k) else torch.bfloat16
-            state[k] = (torch.randn(p.shape, generator=g) * 0.02).to(dtype)
-        save_file(state, folder + "/diffusion_pytorch_model.safetensors")
-        json.dump(cfg.to_official_config(), open(folder + "/config.json", "w"))
-    ''')
-    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return tmp_path
+    folder = tmp_path_factory.mktemp("dit-1.3b")
+    _host_memory("write", folder)
+    return folder
 
 
 @pytest.mark.slow
 def test_disk_placement_keeps_host_memory_near_the_staging_ring(dit_1_3b_file):
-    """A t2v-1.3B-size DiT file (bf16, 2.8 GB), loaded with its blocks deferred and streamed from disk through 2
-    slots: the process's anonymous memory stays within the embeddings, the staging ring and a margin over the load
-    and whole forwards (the file's pages are the page cache's)."""
-    import subprocess
-    import sys
-    import textwrap
-
-    probe = textwrap.dedent('''
-        import json, sys, torch
-        import wanrt
-        from wanrt.offload.disk import DiskBlocks
-        from wanrt.offload.mover import BlockMover
-
-        def anon():
-            for line in open("/proc/self/status"):
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-        x = torch.randn(1, 16, 1, 8, 8)
-        base = anon()  # before the load: what the whole load and the forwards add is measured
-        model = wanrt.load_transformer(sys.argv[1], device="cpu", dtype=torch.bfloat16, backend="eager",
-                                       defer_blocks=True)
-        loaded = anon()
-        other = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("blocks."))
-        mover = model.offload = BlockMover(model.blocks, torch.device("cpu"), 0, 2, reader=DiskBlocks(sys.argv[1]))
-        ctx = torch.randn(1, 64, model.config.text_dim)
-        peak = max(loaded, anon())
-        with torch.no_grad():
-            for t in (900, 500):
-                model(x, t, ctx)
-                peak = max(peak, anon())
-        print(json.dumps({"base": base, "loaded": loaded, "peak": peak, "other_mib": other / 2**20,
-                          "block_mib": mover.block_bytes / 2**20, "read": mover.reader.bytes_read}))
-    ''')
-    r = subprocess.run([sys.executable, "-c", probe, str(dit_1_3b_file)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    import json
-
-    got = json.loads(r.stdout.strip().splitlines()[-1])
+    """The 1.3B-size DiT loaded with its blocks deferred and streamed from disk through 2 slots: the process's
+    anonymous memory stays within the embeddings, the staging ring and a margin over the load and whole forwards
+    (the file's pages are the page cache's)."""
+    got = _host_memory("disk", dit_1_3b_file)
+    print("disk placement (MiB):", got)
     assert got["read"] >= 2 * 30 * got["block_mib"] * 2**20 * 0.99  # every block read on each of 2 forwards
-    print("disk placement RssAnon (MiB):", got)
-    # The load holds the embeddings and head (~40 MiB), not the 2.6 GiB of blocks; over the load and 2 whole
-    # forwards the growth is that, the 2 slots (2 blocks, 2 x 88 MiB), at most one block tensor in flight (26 MiB)
-    # and the activations.
-    assert got["loaded"] - got["base"] < got["other_mib"] + 100, got
-    assert got["peak"] - got["base"] < got["other_mib"] + 2 * got["block_mib"] + 250, got
+    # The load holds the embeddings and head (~80 MiB), not the 2.6 GiB of blocks; over the load and 2 whole
+    # forwards the growth is that, the 2 slots (2 x 88 MiB), at most one block tensor in flight (26 MiB) and the
+    # activations.
+    base, loaded, peak = got["base"]["anon"], got["loaded"]["anon"], got["peak"]["anon"]
+    assert loaded - base < got["other_mib"] + 100, got
+    assert peak - base < got["other_mib"] + 2 * got["block_mib"] + 250, got
+    # nothing is memory-mapped: the resident set (file pages included) stays far below the 2.7 GiB of weights too
+    assert got["peak"]["rss"] - got["base"]["rss"] < 2 * got["other_mib"] + 2 * got["block_mib"] + 400, got
 
 
 @pytest.mark.slow
 def test_block_offload_holds_one_host_copy_of_the_weights(dit_1_3b_file):
-    """The same 1.3B-size DiT loaded into host memory (2.7 GiB) and handed to the mover: the blocks' host copies
-    are the loaded tensors themselves (no second copy), so over the load, the mover's setup and whole forwards the
-    process's resident memory (anonymous and file pages: bf16 weights stored bf16 stay memory-mapped) grows by one
-    copy of the weights, the 2 slots and the activations, not by the weights twice."""
-    import json
-    import subprocess
-    import sys
-    import textwrap
-
-    probe = textwrap.dedent('''
-        import json, sys, torch
-        import wanrt
-        from wanrt.offload.mover import BlockMover
-
-        def anon():  # VmRSS: anonymous + file-backed + shared pages
-            for line in open("/proc/self/status"):
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        base = anon()
-        model = wanrt.load_transformer(sys.argv[1], device="cpu", dtype=torch.bfloat16, backend="eager")
-        loaded = anon()
-        weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-        mover = model.offload = BlockMover(model.blocks, torch.device("cpu"), 0, 2)
-        x, ctx = torch.randn(1, 16, 1, 8, 8), torch.randn(1, 64, model.config.text_dim)
-        peak = anon()
-        with torch.no_grad():
-            for t in (900, 500):
-                model(x, t, ctx)
-                peak = max(peak, anon())
-        print(json.dumps({"base": base, "loaded": loaded, "peak": peak, "weights_mib": weights,
-                          "block_mib": mover.block_bytes / 2**20, "copies": mover.copies}))
-    ''')
-    r = subprocess.run([sys.executable, "-c", probe, str(dit_1_3b_file)], capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = json.loads(r.stdout.strip().splitlines()[-1])
-    print("block offload VmRSS (MiB):", got)
-    assert got["copies"] >= 2 * 30
-    grown = got["peak"] - got["base"]  # every weight page was touched by the forwards
+    """The same DiT loaded into host memory (2.7 GiB) and handed to the mover: the blocks' host copies are the loaded
+    tensors themselves (no second copy), so over the load, the mover's setup and whole forwards the process's
+    resident memory (anonymous and file pages: bf16 weights stored bf16 stay memory-mapped) grows by one copy of the
+    weights, the 2 slots and the activations, not by the weights twice."""
+    got = _host_memory("block", dit_1_3b_file)
+    print("block offload (MiB):", got)
+    assert got["copies"] >= 2 * 30 and got["read"] == 0
+    grown = got["peak"]["rss"] - got["base"]["rss"]  # every weight page was touched by the forwards
     assert got["weights_mib"] < grown < got["weights_mib"] + 2 * got["block_mib"] + 300, got
 
 
