@@ -10,7 +10,7 @@
 #   engines, ~1-3 min more where tensorrt is installed) + tests/kernels compiled ~3-5 min, capped at 5 (the whole edge-case matrix on CUDA tensors; every attention edge case
 #   autotunes its 4-6 configs on first use, each causal-conv3d shape its 6-10) |
 #   bench_attention ~2 min (Triton autotuning at L = 75,600 is most of it) |
-#   bench_norms ~1 min | bench_gemm ~2-3 min (12 GEMM shapes x 6-8 rows ~1 min, then a 1.3B 480P forward per
+#   bench_norms ~1 min | bench_gemm ~2-3 min | bench_gguf ~0.5 min (12 GEMM shapes x 6-8 rows ~1 min, then a 1.3B 480P forward per
 #   precision, each model rebuilt and quantized, ~1-1.5 min) | bench_dit 1.3B ~1.5 min (the eager row alone is
 #   ~20 s) | bench_dit 14B, 8 of 40 blocks ~1.5 min | bench_e2e loop options ~5-6 min (writing the random 1.3B
 #   checkpoint ~1 min, then 4 rows, each its own process: load + 2-step warm-up + one 50-step 480P video,
@@ -51,6 +51,16 @@ if has kernels; then
     timeout 300 python benchmarks/bench_attention.py --device cuda --out "$OUT/attention_${stamp}.md"
     timeout 180 python benchmarks/bench_norms.py --device cuda --out "$OUT/norms_${stamp}.md"
     timeout 300 python benchmarks/bench_gemm.py --device cuda --out "$OUT/gemm_${stamp}.md"
+    timeout 120 python benchmarks/bench_gguf.py --device cuda --out "$OUT/gguf_${stamp}.md"
+fi
+# Small GPUs (PARTS=offload, ~4-6 min): block offload of the real 1.3B at 480P per plan, with the planner's plan for
+# 6 GiB (the target: peak <= 6 GB at <= 1.15x the resident time), then 14B at 480P with 10 of its 40 blocks (is the
+# copy hidden?). The measured host->device bandwidth is printed beside each table.
+if has offload; then
+    timeout 240 python benchmarks/bench_offload.py --device cuda --model 1.3b --latent 21 60 104 --budget-gb 6 \
+        --out "$OUT/offload_${stamp}_1.3b_480p.md"
+    timeout 240 python benchmarks/bench_offload.py --device cuda --model 14b --latent 21 60 104 --layers 10 \
+        --out "$OUT/offload_${stamp}_14b_480p_10of40blocks.md"
 fi
 if has dit; then
     timeout 240 python benchmarks/bench_dit.py --device cuda --model 1.3b --repeats 2 \
