@@ -189,6 +189,25 @@ def test_offloaded_engines_give_the_resident_video_bit_for_bit(preset, precision
             assert again.stats["offload"]["moved_bytes"] == forwards * 2 * eng.transformer.offload.block_bytes
 
 
+@pytest.mark.parametrize("precision", ["fp8", "int8", "int8-wo"])
+def test_block_offload_streams_8_bit_weights(precision):
+    """8-bit blocks stream as stored (int8/fp8 weights and their scales): the video is the resident 8-bit one bit
+    for bit, and each block moves fewer bytes than in bf16 (the Linears' quarter, plus the float32 norms and
+    modulation that stay)."""
+    kw = dict(precision=precision, cfg_batch=True, **KW)
+    ref = wanrt.Engine("tiny", **kw).generate("a cat", progress=False, **OPTS)
+    eng = wanrt.Engine("tiny", offload="block", **kw)
+    video = eng.generate("a cat", progress=False, **OPTS)
+    assert torch.equal(video.latents, ref.latents)
+    mover = eng.transformer.offload
+    dtypes = {t.dtype for t in mover._host[0]}
+    assert (torch.int8 if precision.startswith("int8") else torch.float8_e4m3fn) in dtypes
+    bf16 = wanrt.Engine("tiny", precision="bf16", offload="block", **KW).transformer.offload.block_bytes
+    layers = [m for m in eng.transformer.blocks[0].modules() if hasattr(m, "act_backend")]
+    saved = sum(m.weight.numel() - 4 * m.out_features for m in layers)  # a byte a weight, plus a float32 scale a row
+    assert layers and mover.block_bytes <= bf16 - saved
+
+
 def test_block_offload_batches_cfg_so_each_block_moves_once_per_step():
     ref = wanrt.Engine("tiny", precision="fp32", cfg_batch=True, **KW).generate("a cat", progress=False, **OPTS)
     eng = wanrt.Engine("tiny", precision="fp32", cfg_batch=False, offload="block", **KW)
