@@ -228,6 +228,7 @@ class Engine:
                               **options)
         check_fits(req, self.preset, self.device, dtype_bytes=self.config.dit_dtype.itemsize,
                    tiled_vae=c.vae_tiling, sequence_parallel=self.mesh.sp if self.mesh is not None else 1)
+        self._check_loras(req)
         if self.memory_plan is not None and self.memory_plan.budget is not None:
             from .offload.placement import check_budget
 
@@ -245,7 +246,8 @@ class Engine:
         left out takes the preset's official default): ``image``, ``last_image``, ``max_area``, ``height``,
         ``width``, ``num_frames``, ``num_inference_steps``, ``guidance_scale``, ``shift``, ``sample_solver``,
         ``seed``, ``prompt_embeds``, ``negative_prompt_embeds``, ``latents``, ``teacache_threshold``,
-        ``teacache_mode``, ``teacache_coefficients``. The run itself is :meth:`run`.
+        ``teacache_mode``, ``teacache_coefficients``, ``timesteps`` / ``sigmas`` (a custom few-step schedule),
+        ``loras`` (``{name: strength}`` of runtime LoRAs for this call). The run itself is :meth:`run`.
 
         Returns / Raises: as :meth:`run`; ValueError for a bad request, before any work.
         """
@@ -321,9 +323,12 @@ class Engine:
         t0 = time.perf_counter()
         moved = self.transformer.offload.moved_bytes if streaming else 0
         with visiting(self, "dit"):
-            x = denoise(step, make_solver(req.sample_solver, req.num_inference_steps, req.shift), x, seed=req.seed,
-                        callback=callback, cancel=cancel, progress=progress and (mesh is None or mesh.is_root),
-                        sync=runner.RankSync(mesh, self.device) if mesh is not None else None)
+            solver = make_solver(req.sample_solver, req.num_inference_steps, req.shift, schedule=req.schedule(),
+                                 seed=req.seed)
+            with self._request_loras(req):
+                x = denoise(step, solver, x, seed=req.seed, callback=callback, cancel=cancel,
+                            progress=progress and (mesh is None or mesh.is_root),
+                            sync=runner.RankSync(mesh, self.device) if mesh is not None else None)
         self._sync()
         timings["denoise"] = time.perf_counter() - t0
         final = x.detach().to("cpu", torch.float32, copy=True)
@@ -396,6 +401,93 @@ class Engine:
         return self.generate("warm-up", height=height, width=width, num_frames=num_frames, num_inference_steps=2,
                              guidance_scale=guidance_scale, seed=0, teacache_threshold=teacache_threshold,
                              progress=False, **images).timings
+
+    # ------------------------------------------------------------------ LoRA
+    def load_lora(self, path, strength: float = 1.0, name: str | None = None, mode: str = "fuse") -> str:
+        """Apply a LoRA file (any format of :mod:`wanrt.lora.formats`) to the DiT; returns its name (default: the
+        file's stem).
+
+        ``mode="fuse"`` writes ``strength · scale · B A`` into the weights (8-bit layers are requantized; the base
+        of every touched tensor is kept on the host so that unloading restores it bit for bit);
+        ``mode="runtime"`` adds a low-rank branch beside the Linears, whose strength can change per call
+        (``generate(..., loras={name: s})``). CUDA graphs are recaptured when runtime branches come or go; fused
+        changes are in place. The prompt and image caches stay valid. See :mod:`wanrt.lora.apply`.
+
+        Raises:
+            FileNotFoundError; LoraError (a ValueError): a refused format, no matching key, a shape mismatch, a name
+            already loaded, fusing into GGUF, sharded or block-offloaded weights (use ``mode="runtime"``).
+        """
+        from .lora import manager_of, read_lora
+
+        with self._lock:
+            adapter = read_lora(path, self.transformer, name)
+            out = manager_of(self.transformer, self.device).add(adapter, strength, mode)
+            self._lora_changed()
+            return out
+
+    def set_lora_strengths(self, strengths: dict[str, float]) -> None:
+        """Set the strengths of loaded LoRAs (``{name: strength}``); fused ones are recomputed from their base.
+        Raises KeyError for a name not loaded."""
+        with self._lock:
+            self._lora_manager().set_strengths(strengths)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Unload LoRA ``name`` (every LoRA with None); fused weights return to their base bit for bit.
+        Raises KeyError for a name not loaded."""
+        with self._lock:
+            self._lora_manager().remove(name)
+            self._lora_changed()
+
+    @property
+    def loras(self) -> dict[str, dict]:
+        """The loaded LoRAs: ``{name: {"strength", "mode", "format", "source", "targets", "rank"}}``."""
+        mgr = getattr(self.transformer, "lora", None)
+        return {} if mgr is None else mgr.info()
+
+    def _lora_manager(self):
+        from .lora import manager_of
+
+        return manager_of(self.transformer, self.device)
+
+    def _lora_changed(self) -> None:
+        """Runtime branches changed the blocks' graph of ops: captured CUDA graphs are dropped (recaptured on use)."""
+        mgr = getattr(self.transformer, "lora", None)
+        if self._graphs is not None and mgr is not None and mgr.generation != getattr(self, "_lora_generation", 0):
+            from .sampling.loop import make_step_graphs
+
+            self._graphs = make_step_graphs(self.dit)
+        self._lora_generation = mgr.generation if mgr is not None else 0
+
+    def _check_loras(self, req) -> None:
+        """Per-call strengths name runtime LoRAs of this Engine (ValueError otherwise, before any work)."""
+        mgr = getattr(self.transformer, "lora", None)
+        runtime = set(mgr.runtime_names()) if mgr is not None else set()
+        for name, _ in req.loras or ():
+            if name not in runtime:
+                what = "is fused (change it with set_lora_strengths)" if mgr is not None and name in mgr.loaded \
+                    else "is not loaded"
+                raise ValueError(f"loras: {name!r} {what}; per-call strengths apply to runtime LoRAs "
+                                 f"(loaded with mode='runtime': {sorted(runtime) or 'none'})")
+
+    def _request_loras(self, req):
+        """A context applying the request's runtime-LoRA strengths for this call, then restoring the Engine's."""
+        import contextlib
+
+        if not req.loras:
+            return contextlib.nullcontext()
+        self._check_loras(req)
+        mgr = self.transformer.lora
+
+        @contextlib.contextmanager
+        def applied():
+            before = {n: mgr.loaded[n].strength for n, _ in req.loras}
+            mgr.set_strengths(dict(req.loras))
+            try:
+                yield
+            finally:
+                mgr.set_strengths(before)
+
+        return applied()
 
     def _graph_stats(self) -> dict | None:
         if self._graphs is None:

@@ -99,6 +99,9 @@ class Request:
         prompt_embeds, negative_prompt_embeds: ``[1, L, text_dim]`` instead of the texts, or None.
         latents: the initial noise ``[1, 16, F', H/8, W/8]``, or None (drawn from ``seed`` on the CPU).
         teacache: step skipping (:class:`~wanrt.cache.teacache.TeaCacheConfig`), or None.
+        timesteps, sigmas: a custom schedule (:func:`wanrt.sampling.schedulers.custom_schedule`; the few-step
+            distilled models' recipes), or None for the solver's own; ``num_inference_steps`` is its length.
+        loras: ``((name, strength), ...)``: strengths of the Engine's runtime LoRAs for this call only, or None.
     """
 
     preset: str
@@ -120,6 +123,17 @@ class Request:
     negative_prompt_embeds: torch.Tensor | None = None
     latents: torch.Tensor | None = None
     teacache: TeaCacheConfig | None = None
+    timesteps: tuple[float, ...] | None = None
+    sigmas: tuple[float, ...] | None = None
+    loras: tuple[tuple[str, float], ...] | None = None
+
+    def schedule(self):
+        """The custom schedule ``(sigmas [n + 1], timesteps [n])`` of ``timesteps`` / ``sigmas``, or None."""
+        if self.timesteps is None and self.sigmas is None:
+            return None
+        from .sampling.schedulers import custom_schedule
+
+        return custom_schedule(timesteps=self.timesteps, sigmas=self.sigmas, shift=self.shift)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
@@ -258,6 +272,23 @@ def _images(preset: Preset, image, last_image, max_area, height, width):
     return first, last, height, width, max_area
 
 
+MIN_TEACACHE_STEPS = 8
+
+
+def _loras(loras) -> tuple[tuple[str, float], ...] | None:
+    """``{name: strength}`` as a tuple of pairs, checked (names are checked against the Engine's LoRAs later)."""
+    if loras is None:
+        return None
+    if not isinstance(loras, dict):
+        raise ValueError(f"loras must be a dict {{name: strength}}, got {type(loras).__name__}")
+    out = []
+    for name, strength in loras.items():
+        if not isinstance(name, str):
+            raise ValueError(f"loras: names must be str, got {name!r}")
+        out.append((name, _finite(f"loras[{name!r}]", strength)))
+    return tuple(out)
+
+
 def _teacache(preset: Preset, threshold, mode, coefficients, defaults) -> TeaCacheConfig | None:
     from .cache.teacache import TEACACHE_MODES, default_coefficients
 
@@ -304,6 +335,9 @@ def resolve_request(
     teacache_mode: str | None = None,
     teacache_coefficients: tuple[float, ...] | None = None,
     teacache_defaults: tuple | None = None,
+    timesteps=None,
+    sigmas=None,
+    loras: dict[str, float] | None = None,
 ) -> Request:
     """Fill the preset's defaults into what was not given and judge everything (pure: no model is touched).
 
@@ -315,13 +349,25 @@ def resolve_request(
         ValueError: height/width not positive multiples of 16 or beyond the RoPE table, num_frames not 4k+1 or
             too long, steps outside 1..1000, a non-finite guidance scale / shift / TeaCache threshold, shift <= 0,
             an unknown solver, a seed outside [0, 2**63), bad or mismatched images, FLF2V with fewer than 5
-            frames, a missing or doubled prompt, bad embeddings or latents, TeaCache without coefficients.
+            frames, a missing or doubled prompt, bad embeddings or latents, TeaCache without coefficients or with
+            fewer than 8 steps (it has nothing to skip there), a bad custom schedule (both ``timesteps`` and
+            ``sigmas``, a length other than ``num_inference_steps``, values out of range or not decreasing), LoRA
+            strengths that are not ``{name: finite number}``.
     """
     p = preset
     first, last, height, width, max_area = _images(p, image, last_image, max_area, height, width)
     height = p.height if height is None else height
     width = p.width if width is None else width
     num_frames = p.num_frames if num_frames is None else num_frames
+    custom = None
+    if timesteps is not None or sigmas is not None:
+        from .sampling.schedulers import custom_schedule
+
+        custom = custom_schedule(timesteps=timesteps, sigmas=sigmas)  # checks the values (shift applied later)
+        n = len(custom[1])
+        if num_inference_steps is not None and num_inference_steps != n:
+            raise ValueError(f"num_inference_steps={num_inference_steps} but the custom schedule has {n} steps")
+        num_inference_steps = n
     steps = p.num_inference_steps if num_inference_steps is None else num_inference_steps
     _check_size(height, width, num_frames, steps)
     if last is not None and num_frames < 5:
@@ -354,9 +400,14 @@ def resolve_request(
     negative = None
     if guidance_scale != 1.0 and negative_prompt_embeds is None:
         negative = p.negative_prompt if negative_prompt is None or negative_prompt == "" else negative_prompt
+    teacache = _teacache(p, teacache_threshold, teacache_mode, teacache_coefficients, teacache_defaults)
+    if teacache is not None and steps < MIN_TEACACHE_STEPS:
+        raise ValueError(f"TeaCache needs at least {MIN_TEACACHE_STEPS} steps (below that every step matters and it "
+                         f"skips nothing useful); this request has {steps}: leave teacache_threshold unset")
     req = Request(p.name, p.task, prompt, negative, height, width, num_frames, steps, float(guidance_scale),
                   float(shift), solver, seed, first, last, max_area, prompt_embeds, negative_prompt_embeds, None,
-                  _teacache(p, teacache_threshold, teacache_mode, teacache_coefficients, teacache_defaults))
+                  teacache, None if timesteps is None else tuple(float(t) for t in timesteps),
+                  None if sigmas is None else tuple(float(x) for x in sigmas), _loras(loras))
     if latents is not None:
         lat_shape = req.latent_shape
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != lat_shape:

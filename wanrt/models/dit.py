@@ -50,8 +50,9 @@ _EAGER = OpsPlan()  # the reference path
 
 
 def input_quant_dtype(*linears: nn.Module) -> torch.dtype | None:
-    """The 8-bit dtype all ``linears`` quantize their input to (wanrt.quant W8A8 layers), else None."""
-    if not all(hasattr(m, "qdtype") for m in linears):
+    """The 8-bit dtype all ``linears`` quantize their input to (wanrt.quant W8A8 layers), else None (also when one
+    has a runtime LoRA branch, which reads the float input: :mod:`wanrt.lora`)."""
+    if not all(hasattr(m, "qdtype") for m in linears) or any(hasattr(m, "lora_branch") for m in linears):
         return None
     from wanrt.quant.layers import input_quant_dtype as quant_dtype
 

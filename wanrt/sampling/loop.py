@@ -105,14 +105,14 @@ class GuidedStep:
         return m.run_head(inp, inp.x.float() + residual)[0]
 
     # ------------------------------------------------------------------ one step
-    def __call__(self, x: torch.Tensor, t: int, step: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: float, step: int) -> torch.Tensor:
         """Guided velocity ``[1, 16, F, H, W]`` float32 at timestep ``t`` (step index ``step``).
 
         The result is a buffer owned by this object, overwritten by the next call.
         """
         m, n = self.model, len(self.branches)
         if self._t is None or self._t.device != x.device:
-            self._t = torch.empty(n, device=x.device, dtype=torch.int64)
+            self._t = torch.empty(n, device=x.device, dtype=torch.float64)  # exact for int and float t
         tt = self._t.fill_(t)  # [n], the step's timestep for each branch
         compute = {b: True for b in self.branches}
         mod_inputs: dict[str, torch.Tensor] = {}
@@ -200,7 +200,7 @@ def denoise(step: Callable[[torch.Tensor, int, int], torch.Tensor], solver, x: t
     bar = tqdm(total=len(timesteps), disable=not progress, desc="denoise", unit="step")
     try:
         for i, t in enumerate(timesteps):
-            v = step(x, int(t), i)
+            v = step(x, t, i)  # an int (the default schedules) or a float (a custom one)
             nonfinite = not torch.isfinite(v.sum())  # a NaN/Inf anywhere makes the sum non-finite
             halt = False
             if not nonfinite:

@@ -53,10 +53,12 @@ __all__ = [
     "SOLVER_NAMES",
     "DPMSolver",
     "EulerSolver",
+    "LCMSolver",
     "Solver",
     "SolverBuffers",
     "SolverState",
     "UniPCSolver",
+    "custom_schedule",
     "dpm_sigmas",
     "euler_sigmas",
     "make_solver",
@@ -67,7 +69,7 @@ __all__ = [
 NUM_TRAIN_TIMESTEPS = 1000
 """Training timesteps of Wan2.1; ``t = σ·1000`` truncated to an integer."""
 
-SOLVER_NAMES: tuple[str, ...] = ("unipc", "dpm++", "euler")
+SOLVER_NAMES: tuple[str, ...] = ("unipc", "dpm++", "euler", "lcm")
 """Names accepted by :func:`make_solver`."""
 
 
@@ -489,8 +491,8 @@ class EulerSolver(Solver):
 
     name = "euler"
 
-    def __init__(self, num_steps: int, shift: float):
-        super().__init__(num_steps, shift, *euler_sigmas(num_steps, shift))
+    def __init__(self, num_steps: int, shift: float, schedule=None):
+        super().__init__(num_steps, shift, *(schedule or euler_sigmas(num_steps, shift)))
         self._dt = [float(self.sigmas[k + 1] - self.sigmas[k]) for k in range(num_steps)]
 
     def _step(self, v: torch.Tensor, i: int, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -577,8 +579,8 @@ class UniPCSolver(Solver):
     _uses_x0 = True
     _uses_last_sample = True
 
-    def __init__(self, num_steps: int, shift: float):
-        super().__init__(num_steps, shift, *unipc_sigmas(num_steps, shift))
+    def __init__(self, num_steps: int, shift: float, schedule=None):
+        super().__init__(num_steps, shift, *(schedule or unipc_sigmas(num_steps, shift)))
         n = num_steps
         orders = [min(2, k + 1, n - k) for k in range(n)]
         self._pred = [_uni_coef(self.sigmas, k, k + 1, orders[k], corrector=False) for k in range(n)]
@@ -676,8 +678,8 @@ class DPMSolver(Solver):
     name = "dpm++"
     _uses_x0 = True
 
-    def __init__(self, num_steps: int, shift: float):
-        super().__init__(num_steps, shift, *dpm_sigmas(num_steps, shift))
+    def __init__(self, num_steps: int, shift: float, schedule=None):
+        super().__init__(num_steps, shift, *(schedule or dpm_sigmas(num_steps, shift)))
         n = num_steps
         self._coef = [_dpm_coef(self.sigmas, k, 1 if k in (0, n - 1) else 2) for k in range(n)]
 
@@ -698,29 +700,109 @@ class DPMSolver(Solver):
 
 # --------------------------------------------------------------------------- factory
 
-_SOLVERS: dict[str, type[Solver]] = {"unipc": UniPCSolver, "dpm++": DPMSolver, "euler": EulerSolver}
+class LCMSolver(Solver):
+    """The sampler of consistency-style distillations (CausVid, Self-Forcing, rCM; "lcm" in the ComfyUI wrappers):
+    predict ``x0 = x_i − σ'_i·v_i``, then re-noise it to the next sigma with fresh noise,
+    ``x_{i+1} = (1 − σ'_{i+1})·x0 + σ'_{i+1}·ε_i``; the last step returns ``x0``.
+
+    ``ε_i`` is drawn on the CPU from a generator seeded with ``seed + 1`` (the initial noise uses ``seed``), then
+    moved to the sample's device, so a seed gives the same video on every device. Schedule: as Euler's (or a
+    custom one).
+
+    Source: the multistep consistency sampling of Song et al. 2023 (arXiv:2303.01469, Algorithm 1), written for
+    the flow path ``x_σ = (1 − σ)·x0 + σ·ε``.
+    """
+
+    name = "lcm"
+
+    def __init__(self, num_steps: int, shift: float, schedule=None, seed: int = 0):
+        super().__init__(num_steps, shift, *(schedule or euler_sigmas(num_steps, shift)))
+        self.seed = int(seed)
+        self._gen: torch.Generator | None = None
+        self._noise: torch.Tensor | None = None  # CPU buffer of the fresh noise
+
+    def reset(self) -> None:
+        super().reset()
+        self._gen = torch.Generator("cpu").manual_seed((self.seed + 1) % 2**63)
+
+    def _step(self, v: torch.Tensor, i: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        torch.mul(v, self._sigma[i], out=out)  # x0 = x − σ_i·v
+        torch.sub(x, out, out=out)
+        nxt = self._sigma[i + 1]
+        if nxt == 0:
+            return
+        if self._noise is None or self._noise.shape != out.shape or self._noise.dtype != out.dtype:
+            self._noise = torch.empty(out.shape, dtype=out.dtype)
+        torch.randn(out.shape, generator=self._gen, dtype=out.dtype, out=self._noise)
+        out.mul_(1 - nxt).add_(self._noise.to(out.device, non_blocking=True), alpha=nxt)
 
 
-def make_solver(name: str, num_steps: int, shift: float) -> Solver:
+def custom_schedule(*, timesteps=None, sigmas=None, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A schedule given by its steps, as the few-step distilled models expect.
+
+    * ``timesteps``: ``n`` values on the 0..1000 scale, decreasing, ``t_0 <= 1000``: ``σ_i = t_i / 1000``, shifted
+      (:func:`shift_sigmas`) like the default schedules; LightX2V's 4-step recipe is ``[1000, 750, 500, 250]`` at
+      shift 5 (the model then sees ``t = 1000, 937.5, 833.3, 625``).
+    * ``sigmas``: ``n`` values in (0, 1], decreasing, used as they are (no shift).
+
+    Returns:
+        ``(sigmas, timesteps)``: float32 ``[n + 1]`` ending in 0, and float64 ``[n]`` ``= σ'·1000`` (not
+        truncated: the distilled models were trained at these exact times).
+
+    Raises:
+        ValueError: both or neither given, an empty list, values out of range, not strictly decreasing, not finite.
+    """
+    if (timesteps is None) == (sigmas is None):
+        raise ValueError("give either timesteps or sigmas")
+    values, name, top = (timesteps, "timesteps", float(NUM_TRAIN_TIMESTEPS)) if timesteps is not None else \
+        (sigmas, "sigmas", 1.0)
+    try:
+        vals = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of numbers, got {values!r}") from None
+    if not vals or len(vals) > 1000:
+        raise ValueError(f"{name} must hold 1 to 1000 values, got {len(vals)}")
+    if any(not math.isfinite(v) or not 0 < v <= top for v in vals):
+        raise ValueError(f"{name} must lie in (0, {top:g}], got {vals}")
+    if any(a <= b for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name} must be strictly decreasing, got {vals}")
+    base = torch.tensor(vals, dtype=torch.float64)
+    shifted = shift_sigmas(base / NUM_TRAIN_TIMESTEPS, shift) if timesteps is not None else base
+    return torch.cat([shifted, shifted.new_zeros(1)]).to(torch.float32), shifted * NUM_TRAIN_TIMESTEPS
+
+
+_SOLVERS: dict[str, type[Solver]] = {"unipc": UniPCSolver, "dpm++": DPMSolver, "euler": EulerSolver,
+                                     "lcm": LCMSolver}
+
+
+def make_solver(name: str, num_steps: int, shift: float, *, schedule=None, seed: int = 0) -> Solver:
     """Builds a flow-matching solver by name.
 
     Args:
-        name: one of :data:`SOLVER_NAMES`: ``"unipc"`` (Wan2.1 default), ``"dpm++"``,
-            ``"euler"``.
+        name: one of :data:`SOLVER_NAMES`: ``"unipc"`` (Wan2.1 default), ``"dpm++"``, ``"euler"``, ``"lcm"``
+            (few-step distillations: predict x0, re-noise).
         num_steps: number of denoising steps (model evaluations), >= 1.
         shift: sampling shift, finite and > 0.
+        schedule: ``(sigmas float32 [n + 1], timesteps [n])`` from :func:`custom_schedule` instead of the
+            solver's own; ``n`` must be ``num_steps``.
+        seed: the request's seed (``lcm`` draws its fresh noise from ``seed + 1``).
 
     Returns:
-        A fresh :class:`Solver` with ``timesteps`` (int64 [n]), ``sigmas`` (float32 [n + 1])
-        and ``step(velocity, i, sample)``.
+        A fresh :class:`Solver` with ``timesteps`` (int64 [n], float64 for a custom schedule), ``sigmas``
+        (float32 [n + 1]) and ``step(velocity, i, sample)``.
 
     Raises:
         ValueError: unknown ``name`` (the message lists the valid names), ``num_steps < 1``,
-            or ``shift`` not finite and > 0.
+            ``shift`` not finite and > 0, or a schedule of another length.
         TypeError: ``num_steps`` not an int or ``shift`` not a real number.
     """
     try:
         cls = _SOLVERS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown solver {name!r}; valid names: {', '.join(SOLVER_NAMES)}") from None
-    return cls(_check_num_steps(num_steps), _check_shift(shift))
+    num_steps, shift = _check_num_steps(num_steps), _check_shift(shift)
+    if schedule is not None and len(schedule[1]) != num_steps:
+        raise ValueError(f"the schedule has {len(schedule[1])} steps, num_steps is {num_steps}")
+    if cls is LCMSolver:
+        return cls(num_steps, shift, schedule, seed)
+    return cls(num_steps, shift, schedule)
