@@ -79,8 +79,8 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="engine-shift-not-passed",
         file="engine.py",
-        edits=(("make_solver(req.sample_solver, req.num_inference_steps, req.shift)",
-                "make_solver(req.sample_solver, req.num_inference_steps, 1.0)"),),
+        edits=(("solver = make_solver(req.sample_solver, req.num_inference_steps, req.shift, schedule=req.schedule(),",
+                "solver = make_solver(req.sample_solver, req.num_inference_steps, 1.0, schedule=req.schedule(),"),),
         tests=("tests/test_core_guards.py::test_generate_samples_on_the_shifted_schedule",),
         what="generate() builds its solver without the preset's / caller's shift",
     ),
@@ -265,8 +265,8 @@ DEFECTS: tuple[Defect, ...] = (
         name="cancel-checked-after-decode",
         file="engine.py",
         edits=(
-            ("                    callback=callback, cancel=cancel, progress=progress and",
-             "                    callback=None, cancel=None, progress=progress and"),
+            ("                x = denoise(step, solver, x, seed=req.seed, callback=callback, cancel=cancel,",
+             "                x = denoise(step, solver, x, seed=req.seed, callback=None, cancel=None,"),
             ('        timings["total"] = time.perf_counter() - t_start\n',
              ('        timings["total"] = time.perf_counter() - t_start\n'
               '        if cancel is not None and cancel.is_set():\n'
@@ -369,7 +369,8 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="step-graphs-over-the-unsharded-dit",
         file="engine.py",
-        edits=(("self._graphs = make_step_graphs(self.dit)", "self._graphs = make_step_graphs(self.transformer)"),),
+        edits=(("            self._graphs = make_step_graphs(self.dit)  # under sequence parallel the graph holds the",
+                "            self._graphs = make_step_graphs(self.transformer)  # under sequence parallel the graph holds the"),),
         tests=("tests/test_parallel_engine.py::test_cancel_and_nan_stop_every_rank_at_the_same_step",),
         what="under sequence parallel the CUDA graphs capture the whole single-rank forward on every rank",
     ),
@@ -486,5 +487,65 @@ DEFECTS: tuple[Defect, ...] = (
         edits=(("        xs = [inp.x[g] for g in groups]\n", "        xs = [inp.x[groups[0]] for g in groups]\n"),),
         tests=("tests/test_offload.py::test_microbatched_blocks_match_the_batch",),
         what="micro-batching runs the first CFG sample's tokens for every sample",
+    ),
+    # ---------------------------------------------------------------------------- LoRA and few-step sampling
+    Defect(
+        name="lora-alpha-ignored",
+        file="lora/formats.py",
+        edits=(('            d.scale = float(parts["alpha"][1].float().reshape(-1)[0]) / a.shape[0]',
+                "            d.scale = 1.0"),),
+        tests=("tests/test_lora.py::test_formats_match_diffusers[official-down-up-alpha-1.0]",),
+        what="a LoRA's alpha is ignored: the update is B A instead of (alpha / rank) B A",
+    ),
+    Defect(
+        name="lora-kohya-names-unresolved",
+        file="lora/formats.py",
+        edits=(('        self.alias["lora_unet_" + official.replace(".", "_")] = official\n', ""),),
+        tests=("tests/test_lora.py::test_formats_match_diffusers[kohya-1.0]",),
+        what="kohya / musubi keys (lora_unet_blocks_0_self_attn_q) are not matched to the model's layers",
+    ),
+    Defect(
+        name="lora-unload-keeps-the-fused-weights",
+        file="lora/apply.py",
+        edits=(("                    self._tensor(target, key).copy_(value)\n", "                    pass\n"),),
+        tests=("tests/test_lora.py::test_fused_and_runtime_agree_and_unloading_restores_bit_for_bit[fp32]",),
+        what="unloading a fused LoRA forgets its base copy without writing it back",
+    ),
+    Defect(
+        name="lora-runtime-strength-not-updated",
+        file="lora/apply.py",
+        edits=(("            old.s.copy_(s)  # strengths only", "            pass  # strengths only"),),
+        tests=("tests/test_lora.py::test_fused_and_runtime_agree_and_unloading_restores_bit_for_bit[fp32]",),
+        what="a runtime LoRA keeps its first strength when the strength changes",
+    ),
+    Defect(
+        name="lora-8bit-stale-scales",
+        file="lora/apply.py",
+        edits=(("            m.weight_scale.copy_(scale)\n", ""),),
+        tests=("tests/test_lora.py::test_lora_on_8_bit_weights[int8]",),
+        what="a LoRA fused into an 8-bit layer requantizes the weight but keeps the old per-channel scales",
+    ),
+    Defect(
+        name="lora-runtime-reads-quantized-input",
+        file="models/dit.py",
+        edits=((' or any(hasattr(m, "lora_branch") for m in linears)', ""),),
+        tests=("tests/test_lora.py::test_lora_on_8_bit_weights[int8]",),
+        what="the fused norm keeps quantizing the input of 8-bit Linears that have a runtime LoRA branch",
+    ),
+    Defect(
+        name="custom-timesteps-not-shifted",
+        file="sampling/schedulers.py",
+        edits=(("    shifted = shift_sigmas(base / NUM_TRAIN_TIMESTEPS, shift) if timesteps is not None else base",
+                "    shifted = base / NUM_TRAIN_TIMESTEPS if timesteps is not None else base"),),
+        tests=("tests/test_lora.py::test_the_4_step_recipe_against_a_hand_written_loop[euler]",),
+        what="a custom timestep schedule is used without the flow shift the distilled models expect",
+    ),
+    Defect(
+        name="lcm-renoise-to-the-current-sigma",
+        file="sampling/schedulers.py",
+        edits=(("        noise.mul_(nxt)  #", "        noise.mul_(self._sigma[i])  #"),
+               ("        out.mul_(1 - nxt).add_(noise)", "        out.mul_(1 - self._sigma[i]).add_(noise)")),
+        tests=("tests/test_lora.py::test_the_4_step_recipe_against_a_hand_written_loop[lcm]",),
+        what="lcm re-noises the x0 prediction to the step's own sigma instead of the next one",
     ),
 )

@@ -20,6 +20,7 @@ from wanrt.sampling.schedulers import (
     SOLVER_NAMES,
     DPMSolver,
     EulerSolver,
+    LCMSolver,
     UniPCSolver,
     dpm_sigmas,
     euler_sigmas,
@@ -28,6 +29,7 @@ from wanrt.sampling.schedulers import (
     unipc_sigmas,
 )
 
+ODE_SOLVERS = tuple(n for n in SOLVER_NAMES if n != "lcm")  # lcm re-noises: it follows no ODE
 STEP_SHIFT_CASES = [(1, 5.0), (2, 3.0), (3, 1.0), (10, 8.0), (20, 3.0), (30, 12.0), (40, 16.0), (50, 5.0), (100, 5.0)]
 
 
@@ -198,7 +200,20 @@ def test_dpm_matches_diffusers_dpmsolver(n, shift):
 # --------------------------------------------------------------------------- (3) convergence
 
 
-@pytest.mark.parametrize("name", SOLVER_NAMES)
+@pytest.mark.parametrize("n,shift", [(1, 5.0), (2, 3.0), (7, 1.0), (20, 5.0)])
+def test_lcm_with_an_exact_x0_model_lands_on_x0(n, shift):
+    """A model that knows x0 (``v = (x − x0)/σ``): lcm predicts x0 exactly at every step, re-noises it, and returns
+    it at the last step, whatever noise it drew."""
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(2, 16, 3, 4, 5, generator=g, dtype=torch.float64)
+    solver = make_solver("lcm", n, shift, seed=9)
+    x = torch.randn(2, 16, 3, 4, 5, generator=g, dtype=torch.float64)
+    for i in range(n):
+        x = solver.step((x - x0) / float(solver.sigmas[i]), i, x)
+    torch.testing.assert_close(x, x0, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ODE_SOLVERS)
 @pytest.mark.parametrize("n,shift", [(1, 5.0), (2, 3.0), (7, 1.0), (20, 5.0), (50, 8.0)])
 def test_straight_line_flow_lands_on_x0(name, n, shift):
     """x_σ = (1−σ)x0 + σε with the model returning the exact v = ε − x0: every solver hits x0."""
@@ -252,7 +267,7 @@ def _slope(ns, errs) -> float:
 def test_gaussian_flow_errors_shrink_and_orders():
     flow = GaussianFlow()
     ns = [10, 20, 40, 80, 160]
-    errs = {(name, shift): [flow.error(name, n, shift) for n in ns] for name in SOLVER_NAMES for shift in (1.0, 5.0)}
+    errs = {(name, shift): [flow.error(name, n, shift) for n in ns] for name in ODE_SOLVERS for shift in (1.0, 5.0)}
     for key, e in errs.items():
         assert all(e[k + 1] < e[k] for k in range(len(e) - 1)), (key, e)
     for shift in (1.0, 5.0):
@@ -421,6 +436,12 @@ def reference_step(solver, hist: dict, v: torch.Tensor, i: int, x: torch.Tensor)
     v, x = v.to(work), x.to(work)
     if isinstance(solver, EulerSolver):
         out = x + solver._dt[i] * v
+    elif isinstance(solver, LCMSolver):
+        if i == 0:
+            hist["gen"] = torch.Generator().manual_seed(solver.seed + 1)
+        x0 = x - float(solver.sigmas[i]) * v
+        nxt = float(solver.sigmas[i + 1])
+        out = x0 if nxt == 0 else (1 - nxt) * x0 + nxt * torch.randn(x.shape, generator=hist["gen"], dtype=work)
     else:
         x0 = x - float(solver.sigmas[i]) * v
         if isinstance(solver, DPMSolver):
@@ -545,7 +566,7 @@ def test_no_new_buffers_after_the_first_two_steps(name):
     assert set(returned) == outputs and len(outputs) == 2
     assert returned[: n - 2] == [fixed[i % 2] for i in range(2, n)]
     assert state_ptrs <= set(fixed) - outputs  # history lives in the ring / last-sample buffers
-    expected = {"euler": 2, "dpm++": 5, "unipc": 6}[name]  # outputs (+ x0 ring, scratch, last sample)
+    expected = {"euler": 2, "dpm++": 5, "unipc": 6, "lcm": 5}[name]  # outputs (+ x0 ring, scratch, last sample)
     assert len(fixed) == expected
 
 
@@ -585,7 +606,8 @@ def test_profiler_sees_no_tensor_allocation_in_steps_after_the_second(name):
     fresh = make_solver(name, n, 5.0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fresh.step(vs[0], 0, x0)
-    assert sum(size >= 4 * x0.numel() for size in _allocations(prof)) == len(fresh.state.buffers.tensors())
+    host = 1 if name == "lcm" else 0  # lcm's CPU noise buffer (the draw is on the CPU whatever the device)
+    assert sum(size >= 4 * x0.numel() for size in _allocations(prof)) == len(fresh.state.buffers.tensors()) + host
 
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)

@@ -26,6 +26,16 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="TeaCache step skipping (e.g. 0.08 for t2v-1.3b, 0.2 with --teacache-mode e0 for 14B; "
                         "default: off)")
     g.add_argument("--teacache-mode", default=None, choices=TEACACHE_MODES, help="TeaCache input (default: e)")
+    lo = g.add_argument_group("LoRA and few-step sampling")
+    lo.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                    help="apply a LoRA (any common format; repeatable; strength default 1)")
+    lo.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"],
+                    help="fuse into the weights (default) or run as a low-rank branch beside them")
+    lo.add_argument("--timesteps", type=float, nargs="+", default=None, metavar="T",
+                    help="a custom schedule on the 0..1000 scale, shifted by --shift (e.g. the 4-step distill "
+                         "LoRAs: 1000 750 500 250 --shift 5 --solver euler --guidance-scale 1)")
+    lo.add_argument("--sigmas", type=float, nargs="+", default=None, metavar="S",
+                    help="a custom schedule of sigmas in (0, 1], used as given")
     g.add_argument("--teacache-coefficients", default=None,
                    help="JSON file written by `wanrt calibrate-teacache` (default: the preset's coefficients)")
     g.add_argument("--cfg-batch", default="auto", choices=["auto", "on", "off"],
@@ -174,7 +184,8 @@ def _request(args, **teacache):
         preset, args.prompt, args.negative_prompt, image=args.image, last_image=args.last_image,
         max_area=args.max_area, height=args.height, width=args.width, num_frames=args.num_frames,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
-        sample_solver=args.solver, seed=args.seed, **teacache)
+        sample_solver=args.solver, seed=args.seed, timesteps=getattr(args, "timesteps", None),
+        sigmas=getattr(args, "sigmas", None), **teacache)
     sp = (getattr(args, "ulysses", None) or 1) * (getattr(args, "ring", None) or 1)  # ranks sharing the tokens
     check_fits(req, preset, _device(args.device), sequence_parallel=sp)
     return req
@@ -265,6 +276,11 @@ def _generate(args, argv: list[str]) -> int:
                      offload_image_encoder=args.offload_image_encoder, parallel=parallel,
                      **_offload_options(args))
     root = engine.mesh is None or engine.mesh.is_root  # in a parallel run rank 0 alone prints and writes
+    for name in _load_loras(engine, args.lora, args.lora_mode):
+        if root:
+            info = engine.loras[name]
+            print(f"LoRA {name}: {info['strength']:g} ({info['mode']}, {info['format']}, {info['targets']} layers"
+                  + (f", rank {info['rank']})" if info["rank"] else ")"))
     cancel = threading.Event()
 
     def interrupt(signum, frame):  # first Ctrl-C: stop at the next step; a second one interrupts at once
@@ -320,6 +336,29 @@ def _save(video, output):
             np.save(keep, video.frames)
         raise GenerationError(f"could not write {output} ({type(e).__name__}: {e}); the frames are kept in "
                               f"{keep.name}", video.latents, video.seed, video=video) from e
+
+
+def _load_loras(engine, specs: list[str], mode: str) -> list[str]:
+    """``--lora FILE[:STRENGTH]`` for each spec (names: the file's stem, made unique); returns the names."""
+    from pathlib import Path
+
+    names = []
+    for spec in specs:
+        path, strength = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                strength = float(tail)
+                path = head
+            except ValueError:
+                pass  # a ':' of the path itself
+        stem = name = Path(path).stem
+        k = 1
+        while name in engine.loras:
+            k += 1
+            name = f"{stem}_{k}"
+        names.append(engine.load_lora(path, strength, name=name, mode=mode))
+    return names
 
 
 def _engine(args, **options):

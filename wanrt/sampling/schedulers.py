@@ -714,12 +714,13 @@ class LCMSolver(Solver):
     """
 
     name = "lcm"
+    _uses_x0 = True  # its scratch buffer holds the fresh noise on the device
 
     def __init__(self, num_steps: int, shift: float, schedule=None, seed: int = 0):
         super().__init__(num_steps, shift, *(schedule or euler_sigmas(num_steps, shift)))
         self.seed = int(seed)
         self._gen: torch.Generator | None = None
-        self._noise: torch.Tensor | None = None  # CPU buffer of the fresh noise
+        self._host_noise: torch.Tensor | None = None  # the CPU draw
 
     def reset(self) -> None:
         super().reset()
@@ -731,10 +732,15 @@ class LCMSolver(Solver):
         nxt = self._sigma[i + 1]
         if nxt == 0:
             return
-        if self._noise is None or self._noise.shape != out.shape or self._noise.dtype != out.dtype:
-            self._noise = torch.empty(out.shape, dtype=out.dtype)
-        torch.randn(out.shape, generator=self._gen, dtype=out.dtype, out=self._noise)
-        out.mul_(1 - nxt).add_(self._noise.to(out.device, non_blocking=True), alpha=nxt)
+        noise = self.state.buffers.scratch
+        host = self._host_noise  # drawn contiguous on the CPU (the same numbers on every device and layout)
+        if host is None or host.shape != noise.shape or host.dtype != noise.dtype:
+            with torch.inference_mode(False):
+                host = self._host_noise = torch.empty(noise.shape, dtype=noise.dtype)
+        torch.randn(noise.shape, generator=self._gen, dtype=noise.dtype, out=host)
+        noise.copy_(host)
+        noise.mul_(nxt)  # (1 − σ')·x0 + σ'·ε, each product rounded, then the sum
+        out.mul_(1 - nxt).add_(noise)
 
 
 def custom_schedule(*, timesteps=None, sigmas=None, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
