@@ -464,3 +464,32 @@ def test_custom_sigmas_and_schedule_errors():
     for kw, match in bad:
         with pytest.raises(ValueError, match=match):
             resolve_request(p, "a", **kw)
+
+
+def test_step_graphs_see_fused_changes_and_recapture_for_runtime_branches(tiny_official):
+    """With the recording CPU stand-in of CUDA graphs: a fused LoRA (written in place) needs no new capture and the
+    replay sees it; adding a runtime LoRA drops the graphs (one new capture), and per-call strengths replay."""
+    from test_cuda_graphs import FakeCapturer
+
+    from wanrt.sampling.loop import make_step_graphs
+
+    kw = dict(KW, backend="sdpa")
+    e = wanrt.Engine("tiny", tiny_official, **kw)
+    ref = wanrt.Engine("tiny", tiny_official, **kw)
+    cap = FakeCapturer(warmup=1)
+    e._graphs = make_step_graphs(e.transformer, capturer=cap)
+    one = lora_file("official-down-up-alpha", _pairs(e.transformer, seed=11))
+    two = lora_file("kohya", _pairs(e.transformer, seed=12, layers=["cross_attn.v", "ffn.2"]))
+    e.generate("a cat", **OPTS)
+    assert cap.captures == 1
+    for eng in (e, ref):
+        eng.load_lora(one, 0.8, name="f")
+    got = e.generate("a cat", **OPTS)
+    assert cap.captures == 1 and _rel(got.latents, ref.generate("a cat", **OPTS).latents) < 1e-5
+    for eng in (e, ref):
+        eng.load_lora(two, 0.5, name="r", mode="runtime")
+    got = e.generate("a cat", **OPTS)
+    assert cap.captures == 2 and _rel(got.latents, ref.generate("a cat", **OPTS).latents) < 1e-5
+    got = e.generate("a cat", loras={"r": -1.0}, **OPTS)
+    assert cap.captures == 2
+    assert _rel(got.latents, ref.generate("a cat", loras={"r": -1.0}, **OPTS).latents) < 1e-5

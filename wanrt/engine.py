@@ -450,13 +450,14 @@ class Engine:
         return manager_of(self.transformer, self.device)
 
     def _lora_changed(self) -> None:
-        """Runtime branches changed the blocks' graph of ops: captured CUDA graphs are dropped (recaptured on use)."""
+        """Runtime branches changed the blocks' ops: the captured CUDA graphs are dropped (recaptured on next use).
+        Fused changes write the weights in place, so the graphs stay valid."""
         mgr = getattr(self.transformer, "lora", None)
-        if self._graphs is not None and mgr is not None and mgr.generation != getattr(self, "_lora_generation", 0):
-            from .sampling.loop import make_step_graphs
-
-            self._graphs = make_step_graphs(self.dit)
-        self._lora_generation = mgr.generation if mgr is not None else 0
+        generation = mgr.generation if mgr is not None else 0
+        if self._graphs is not None and generation != getattr(self, "_lora_generation", 0):
+            self._graphs.plain.clear()
+            self._graphs.with_residual.clear()
+        self._lora_generation = generation
 
     def _check_loras(self, req) -> None:
         """Per-call strengths name runtime LoRAs of this Engine (ValueError otherwise, before any work)."""
