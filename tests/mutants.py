@@ -551,7 +551,8 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="lora-graphs-not-recaptured",
         file="engine.py",
-        edits=(("            self._graphs.plain.clear()\n            self._graphs.with_residual.clear()\n", ""),),
+        edits=(("            self._graphs.plain.clear()\n            self._graphs.with_residual.clear()\n",
+                "            pass\n"),),
         tests=("tests/test_lora.py::test_step_graphs_see_fused_changes_and_recapture_for_runtime_branches",),
         what="a runtime LoRA added after the step graphs were captured is never run (the graphs replay without it)",
     ),
