@@ -164,8 +164,8 @@ class LoraManager:
         self._refresh(touched, structure=runtime)
 
     def info(self) -> dict[str, dict]:
-        """``{name: {"strength", "mode", "format", "source", "targets", "rank"}}`` of the loaded LoRAs, plus
-        ``host_bytes`` (the base copies kept for restoring fused tensors) under the key ``"_base"``."""
+        """``{name: {"strength", "mode", "format", "source", "targets", "rank"}}`` of the loaded LoRAs (the host
+        memory of the base copies is :attr:`base_bytes`)."""
         out = {n: {"strength": x.strength, "mode": x.mode, "format": x.adapter.format, "source": x.adapter.source,
                    "targets": len(x.adapter.deltas),
                    "rank": max((d.rank for d in x.adapter.deltas.values()), default=0)}
