@@ -69,6 +69,37 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-parallel", action="store_true", help="the two guidance branches on two halves of the ranks")
     p.add_argument("--shard-weights", action="store_true", help="shard the DiT's Linears over the ranks (FSDP2)")
 
+    v = sub.add_parser("serve", help="run an OpenAI-compatible video service (/v1/videos) with a web page",
+                       description="Serve the model over HTTP: OpenAI's videos API with Wan's fields, a durable job "
+                                   "queue (SQLite under --data-dir), live progress as Server-Sent Events, /health, "
+                                   "/metrics and a web page at /. Needs `pip install 'wanrt[serve]'`.")
+    v.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
+    v.add_argument("--checkpoint-dir", default=None, help="checkpoint folder; optional for --model tiny")
+    v.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    v.add_argument("--devices", default=None,
+                   help="one Engine per GPU, all taking jobs from the one queue, e.g. 0,1,2,3")
+    v.add_argument("--precision", default="bf16", choices=list(PRECISIONS), help="DiT weights precision")
+    v.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="DiT kernels (default: auto)")
+    v.add_argument("--offload", default=None, choices=["none", "model", "block"], help="as for generate")
+    v.add_argument("--vram-budget-gb", type=float, default=None, help="as for generate")
+    v.add_argument("--offload-to-disk", action="store_true", help="as for generate")
+    v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="as for generate")
+    v.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"], help="as for generate")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None,
+                   help="require Authorization: Bearer KEY on every endpoint but /health and / (default: "
+                        "$WANRT_API_KEY, else none)")
+    v.add_argument("--data-dir", default="wanrt-serve", help="job database, uploads and videos (default: ./wanrt-serve)")
+    v.add_argument("--max-queue", type=_positive, default=32, help="queued jobs at most (then 429)")
+    v.add_argument("--max-frames", type=_positive, default=None, help="refuse requests with more frames")
+    v.add_argument("--max-area", type=_area, default=None, help="refuse larger sizes (pixels or W*H)")
+    v.add_argument("--max-steps", type=_positive, default=None, help="refuse more denoising steps")
+    v.add_argument("--grace-s", type=float, default=30.0,
+                   help="on SIGTERM, seconds the running job may take to finish before it is cancelled and re-queued")
+    v.add_argument("--cors-origin", default=None, help="allow this origin (CORS off otherwise)")
+    v.add_argument("--no-warmup", action="store_true", help="take jobs at once, without warming the Engines up")
+
     c = sub.add_parser("calibrate-teacache", help="fit TeaCache coefficients for a checkpoint and resolution",
                        description="Run one uncached generation, record how much the time-embedding input and "
                                    "the velocity change per step, and fit the TeaCache rescaling polynomial.")
@@ -338,6 +369,35 @@ def _save(video, output):
                               f"{keep.name}", video.latents, video.seed, video=video) from e
 
 
+def _serve(args) -> int:
+    """``wanrt serve``: one Engine per device, the service until SIGINT/SIGTERM."""
+    from pathlib import Path
+
+    try:
+        from .serve import ServeConfig, serve
+    except ImportError as e:
+        raise ValueError(f"wanrt serve needs its extra: pip install 'wanrt[serve]' ({e})") from None
+    from .engine import Engine
+
+    devices = [f"cuda:{d.strip()}" for d in args.devices.split(",")] if args.devices else [args.device]
+    options = _offload_options(args)
+    engines = []
+    for dev in devices:
+        engine = Engine(args.model, args.checkpoint_dir, device=dev, precision=args.precision, backend=args.backend,
+                        **options) if args.checkpoint_dir else \
+            Engine(args.model, device=dev, precision=args.precision, backend=args.backend, **options)
+        _load_loras(engine, args.lora, args.lora_mode)
+        engines.append(engine)
+    config = ServeConfig(Path(args.data_dir), api_key=args.api_key or os.environ.get("WANRT_API_KEY") or None,
+                         max_queue=args.max_queue, max_frames=args.max_frames, max_area=args.max_area,
+                         max_steps=args.max_steps, grace_s=args.grace_s, cors_origin=args.cors_origin,
+                         warmup=not args.no_warmup)
+    print(f"wanrt serve: {args.model} on {', '.join(str(e.device) for e in engines)}, http://{args.host}:{args.port}/"
+          + (" (API key required)" if config.api_key else ""), flush=True)
+    serve(engines, config, args.model, host=args.host, port=args.port)
+    return 0
+
+
 def _load_loras(engine, specs: list[str], mode: str) -> list[str]:
     """``--lora FILE[:STRENGTH]`` for each spec (names: the file's stem, made unique); returns the names."""
     from pathlib import Path
@@ -473,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args, argv)
-        commands = {"calibrate-teacache": _calibrate, "export-vae": _export_vae, "make-tiny-checkpoint": _make_tiny}
+        commands = {"calibrate-teacache": _calibrate, "export-vae": _export_vae, "make-tiny-checkpoint": _make_tiny,
+                    "serve": _serve}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print(f"wanrt {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,400 @@
+"""``wanrt serve``: the API with FastAPI's TestClient on the tiny model (every endpoint, status transitions, errors,
+Range requests, events, metrics, the page), the job store's durability rules, and the real server as a subprocess on
+a loopback port driven by the official ``openai`` client, killed with SIGKILL and restarted, and stopped with SIGTERM.
+
+Every server binds 127.0.0.1; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")  # the serve extra is in the test extra: a missing one is an install error in CI
+from fastapi.testclient import TestClient  # noqa: E402
+
+import wanrt  # noqa: E402
+from wanrt.serve import ServeConfig, Service, create_app  # noqa: E402
+from wanrt.serve.jobs import RESTART_ERROR, JobStore  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the openai client
+SMALL = {"size": "80x48", "num_frames": 9, "num_inference_steps": 2, "seed": 1}
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return wanrt.Engine("tiny", device="cpu", precision="fp32", prompt_cache_size=8)
+
+
+def _client(engine, tmp_path, start=True, **cfg):
+    service = Service([engine], ServeConfig(tmp_path / "data", warmup=False, **cfg), "tiny")
+    client = TestClient(create_app(service))
+    return (client.__enter__() if start else client), service
+
+
+def _wait(client, job_id, statuses=TERMINAL, timeout=60.0, headers=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/videos/{job_id}", headers=headers).json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout} s: {job}")
+
+
+# ------------------------------------------------------------------------------------------------- the API
+
+def test_a_job_from_queued_to_completed_with_its_content_events_and_metrics(engine, tmp_path):
+    client, service = _client(engine, tmp_path)
+    try:
+        r = client.post("/v1/videos", json={"prompt": "a cat", **SMALL})
+        assert r.status_code == 200
+        job = r.json()
+        assert (job["object"], job["status"], job["progress"], job["model"], job["size"]) == \
+            ("video", "queued", 0, "tiny", "80x48")
+        assert job["id"].startswith("video_") and job["seconds"] == "0.5625" and job["seed"] == 1
+        with client.stream("GET", f"/v1/videos/{job['id']}/events") as s:
+            text = "".join(s.iter_text())
+        events = [(b.split("\n")[0][7:], json.loads(b.split("\n")[1][6:])) for b in text.strip().split("\n\n")]
+        steps = [d for e, d in events if e == "step"]
+        assert events[-1][0] == "status" and events[-1][1]["status"] == "completed"
+        assert steps and steps[-1]["step"] == steps[-1]["num_steps"] == 2 and "eta_s" in steps[-1]
+        done = client.get(f"/v1/videos/{job['id']}").json()
+        assert done["status"] == "completed" and done["progress"] == 100 and done["completed_at"] >= job["created_at"]
+        r = client.get(f"/v1/videos/{job['id']}/content")
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+        from wanrt.video import read_mp4
+
+        path = tmp_path / "got.mp4"
+        path.write_bytes(r.content)
+        frames, fps = read_mp4(path)
+        assert frames.shape == (9, 48, 80, 3) and fps == 16
+        part = client.get(f"/v1/videos/{job['id']}/content", headers={"Range": "bytes=10-109"})
+        assert part.status_code == 206 and part.content == r.content[10:110]
+        assert part.headers["content-range"] == f"bytes 10-109/{len(r.content)}"
+        metrics = client.get("/metrics").text
+        assert 'wanrt_jobs_total{status="completed"} 1.0' in metrics and "wanrt_queue_depth 0.0" in metrics
+        assert "wanrt_step_seconds_count 2.0" in metrics
+        assert client.get("/health").json()["status"] == "ready"
+        page = client.get("/")
+        assert page.status_code == 200 and 'id="prompt"' in page.text and "/v1/videos" in page.text
+        r = client.delete(f"/v1/videos/{job['id']}")
+        assert r.json() == {"id": job["id"], "object": "video.deleted", "deleted": True, "status": "completed"}
+        assert client.get(f"/v1/videos/{job['id']}/content").status_code == 404
+        assert not service.workers.video_path(job["id"]).exists()
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_list_is_newest_first_with_limit_and_after(engine, tmp_path):
+    client, _ = _client(engine, tmp_path, start=False)  # no worker: the jobs stay queued
+    ids = [client.post("/v1/videos", json={"prompt": f"p{k}", **SMALL}).json()["id"] for k in range(5)]
+    page = client.get("/v1/videos?limit=2").json()
+    assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"] is True
+    rest = client.get(f"/v1/videos?limit=10&after={page['last_id']}").json()
+    assert [j["id"] for j in rest["data"]] == ids[::-1][2:] and rest["has_more"] is False
+    assert client.get("/v1/videos/video_nope").status_code == 404
+
+
+BAD = [
+    ({"prompt": "a", "size": "81x48"}, "size", "multiple of 16"),
+    ({"prompt": "a", "size": "big"}, "size", "WIDTHxHEIGHT"),
+    ({"prompt": "a", "num_frames": 10}, "num_frames", "4k+1"),
+    ({"prompt": "a", "seconds": 1, "num_frames": 9}, "seconds", "not both"),
+    ({"prompt": "a", "seconds": -1}, "seconds", "positive"),
+    ({"size": "80x48"}, "prompt", "non-empty"),
+    ({"prompt": "a", "model": "sora-2"}, "model", "runs 'tiny'"),
+    ({"prompt": "a", "colour": "red"}, "colour", "unknown field"),
+    ({"prompt": "a", "num_inference_steps": 2.5}, "num_inference_steps", "integer"),
+    ({"prompt": "a", "guidance_scale": "x"}, "guidance_scale", "number"),
+    ({"prompt": "a", "sample_solver": "heun"}, "sample_solver", "sample_solver"),
+    ({"prompt": "a", "num_inference_steps": 4, "teacache_threshold": 0.2}, "teacache_threshold", "TeaCache"),
+    ({"prompt": "a", "loras": {"x": 1.0}}, "loras", "not loaded"),
+    ({"prompt": "a", "num_frames": 33}, "num_frames", "limit of 17"),
+    ({"prompt": "a", "size": "160x96"}, "size", "limit of 7680"),
+    ({"prompt": "a", "num_inference_steps": 9}, "num_inference_steps", "limit of 8"),
+]
+
+
+@pytest.mark.parametrize("body, param, match", BAD, ids=[b[1] + "-" + b[2].split()[0] for b in BAD])
+def test_invalid_requests_are_400_naming_the_field(engine, tmp_path, body, param, match):
+    client, service = _client(engine, tmp_path, start=False, max_frames=17, max_area=80 * 96, max_steps=8)
+    r = client.post("/v1/videos", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and match in err["message"], err
+    assert service.store.counts()["queued"] == 0  # nothing was queued
+
+
+def test_uploads_auth_queue_limit_and_draining(engine, tmp_path):
+    client, service = _client(engine, tmp_path, start=False, api_key="k3y", max_queue=2, max_upload_bytes=10_000,
+                              max_image_pixels=64 * 64)
+    auth = {"Authorization": "Bearer k3y"}
+    assert client.post("/v1/videos", json={"prompt": "a"}).status_code == 401
+    assert client.get("/v1/videos", headers={"Authorization": "Bearer k3z"}).status_code == 401
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/health").status_code in (200, 503) and client.get("/").status_code == 200
+    from PIL import Image
+
+    def png(w, h):
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    files = {"input_reference": ("x.png", png(96, 96), "image/png")}
+    r = client.post("/v1/videos", data={"prompt": "a"}, files=files, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference" and "4096" in r.text
+    r = client.post("/v1/videos", data={"prompt": "a"}, files={"input_reference": ("x.png", b"x" * 20_000)},
+                    headers=auth)
+    assert r.status_code == 400 and "limit of 10000" in r.text
+    r = client.post("/v1/videos", data={"prompt": "a"}, files={"input_reference": ("x.txt", b"hello")}, headers=auth)
+    assert r.status_code == 400 and "not an image" in r.text
+    r = client.post("/v1/videos", data={"prompt": "a"}, files={"input_reference": ("x.png", png(32, 32))},
+                    headers=auth)  # a t2v model: the Engine's own check
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
+    assert list((tmp_path / "data" / "inputs").iterdir()) == []  # refused uploads are not kept
+    for _ in range(2):
+        assert client.post("/v1/videos", json={"prompt": "a", **SMALL}, headers=auth).status_code == 200
+    r = client.post("/v1/videos", json={"prompt": "a", **SMALL}, headers=auth)
+    assert r.status_code == 429 and r.headers["retry-after"] == "10"
+    service.draining = True
+    r = client.post("/v1/videos", json={"prompt": "a", **SMALL}, headers=auth)
+    assert r.status_code == 503 and client.get("/health").json()["status"] == "draining"
+
+
+def test_cancel_queued_and_running_jobs(engine, tmp_path):
+    client, service = _client(engine, tmp_path)
+    try:
+        slow = client.post("/v1/videos", json={"prompt": "slow", **{**SMALL, "num_inference_steps": 200}}).json()
+        queued = client.post("/v1/videos", json={"prompt": "queued", **SMALL}).json()
+        _wait(client, slow["id"], ("in_progress",))
+        r = client.delete(f"/v1/videos/{queued['id']}")
+        assert r.json()["status"] == "cancelled"
+        deadline = time.monotonic() + 30
+        while service.workers.live.get(slow["id"]) is None or service.workers.live[slow["id"]].step < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = client.delete(f"/v1/videos/{slow['id']}")  # stops at the next step, skips the decode
+        assert r.json()["status"] == "cancelled"
+        job = client.get(f"/v1/videos/{slow['id']}").json()
+        assert job["status"] == "cancelled" and job["error"]["message"] == "cancelled by the client"
+        assert 0 < job["progress"] < 95
+        assert client.get(f"/v1/videos/{slow['id']}/content").status_code == 404
+        assert not service.workers.video_path(slow["id"]).exists()
+        assert _wait(client, queued["id"])["status"] == "cancelled"  # the worker never ran it
+        after = client.post("/v1/videos", json={"prompt": "after", **SMALL}).json()
+        assert _wait(client, after["id"])["status"] == "completed"  # the worker goes on
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_failed_job_says_why_and_the_server_goes_on(engine, tmp_path, monkeypatch):
+    client, service = _client(engine, tmp_path)
+    try:
+        real = engine.run
+
+        def broken(req, **kw):
+            if req.prompt == "boom":
+                raise FloatingPointError("the DiT produced NaN/Inf at step 0")
+            return real(req, **kw)
+
+        monkeypatch.setattr(engine, "run", broken)
+        bad = client.post("/v1/videos", json={"prompt": "boom", **SMALL}).json()
+        good = client.post("/v1/videos", json={"prompt": "fine", **SMALL}).json()
+        job = _wait(client, bad["id"])
+        assert job["status"] == "failed" and "NaN/Inf at step 0" in job["error"]["message"]
+        assert _wait(client, good["id"])["status"] == "completed"
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_image_to_video_with_an_uploaded_reference(tmp_path):
+    from PIL import Image
+
+    eng = wanrt.Engine("tiny-i2v", device="cpu", precision="fp32")
+    client, _ = _client(eng, tmp_path)
+    try:
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(buf, "PNG")
+        r = client.post("/v1/videos", data={"prompt": "a cat", "num_frames": "5", "num_inference_steps": "2",
+                                            "seed": "4"},
+                        files={"input_reference": ("first.png", buf.getvalue(), "image/png")})
+        assert r.status_code == 200, r.text
+        assert _wait(client, r.json()["id"])["status"] == "completed"
+        assert client.post("/v1/videos", json={"prompt": "a cat"}).json()["error"]["param"] == "input_reference"
+    finally:
+        client.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------- durability
+
+def test_store_recovery_requeues_once_then_fails(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    a = store.add({"prompt": "a"}, "tiny", "80x48", "1")
+    b = store.add({"prompt": "b"}, "tiny", "80x48", "1")
+    c = store.add({"prompt": "c"}, "tiny", "80x48", "1")
+    assert store.claim().id == a.id and store.claim().id == b.id  # oldest first
+    store.close()
+    store = JobStore(tmp_path / "jobs.sqlite3")  # "restart"
+    assert store.recover() == ([a.id, b.id], [])
+    assert [store.get(i).status for i in (a.id, b.id, c.id)] == ["queued"] * 3
+    assert store.claim().id == a.id  # its second start
+    assert store.recover() == ([], [a.id])
+    failed = store.get(a.id)
+    assert failed.status == "failed" and failed.error == RESTART_ERROR
+    assert store.finish(a.id, "completed") is False  # terminal is final
+    with pytest.raises(ValueError):
+        store.finish(b.id, "queued")
+
+
+# ------------------------------------------------------------------------------------------------- a real server
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m wanrt serve`` on a loopback port (tiny model, CPU)."""
+
+    def __init__(self, data_dir: Path, *extra: str):
+        self.port = _free_port()
+        self.data_dir = data_dir
+        self.log = open(data_dir.parent / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wanrt", "serve", "--model", "tiny", "--device", "cpu", "--precision", "fp32",
+             "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir), "--api-key", "k",
+             "--grace-s", "20", *extra], stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.text()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server did not become ready:\n" + self.text())
+
+    def text(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return (self.data_dir.parent / f"server-{self.port}.log").read_text()[-3000:]
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        """Send ``sig`` and wait. After a graceful SIGTERM uvicorn re-raises the signal: the code is 0 or -15."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        finally:
+            self.log.close()
+
+
+def test_the_openai_client_against_the_real_server(tmp_path):
+    openai = pytest.importorskip("openai")
+    server = Server(tmp_path / "data", "--no-warmup")
+    try:
+        client = openai.OpenAI(api_key="k", base_url=server.url + "/v1", max_retries=0)
+        video = client.videos.create(prompt="a corgi", size="80x48", seconds="1",
+                                     extra_body={"num_inference_steps": 2, "seed": 5})
+        assert video.status == "queued" and video.seconds == "1.0625"  # 17 frames at 16 fps
+        deadline = time.monotonic() + 90
+        while video.status not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.1)
+            video = client.videos.retrieve(video.id)
+        assert video.status == "completed" and video.progress == 100
+        path = tmp_path / "dl.mp4"
+        path.write_bytes(client.videos.download_content(video.id).read())
+        from wanrt.video import read_mp4
+
+        frames, fps = read_mp4(path)
+        assert frames.shape == (17, 48, 80, 3) and fps == 16 and frames.std() > 0
+        assert client.videos.delete(video.id).deleted is True
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(api_key="wrong", base_url=server.url + "/v1", max_retries=0).videos.retrieve(video.id)
+        with pytest.raises(openai.BadRequestError, match="multiple of 16"):
+            client.videos.create(prompt="a corgi", size="81x48")
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM), server.text()
+
+
+def test_sigkill_then_restart_loses_no_accepted_job(tmp_path):
+    import httpx
+
+    data = tmp_path / "data"
+    server = Server(data, "--no-warmup")
+    auth = {"Authorization": "Bearer k"}
+    ids = []
+    try:
+        for k in range(4):
+            body = {"prompt": f"job {k}", **SMALL, "num_inference_steps": 40 if k == 0 else 2}
+            r = httpx.post(server.url + "/v1/videos", json=body, headers=auth, timeout=10)
+            assert r.status_code == 200
+            ids.append(r.json()["id"])
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/v1/videos/{ids[0]}", headers=auth).json()["status"] != "in_progress":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        server.stop(signal.SIGKILL)  # no chance to clean up
+    store = JobStore(data / "jobs.sqlite3")
+    assert {store.get(i).status for i in ids} <= {"in_progress", "queued", "completed"}
+    store.close()
+    server = Server(data, "--no-warmup")
+    try:
+        deadline = time.monotonic() + 120
+        final = {}
+        while time.monotonic() < deadline and len(final) < len(ids):
+            for i in ids:
+                job = httpx.get(f"{server.url}/v1/videos/{i}", headers=auth).json()
+                if job["status"] in TERMINAL:
+                    final[i] = job
+            time.sleep(0.1)
+        assert len(final) == len(ids), final
+        assert all(j["status"] == "completed" for j in final.values()), final  # the killed one ran again
+        listed = httpx.get(server.url + "/v1/videos?limit=100", headers=auth).json()["data"]
+        assert sorted(j["id"] for j in listed) == sorted(ids)  # none lost, none duplicated
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM), server.text()
+
+
+def test_sigterm_drains_the_running_job(tmp_path):
+    import httpx
+
+    data = tmp_path / "data"
+    server = Server(data, "--no-warmup")
+    auth = {"Authorization": "Bearer k"}
+    try:
+        running = httpx.post(server.url + "/v1/videos", json={"prompt": "a", **SMALL, "num_inference_steps": 30},
+                             headers=auth).json()["id"]
+        waiting = httpx.post(server.url + "/v1/videos", json={"prompt": "b", **SMALL}, headers=auth).json()["id"]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/v1/videos/{running}", headers=auth).json()["status"] != "in_progress":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM), server.text()
+    store = JobStore(data / "jobs.sqlite3")
+    assert store.get(running).status == "completed"  # finished within the grace period
+    assert store.get(waiting).status == "queued"  # kept for the next start
+    assert (data / "videos" / f"{running}.mp4").is_file()
+    assert not list((data / "videos").glob("*.part"))
+    store.close()
