@@ -398,3 +398,192 @@ def test_sigterm_drains_the_running_job(tmp_path):
     assert (data / "videos" / f"{running}.mp4").is_file()
     assert not list((data / "videos").glob("*.part"))
     store.close()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_load_200_requests_16_clients_with_cancellations(tmp_path):
+    """200 requests from 16 concurrent clients on the tiny model (16x16, 1 frame, 1 step), 20 of them cancelled at
+    random (seeded), a queue of 8 (a refused request is retried): every request ends completed, cancelled, or
+    refused with 429; the server lists
+    exactly the accepted jobs; its resident memory stays flat between the first and the last jobs. Bounded: 16
+    threads, 200 requests, a 240 s deadline."""
+    import random
+    import threading
+
+    import httpx
+
+    server = Server(tmp_path / "data", "--no-warmup", "--max-queue", "8")
+    auth = {"Authorization": "Bearer k"}
+    body = {"prompt": "load", "size": "16x16", "num_frames": 1, "num_inference_steps": 1}
+    rng = random.Random(0)
+    cancel_at = set(rng.sample(range(200), 20))
+    results, refusals, lock = [], [], threading.Lock()
+    deadline = time.monotonic() + 240
+    counter = iter(range(200))
+    rss = {}
+
+    def client():
+        with httpx.Client(base_url=server.url, headers=auth, timeout=30) as http:
+            while time.monotonic() < deadline:
+                with lock:
+                    k = next(counter, None)
+                if k is None:
+                    return
+                t0 = time.monotonic()
+                for _ in range(100):  # a full queue answers 429: retry soon (sooner than its Retry-After)
+                    r = http.post("/v1/videos", json={**body, "seed": k})
+                    if r.status_code != 429:
+                        break
+                    assert r.headers["retry-after"]
+                    with lock:
+                        refusals.append(k)
+                    time.sleep(0.05)
+                if r.status_code == 429:
+                    with lock:
+                        results.append((k, None, "refused", time.monotonic() - t0))
+                    continue
+                assert r.status_code == 200, r.text
+                job_id = r.json()["id"]
+                if k in cancel_at:
+                    http.delete(f"/v1/videos/{job_id}")
+                while time.monotonic() < deadline:
+                    status = http.get(f"/v1/videos/{job_id}").json()["status"]
+                    if status in TERMINAL:
+                        break
+                    time.sleep(0.02)
+                with lock:
+                    results.append((k, job_id, status, time.monotonic() - t0))
+                    done = sum(1 for r in results if r[2] == "completed")
+                    if done == 20 and "early" not in rss:
+                        rss["early"] = _rss_mib(server.proc.pid)
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(1.0, deadline - time.monotonic() + 5))
+        rss["late"] = _rss_mib(server.proc.pid)
+        assert len(results) == 200 and sorted(r[0] for r in results) == list(range(200))  # every request answered
+        accepted = [r for r in results if r[1] is not None]
+        statuses = {r[2] for r in results}
+        assert statuses <= {"completed", "cancelled", "refused"}, statuses
+        assert all(r[2] in ("completed", "cancelled") for r in accepted)
+        assert all(r[2] == "completed" for r in accepted if r[0] not in cancel_at)
+        listed = httpx.get(server.url + "/v1/videos?limit=100", headers=auth).json()
+        ids, after = [j["id"] for j in listed["data"]], listed["last_id"]
+        while listed["has_more"]:
+            listed = httpx.get(f"{server.url}/v1/videos?limit=100&after={after}", headers=auth).json()
+            ids += [j["id"] for j in listed["data"]]
+            after = listed["last_id"]
+        assert sorted(ids) == sorted(r[1] for r in accepted) and len(set(ids)) == len(ids)  # none lost or doubled
+        latencies = sorted(r[3] for r in accepted if r[2] == "completed")
+        p50, p99 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        assert refusals  # the queue of 8 did fill up and refuse
+        print(f"load: {len(accepted)} accepted, {200 - len(accepted)} refused for good, {len(refusals)} 429s, "
+              f"{sum(r[2] == 'cancelled' for r in accepted)} cancelled; latency p50 {p50:.2f} s, p99 {p99:.2f} s; "
+              f"server RSS {rss['early']:.0f} -> {rss['late']:.0f} MiB")
+        assert rss["late"] - rss["early"] < 60, rss  # flat: no per-job growth
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM), server.text()
+
+
+def test_two_engines_take_jobs_from_one_queue(tmp_path):
+    e1 = wanrt.Engine("tiny", device="cpu", precision="fp32")
+    e2 = wanrt.Engine("tiny", device="cpu", precision="fp32")
+    service = Service([e1, e2], ServeConfig(tmp_path / "data", warmup=False), "tiny")
+    seen = []
+    real = service.workers._run
+    service.workers._run = lambda k, engine, job: seen.append(k) or real(k, engine, job)
+    with TestClient(create_app(service)) as client:
+        ids = [client.post("/v1/videos", json={"prompt": f"p{k}", **SMALL, "num_inference_steps": 6}).json()["id"]
+               for k in range(6)]
+        for i in ids:
+            assert _wait(client, i)["status"] == "completed"
+        assert client.get("/health").json()["workers"] == 2
+    assert set(seen) == {0, 1} and len(seen) == 6  # both workers ran jobs; each job ran once
+
+
+# ------------------------------------------------------------------------------------------------- the web page
+
+def _browser():
+    """Headless Debian chromium through Selenium with the system chromedriver (no browser download), or skip."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service as ChromeService
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if binary is None or driver is None:
+        pytest.skip("no chromium/chromedriver installed (apt-get install chromium chromium-driver; .ci/run does)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--autoplay-policy=no-user-gesture-required", "--window-size=1000,1400"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(options=opts, service=ChromeService(executable_path=driver))
+
+
+def test_the_web_page_in_a_headless_browser(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    server = Server(tmp_path / "data", "--no-warmup")
+    browser = _browser()
+    try:
+        browser.set_script_timeout(30)
+        browser.get(server.url + "/")
+        val = browser.find_element
+        val(By.ID, "key").send_keys("k")
+        for field, value in (("size", "80x48"), ("frames", "9"), ("steps", "40"), ("seed", "3")):
+            val(By.ID, field).send_keys(value)
+        val(By.ID, "submit").click()
+        seen, deadline = [], time.monotonic() + 90
+        while time.monotonic() < deadline:
+            seen.append(int(val(By.ID, "progress").get_attribute("value")))
+            if val(By.ID, "status").text.startswith(("completed", "failed", "error")):
+                break
+            time.sleep(0.05)
+        status = val(By.ID, "status").text
+        assert status.startswith("completed"), status
+        assert any(0 < p < 95 for p in seen) and seen[-1] == 100  # the bar advanced with the steps
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the <video> loads the MP4 (a blob of /content): playable
+            ready = browser.execute_script(
+                "const v = document.getElementById('video'); return [v.src, v.readyState, v.duration, v.videoWidth];")
+            if ready[1] >= 1:
+                break
+            time.sleep(0.1)
+        src, state, duration, width = ready
+        assert src.startswith("blob:") and state >= 1 and duration > 0.5 and width == 80, ready
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        # a second job, cancelled from the page while it runs
+        val(By.ID, "steps").clear()
+        val(By.ID, "steps").send_keys("400")
+        val(By.ID, "submit").click()
+        deadline = time.monotonic() + 60
+        while "step" not in val(By.ID, "status").text:
+            assert time.monotonic() < deadline, val(By.ID, "status").text
+            time.sleep(0.05)
+        val(By.ID, "cancel").click()
+        deadline = time.monotonic() + 60
+        while not val(By.ID, "status").text.startswith("cancelled"):
+            assert time.monotonic() < deadline, val(By.ID, "status").text
+            time.sleep(0.05)
+        rows = browser.find_elements(By.CSS_SELECTOR, "#jobs tr")
+        deadline = time.monotonic() + 15
+        while len(rows) < 2 and time.monotonic() < deadline:  # the recent-jobs list refreshes every 5 s
+            time.sleep(0.2)
+            rows = browser.find_elements(By.CSS_SELECTOR, "#jobs tr")
+        assert len(rows) == 2 and {r.find_elements(By.TAG_NAME, "td")[1].text for r in rows} == \
+            {"completed", "cancelled"}
+    finally:
+        browser.quit()
+        assert server.stop() in (0, -signal.SIGTERM), server.text()
