@@ -556,4 +556,35 @@ DEFECTS: tuple[Defect, ...] = (
         tests=("tests/test_lora.py::test_step_graphs_see_fused_changes_and_recapture_for_runtime_branches",),
         what="a runtime LoRA added after the step graphs were captured is never run (the graphs replay without it)",
     ),
+    # ---------------------------------------------------------------------------- the service
+    Defect(
+        name="serve-restart-requeues-forever",
+        file="serve/jobs.py",
+        edits=(("            requeued = [i for i, a in rows if a < 2]\n            failed = [i for i, a in rows if a >= 2]",
+                "            requeued = [i for i, a in rows]\n            failed = []"),),
+        tests=("tests/test_serve.py::test_store_recovery_requeues_once_then_fails",),
+        what="a job that crashed the server is re-queued after every restart instead of failing the second time",
+    ),
+    Defect(
+        name="serve-no-auth",
+        file="serve/app.py",
+        edits=(('        if cfg.api_key and request.url.path not in ("/health", "/"):',
+                '        if False and cfg.api_key and request.url.path not in ("/health", "/"):'),),
+        tests=("tests/test_serve.py::test_uploads_auth_queue_limit_and_draining",),
+        what="the server answers without checking the API key",
+    ),
+    Defect(
+        name="serve-unbounded-queue",
+        file="serve/app.py",
+        edits=(("                                    max_queue=cfg.max_queue)", "                                    max_queue=None)"),),
+        tests=("tests/test_serve.py::test_uploads_auth_queue_limit_and_draining",),
+        what="a full queue keeps accepting jobs instead of answering 429",
+    ),
+    Defect(
+        name="serve-cancel-ignores-running-jobs",
+        file="serve/worker.py",
+        edits=(("        if ev is not None:\n            ev.set()\n", "        if ev is not None:\n            pass\n"),),
+        tests=("tests/test_serve.py::test_cancel_queued_and_running_jobs",),
+        what="DELETE of a running job does not stop it",
+    ),
 )

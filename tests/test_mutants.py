@@ -23,7 +23,7 @@ The contract for later work:
   was renamed or deselected fails here with the subprocess output, not silently.
 
 The whole table costs one subprocess per defect (interpreter + torch start-up plus one test; 4-16 s each, about
-run two at a time, about 4.5 min for the 67 defects on 2 CPU cores), printed per defect with ``-s`` and in every failure message.
+run two at a time, about 5 min for the 71 defects on 2 CPU cores), printed per defect with ``-s`` and in every failure message.
 """
 
 from __future__ import annotations
