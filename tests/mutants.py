@@ -568,7 +568,7 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="serve-no-auth",
         file="serve/app.py",
-        edits=(('        if cfg.api_key and request.url.path not in ("/health", "/"):',
+        edits=(('        if cfg.api_key and request.url.path not in ("/health", "/") and request.method != "OPTIONS":',
                 '        if False and cfg.api_key and request.url.path not in ("/health", "/"):'),),
         tests=("tests/test_serve.py::test_uploads_auth_queue_limit_and_draining",),
         what="the server answers without checking the API key",

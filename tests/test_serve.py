@@ -587,3 +587,28 @@ def test_the_web_page_in_a_headless_browser(tmp_path):
     finally:
         browser.quit()
         assert server.stop() in (0, -signal.SIGTERM), server.text()
+
+
+def test_runtime_lora_strengths_per_request_and_cors(tmp_path):
+    from test_lora import _pairs, lora_file
+
+    eng = wanrt.Engine("tiny", device="cpu", precision="fp32")
+    eng.load_lora(lora_file("kohya", _pairs(eng.transformer, seed=3)), 0.0, name="style", mode="runtime")
+    client, _ = _client(eng, tmp_path / "a")
+    try:
+        ids = [client.post("/v1/videos", json={"prompt": "a", **SMALL, "loras": loras}).json()["id"]
+               for loras in ({"style": 0.0}, {"style": 1.0})]
+        outs = []
+        for i in ids:
+            assert _wait(client, i)["status"] == "completed"
+            outs.append(client.get(f"/v1/videos/{i}/content").content)
+        assert outs[0] != outs[1]  # the strength reached the run
+        assert eng.loras["style"]["strength"] == 0.0  # and was for that job only
+        assert "access-control-allow-origin" not in client.options(
+            "/v1/videos", headers={"Origin": "http://127.0.0.1:9", "Access-Control-Request-Method": "POST"}).headers
+    finally:
+        client.__exit__(None, None, None)
+    client, _ = _client(eng, tmp_path / "b", start=False, cors_origin="http://127.0.0.1:9", api_key="k")
+    r = client.options("/v1/videos", headers={"Origin": "http://127.0.0.1:9", "Access-Control-Request-Method": "POST"})
+    assert r.headers["access-control-allow-origin"] == "http://127.0.0.1:9"  # the preflight needs no key
+    assert client.get("/v1/videos").status_code == 401

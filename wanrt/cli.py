@@ -27,10 +27,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "default: off)")
     g.add_argument("--teacache-mode", default=None, choices=TEACACHE_MODES, help="TeaCache input (default: e)")
     lo = g.add_argument_group("LoRA and few-step sampling")
-    lo.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                    help="apply a LoRA (any common format; repeatable; strength default 1)")
-    lo.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"],
-                    help="fuse into the weights (default) or run as a low-rank branch beside them")
+    _add_lora_args(lo)
     lo.add_argument("--timesteps", type=float, nargs="+", default=None, metavar="T",
                     help="a custom schedule on the 0..1000 scale, shifted by --shift (e.g. the 4-step distill "
                          "LoRAs: 1000 750 500 250 --shift 5 --solver euler --guidance-scale 1)")
@@ -38,28 +35,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="a custom schedule of sigmas in (0, 1], used as given")
     g.add_argument("--teacache-coefficients", default=None,
                    help="JSON file written by `wanrt calibrate-teacache` (default: the preset's coefficients)")
-    g.add_argument("--cfg-batch", default="auto", choices=["auto", "on", "off"],
-                   help="both CFG branches in one batch-2 forward (auto: on CUDA when memory allows)")
-    g.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
-                   help="replay the DiT from CUDA graphs (auto: on CUDA)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
-    g.add_argument("--text-encoder-precision", default=None, choices=TEXT_ENCODER_PRECISIONS,
-                   help="UMT5 precision (default: bf16; 8-bit quantizes its attention and FFN layers)")
-    g.add_argument("--text-encoder-device", default=None, help="where UMT5 runs, e.g. cpu (default: --device)")
-    g.add_argument("--offload-text-encoder", action="store_true",
-                   help="keep UMT5 on the CPU and move it to its device only while encoding")
-    g.add_argument("--offload-image-encoder", action="store_true",
-                   help="i2v/flf2v: keep the CLIP image encoder on the CPU and move it to the device only while encoding")
-    o = g.add_argument_group("small GPUs", "where the parts live (engine.memory_plan); see the README's offload section")
-    o.add_argument("--offload", default=None, choices=["none", "model", "block"],
-                   help="none (all on the GPU), model (each part on the GPU only while it runs), block (the DiT "
-                        "blocks stream from host memory); default: none, or chosen for --vram-budget-gb")
-    o.add_argument("--vram-budget-gb", type=float, default=None,
-                   help="plan for this much GPU memory (GiB); refused before loading onto the GPU when it cannot be "
-                        "met, naming the smallest feasible budget")
-    o.add_argument("--offload-to-disk", action="store_true",
-                   help="with block offload: read the streamed blocks from the checkpoint file at each copy instead "
-                        "of holding them in host memory")
+    _add_engine_options(g)
     p = g.add_argument_group("many GPUs", "under `torchrun --nproc-per-node N -m wanrt generate ...`, or with "
                              "--nproc N; without a layout flag the layout is chosen for the world size (auto)")
     p.add_argument("--nproc", type=_positive, default=None,
@@ -75,16 +51,16 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "/metrics and a web page at /. Needs `pip install 'wanrt[serve]'`.")
     v.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
     v.add_argument("--checkpoint-dir", default=None, help="checkpoint folder; optional for --model tiny")
+    _add_files_args(v)
     v.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     v.add_argument("--devices", default=None,
                    help="one Engine per GPU, all taking jobs from the one queue, e.g. 0,1,2,3")
     v.add_argument("--precision", default="bf16", choices=list(PRECISIONS), help="DiT weights precision")
     v.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="DiT kernels (default: auto)")
-    v.add_argument("--offload", default=None, choices=["none", "model", "block"], help="as for generate")
-    v.add_argument("--vram-budget-gb", type=float, default=None, help="as for generate")
-    v.add_argument("--offload-to-disk", action="store_true", help="as for generate")
-    v.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="as for generate")
-    v.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"], help="as for generate")
+    v.add_argument("--teacache-threshold", type=float, default=None,
+                   help="the Engine's default TeaCache threshold (requests may set their own)")
+    _add_engine_options(v)
+    _add_lora_args(v.add_argument_group("LoRA"))
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", default=None,
@@ -124,16 +100,53 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
-    g.add_argument("--checkpoint-dir", default=None,
-                   help="checkpoint folder (official or diffusers layout); optional for --model tiny")
+def _add_engine_options(g) -> None:
+    """The Engine's options shared by ``generate`` and ``serve``."""
+    g.add_argument("--cfg-batch", default="auto", choices=["auto", "on", "off"],
+                   help="both CFG branches in one batch-2 forward (auto: on CUDA when memory allows)")
+    g.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay the DiT from CUDA graphs (auto: on CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
+    g.add_argument("--text-encoder-precision", default=None, choices=TEXT_ENCODER_PRECISIONS,
+                   help="UMT5 precision (default: bf16; 8-bit quantizes its attention and FFN layers)")
+    g.add_argument("--text-encoder-device", default=None, help="where UMT5 runs, e.g. cpu (default: --device)")
+    g.add_argument("--offload-text-encoder", action="store_true",
+                   help="keep UMT5 on the CPU and move it to its device only while encoding")
+    g.add_argument("--offload-image-encoder", action="store_true",
+                   help="i2v/flf2v: keep the CLIP image encoder on the CPU and move it to the device only while encoding")
+    o = g.add_argument_group("small GPUs", "where the parts live (engine.memory_plan); see the README's offload section")
+    o.add_argument("--offload", default=None, choices=["none", "model", "block"],
+                   help="none (all on the GPU), model (each part on the GPU only while it runs), block (the DiT "
+                        "blocks stream from host memory); default: none, or chosen for --vram-budget-gb")
+    o.add_argument("--vram-budget-gb", type=float, default=None,
+                   help="plan for this much GPU memory (GiB); refused before loading onto the GPU when it cannot be "
+                        "met, naming the smallest feasible budget")
+    o.add_argument("--offload-to-disk", action="store_true",
+                   help="with block offload: read the streamed blocks from the checkpoint file at each copy instead "
+                        "of holding them in host memory")
+
+
+def _add_lora_args(lo) -> None:
+    lo.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                    help="apply a LoRA (any common format; repeatable; strength default 1)")
+    lo.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"],
+                    help="fuse into the weights (default) or run as a low-rank branch beside them")
+
+
+def _add_files_args(g) -> None:
     f = g.add_argument_group("single files", "instead of --checkpoint-dir, one file per part (ComfyUI's downloads)")
     f.add_argument("--dit", default=None, help="the DiT: .safetensors (fp16/bf16/fp8/fp8-scaled) or .gguf")
     f.add_argument("--text-encoder", default=None, help="UMT5 .safetensors (also umt5_xxl_fp8_e4m3fn_scaled)")
     f.add_argument("--vae", default=None, help="wan_2.1_vae.safetensors")
     f.add_argument("--image-encoder", default=None, help="i2v/flf2v: clip_vision_h.safetensors")
     f.add_argument("--tokenizer", default=None, help="a tokenizer folder, when the text-encoder file carries none")
+
+
+def _add_model_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--model", default="tiny", help=f"model preset: {', '.join(PRESETS)} (default: tiny)")
+    g.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint folder (official or diffusers layout); optional for --model tiny")
+    _add_files_args(g)
     g.add_argument("--prompt", required=True, help="text prompt")
     g.add_argument("--image", default=None,
                    help="i2v/flf2v: the first frame (an image file); the video keeps its aspect ratio")
@@ -377,15 +390,17 @@ def _serve(args) -> int:
         from .serve import ServeConfig, serve
     except ImportError as e:
         raise ValueError(f"wanrt serve needs its extra: pip install 'wanrt[serve]' ({e})") from None
-    from .engine import Engine
 
     devices = [f"cuda:{d.strip()}" for d in args.devices.split(",")] if args.devices else [args.device]
-    options = _offload_options(args)
+    on_off = {"auto": None, "on": True, "off": False}
     engines = []
     for dev in devices:
-        engine = Engine(args.model, args.checkpoint_dir, device=dev, precision=args.precision, backend=args.backend,
-                        **options) if args.checkpoint_dir else \
-            Engine(args.model, device=dev, precision=args.precision, backend=args.backend, **options)
+        args.device = dev
+        engine = _engine(args, cfg_batch=on_off[args.cfg_batch], cuda_graphs=on_off[args.cuda_graphs],
+                         compile=args.compile, text_encoder_precision=args.text_encoder_precision,
+                         text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder,
+                         offload_image_encoder=args.offload_image_encoder, teacache_threshold=args.teacache_threshold,
+                         **_offload_options(args))
         _load_loras(engine, args.lora, args.lora_mode)
         engines.append(engine)
     config = ServeConfig(Path(args.data_dir), api_key=args.api_key or os.environ.get("WANRT_API_KEY") or None,

@@ -270,7 +270,7 @@ def create_app(service: Service):
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if cfg.api_key and request.url.path not in ("/health", "/"):
+        if cfg.api_key and request.url.path not in ("/health", "/") and request.method != "OPTIONS":  # (preflight)
             header = request.headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
