@@ -230,7 +230,12 @@ def test_image_to_video_with_an_uploaded_reference(tmp_path):
                                             "seed": "4"},
                         files={"input_reference": ("first.png", buf.getvalue(), "image/png")})
         assert r.status_code == 200, r.text
-        assert _wait(client, r.json()["id"])["status"] == "completed"
+        job_id = r.json()["id"]
+        assert _wait(client, job_id)["status"] == "completed"
+        inputs = tmp_path / "data" / "inputs"
+        assert len(list(inputs.iterdir())) == 1  # kept while the job exists (a restart may run it again)
+        client.delete(f"/v1/videos/{job_id}")
+        assert list(inputs.iterdir()) == []
         assert client.post("/v1/videos", json={"prompt": "a cat"}).json()["error"]["param"] == "input_reference"
     finally:
         client.__exit__(None, None, None)

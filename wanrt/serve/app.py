@@ -363,6 +363,9 @@ def create_app(service: Service):
                 if status in TERMINAL:
                     break
         service.workers.video_path(video_id).unlink(missing_ok=True)
+        for key in ("image", "last_image"):  # its uploads (stored under random names)
+            if job.params.get(key):
+                (cfg.data_dir / "inputs" / job.params[key]).unlink(missing_ok=True)
         return {"id": video_id, "object": "video.deleted", "deleted": True, "status": status}
 
     @app.get("/v1/videos/{video_id}/content")
