@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .jobs import JobStore
 
 log = logging.getLogger("wanrt.serve")
+LIVE_KEPT = 256  # jobs whose step state is kept for event streams
 
 
 @dataclass
@@ -26,7 +28,6 @@ class Live:
     step: int = -1
     num_steps: int = 0
     started: float = field(default_factory=time.monotonic)
-    step_times: list[float] = field(default_factory=list)
     status: str = "queued"
 
     def event(self) -> dict:
@@ -51,7 +52,7 @@ class Workers:
         self.engines, self.store, self.data_dir = list(engines), store, Path(data_dir)
         self.build_request, self.metrics = build_request, metrics
         self.cancels: dict[str, threading.Event] = {}
-        self.live: dict[str, Live] = {}
+        self.live: OrderedDict[str, Live] = OrderedDict()  # running and recently finished jobs (bounded)
         self.running: dict[str, int] = {}  # job id -> worker index
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -134,13 +135,14 @@ class Workers:
         live = Live(status="in_progress")
         with self._lock:
             self.cancels[job.id], self.live[job.id], self.running[job.id] = cancel, live, k
+            while len(self.live) > LIVE_KEPT:  # the oldest finished ones go (their final status is in the store)
+                self.live.popitem(last=False)
         t0 = time.monotonic()
         last = [t0]
 
         def callback(i, n, _latents):
             now = time.monotonic()
             live.step, live.num_steps = i, n
-            live.step_times.append(now - last[0])
             if self.metrics is not None:
                 self.metrics.step_seconds.observe(now - last[0])
             last[0] = now
