@@ -617,3 +617,48 @@ def test_runtime_lora_strengths_per_request_and_cors(tmp_path):
     r = client.options("/v1/videos", headers={"Origin": "http://127.0.0.1:9", "Access-Control-Request-Method": "POST"})
     assert r.headers["access-control-allow-origin"] == "http://127.0.0.1:9"  # the preflight needs no key
     assert client.get("/v1/videos").status_code == 401
+
+
+# ------------------------------------------------------------------------------------------------- one parallel Engine
+
+def _body_parallel_serve(data: str, rank: int, world: int) -> dict:
+    """Rank 0 serves a Ulysses-2 Engine (TestClient), rank 1 follows; a job, a cancelled one, another job."""
+    import torch.distributed as dist
+
+    from wanrt.serve import follow
+
+    eng = wanrt.Engine("tiny", device="cpu", precision="fp32", parallel=wanrt.ParallelConfig(ulysses=2))
+    if rank != 0:
+        return {"runs": follow(eng, Path(data), warmup=False)}
+    service = Service([eng], ServeConfig(Path(data), warmup=False), "tiny",
+                      broadcast=lambda params: dist.broadcast_object_list([params], src=0))
+    with TestClient(create_app(service)) as client:
+        first = client.post("/v1/videos", json={"prompt": "a cat", **SMALL}).json()["id"]
+        assert _wait(client, first)["status"] == "completed"
+        content = client.get(f"/v1/videos/{first}/content").content
+        slow = client.post("/v1/videos", json={"prompt": "slow", **{**SMALL, "num_inference_steps": 300}}).json()["id"]
+        _wait(client, slow, ("in_progress",))
+        time.sleep(0.3)
+        assert client.delete(f"/v1/videos/{slow}").json()["status"] == "cancelled"  # both ranks stop at one step
+        last = client.post("/v1/videos", json={"prompt": "a dog", **SMALL}).json()["id"]
+        assert _wait(client, last)["status"] == "completed"
+    # the followers were released at shutdown; a single-process reference of the first job:
+    from wanrt.video import read_mp4
+
+    (Path(data) / "got.mp4").write_bytes(content)
+    ref = wanrt.Engine("tiny", device="cpu", precision="fp32").generate(
+        "a cat", height=48, width=80, num_frames=9, num_inference_steps=2, seed=1, progress=False)
+    ref.save(Path(data) / "ref.mp4")
+    got, want = read_mp4(Path(data) / "got.mp4")[0], read_mp4(Path(data) / "ref.mp4")[0]
+    return {"runs": None, "max_diff": int(np.abs(got.astype(int) - want.astype(int)).max())}
+
+
+def test_one_parallel_engine_serves_on_two_gloo_ranks(tmp_path):
+    import functools
+
+    from spawn_group import assert_group_ok, spawn
+
+    outcome = spawn(2, functools.partial(_body_parallel_serve, str(tmp_path / "data")), deadline_s=240.0)
+    assert_group_ok(outcome, 2)
+    assert outcome[1][1]["runs"] == 3  # the completed, the cancelled and the last job
+    assert outcome[0][1]["max_diff"] <= 2  # the MP4 of one process, up to the codec's rounding

@@ -36,14 +36,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacache-coefficients", default=None,
                    help="JSON file written by `wanrt calibrate-teacache` (default: the preset's coefficients)")
     _add_engine_options(g)
-    p = g.add_argument_group("many GPUs", "under `torchrun --nproc-per-node N -m wanrt generate ...`, or with "
-                             "--nproc N; without a layout flag the layout is chosen for the world size (auto)")
-    p.add_argument("--nproc", type=_positive, default=None,
-                   help="start N processes on this machine through torchrun's launcher (torch.distributed.run)")
-    p.add_argument("--ulysses", type=_positive, default=None, help="Ulysses (all-to-all) sequence-parallel degree")
-    p.add_argument("--ring", type=_positive, default=None, help="Ring attention sequence-parallel degree")
-    p.add_argument("--cfg-parallel", action="store_true", help="the two guidance branches on two halves of the ranks")
-    p.add_argument("--shard-weights", action="store_true", help="shard the DiT's Linears over the ranks (FSDP2)")
+    _add_parallel_args(g)
 
     v = sub.add_parser("serve", help="run an OpenAI-compatible video service (/v1/videos) with a web page",
                        description="Serve the model over HTTP: OpenAI's videos API with Wan's fields, a durable job "
@@ -61,6 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="the Engine's default TeaCache threshold (requests may set their own)")
     _add_engine_options(v)
     _add_lora_args(v.add_argument_group("LoRA"))
+    _add_parallel_args(v)
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", default=None,
@@ -124,6 +118,17 @@ def _add_engine_options(g) -> None:
     o.add_argument("--offload-to-disk", action="store_true",
                    help="with block offload: read the streamed blocks from the checkpoint file at each copy instead "
                         "of holding them in host memory")
+
+
+def _add_parallel_args(g) -> None:
+    p = g.add_argument_group("many GPUs", "under `torchrun --nproc-per-node N -m wanrt COMMAND ...`, or with "
+                             "--nproc N; without a layout flag the layout is chosen for the world size (auto)")
+    p.add_argument("--nproc", type=_positive, default=None,
+                   help="start N processes on this machine through torchrun's launcher (torch.distributed.run)")
+    p.add_argument("--ulysses", type=_positive, default=None, help="Ulysses (all-to-all) sequence-parallel degree")
+    p.add_argument("--ring", type=_positive, default=None, help="Ring attention sequence-parallel degree")
+    p.add_argument("--cfg-parallel", action="store_true", help="the two guidance branches on two halves of the ranks")
+    p.add_argument("--shard-weights", action="store_true", help="shard the DiT's Linears over the ranks (FSDP2)")
 
 
 def _add_lora_args(lo) -> None:
@@ -382,15 +387,24 @@ def _save(video, output):
                               f"{keep.name}", video.latents, video.seed, video=video) from e
 
 
-def _serve(args) -> int:
-    """``wanrt serve``: one Engine per device, the service until SIGINT/SIGTERM."""
+def _serve(args, argv: list[str]) -> int:
+    """``wanrt serve``: one Engine per device (or one parallel Engine over ``--nproc`` ranks: rank 0 serves, the
+    others follow), the service until SIGINT/SIGTERM."""
     from pathlib import Path
 
     try:
-        from .serve import ServeConfig, serve
+        from .serve import ServeConfig, follow, serve
     except ImportError as e:
         raise ValueError(f"wanrt serve needs its extra: pip install 'wanrt[serve]' ({e})") from None
 
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args, argv)
+    try:
+        parallel = _parallel(args)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from e
+    if parallel is not None and args.devices:
+        raise ValueError("--devices (one Engine per GPU) and a parallel layout (one Engine over all) do not combine")
     devices = [f"cuda:{d.strip()}" for d in args.devices.split(",")] if args.devices else [args.device]
     on_off = {"auto": None, "on": True, "off": False}
     engines = []
@@ -400,16 +414,39 @@ def _serve(args) -> int:
                          compile=args.compile, text_encoder_precision=args.text_encoder_precision,
                          text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder,
                          offload_image_encoder=args.offload_image_encoder, teacache_threshold=args.teacache_threshold,
-                         **_offload_options(args))
+                         parallel=parallel, **_offload_options(args))
         _load_loras(engine, args.lora, args.lora_mode)
         engines.append(engine)
+    broadcast = None
+    if parallel is not None:
+        import torch.distributed as dist
+
+        from . import distributed
+
+        if dist.get_rank() != 0:  # the followers run what rank 0 takes from the queue
+            try:
+                follow(engines[0], Path(args.data_dir), warmup=not args.no_warmup)
+            finally:
+                distributed.shutdown()
+            return 0
+
+        def broadcast(params):
+            dist.broadcast_object_list([params], src=0)
+
     config = ServeConfig(Path(args.data_dir), api_key=args.api_key or os.environ.get("WANRT_API_KEY") or None,
                          max_queue=args.max_queue, max_frames=args.max_frames, max_area=args.max_area,
                          max_steps=args.max_steps, grace_s=args.grace_s, cors_origin=args.cors_origin,
                          warmup=not args.no_warmup)
-    print(f"wanrt serve: {args.model} on {', '.join(str(e.device) for e in engines)}, http://{args.host}:{args.port}/"
+    where = engines[0].mesh.describe() if engines[0].mesh is not None else ", ".join(str(e.device) for e in engines)
+    print(f"wanrt serve: {args.model} on {where}, http://{args.host}:{args.port}/"
           + (" (API key required)" if config.api_key else ""), flush=True)
-    serve(engines, config, args.model, host=args.host, port=args.port)
+    try:
+        serve(engines, config, args.model, host=args.host, port=args.port, broadcast=broadcast)
+    finally:
+        if parallel is not None:
+            from . import distributed
+
+            distributed.shutdown()
     return 0
 
 
@@ -548,8 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args, argv)
-        commands = {"calibrate-teacache": _calibrate, "export-vae": _export_vae, "make-tiny-checkpoint": _make_tiny,
-                    "serve": _serve}
+        if args.command == "serve":
+            return _serve(args, argv)
+        commands = {"calibrate-teacache": _calibrate, "export-vae": _export_vae, "make-tiny-checkpoint": _make_tiny}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print(f"wanrt {args.command}: interrupted", file=sys.stderr)

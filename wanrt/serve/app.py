@@ -103,9 +103,13 @@ def request_of(engine, params: dict, data_dir: Path):
 
 
 class Service:
-    """The state behind the app: config, engines, store, workers, metrics, draining flag."""
+    """The state behind the app: config, engines, store, workers, metrics, draining flag.
 
-    def __init__(self, engines, config: ServeConfig, model_name: str):
+    ``engines``: one per GPU (each a worker on the one queue), or the rank-0 Engine of one parallel layout with
+    ``broadcast`` (see :class:`~wanrt.serve.worker.Workers`; the other ranks run :func:`~wanrt.serve.worker.follow`).
+    """
+
+    def __init__(self, engines, config: ServeConfig, model_name: str, broadcast=None):
         self.config, self.engines, self.model_name = config, list(engines), model_name
         config.data_dir.mkdir(parents=True, exist_ok=True)
         (config.data_dir / "inputs").mkdir(exist_ok=True)
@@ -114,7 +118,7 @@ class Service:
         from .metrics import Metrics
 
         self.metrics = Metrics(self)
-        self.workers = Workers(self.engines, self.store, config.data_dir, request_of, self.metrics)
+        self.workers = Workers(self.engines, self.store, config.data_dir, request_of, self.metrics, broadcast)
         self.draining = False
         self.started = False
 

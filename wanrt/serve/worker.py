@@ -46,11 +46,13 @@ class Workers:
         store: the :class:`JobStore`. data_dir: where ``videos/`` and ``inputs/`` live.
         build_request: ``build_request(engine, params) -> Request`` (:func:`wanrt.serve.app.request_of`).
         metrics: the app's :class:`~wanrt.serve.metrics.Metrics`, or None.
+        broadcast: for one parallel Engine over several ranks (this is rank 0): ``broadcast(params)`` hands each job
+            to the other ranks (:func:`follow`) before it runs, ``broadcast(None)`` releases them at shutdown.
     """
 
-    def __init__(self, engines, store: JobStore, data_dir: Path, build_request, metrics=None):
+    def __init__(self, engines, store: JobStore, data_dir: Path, build_request, metrics=None, broadcast=None):
         self.engines, self.store, self.data_dir = list(engines), store, Path(data_dir)
-        self.build_request, self.metrics = build_request, metrics
+        self.build_request, self.metrics, self.broadcast = build_request, metrics, broadcast
         self.cancels: dict[str, threading.Event] = {}
         self.live: OrderedDict[str, Live] = OrderedDict()  # running and recently finished jobs (bounded)
         self.running: dict[str, int] = {}  # job id -> worker index
@@ -89,6 +91,8 @@ class Workers:
                 self.cancels[job_id].set()
         for t in self._threads:
             t.join(30.0)
+        if self.broadcast is not None:
+            self.broadcast(None)  # the other ranks' follow() returns
 
     def video_path(self, job_id: str) -> Path:
         return self.data_dir / "videos" / f"{job_id}.mp4"
@@ -151,6 +155,8 @@ class Workers:
         try:
             req = self.build_request(engine, job.params, self.data_dir)
             live.num_steps = req.num_inference_steps
+            if self.broadcast is not None:  # every rank of the parallel Engine runs the same request
+                self.broadcast(job.params)
             video = engine.run(req, callback=callback, cancel=cancel, progress=False)
             path = self.video_path(job.id)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,3 +182,32 @@ class Workers:
         with self._lock:
             self.cancels.pop(job.id, None)
             self.running.pop(job.id, None)
+
+
+def follow(engine, data_dir: Path, warmup: bool = True) -> int:
+    """The ranks other than 0 of a parallel Engine: run each job rank 0 broadcasts (:class:`Workers` with
+    ``broadcast``), in step with it, until it broadcasts None. Returns the number of jobs run.
+
+    Cancellation and NaN checks are agreed between the ranks at every step by the Engine itself; rank 0 alone
+    writes the video.
+    """
+    import torch.distributed as dist
+
+    from ..request import Cancelled
+    from .app import request_of
+
+    if warmup:
+        engine.warmup()
+    runs = 0
+    while True:
+        msg = [None]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0] is None:
+            return runs
+        try:
+            engine.run(request_of(engine, msg[0], Path(data_dir)), progress=False)
+        except Cancelled:
+            pass
+        except Exception:  # rank 0 fails the job and says why; this rank waits for the next one
+            log.exception("a job failed on this rank")
+        runs += 1
