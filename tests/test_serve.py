@@ -582,13 +582,13 @@ def test_the_web_page_in_a_headless_browser(tmp_path):
         while not val(By.ID, "status").text.startswith("cancelled"):
             assert time.monotonic() < deadline, val(By.ID, "status").text
             time.sleep(0.05)
-        rows = browser.find_elements(By.CSS_SELECTOR, "#jobs tr")
+        statuses_js = "return [...document.querySelectorAll('#jobs tr')].map(r => r.children[1].textContent);"
         deadline = time.monotonic() + 15
-        while len(rows) < 2 and time.monotonic() < deadline:  # the recent-jobs list refreshes every 5 s
+        statuses = browser.execute_script(statuses_js)  # read at once: the list is rebuilt every 5 s
+        while sorted(statuses) != ["cancelled", "completed"] and time.monotonic() < deadline:
             time.sleep(0.2)
-            rows = browser.find_elements(By.CSS_SELECTOR, "#jobs tr")
-        assert len(rows) == 2 and {r.find_elements(By.TAG_NAME, "td")[1].text for r in rows} == \
-            {"completed", "cancelled"}
+            statuses = browser.execute_script(statuses_js)
+        assert sorted(statuses) == ["cancelled", "completed"], statuses
     finally:
         browser.quit()
         assert server.stop() in (0, -signal.SIGTERM), server.text()
