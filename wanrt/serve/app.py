@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .jobs import TERMINAL, JobStore, QueueFull
-from .worker import Workers
+from .worker import Workers, request_of
 
 log = logging.getLogger("wanrt.serve")
 FPS = 16
@@ -91,15 +91,6 @@ def _param_of(message: str) -> str | None:
     name = min(hits)[1]
     return {"height": "size", "width": "size", "image": "input_reference", "last_image": "last_reference",
             "teacache": "teacache_threshold"}.get(name, name)
-
-
-def request_of(engine, params: dict, data_dir: Path):
-    """The Engine request of a job's stored fields (images from ``data_dir/inputs``)."""
-    kw = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "image", "last_image")}
-    for key in ("image", "last_image"):
-        if params.get(key):
-            kw[key] = str(Path(data_dir) / "inputs" / params[key])
-    return engine.request(params.get("prompt"), params.get("negative_prompt"), **kw)
 
 
 class Service:

@@ -38,13 +38,22 @@ class Live:
                 "eta_s": None if eta is None else round(eta, 3)}
 
 
+def request_of(engine, params: dict, data_dir: Path):
+    """The Engine request of a job's stored fields (images from ``data_dir/inputs``)."""
+    kw = {k: v for k, v in params.items() if k not in ("prompt", "negative_prompt", "image", "last_image")}
+    for key in ("image", "last_image"):
+        if params.get(key):
+            kw[key] = str(Path(data_dir) / "inputs" / params[key])
+    return engine.request(params.get("prompt"), params.get("negative_prompt"), **kw)
+
+
 class Workers:
     """The worker threads and the per-job state they share with the HTTP side.
 
     Args:
         engines: one :class:`wanrt.Engine` per worker (one per GPU).
         store: the :class:`JobStore`. data_dir: where ``videos/`` and ``inputs/`` live.
-        build_request: ``build_request(engine, params) -> Request`` (:func:`wanrt.serve.app.request_of`).
+        build_request: ``build_request(engine, params, data_dir) -> Request`` (:func:`request_of`).
         metrics: the app's :class:`~wanrt.serve.metrics.Metrics`, or None.
         broadcast: for one parallel Engine over several ranks (this is rank 0): ``broadcast(params)`` hands each job
             to the other ranks (:func:`follow`) before it runs, ``broadcast(None)`` releases them at shutdown.
@@ -194,7 +203,6 @@ def follow(engine, data_dir: Path, warmup: bool = True) -> int:
     import torch.distributed as dist
 
     from ..request import Cancelled
-    from .app import request_of
 
     if warmup:
         engine.warmup()
