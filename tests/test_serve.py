@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -280,7 +281,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wanrt", "serve", "--model", "tiny", "--device", "cpu", "--precision", "fp32",
              "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir), "--api-key", "k",
-             "--grace-s", "20", *extra], stdout=self.log, stderr=subprocess.STDOUT)
+             "--grace-s", "20", *extra], stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: a launcher's ranks go with it
         self.url = f"http://127.0.0.1:{self.port}"
         import httpx
 
@@ -307,7 +309,7 @@ class Server:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             raise
         finally:
             self.log.close()
@@ -662,3 +664,24 @@ def test_one_parallel_engine_serves_on_two_gloo_ranks(tmp_path):
     assert_group_ok(outcome, 2)
     assert outcome[1][1]["runs"] == 3  # the completed, the cancelled and the last job
     assert outcome[0][1]["max_diff"] <= 2  # the MP4 of one process, up to the codec's rounding
+
+
+def test_serve_with_nproc_2_through_the_launcher(tmp_path):
+    """``wanrt serve --nproc 2 --ulysses 2``: torchrun's launcher, rank 0 serves, rank 1 follows; a job completes;
+    SIGTERM to the launcher stops both ranks (exit 128 + 15)."""
+    import httpx
+
+    server = Server(tmp_path / "data", "--no-warmup", "--nproc", "2", "--ulysses", "2")
+    auth = {"Authorization": "Bearer k"}
+    try:
+        assert "ulysses 2 x ring 1 x cfg 1 (2 ranks)" in server.text()
+        job = httpx.post(server.url + "/v1/videos", json={"prompt": "a cat", **SMALL}, headers=auth).json()["id"]
+        deadline = time.monotonic() + 90
+        while httpx.get(f"{server.url}/v1/videos/{job}", headers=auth).json()["status"] not in TERMINAL:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.get(f"{server.url}/v1/videos/{job}", headers=auth).json()["status"] == "completed"
+    finally:
+        code = server.stop(signal.SIGTERM, timeout=90)
+    assert code == 128 + signal.SIGTERM, server.text()
+    assert subprocess.run(["pgrep", "-g", str(server.proc.pid)], capture_output=True).stdout == b""  # none left

@@ -245,6 +245,7 @@ def _launch(args, argv: list[str]) -> int:
     rendezvous on a free local port). Returns 0, or the exit code of the first rank that failed (2 bad input, 1 a
     failure, 130 cancelled; its error is already printed)."""
     import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -262,9 +263,12 @@ def _launch(args, argv: list[str]) -> int:
             rest.append(a)
     try:
         torchrun(["--standalone", "--nproc-per-node", str(args.nproc), "-m", "wanrt", *rest])
+    except SignalException as e:  # SIGTERM/SIGINT to the launcher: it has stopped the ranks (serve drains rank 0)
+        print(f"wanrt {args.command}: stopped by signal {int(e.sigval)}", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
-        print(f"wanrt generate: rank {', '.join(map(str, codes))} failed (exit code "
+        print(f"wanrt {args.command}: rank {', '.join(map(str, codes))} failed (exit code "
               f"{', '.join(str(c) for c in codes.values())}); their errors are above", file=sys.stderr)
         return next((c for c in codes.values() if c in (2, 1, 130)), 1)  # a rank's own exit code, not the launcher's kill
     return 0
