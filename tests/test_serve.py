@@ -297,6 +297,18 @@ class Server:
             time.sleep(0.2)
         raise AssertionError("the server did not become ready:\n" + self.text())
 
+    def wait(self, job_id: str, statuses=TERMINAL, timeout: float = 90.0) -> dict:
+        """Poll job ``job_id`` until its status is in ``statuses`` (bounded by ``timeout`` seconds)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            job = httpx.get(f"{self.url}/v1/videos/{job_id}", headers={"Authorization": "Bearer k"}).json()
+            if job["status"] in statuses:
+                return job
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+
     def text(self) -> str:
         if not self.log.closed:
             self.log.flush()
@@ -356,10 +368,7 @@ def test_sigkill_then_restart_loses_no_accepted_job(tmp_path):
             r = httpx.post(server.url + "/v1/videos", json=body, headers=auth, timeout=10)
             assert r.status_code == 200
             ids.append(r.json()["id"])
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{server.url}/v1/videos/{ids[0]}", headers=auth).json()["status"] != "in_progress":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        server.wait(ids[0], ("in_progress",))
     finally:
         server.stop(signal.SIGKILL)  # no chance to clean up
     store = JobStore(data / "jobs.sqlite3")
@@ -393,10 +402,7 @@ def test_sigterm_drains_the_running_job(tmp_path):
         running = httpx.post(server.url + "/v1/videos", json={"prompt": "a", **SMALL, "num_inference_steps": 30},
                              headers=auth).json()["id"]
         waiting = httpx.post(server.url + "/v1/videos", json={"prompt": "b", **SMALL}, headers=auth).json()["id"]
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{server.url}/v1/videos/{running}", headers=auth).json()["status"] != "in_progress":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        server.wait(running, ("in_progress",))
     finally:
         assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM), server.text()
     store = JobStore(data / "jobs.sqlite3")
@@ -676,11 +682,7 @@ def test_serve_with_nproc_2_through_the_launcher(tmp_path):
     try:
         assert "ulysses 2 x ring 1 x cfg 1 (2 ranks)" in server.text()
         job = httpx.post(server.url + "/v1/videos", json={"prompt": "a cat", **SMALL}, headers=auth).json()["id"]
-        deadline = time.monotonic() + 90
-        while httpx.get(f"{server.url}/v1/videos/{job}", headers=auth).json()["status"] not in TERMINAL:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert httpx.get(f"{server.url}/v1/videos/{job}", headers=auth).json()["status"] == "completed"
+        assert server.wait(job)["status"] == "completed"
     finally:
         code = server.stop(signal.SIGTERM, timeout=90)
     assert code == 128 + signal.SIGTERM, server.text()

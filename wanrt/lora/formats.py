@@ -24,6 +24,7 @@ and the Wan-specific keys listed in ``docs`` (field notes).
 from __future__ import annotations
 
 import logging
+import math
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,7 +281,7 @@ def _delta(target: str, parts: dict[str, tuple[str, torch.Tensor]], targets: _Ta
         want = tuple(param.shape) if param is not None else tuple(module.weight.shape)
         if module is not None and getattr(module, "in_features", None) is not None:
             want = (module.out_features, module.in_features)  # 8-bit / GGUF layers: the logical weight
-        if diff.numel() != _numel(want):
+        if diff.numel() != math.prod(want):
             raise _shape_error(what, key, diff.shape, want)
         d.diff = diff.float().reshape(want)
     if "diff_b" in parts:
@@ -292,12 +293,3 @@ def _delta(target: str, parts: dict[str, tuple[str, torch.Tensor]], targets: _Ta
             raise _shape_error(what, key, db.shape, bias.shape)
         d.diff_b = db.float().reshape(bias.shape)
     return d
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-

@@ -179,11 +179,7 @@ class Service:
             if field in uploads:
                 params[key] = self._save_image(field, uploads[field])
         try:
-            req = self.engines[0].request(params.get("prompt"), params.get("negative_prompt"),
-                                          **{k: v for k, v in params.items() if k not in ("prompt", "negative_prompt",
-                                                                                         "image", "last_image")},
-                                          **{k: str(c.data_dir / "inputs" / params[k]) for k in ("image", "last_image")
-                                             if k in params})
+            req = request_of(self.engines[0], params, c.data_dir)  # as the worker will build it
         except (ValueError, TypeError, KeyError) as e:
             for key in ("image", "last_image"):
                 if key in params:

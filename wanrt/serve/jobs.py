@@ -157,6 +157,11 @@ class JobStore:
         with self._changed:
             self._changed.wait(timeout)
 
+    def wake(self) -> None:
+        """Wake every :meth:`wait_for_work` (the workers are stopping)."""
+        with self._changed:
+            self._changed.notify_all()
+
     def progress(self, job_id: str, progress: float) -> None:
         with self._lock:
             self._db.execute("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'in_progress'",

@@ -90,8 +90,7 @@ class Workers:
     def stop(self, grace_s: float) -> None:
         """Stop taking jobs; let the running ones finish within ``grace_s`` seconds, then cancel them."""
         self._stop.set()
-        with self.store._changed:
-            self.store._changed.notify_all()
+        self.store.wake()
         deadline = time.monotonic() + grace_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
