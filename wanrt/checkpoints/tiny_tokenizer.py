@@ -73,7 +73,8 @@ TINY_CORPUS: tuple[str, ...] = (
 )
 
 
-def build_tiny_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 384) -> None:
+def build_tiny_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 384,
+                         extra_corpus: tuple[str, ...] = ()) -> None:
     """Train a tiny SentencePiece unigram tokenizer and save it as a UMT5-style tokenizer folder.
 
     Training is offline (corpus: :data:`TINY_CORPUS`), single-threaded and deterministic: the same
@@ -86,6 +87,8 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 384)
         vocab_size: Number of pieces, special tokens included (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2).
             The tokenizer's ids are then all ``< vocab_size``. Must be in [64, 1000]: the corpus is too
             small for more pieces.
+        extra_corpus: Sentences trained on after :data:`TINY_CORPUS` (the trained tiny model adds its captions'
+            vocabulary, so its words are whole pieces).
 
     Returns:
         None. The folder layout is described in the module docstring.
@@ -102,7 +105,7 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 384)
     os.makedirs(out_dir, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TINY_CORPUS),
+        sentence_iterator=iter(TINY_CORPUS + tuple(extra_corpus)),
         model_writer=model,
         model_type="unigram",
         vocab_size=vocab_size,
@@ -118,6 +121,7 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 384)
         num_threads=1,
         shuffle_input_sentence=False,
         minloglevel=2,
+        hard_vocab_limit=not extra_corpus,  # a larger corpus may hold fewer distinct pieces than asked for
     )
     with open(os.path.join(out_dir, "spiece.model"), "wb") as f:
         f.write(model.getvalue())

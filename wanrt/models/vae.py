@@ -183,6 +183,31 @@ def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, stride)`` without padding; on the CPU in float32 through oneDNN.
+
+    For 3-D convolutions on the CPU torch's own dispatch takes its reference loop (``aten::slow_conv3d``, an
+    im2col per sample plus a GEMM) even where oneDNN is built in; oneDNN's direct convolution is several times
+    faster and agrees to float32 rounding (the same sums in another order). Autograd works through both.
+    Other devices and dtypes go to ``F.conv3d`` (cuDNN on CUDA).
+
+    Args:
+        x: ``[B, C_in, T, H, W]``.
+        weight: ``[C_out, C_in, kt, kh, kw]``, the dtype of ``x``.
+        bias: ``[C_out]`` or None.
+        stride: ``(st, sh, sw)``.
+
+    Returns:
+        ``[B, C_out, T', H', W']``.
+    """
+    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, [0, 0, 0], list(stride), [1, 1, 1], 1)
+    return F.conv3d(x, weight, bias, stride)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
 class CausalConv3d(nn.Conv3d):
     """3D convolution that is causal in time (official ``CausalConv3d``).
 
@@ -246,7 +271,7 @@ class CausalConv3d(nn.Conv3d):
             front -= prefix.shape[2]
         if front > 0 or any(self.spatial_pad):
             x = F.pad(x, (*self.spatial_pad, front, 0))
-        return super().forward(x)
+        return conv3d(x, self.weight, self.bias, self.stride)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """``[B, C_in, T, H, W] -> [B, C_out, T', H', W']``, reading and updating this layer's slot."""
