@@ -350,10 +350,39 @@ def _loop_table(a, plan: str | None, body: list[str], notes: list[str]) -> list[
     return lines
 
 
+def _written_preset(a):
+    """The preset whose architecture the random checkpoint has: ``--preset``, resized by --dit-dim/--dit-layers."""
+    import dataclasses
+
+    from wanrt.presets import get_preset
+
+    p = get_preset(a.preset)
+    if a.dit_dim is None and a.dit_layers is None:
+        return p
+    dim = a.dit_dim or p.arch.dim
+    arch = dataclasses.replace(p.arch, dim=dim, ffn_dim=4 * dim if a.dit_dim else p.arch.ffn_dim,
+                               num_heads=max(1, dim // 64) if a.dit_dim else p.arch.num_heads,
+                               num_layers=a.dit_layers or p.arch.num_layers)
+    return dataclasses.replace(p, arch=arch)
+
+
+def _config_words(a) -> str:
+    """What the written checkpoint is, for the tables' captions."""
+    from wanrt.presets import get_preset
+
+    p = _written_preset(a)
+    words = f"random `{a.preset}` checkpoint"
+    if p.arch != get_preset(a.preset).arch:
+        words += f" resized to DiT dim {p.arch.dim} x {p.arch.num_layers} layers"
+    if a.vae_base_dim:
+        words += f", VAE base dim {a.vae_base_dim}"
+    return words
+
+
 def run_pipelines(a, res: dict) -> list[str]:
     image = _task(a) != "t2v"
     pipes = "WanImageToVideoPipeline" if image else "WanPipeline"
-    caption = (f"wanrt vs diffusers' {pipes}: random `{a.preset}` checkpoint (diffusers layout, same weights for "
+    caption = (f"wanrt vs diffusers' {pipes}: {_config_words(a)} (diffusers layout, same weights for "
                f"both), {a.height}x{a.width}, {a.frames} frames, {a.steps} steps, CFG {a.guidance}, UniPC, precision "
                f"{a.precision}; median of {a.repeats} runs after one warm-up.")
     if image:
@@ -421,6 +450,11 @@ def main() -> None:
                     help="latent size of the real-dimension 1.3B DiT forward (default 3 16 16 = 192 tokens)")
     ap.add_argument("--skip-dit", action="store_true", help="skip the real-dimension DiT forward (same as "
                     "leaving dit out of --parts)")
+    ap.add_argument("--dit-dim", type=int, default=None, help="the written checkpoint's DiT width (default: the "
+                    "preset's; heads of 64, FFN 4x)")
+    ap.add_argument("--dit-layers", type=int, default=None, help="the written checkpoint's DiT blocks")
+    ap.add_argument("--vae-base-dim", type=int, default=None, help="the written checkpoint's VAE base width "
+                    "(default: 8 for the tiny presets)")
     ap.add_argument("--prompt", default="a corgi surfing a wave, cinematic")
     ap.add_argument("--out", default=None, help="write the markdown tables here too")
     ap.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
@@ -450,7 +484,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if "loop" in parts or ("pipelines" in parts and not missing):
             t0 = time.perf_counter()
-            a.ckpt = str(write_checkpoint(Path(tmp) / "ckpt", layout="diffusers", preset=a.preset))
+            a.ckpt = str(write_checkpoint(Path(tmp) / "ckpt", layout="diffusers", preset=_written_preset(a),
+                                          vae_base_dim=a.vae_base_dim))
             print(f"wrote a random {a.preset} checkpoint in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         if "loop" in parts:
             def partial(table: list[str]) -> None:  # a cut-short run keeps its finished rows

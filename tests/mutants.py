@@ -587,4 +587,27 @@ DEFECTS: tuple[Defect, ...] = (
         tests=("tests/test_serve.py::test_cancel_queued_and_running_jobs",),
         what="DELETE of a running job does not stop it",
     ),
+    Defect(
+        name="train-resume-forgets-optimizer",
+        file="demo/train.py",
+        edits=(('        ema.load_state_dict(state["ema"])\n        opt.load_state_dict(state["opt"])\n',
+                '        ema.load_state_dict(state["ema"])\n'),),
+        tests=("tests/test_demo_train.py::test_an_interrupted_run_resumes_to_the_same_weights",),
+        what="a resumed DiT run restarts Adam's moments, so it no longer ends where an uninterrupted run ends",
+    ),
+    Defect(
+        name="train-standardize-forgets-decoder",
+        file="demo/train.py",
+        edits=(("    w2 /= a.view(1, -1, 1, 1, 1)\n", ""),),
+        tests=("tests/test_demo_train.py::test_standardizing_the_latents_keeps_the_reconstruction",),
+        what="the latent re-standardisation rescales the encoder but not the decoder's input",
+    ),
+    Defect(
+        name="vae-conv-padding-dropped-on-cpu",
+        file="models/vae.py",
+        edits=(("        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, list(padding), list(stride),",
+                "        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, [0, 0, 0], list(stride),"),),
+        tests=("tests/test_demo_train.py::test_cpu_conv3d_goes_through_onednn_and_matches_the_reference",),
+        what="the oneDNN convolution ignores the spatial zero padding",
+    ),
 )

@@ -46,8 +46,9 @@ class Engine:
             (.safetensors in fp16/bf16/fp8/fp8-scaled, or .gguf), "text_encoder": UMT5 (.safetensors, also ComfyUI's
             scaled fp8 with its embedded tokenizer), "vae": ..., "image_encoder": CLIP vision (i2v/flf2v),
             "tokenizer": a tokenizer folder, when the text-encoder file carries none}``.
-        checkpoint_dir: the checkpoint folder (official or diffusers layout); None only for the tiny presets (a
-            random tiny checkpoint is written once to ``$XDG_CACHE_HOME/wanrt``).
+        checkpoint_dir: the checkpoint folder (official or diffusers layout); None only for the tiny presets
+            (``tiny``: the model trained by the project, shipped in the package; ``tiny-i2v``/``tiny-flf2v``: a
+            random checkpoint written once to ``$XDG_CACHE_HOME/wanrt``).
         device: torch device (default CUDA when available). precision, backend, **options: :class:`EngineConfig`
             (``engine.plan`` holds the resolved kernels; an explicit backend that cannot run here raises
             ``BackendUnavailableError`` with the install command, before any weight is read).
@@ -73,13 +74,13 @@ class Engine:
         if config.parallel is not None:  # a layout that cannot fit fails before any weight is read or written
             _layout(config, preset.arch.num_heads, preset.guidance_scale, quiet=True)
         if checkpoint_dir is None:
-            from .checkpoints.tiny import cached_tiny_checkpoint, is_tiny
+            from .checkpoints.tiny import default_tiny_checkpoint, is_tiny
 
             if not is_tiny(preset):
                 raise ValueError(f"preset {preset.name!r} needs checkpoint_dir: download the Wan2.1 weights yourself "
                                  "(official or diffusers layout) and pass the folder")
             check_kernels(config, preset.arch.dim // preset.arch.num_heads)  # before the tiny checkpoint is written
-            checkpoint_dir = cached_tiny_checkpoint("official", preset.name)
+            checkpoint_dir = default_tiny_checkpoint(preset.name)  # tiny: the trained model in the package
         self._load(preset, Path(checkpoint_dir), config, check=True)
 
     @classmethod

@@ -60,10 +60,13 @@ def tiny_t5_config(text_dim: int, vocab: int = TINY_VOCAB):
                       num_heads=heads, num_layers=2)
 
 
-def tiny_vae_config(preset: Preset):
-    """The VAE config written for ``preset``: the real one for full-size presets, base_dim 8 for tiny."""
+def tiny_vae_config(preset: Preset, base_dim: int | None = None):
+    """The VAE config written for ``preset``: the real one for full-size presets, base_dim 8 for tiny;
+    ``base_dim`` overrides either."""
     from ..models.vae import VAEConfig
 
+    if base_dim is not None:
+        return VAEConfig(base_dim=base_dim)
     return VAEConfig(base_dim=8) if is_tiny(preset) else VAEConfig()
 
 
@@ -163,6 +166,7 @@ def write_checkpoint(
     preset: str | Preset = "tiny",
     seed: int = 0,
     shards: int = 1,
+    vae_base_dim: int | None = None,
 ) -> Path:
     """Write a random-initialized Wan2.1 checkpoint in a real layout.
 
@@ -179,6 +183,7 @@ def write_checkpoint(
             XXL encoder would be 11 GB of random numbers).
         seed: seed of the random weights.
         shards: split the DiT weights into this many safetensors shards with an index.
+        vae_base_dim: the VAE's base width (default: 8 for the tiny presets, 96 otherwise).
 
     Returns:
         ``out_dir`` as a Path.
@@ -203,7 +208,7 @@ def write_checkpoint(
 
     dit_cfg = dit_config_for(p)
     dit = randomize_(WanDiT(dit_cfg), seed)
-    vae_cfg = tiny_vae_config(p)
+    vae_cfg = tiny_vae_config(p, vae_base_dim)
     vae = randomize_(WanVAE(vae_cfg), seed + 1)
     t5_cfg = tiny_t5_config(p.arch.text_dim)
     t5 = randomize_(UMT5Encoder(t5_cfg), seed + 2).to(torch.bfloat16)
@@ -313,6 +318,19 @@ def cache_dir() -> Path:
     from ..paths import cache_root
 
     return cache_root()
+
+
+#: The trained tiny model shipped in the package (:mod:`wanrt.demo.train`; see its MODEL_CARD.md).
+TRAINED_TINY = Path(__file__).resolve().parent.parent / "demo" / "tiny"
+
+
+def default_tiny_checkpoint(preset: str = "tiny") -> Path:
+    """The checkpoint ``Engine(preset)`` loads when given none: for ``tiny`` the trained model shipped in the
+    package (:data:`TRAINED_TINY`), for ``tiny-i2v`` / ``tiny-flf2v`` (and a source tree without the trained
+    weights) a random checkpoint in the cache (:func:`cached_tiny_checkpoint`)."""
+    if preset == "tiny" and (TRAINED_TINY / "config.json").is_file():
+        return TRAINED_TINY
+    return cached_tiny_checkpoint("official", preset)
 
 
 def cached_tiny_checkpoint(layout: str = "official", preset: str = "tiny") -> Path:

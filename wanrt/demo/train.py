@@ -66,6 +66,7 @@ class TrainConfig:
     uncond_prob: float = 0.1
     shift: float = 3.0
     save_every: int = 250
+    standardize_clips: int = 256
 
 
 def _gen(cfg: TrainConfig, stage: str, step: int) -> torch.Generator:
@@ -205,7 +206,7 @@ def train_vae(out: Path, cfg: TrainConfig):
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.vae_steps:
             _save_state(out, "vae", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
     vae.eval().requires_grad_(False)
-    standardize_latents_(vae, cfg)
+    standardize_latents_(vae, cfg, cfg.standardize_clips)
     torch.save(vae.state_dict(), out / OFFICIAL_VAE)
     (out / STATE_FILE["vae"]).unlink(missing_ok=True)
     return vae

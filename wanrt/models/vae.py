@@ -183,29 +183,37 @@ def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
-def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride) -> torch.Tensor:
-    """``F.conv3d(x, weight, bias, stride)`` without padding; on the CPU in float32 through oneDNN.
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding=(0, 0, 0)) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, stride, padding)``; on the CPU in float32 through oneDNN.
 
     For 3-D convolutions on the CPU torch's own dispatch takes its reference loop (``aten::slow_conv3d``, an
     im2col per sample plus a GEMM) even where oneDNN is built in; oneDNN's direct convolution is several times
     faster and agrees to float32 rounding (the same sums in another order). Autograd works through both.
-    Other devices and dtypes go to ``F.conv3d`` (cuDNN on CUDA).
+    Other devices and dtypes, and tracing / ONNX export / torch.compile, go to ``F.conv3d`` (cuDNN on CUDA).
 
     Args:
         x: ``[B, C_in, T, H, W]``.
         weight: ``[C_out, C_in, kt, kh, kw]``, the dtype of ``x``.
         bias: ``[C_out]`` or None.
         stride: ``(st, sh, sw)``.
+        padding: symmetric zero padding ``(pt, ph, pw)``.
 
     Returns:
         ``[B, C_out, T', H', W']``.
     """
-    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, [0, 0, 0], list(stride), [1, 1, 1], 1)
-    return F.conv3d(x, weight, bias, stride)
+    if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not _exporting()):
+        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, list(padding), list(stride), [1, 1, 1],
+                                                 1)
+    return F.conv3d(x, weight, bias, stride, padding)
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _exporting() -> bool:
+    """Tracing, ONNX export or torch.compile: they get the portable ``F.conv3d``."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 class CausalConv3d(nn.Conv3d):
@@ -266,12 +274,16 @@ class CausalConv3d(nn.Conv3d):
             return causal_conv3d(x, prefix, self.weight, self.bias, front_pad=self.front_pad, spatial_pad=(ph, pw),
                                  stride=self.stride)
         front = self.front_pad
+        parts = [x]
         if prefix is not None and front > 0:
-            x = torch.cat([prefix.to(x), x], dim=2)  # [B, C_in, n + T, H, W]
+            parts.insert(0, prefix.to(x))
             front -= prefix.shape[2]
-        if front > 0 or any(self.spatial_pad):
-            x = F.pad(x, (*self.spatial_pad, front, 0))
-        return conv3d(x, self.weight, self.bias, self.stride)
+        if front > 0:  # zero frames in front of the prefix (or of x)
+            parts.insert(0, x.new_zeros((x.shape[0], x.shape[1], front, *x.shape[3:])))
+        if len(parts) > 1:
+            x = torch.cat(parts, dim=2)  # [B, C_in, front + n + T, H, W]: one copy
+        pw, _, ph, _ = self.spatial_pad  # symmetric: zero-padded by the convolution itself, no padded copy
+        return conv3d(x, self.weight, self.bias, self.stride, (0, ph, pw))
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """``[B, C_in, T, H, W] -> [B, C_out, T', H', W']``, reading and updating this layer's slot."""
@@ -299,9 +311,14 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, C, ...] -> [N, C, ...]``, same dtype."""
+        """``[N, C, ...] -> [N, C, ...]``, same dtype.
+
+        Computed as ``x * rsqrt(max(sum_c x², 1e-24)) * (sqrt(C) gamma)``: ``F.normalize``'s value to float32
+        rounding, in two passes over ``x`` instead of four (its strided norm over channels, the division, and two
+        scalings are the VAE decode's largest cost on the CPU after the convolutions)."""
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        return F.normalize(xf, dim=1).to(x.dtype) * self.scale * self.gamma
+        inv = torch.rsqrt(xf.square().sum(1, keepdim=True).clamp_min(1e-24))  # 1 / max(||x||_2, 1e-12)
+        return (xf * inv).to(x.dtype) * (self.gamma * self.scale).to(x.dtype)
 
 
 class ResidualBlock(nn.Module):
