@@ -5,9 +5,10 @@ Three stages, in this order, into one folder (``python -m wanrt.demo.train OUT``
 1. **text**: a SentencePiece tokenizer trained on the captions' vocabulary and the tiny UMT5 encoder with seeded
    random weights, frozen (the DiT learns to read its features). Written at once in the official layout.
 2. **vae**: the real :class:`~wanrt.models.vae.WanVAE` at base dim 8 (16 latent channels, 4×8×8 compression) trained
-   for reconstruction of 9-frame clips (MSE on pixels in [-1, 1]) with a small KL term that holds the posterior near
-   the official latent normalisation, N(mean, std²) per channel, so the normalised latents the DiT sees are O(1).
-   The decoder is trained on sampled latents, which makes it tolerant of the DiT's imperfect ones.
+   for reconstruction of 5-frame, then 9-frame clips (MSE on pixels in [-1, 1], the objects' pixels weighted ``1 + vae_fg_weight``:
+   they are a small part of each frame) with a very small KL term towards the official latent normalisation,
+   N(mean, std²) per channel. The decoder is trained on sampled latents. Afterwards the latents are re-standardised
+   exactly (:func:`standardize_latents_`), so the normalised latents the DiT sees have unit variance.
 3. **dit**: the real :class:`~wanrt.models.dit.WanDiT` at the ``tiny`` preset's size trained with the rectified-flow
    objective of Wan2.1 (``x_t = (1 - σ) x_0 + σ ε``, target ``ε - x_0``, ``t = 1000 σ``) on the frozen VAE's
    normalised latents of a fixed set of clips (encoded once), conditioned on the frozen text features; the caption is
@@ -28,6 +29,7 @@ loads; :func:`export` copies the weights without the training state into the pac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -42,8 +44,12 @@ import torch.nn.functional as F
 
 from .data import make_clip
 
-#: Clip shapes of each stage: the VAE sees 9-frame clips at both sizes; the DiT trains on all sizes and lengths.
-VAE_SHAPES = ((64, 64, 9), (64, 96, 9))
+#: Clip shapes of each stage: the VAE sees 5-frame 64x64 clips (frame 0 alone, then one causal chunk of 4; cheap)
+#: for its first ``vae_short_steps`` steps, then 9-frame ones (a chunk after a chunk reads the cache differently
+#: from the first: the VAE must see it); convolutions do not care about the width. The DiT trains on all sizes and
+#: lengths.
+VAE_SHAPES = ((64, 64, 5),)
+VAE_LONG_SHAPES = ((64, 64, 9),)
 DIT_SHAPES = ((64, 64, 9), (64, 96, 9), (64, 64, 13), (64, 96, 13), (64, 64, 17), (64, 96, 17))
 STATE_FILE = {"vae": "train_state_vae.pt", "dit": "train_state_dit.pt"}
 
@@ -54,11 +60,14 @@ class TrainConfig:
 
     seed: int = 0
     threads: int = 2
-    vae_steps: int = 1500
+    vae_steps: int = 2500
+    vae_short_steps: int = 1000
     vae_batch: int = 4
     vae_lr: float = 1e-3
-    kl_weight: float = 1e-4
-    dit_steps: int = 6000
+    kl_weight: float = 1e-6
+    vae_fg_weight: float = 8.0
+    dit_steps: int = 5000
+    dit_text_len: int = 128
     dit_batch: int = 24
     dit_lr: float = 5e-4
     dit_clips: int = 4096
@@ -138,6 +147,15 @@ def write_text(out: Path, cfg: TrainConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------- vae
 
 
+def foreground(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, F, H, W]`` 1.0 where a clip ``x [B, 3, F, H, W]`` (in [-1, 1]) differs from its row's median colour
+    by more than 0.25 in some channel (the objects: backgrounds are plain or vertical gradients), else 0.0. The
+    objects are a small part of each frame, so the VAE's reconstruction loss weighs these pixels up."""
+    b, c, f, h, w = x.shape
+    bg = x.permute(0, 1, 3, 2, 4).reshape(b, c, h, f * w).median(dim=-1).values  # [B, 3, H]
+    return ((x - bg[:, :, None, :, None]).abs().amax(dim=1, keepdim=True) > 0.25).float()
+
+
 def vae_forward(vae, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable encode → sample → decode of ``x [B, 3, F, H, W]`` through the causal chunking of
     :meth:`WanVAE.encode` / :meth:`WanVAE.decode`. Returns ``(reconstruction [B, 3, F, H, W], kl)``, the KL of the
@@ -186,14 +204,17 @@ def train_vae(out: Path, cfg: TrainConfig):
     t0 = time.time()
     for step in bar:
         g = _gen(cfg, "vae", step)
-        shape = VAE_SHAPES[int(torch.randint(len(VAE_SHAPES), (1,), generator=g))]
+        shapes = VAE_SHAPES if step < cfg.vae_short_steps else VAE_LONG_SHAPES
+        shape = shapes[int(torch.randint(len(shapes), (1,), generator=g))]
         seeds = torch.randint(0, 10**7, (cfg.vae_batch,), generator=g).tolist()
         x, _ = _clips_tensor(seeds, shape)
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
         recon, kl = vae_forward(vae, x, g)
-        mse = F.mse_loss(recon, x)
-        loss = mse + cfg.kl_weight * kl
+        err = (recon - x) ** 2
+        mse = err.mean()
+        weight = 1.0 + cfg.vae_fg_weight * foreground(x)  # [B, 1, F, H, W]
+        loss = (err * weight).mean() / weight.mean() + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -222,7 +243,7 @@ def standardize_latents_(vae, cfg: TrainConfig, clips: int = 256) -> tuple[torch
     measured per-channel mean and std before the change."""
     g = _gen(cfg, "data", 1)
     seeds = torch.randint(0, 10**7, (clips,), generator=g).tolist()
-    lat = torch.cat([vae.encode(_clips_tensor(seeds[i:i + 32], VAE_SHAPES[(i // 32) % 2])[0])
+    lat = torch.cat([vae.encode(_clips_tensor(seeds[i:i + 32], DIT_SHAPES[(i // 32) % 2])[0])
                      .transpose(0, 1).reshape(vae.config.z_dim, -1) for i in range(0, clips, 32)], dim=1)
     m, s = lat.mean(1), lat.std(1).clamp_min(1e-3)
     mean, inv_std = (t.view(-1) for t in vae._latent_stats(torch.device("cpu")))
@@ -302,7 +323,9 @@ def train_dit(out: Path, cfg: TrainConfig, data: dict):
     from ..presets import get_preset
 
     preset = get_preset("tiny")
-    dit = WanDiT(dit_config_for(preset))
+    # text_len 128 (the official 512 zero-pads every prompt; the default negative prompt is 114 tokens here): the
+    # cross-attention keys cost a quarter, the checkpoint's config.json says 128 and the Engine pads to it.
+    dit = WanDiT(dataclasses.replace(dit_config_for(preset), text_len=cfg.dit_text_len))
     randomize_(dit, cfg.seed + 4)
     with torch.no_grad():  # the usual DiT start: the head predicts zero, blocks start as near-identities
         dit.head.head.weight.zero_()
