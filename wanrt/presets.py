@@ -141,7 +141,7 @@ AREA_480P = 480 * 832
 #: The tiny model: random weights, real architecture family, small enough for a whole video in seconds
 #: on a CPU. Used by the tests, the README quick start and ``wanrt make-tiny-checkpoint``.
 TINY_ARCH = Architecture(
-    "t2v", dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=16, text_dim=64
+    "t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, text_dim=64
 )
 #: Tiny image-to-video models: the tiny DiT with 36 input channels and a tiny CLIP tower (width 160).
 TINY_I2V_ARCH = Architecture(
