@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import wanrt
 from wanrt.checkpoints.keymap_t5 import t5_from_official
-from wanrt.checkpoints.tiny import cached_tiny_checkpoint
+from wanrt.checkpoints.tiny import cached_tiny_checkpoint, default_tiny_checkpoint
 
 KW = dict(precision="fp32", backend="eager", prompt_cache_size=0)
 OPTS = dict(seed=2, num_inference_steps=3, height=48, width=80, num_frames=9)
@@ -23,9 +23,10 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _write(folder, preset: str, *, t5: str = "fp32", spiece: bool = True) -> dict:
-    """ComfyUI-style single files of the tiny checkpoint ``preset`` under ``folder``; returns ``files``."""
-    ck = cached_tiny_checkpoint("official", preset)
+def _write(folder, preset: str, *, t5: str = "fp32", spiece: bool = True, ck=None) -> dict:
+    """ComfyUI-style single files of the tiny checkpoint ``preset`` (or the folder ``ck``) under ``folder``;
+    returns ``files``."""
+    ck = ck or default_tiny_checkpoint(preset)  # tiny: the trained model (dim 128); the others: random fixtures
     folder.mkdir(parents=True, exist_ok=True)
     files = {"dit": folder / "wan2.1_tiny.safetensors", "text_encoder": folder / f"umt5_xxl_{t5}.safetensors",
              "vae": folder / "wan_2.1_vae.safetensors"}
@@ -65,11 +66,22 @@ def test_engine_from_single_files_equals_the_folder_engine(tmp_path):
     # offsets), so equal within float32 rounding rather than bit for bit.
     assert _rel(video.latents, ref.latents) < 1e-5
     assert np.abs(video.frames.astype(int) - ref.frames.astype(int)).max() <= 1
+    assert eng.preset.arch.dim == 128
+
+
+def test_single_files_of_a_random_fixture_load_at_its_size(tmp_path):
+    """The ``tiny`` preset accepts two sizes; single files carry no config, so the DiT file's shapes choose."""
+    fixture = cached_tiny_checkpoint("official", "tiny")
+    files = _write(tmp_path / "comfy", "tiny", ck=fixture)
+    eng = wanrt.Engine("tiny", files=files, **KW)
+    assert eng.preset.arch.dim == 64 and eng.transformer.config.num_heads == 2
+    ref = wanrt.Engine("tiny", fixture, **KW).generate("a cat", progress=False, **OPTS)
+    assert _rel(eng.generate("a cat", progress=False, **OPTS).latents, ref.latents) < 1e-5
 
 
 def test_scaled_fp8_text_encoder_with_its_embedded_tokenizer(tmp_path):
     files = _write(tmp_path / "comfy", "tiny", t5="fp8_e4m3fn_scaled")
-    folder = wanrt.load_text_encoder(cached_tiny_checkpoint("official", "tiny"), device="cpu", dtype=torch.float32)
+    folder = wanrt.load_text_encoder(default_tiny_checkpoint("tiny"), device="cpu", dtype=torch.float32)
     single = wanrt.load_text_encoder(files["text_encoder"], device="cpu", dtype=torch.float32)
     prompts = ["a corgi surfing a wave", "镜头晃动，色调艳丽"]
     for a, b in zip(folder.tokenize(prompts), single.tokenize(prompts), strict=True):

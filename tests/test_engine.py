@@ -166,12 +166,21 @@ def test_decode_failure_keeps_latents(tiny_engine, monkeypatch):
     assert video.shape == (1, 3, 5, 32, 48)
 
 
-def test_tiny_engine_without_checkpoint_uses_cache(tmp_path, monkeypatch):
+def test_tiny_engine_without_checkpoint_uses_the_packaged_model_or_the_cache(tmp_path, monkeypatch):
+    """``tiny`` loads the trained model shipped in the package (nothing written); the random tiny presets and a
+    source tree without the trained weights write a random checkpoint to the cache once and reuse it."""
+    from wanrt.checkpoints import tiny as tiny_mod
+
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     e = wanrt.Engine("tiny", device="cpu", precision="fp32")
-    assert (tmp_path / "wanrt").is_dir() and str(e.checkpoint_dir).startswith(str(tmp_path))
+    assert e.checkpoint_dir == tiny_mod.TRAINED_TINY and not (tmp_path / "wanrt").exists()
+    assert e.transformer.config.num_layers == 4
     v = e.generate("a corgi", seed=7, progress=False)  # the preset defaults: 64x96, 9 frames, 4 steps
     assert v.frames.shape == (9, 64, 96, 3)
+    monkeypatch.setattr(tiny_mod, "TRAINED_TINY", tmp_path / "not-installed")
+    e = wanrt.Engine("tiny", device="cpu", precision="fp32")
+    assert (tmp_path / "wanrt").is_dir() and str(e.checkpoint_dir).startswith(str(tmp_path))
+    assert e.transformer.config.num_layers == 2  # the random fixture size
     e2 = wanrt.Engine("tiny", device="cpu", precision="fp32")  # reuses the cached checkpoint
     assert e2.checkpoint_dir == e.checkpoint_dir
 

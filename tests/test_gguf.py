@@ -189,7 +189,7 @@ def test_engine_detects_a_gguf_dit_in_the_checkpoint_folder(tmp_path):
     kw = dict(precision="fp32", backend="eager", prompt_cache_size=0)
     opts = dict(seed=2, num_inference_steps=3, height=48, width=80, num_frames=9)
     video = wanrt.Engine("tiny", folder, **kw).generate("a cat", progress=False, **opts)
-    ref = wanrt.Engine("tiny", **kw).generate("a cat", progress=False, **opts)
+    ref = wanrt.Engine("tiny", src, **kw).generate("a cat", progress=False, **opts)
     assert type(wanrt.Engine("tiny", folder, **kw).transformer.blocks[0].self_attn.q).__name__ == "GGUFLinear"
     assert float((video.latents - ref.latents).norm() / ref.latents.norm()) < 0.02  # Q8_0's error
     (folder / "second.gguf").write_bytes(b"")

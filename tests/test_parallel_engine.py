@@ -290,7 +290,8 @@ def _body_agreement(rank, world):
         video = eng.generate("a cat", progress=False, **OPTS)
     finally:
         SeqParallelAttention.__call__ = original
-    assert len(calls) == 2 * (2 * OPTS["num_inference_steps"] + 1), len(calls)  # layers x (capture + branches x steps)
+    layers = len(eng.transformer.blocks)
+    assert len(calls) == layers * (2 * OPTS["num_inference_steps"] + 1), len(calls)  # capture + branches x steps
     assert _rel(video.latents, ref.latents) < REL
     graphs = video.stats["cuda_graphs"]["plain"]
     assert graphs["captures"] == 1 and graphs["replays"] == 2 * OPTS["num_inference_steps"] - 1, graphs  # 2 branches

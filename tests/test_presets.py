@@ -80,3 +80,35 @@ def test_architecture_of_a_dit_config_checks_and_finds_presets():
         g = generic_preset(dataclasses.replace(odd, model_type=task))
         assert (g.task, g.num_inference_steps, g.shift, g.negative_prompt) == (
             task, PRESETS[base].num_inference_steps, PRESETS[base].shift, PRESETS[base].negative_prompt)
+
+
+def test_the_tiny_preset_is_the_trained_size_and_accepts_its_random_fixtures(tmp_path):
+    """``tiny`` expects the trained model (dim 128 x 4 blocks, 128 text tokens) and also loads the random test
+    checkpoints (dim 64 x 2 blocks): such a checkpoint gets the preset at its own size, anything else is refused."""
+    import wanrt
+    from wanrt.checkpoints.tiny import write_checkpoint
+    from wanrt.presets import TINY_ARCH, TINY_FIXTURE_ARCH
+
+    tiny = get_preset("tiny")
+    assert (tiny.arch.dim, tiny.arch.ffn_dim, tiny.arch.num_heads, tiny.arch.num_layers, tiny.arch.text_len) == \
+        (128, 512, 2, 4, 128)
+    assert tiny.fixture_archs == (TINY_FIXTURE_ARCH,) and TINY_FIXTURE_ARCH.dim == 64
+    assert tiny.for_arch(TINY_ARCH) is tiny
+    assert tiny.for_arch(TINY_FIXTURE_ARCH).arch == TINY_FIXTURE_ARCH
+    assert tiny.for_arch(dataclasses.replace(TINY_ARCH, num_layers=3)) is None
+    check_against(tiny, TINY_FIXTURE_ARCH)
+    with pytest.raises(ValueError, match=r"num_layers: checkpoint 3, preset 4"):
+        check_against(tiny, dataclasses.replace(TINY_ARCH, num_layers=3))
+    with pytest.raises(ValueError, match=r"matches preset\(s\) \['tiny'\]"):
+        check_against(get_preset("t2v-1.3b"), TINY_FIXTURE_ARCH)
+    assert preset_for_arch(TINY_FIXTURE_ARCH).arch == TINY_FIXTURE_ARCH
+    assert preset_for_arch(TINY_ARCH) is tiny
+
+    ckpt = write_checkpoint(tmp_path / "fixture")  # "tiny" by name: the fixture size
+    for engine in (wanrt.Engine("tiny", ckpt, device="cpu", precision="fp32"),
+                   wanrt.Engine.from_pretrained(ckpt, device="cpu", precision="fp32")):
+        assert engine.preset.name == "tiny" and engine.preset.arch == TINY_FIXTURE_ARCH
+        assert engine.transformer.config.dim == 64
+    trained_size = write_checkpoint(tmp_path / "trained-size", preset=dataclasses.replace(tiny, fixture_archs=()))
+    engine = wanrt.Engine("tiny", trained_size, device="cpu", precision="fp32")
+    assert engine.preset.arch == TINY_ARCH and engine.transformer.config.num_layers == 4

@@ -111,6 +111,12 @@ class Engine:
         if getattr(self, "_files", None) and preset is not None:  # single files carry no config: the preset's
             from .checkpoints.tiny import dit_config_for
 
+            if preset.fixture_archs and ckpt.suffix == ".safetensors":  # tiny: trained or fixture size, by shape
+                from .checkpoints.loaders import dit_config_of_file
+
+                shapes = dit_config_of_file(ckpt)
+                preset = preset.for_arch({f: getattr(shapes, f) for f in
+                                          ("model_type", "dim", "ffn_dim", "num_layers", "in_dim")}) or preset
             arch = dit_config_for(preset)
         self.transformer = load_transformer(ckpt, device="cpu" if host else dev, dtype=config.dit_dtype,
                                             backend="eager" if host else config.backend, quantization=quant,

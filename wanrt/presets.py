@@ -94,6 +94,9 @@ class Preset:
         negative_prompt: used when the caller gives none (the official behaviour).
         fps: frame rate of the saved video (Wan's native 16 fps).
         supported_sizes: (height, width) pairs the official code supports for this model.
+        fixture_archs: other architectures a checkpoint of this preset may have: for ``tiny``, the random test
+            checkpoints (:data:`TINY_FIXTURE_ARCH`) beside the trained model. A loaded checkpoint of one of them
+            gets the preset with that architecture (:meth:`for_arch`).
 
     For the image tasks (i2v, flf2v) ``height * width`` is the default *max area*: the output size follows
     the input image's aspect ratio (:attr:`max_area`, ``docs/model-reference.md`` §7.2).
@@ -112,6 +115,17 @@ class Preset:
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     fps: int = 16
     supported_sizes: tuple[tuple[int, int], ...] = field(default_factory=tuple)
+    fixture_archs: tuple[Architecture, ...] = ()
+
+    def for_arch(self, arch: Architecture | Mapping[str, object]) -> Preset | None:
+        """This preset if ``arch`` (a checkpoint's, or some of its fields) is :attr:`arch`; the preset with the
+        fixture architecture ``arch`` matches (:attr:`fixture_archs`); else None. Compared on the fields
+        :func:`check_against` compares."""
+        fields = _fields(arch)
+        for i, candidate in enumerate((self.arch, *self.fixture_archs)):
+            if not _differences(self, candidate, fields):
+                return self if i == 0 else dataclasses.replace(self, arch=candidate)
+        return None
 
     def __post_init__(self) -> None:
         if self.task != self.arch.model_type:
@@ -138,9 +152,14 @@ _ARCH_FLF2V = Architecture("flf2v", dim=5120, ffn_dim=13824, num_heads=40, num_l
 #: 480P area of the official sizes (``832*480``): the i2v default shift is 3.0 at this area, 5.0 otherwise.
 AREA_480P = 480 * 832
 
-#: The tiny model: random weights, real architecture family, small enough for a whole video in seconds
-#: on a CPU. Used by the tests, the README quick start and ``wanrt make-tiny-checkpoint``.
+#: The tiny model the project trained (``wanrt/demo``, shipped in the package): the Wan2.1 DiT at dim 128, FFN
+#: 512, 2 heads of 64, 4 blocks, reading 128 text tokens of width 64. A whole video in a second on a CPU.
 TINY_ARCH = Architecture(
+    "t2v", dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=16, text_dim=64, text_len=128
+)
+#: The random tiny checkpoints (``wanrt make-tiny-checkpoint``, the tests' fixtures): dim 64, 2 blocks, so the
+#: test suite stays fast. The ``tiny`` preset accepts both (:attr:`Preset.fixture_archs`).
+TINY_FIXTURE_ARCH = Architecture(
     "t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, text_dim=64
 )
 #: Tiny image-to-video models: the tiny DiT with 36 input channels and a tiny CLIP tower (width 160).
@@ -172,7 +191,7 @@ PRESETS: Mapping[str, Preset] = {
         ),
         Preset(
             "tiny", "t2v", TINY_ARCH, height=64, width=96, num_frames=9, num_inference_steps=4,
-            supported_sizes=(),
+            supported_sizes=(), fixture_archs=(TINY_FIXTURE_ARCH,),
         ),
         Preset(
             "tiny-i2v", "i2v", TINY_I2V_ARCH, height=64, width=96, num_frames=9, num_inference_steps=4,
@@ -239,6 +258,12 @@ def _fields(arch: Architecture | Mapping[str, object]) -> Mapping[str, object]:
     return dataclasses.asdict(arch) if isinstance(arch, Architecture) else arch
 
 
+def _differences(preset: Preset, expected: Architecture, arch: Mapping[str, object]) -> list[str]:
+    """``"field: checkpoint X, preset Y"`` for each checked field of ``arch`` that differs from ``expected``."""
+    return [f"{f}: checkpoint {arch[f]!r}, preset {getattr(expected, f)!r}" for f in _CHECK_FIELDS
+            if f in arch and arch[f] != getattr(expected, f) and not (f == "image_dim" and preset.task == "t2v")]
+
+
 def check_against(preset: Preset, arch: Architecture | Mapping[str, object]) -> None:
     """Check that a checkpoint's DiT architecture is the one ``preset`` expects.
 
@@ -251,11 +276,12 @@ def check_against(preset: Preset, arch: Architecture | Mapping[str, object]) -> 
             would match the checkpoint.
     """
     arch = _fields(arch)
-    wrong = [f"{f}: checkpoint {arch[f]!r}, preset {getattr(preset.arch, f)!r}" for f in _CHECK_FIELDS
-             if f in arch and arch[f] != getattr(preset.arch, f) and not (f == "image_dim" and preset.task == "t2v")]
+    if preset.for_arch(arch) is not None:
+        return
+    wrong = _differences(preset, preset.arch, arch)
     if wrong:
-        matching = [p.name for p in PRESETS.values()
-                    if all(arch.get(f, getattr(p.arch, f)) == getattr(p.arch, f) for f in _MATCH_FIELDS)]
+        matching = [p.name for p in PRESETS.values() if any(
+            all(arch.get(f, getattr(a, f)) == getattr(a, f) for f in _MATCH_FIELDS) for a in (p.arch, *p.fixture_archs))]
         hint = f"; the checkpoint matches preset(s) {matching}" if matching else ""
         raise ValueError(f"checkpoint does not match preset {preset.name!r}: " + "; ".join(wrong) + hint)
 
@@ -268,7 +294,9 @@ def preset_for_arch(arch: Architecture | Mapping[str, object], resolution: str |
     cheaper one; a 720P checkpoint also makes good 480P videos).
     """
     arch = _fields(arch)
-    matches = [p for p in PRESETS.values() if all(arch.get(f) == getattr(p.arch, f) for f in _MATCH_FIELDS)]
+    matches = [q for p in PRESETS.values() for a in (p.arch, *p.fixture_archs)
+               if all(arch.get(f) == getattr(a, f) for f in _MATCH_FIELDS)
+               for q in ([p] if a is p.arch else [dataclasses.replace(p, arch=a)])]
     if resolution is not None:
         for p in matches:
             if p.name.endswith("-" + resolution.lower()):
@@ -296,6 +324,7 @@ def choose_preset(preset: Preset | None, ckpt: Path, dit_config, check: bool) ->
         return preset
     if check:
         check_against(preset, arch)
+        preset = preset.for_arch(arch) or preset  # a fixture-size tiny checkpoint: the preset at its size
     if hint is not None and preset.task == "i2v" and not preset.name.endswith(hint):
         log.warning("%s: the checkpoint's name says %s but preset %s was requested; its defaults apply",
                     ckpt, hint.upper(), preset.name)

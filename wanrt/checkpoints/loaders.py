@@ -153,6 +153,27 @@ def _resolve_dit(path: Path):
     return dit_weights_file(folder), cfg
 
 
+def _config_from_source(src, mapper):
+    shapes = {}
+    for k, s in src.shapes().items():
+        mk = mapper(k)
+        if mk is not None:
+            shapes[mk] = s
+    return dit_config_from_shapes(shapes, file=src.describe())
+
+
+def dit_config_of_file(path):
+    """The ``DiTConfig`` a single ``.safetensors`` file's tensor shapes say (:func:`dit_config_from_shapes`: its
+    ``num_heads`` assumes head_dim 128), read from the header alone.
+
+    Raises:
+        CheckpointError: a key the inference needs is absent, or the file is not a readable safetensors file.
+    """
+    with open_tensor_source(Path(path)) as src:
+        _, mapper = _dit_key_mapper(src.keys())
+        return _config_from_source(src, mapper)
+
+
 def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, backend="auto", quantization=None,
                      vae_backend="eager", defer_blocks=False):
     """Load the Wan2.1 DiT from any supported layout.
@@ -240,12 +261,7 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
                 raise CheckpointError(f"the file's 'config' metadata is not JSON: {e}", src.describe()) from e
             cfg = DiTConfig.from_official_config(raw) if config_kind(raw) == "official" else DiTConfig.from_diffusers_config(raw)
         elif cfg is None:
-            shapes = {}
-            for k, s in src.shapes().items():
-                mk = mapper(k)
-                if mk is not None:
-                    shapes[mk] = s
-            cfg = dit_config_from_shapes(shapes, file=src.describe())
+            cfg = _config_from_source(src, mapper)
         # Resolve the kernels before reading any weight, so a backend that cannot run fails fast.
         target = _device(device)
         compute = dtype or torch.bfloat16

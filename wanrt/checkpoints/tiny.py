@@ -7,6 +7,7 @@ releases, with random weights and a small SentencePiece tokenizer trained on the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..presets import Preset, get_preset
+from ..presets import PRESETS, Preset, get_preset
 from .layout import OFFICIAL_CLIP, OFFICIAL_DIT_WEIGHTS, OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
 
 LAYOUTS = ("official", "diffusers")
@@ -177,8 +178,9 @@ def write_checkpoint(
             models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) or "diffusers" (model_index.json,
             transformer/, vae/, text_encoder/, tokenizer/, scheduler/; i2v/flf2v add image_encoder/ and
             image_processor/, as ``WanImageToVideoPipeline``).
-        preset: "tiny", "tiny-i2v", "tiny-flf2v" (seconds on a CPU) or a full-size preset such as "t2v-1.3b" (the
-            real DiT and VAE
+        preset: "tiny", "tiny-i2v", "tiny-flf2v" (seconds on a CPU; "tiny" at its fixture size, dim 64 x 2
+            blocks, :data:`~wanrt.presets.TINY_FIXTURE_ARCH`; a ``Preset`` that is not the registered one, e.g.
+            without ``fixture_archs``, writes its own ``arch``) or a full-size preset such as "t2v-1.3b" (the real DiT and VAE
             architecture for benchmarks; the text encoder is a 2-layer UMT5 of the real width, since the
             XXL encoder would be 11 GB of random numbers).
         seed: seed of the random weights.
@@ -201,6 +203,8 @@ def write_checkpoint(
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     p = preset if isinstance(preset, Preset) else get_preset(preset)
+    if p.fixture_archs and p == PRESETS.get(p.name):  # "tiny": the random fixture size, not the trained model's
+        p = dataclasses.replace(p, arch=p.fixture_archs[0])
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; refusing to overwrite")

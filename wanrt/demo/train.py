@@ -46,11 +46,13 @@ from .data import make_clip
 
 #: Clip shapes of each stage: the VAE sees 5-frame 64x64 clips (frame 0 alone, then one causal chunk of 4; cheap)
 #: for its first ``vae_short_steps`` steps, then 9-frame ones (a chunk after a chunk reads the cache differently
-#: from the first: the VAE must see it); convolutions do not care about the width. The DiT trains on all sizes and
-#: lengths.
+#: from the first: the VAE must see it); convolutions do not care about the width. The DiT trains on the shapes
+#: of :data:`DIT_SHAPES`.
 VAE_SHAPES = ((64, 64, 5),)
 VAE_LONG_SHAPES = ((64, 64, 9),)
-DIT_SHAPES = ((64, 64, 9), (64, 96, 9), (64, 64, 13), (64, 96, 13), (64, 64, 17), (64, 96, 17))
+#: The DiT's clip shapes (height, width, frames): the demo's 64x96x9 and the gate's 64x64x9, and 17 frames so
+#: longer clips are not out of distribution.
+DIT_SHAPES = ((64, 64, 9), (64, 96, 9), (64, 64, 17))
 STATE_FILE = {"vae": "train_state_vae.pt", "dit": "train_state_dit.pt"}
 
 
@@ -66,11 +68,12 @@ class TrainConfig:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     vae_fg_weight: float = 8.0
-    dit_steps: int = 5000
+    dit_steps: int = 12000
+    dit_fg_weight: float = 4.0
     dit_text_len: int = 128
     dit_batch: int = 24
     dit_lr: float = 5e-4
-    dit_clips: int = 4096
+    dit_clips: int = 6144
     ema: float = 0.999
     uncond_prob: float = 0.1
     shift: float = 3.0
@@ -278,15 +281,17 @@ def encode_dataset(out: Path, cfg: TrainConfig, vae, text) -> dict:
     groups: dict[tuple, list] = {s: [] for s in DIT_SHAPES}
     for k, s in enumerate(seeds):
         groups[DIT_SHAPES[k % len(DIT_SHAPES)]].append(s)
-    data = {"latents": {}, "captions": {}}
+    data = {"latents": {}, "masks": {}, "captions": {}}
     with torch.no_grad():
         for shape, group in groups.items():
-            lat, caps = [], []
+            lat, masks, caps = [], [], []
             for i in tqdm(range(0, len(group), 32), desc=f"encode {shape}", mininterval=5):
                 x, c = _clips_tensor(group[i:i + 32], shape)
                 lat.append(vae.encode(x))
+                masks.append(latent_foreground(x).to(torch.bool))
                 caps.extend(c)
             data["latents"][shape] = torch.cat(lat)
+            data["masks"][shape] = torch.cat(masks)
             data["captions"][shape] = caps
     prompts = sorted({c for caps in data["captions"].values() for c in caps})
     feats = {}
@@ -301,6 +306,17 @@ def encode_dataset(out: Path, cfg: TrainConfig, vae, text) -> dict:
     data["text"] = feats
     torch.save(data, path)
     return data
+
+
+def latent_foreground(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, H/8, W/8]`` 1.0 at the latent positions whose pixels hold some object (:func:`foreground`) for a
+    clip ``x [B, 3, F, H, W]``, ``F = 4T - 3``: latent frame 0 covers frame 0, latent frame ``t`` frames ``4t - 3 ..
+    4t`` (the VAE's causal chunks), each latent pixel an 8x8 block."""
+    fg = foreground(x)
+    first = F.max_pool3d(fg[:, :, :1], (1, 8, 8))
+    if fg.shape[2] == 1:
+        return first
+    return torch.cat([first, F.max_pool3d(fg[:, :, 1:], (4, 8, 8))], dim=2)
 
 
 def _context(feats: list[torch.Tensor]) -> torch.Tensor:
@@ -354,6 +370,7 @@ def train_dit(out: Path, cfg: TrainConfig, data: dict):
         pool = data["latents"][shape]
         idx = torch.randint(len(pool), (cfg.dit_batch,), generator=g)
         x0 = pool[idx]
+        weight = 1.0 + cfg.dit_fg_weight * data["masks"][shape][idx].float()  # [B, 1, T, h, w]
         drop = torch.rand(cfg.dit_batch, generator=g) < cfg.uncond_prob
         which = torch.randint(2, (cfg.dit_batch,), generator=g)
         caps = [uncond[int(which[i])] if drop[i] else data["captions"][shape][int(j)] for i, j in enumerate(idx)]
@@ -366,7 +383,7 @@ def train_dit(out: Path, cfg: TrainConfig, data: dict):
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.dit_steps, cfg.dit_lr)
         v = dit(xt, sigma * 1000, ctx)
-        loss = F.mse_loss(v, noise - x0)
+        loss = (weight * (v - (noise - x0)) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
@@ -405,7 +422,6 @@ def train(out: str | Path, cfg: TrainConfig | None = None, *, resume: bool = Fal
         ValueError: ``out`` holds files from an earlier run and ``resume`` is False.
     """
     from ..checkpoints.loaders import load_text_encoder
-    from ..presets import get_preset
 
     cfg = cfg or TrainConfig()
     out = Path(out)
@@ -422,7 +438,8 @@ def train(out: str | Path, cfg: TrainConfig | None = None, *, resume: bool = Fal
     _log(out, {"stage": "vae", "done": True, "seconds": round(time.time() - t0, 1)})
     from ..checkpoints.layout import OFFICIAL_T5
 
-    text = load_text_encoder(out / OFFICIAL_T5, device="cpu", dtype=torch.float32, text_len=get_preset("tiny").arch.text_len)
+    # the features of each caption's own tokens (padded to the official 512 here; the shipped run did so)
+    text = load_text_encoder(out / OFFICIAL_T5, device="cpu", dtype=torch.float32, text_len=512)
     data = encode_dataset(out, cfg, vae, text)
     dit = train_dit(out, cfg, data)
     write_dit(out, dit)
