@@ -603,6 +603,22 @@ DEFECTS: tuple[Defect, ...] = (
         what="the latent re-standardisation rescales the encoder but not the decoder's input",
     ),
     Defect(
+        name="train-object-mask-ignores-causal-chunks",
+        file="demo/train.py",
+        edits=(("    return torch.cat([first, F.max_pool3d(fg[:, :, 1:], (4, 8, 8))], dim=2)\n",
+                "    return torch.cat([first, F.max_pool3d(fg[:, :, :-1], (4, 8, 8))], dim=2)\n"),),
+        tests=("tests/test_demo_train.py::test_the_dit_loss_weighs_the_latent_positions_an_object_covers",),
+        what="the DiT loss's object mask groups frames 0-3, 4-7 instead of the VAE's causal chunks 1-4, 5-8",
+    ),
+    Defect(
+        name="tiny-preset-refuses-its-fixtures",
+        file="presets.py",
+        edits=(("        for i, candidate in enumerate((self.arch, *self.fixture_archs)):",
+                "        for i, candidate in enumerate((self.arch,)):"),),
+        tests=("tests/test_presets.py::test_the_tiny_preset_is_the_trained_size_and_accepts_its_random_fixtures",),
+        what="the tiny preset no longer loads the random dim-64 test checkpoints",
+    ),
+    Defect(
         name="vae-conv-padding-dropped-on-cpu",
         file="models/vae.py",
         edits=(("        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, list(padding), list(stride),",

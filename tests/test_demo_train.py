@@ -107,3 +107,17 @@ def test_cpu_conv3d_goes_through_onednn_and_matches_the_reference(stride):
     half = conv3d(x.detach().to(torch.bfloat16), w.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16), stride,
                   (0, 1, 1))
     assert half.dtype == torch.bfloat16  # other dtypes keep torch's own dispatch
+
+
+def test_the_dit_loss_weighs_the_latent_positions_an_object_covers():
+    """``latent_foreground`` maps the object pixels of a 9-frame clip onto its 3 latent frames (frame 0 alone, then
+    frames 1-4 and 5-8, as the VAE's causal chunks) and 8x8 latent pixels."""
+    x = torch.full((1, 3, 9, 32, 32), -0.5)  # a plain background
+    x[:, 0, 0, 0:4, 0:4] = 1.0  # frame 0: top-left block
+    x[:, 0, 2, 8:12, 24:28] = 1.0  # frame 2 (latent frame 1): block (1, 3)
+    x[:, 0, 8, 24:26, 16:18] = 1.0  # frame 8 (latent frame 2): block (3, 2)
+    m = T.latent_foreground(x)
+    assert m.shape == (1, 1, 3, 4, 4)
+    want = torch.zeros(1, 1, 3, 4, 4)
+    want[0, 0, 0, 0, 0] = want[0, 0, 1, 1, 3] = want[0, 0, 2, 3, 2] = 1.0
+    assert torch.equal(m, want)

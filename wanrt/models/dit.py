@@ -49,6 +49,16 @@ _EAGER = OpsPlan()  # the reference path
 # --------------------------------------------------------------------------- layers
 
 
+def _modulation_parameter(n: int, dim: int) -> nn.Parameter:
+    """The learned modulation table ``[1, n, dim]``, initialised N(0, 1/dim) (as ``torch.randn(1, n, dim) /
+    sqrt(dim)``, the same numbers). Built under ``torch.device("meta")`` (a checkpoint about to be loaded) it is
+    left uninitialised: sampling on the meta device costs a cold process over a second of imports."""
+    t = torch.empty(1, n, dim)
+    if t.device.type != "meta":
+        t.normal_().div_(dim**0.5)
+    return nn.Parameter(t)
+
+
 def input_quant_dtype(*linears: nn.Module) -> torch.dtype | None:
     """The 8-bit dtype all ``linears`` quantize their input to (wanrt.quant W8A8 layers), else None (also when one
     has a runtime LoRA branch, which reads the float input: :mod:`wanrt.lora`)."""
@@ -248,7 +258,7 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(
             Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, dim)
         )
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = _modulation_parameter(6, dim)
         self.ffn_chunk: int | None = None  # tokens per FFN chunk (WanDiT.set_ffn_chunk)
 
     def chunks(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -320,7 +330,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.head = Linear(dim, out_features)
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.modulation = _modulation_parameter(2, dim)
 
     def chunks(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(shift, scale)`` = ``(modulation + e).chunk(2)``, each float32 ``[B, 1, dim]``."""
