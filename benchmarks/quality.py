@@ -208,8 +208,20 @@ def _run_parallel(row, checkpoint, prompts, gate):
              for r in range(world)]
     for p in procs:
         p.start()
+    import queue
+
+    deadline = time.monotonic() + 1800
     try:
-        frames, sec = results.get(timeout=1800)
+        while True:  # a rank that dies (e.g. cannot import this module) fails the row at once, not at the deadline
+            try:
+                frames, sec = results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                codes = [p.exitcode for p in procs]
+                if any(c not in (None, 0) for c in codes) or all(c is not None for c in codes):
+                    raise RuntimeError(f"row {row.name}: the ranks exited with {codes} before a result") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"row {row.name}: no result in 1800 s") from None
     finally:
         for p in procs:
             p.join(timeout=60)

@@ -41,9 +41,18 @@ __all__ = [
 ]
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)``, its N(0, 1) initialisation skipped when built under ``torch.device("meta")`` (a
+    checkpoint about to be loaded): sampling on the meta device costs a cold process two seconds of imports."""
+    if torch.empty(0).device.type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 # --------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------
+
 @dataclasses.dataclass(frozen=True)
 class UMT5Config:
     """Shape of a UMT5 encoder; the defaults are UMT5-XXL as used by Wan2.1 (docs/model-reference.md §5.1).
@@ -329,7 +338,7 @@ class T5RelativeEmbedding(nn.Module):
 
     def __init__(self, num_buckets: int, num_heads: int) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(num_buckets, num_heads)
+        self.embedding = _embedding(num_buckets, num_heads)
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         """``buckets`` int64 ``[Lq, Lk]`` -> bias ``[1, num_heads, Lq, Lk]`` in the table's dtype."""
@@ -384,7 +393,7 @@ class UMT5Encoder(nn.Module):
         super().__init__()
         cfg = UMT5Config() if cfg is None else cfg
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.dim)
         self.pos_embedding = T5RelativeEmbedding(cfg.num_buckets, cfg.num_heads) if cfg.shared_pos else None
         self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.num_layers))
         self.norm = T5LayerNorm(cfg.dim, cfg.eps)
