@@ -552,9 +552,9 @@ def _export_vae(args) -> int:
     if ckpt is None:
         if args.model != "tiny":
             raise ValueError(f"--model {args.model} needs --checkpoint-dir")
-        from .checkpoints.tiny import cached_tiny_checkpoint
+        from .checkpoints.tiny import default_tiny_checkpoint
 
-        ckpt = cached_tiny_checkpoint("official")
+        ckpt = default_tiny_checkpoint("tiny")  # the trained model's VAE, as `generate --model tiny` uses
     from .graph.onnx_vae import export_decoder_onnx
 
     vae = load_vae(ckpt, device=args.device, dtype=torch.float32)
