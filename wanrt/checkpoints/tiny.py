@@ -160,6 +160,15 @@ def _save_safetensors_sharded(state: dict[str, torch.Tensor], folder: Path, base
     )
 
 
+def write_official_dit(out: Path, dit, shards: int = 1) -> None:
+    """Write ``dit`` (a :class:`~wanrt.models.dit.WanDiT`) into ``out`` in the official layout: ``config.json``
+    (``WanModel`` keys) and ``diffusion_pytorch_model.safetensors`` (or ``shards`` shards with an index)."""
+    cfg = dict(dit.config.to_official_config())
+    cfg.setdefault("_class_name", "WanModel")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    _save_safetensors_sharded(dit.state_dict(), out, OFFICIAL_DIT_WEIGHTS, shards)
+
+
 def write_checkpoint(
     out_dir: str | os.PathLike,
     *,
@@ -224,10 +233,7 @@ def write_checkpoint(
                       for k, v in official_clip_state(clip_cfg, seed=seed + 3).items()}
 
     if layout == "official":
-        cfg = dict(dit_cfg.to_official_config())
-        cfg.setdefault("_class_name", "WanModel")
-        (out / "config.json").write_text(json.dumps(cfg, indent=2))
-        _save_safetensors_sharded(dit.state_dict(), out, OFFICIAL_DIT_WEIGHTS, shards)
+        write_official_dit(out, dit, shards)
         del dit
         torch.save(vae.state_dict(), out / OFFICIAL_VAE)
         torch.save(t5.state_dict(), out / OFFICIAL_T5)

@@ -68,7 +68,7 @@ class TrainConfig:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     vae_fg_weight: float = 8.0
-    dit_steps: int = 12000
+    dit_steps: int = 16000
     dit_fg_weight: float = 4.0
     dit_text_len: int = 128
     dit_batch: int = 24
@@ -405,14 +405,9 @@ def train_dit(out: Path, cfg: TrainConfig, data: dict):
 
 def write_dit(out: Path, dit) -> None:
     """The DiT in the official layout: ``config.json`` and ``diffusion_pytorch_model.safetensors``."""
-    from safetensors.torch import save_file
+    from ..checkpoints.tiny import write_official_dit
 
-    from ..checkpoints.layout import OFFICIAL_DIT_WEIGHTS
-
-    cfg = dict(dit.config.to_official_config())
-    cfg.setdefault("_class_name", "WanModel")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(out / OFFICIAL_DIT_WEIGHTS))
+    write_official_dit(out, dit)
 
 
 def train(out: str | Path, cfg: TrainConfig | None = None, *, resume: bool = False) -> Path:
