@@ -611,6 +611,14 @@ DEFECTS: tuple[Defect, ...] = (
         what="the DiT loss's object mask groups frames 0-3, 4-7 instead of the VAE's causal chunks 1-4, 5-8",
     ),
     Defect(
+        name="adherence-gray-reads-as-a-colour",
+        file="demo/adherence.py",
+        edits=(("    return np.where(sat >= _MIN_SATURATION, nearest,",
+                "    return np.where(sat >= 0.0, nearest,"),),
+        tests=("tests/test_demo_data.py::test_the_colour_is_read_by_hue_so_dark_edges_keep_their_colour",),
+        what="the adherence score gives unsaturated pixels (gray, dark blends) the colour of their hue",
+    ),
+    Defect(
         name="tiny-preset-refuses-its-fixtures",
         file="presets.py",
         edits=(("        for i, candidate in enumerate((self.arch, *self.fixture_archs)):",

@@ -50,7 +50,7 @@ def test_bad_input_is_rejected_before_loading(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(wanrt.engine.Engine, "__init__", no_load)
     for argv, msg in ((["--num-frames", "8"], "num_frames must be 4k+1"), (["--height", "100"], "multiple of 16"),
                       (["--steps", "0"], "num_inference_steps"), (["-o", "x.gif"], "must end in .mp4"),
-                      (["--seed", "-3"], "seed must be")):
+                      (["--seed", "-3"], "seed must be"), (["--crf", "52"], "crf must be an integer from 0")):
         rc = main(["generate", "--model", "t2v-14b", "--checkpoint-dir", str(tmp_path), "--prompt", "x", *argv])
         assert rc == 2
         assert msg in capsys.readouterr().err
@@ -73,6 +73,9 @@ def test_save_rejects_other_formats(tmp_path):
         write_mp4(np.zeros((1, 16, 16, 3), np.uint8), tmp_path / "a.gif")
     with pytest.raises(ValueError, match="even height and width"):
         write_mp4(np.zeros((1, 15, 16, 3), np.uint8), tmp_path / "a.mp4")
+    for crf in (-1, 52, 1.5, True):
+        with pytest.raises(ValueError, match="crf must be an integer from 0"):
+            write_mp4(np.zeros((1, 16, 16, 3), np.uint8), tmp_path / "a.mp4", crf=crf)
     assert not list(tmp_path.iterdir())
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from wanrt.demo.adherence import adherence, adheres, read_clip
+from wanrt.demo.adherence import adherence, adheres, color_classes, read_clip
 from wanrt.demo.data import COLORS, MOTIONS, SHAPES, ClipSpec, ObjectSpec, held_out_captions, make_clip, \
     parse_caption, render
 
@@ -78,3 +78,26 @@ def test_noise_and_still_frames_do_not_pass():
     assert read_clip(still).motion is None
     held = held_out_captions(64)
     assert len(held) == 64 and len({c for c, _ in held}) == 64 and all(len(s.objects) == 1 for _, s in held)
+
+
+def test_the_colour_is_read_by_hue_so_dark_edges_keep_their_colour():
+    import random
+
+    names = list(COLORS)
+    rgb = np.array([COLORS[n] for n in names], np.float32)
+    assert color_classes(rgb).tolist() == list(range(len(names)))  # every named colour reads as itself
+    dark = rgb * 0.55 + 10 * 0.45  # each blended halfway into a black background, as a soft object's edge
+    for k, n in enumerate(names):
+        assert color_classes(dark[k]) == (k if n != "white" else -1), n  # a dark gray is no colour
+    # a dark orange is nearer red than orange in RGB, but its hue is orange's
+    dark_orange = dark[names.index("orange")]
+    assert np.argmin(((rgb - dark_orange) ** 2).sum(-1)) == names.index("red")
+    assert color_classes(dark_orange) == names.index("orange")
+    assert color_classes(np.array([120, 120, 120], np.float32)) == -1
+    assert color_classes(np.array([200, 205, 210], np.float32)) == names.index("white")
+    # a clip of a dark orange circle reads as orange, moving the way it was drawn
+    frames = render(ClipSpec((ObjectSpec("circle", "orange", "left"),), "black"), 64, 64, 9, random.Random(3))
+    is_object = np.all(frames == np.array(COLORS["orange"], np.uint8), axis=-1, keepdims=True)
+    frames = np.where(is_object, np.round(dark_orange).astype(np.uint8), frames)
+    reading = read_clip(frames)
+    assert (reading.color, reading.motion) == ("orange", "left")

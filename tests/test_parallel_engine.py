@@ -466,16 +466,18 @@ def _cli(args, cwd, env_extra=None):
 def test_cli_nproc_runs_torchrun_and_rank_0_alone_writes(tmp_path):
     from wanrt.video import read_mp4
 
-    one = _cli(["-o", "one.mp4"], tmp_path)
+    # lossless MP4s (--crf 0): the codec's own decisions would amplify a float32 rounding difference
+    one = _cli(["-o", "one.mp4", "--crf", "0"], tmp_path)
     assert one.returncode == 0, one.stderr
-    two = _cli(["--nproc", "2", "--ring", "2", "-o", "two.mp4"], tmp_path)
+    two = _cli(["--nproc", "2", "--ring", "2", "-o", "two.mp4", "--crf", "0"], tmp_path)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("wrote ") == 1 and "ulysses 1 x ring 2 x cfg 1 (2 ranks) (gloo)" in two.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "two.mp4"]  # no .part, no second writer
     a, _ = read_mp4(tmp_path / "one.mp4")
     b, _ = read_mp4(tmp_path / "two.mp4")
     assert a.shape == b.shape == (9, 48, 80, 3)
-    assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0  # frames within 1 level, through the MP4 encoder
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.mean() < 0.05 and diff.max() <= 2, (diff.mean(), diff.max())  # frames within float32 rounding
 
 
 def test_cli_parallel_errors_are_one_line_with_exit_codes(tmp_path):

@@ -1,6 +1,6 @@
 """The quality gate in CI: the trained tiny model makes the videos its prompts ask for, and every lossy path keeps
 the documented floor of ``benchmarks/quality.py`` (adherence within the row's points of the reference, PSNR against
-the reference's frames), on the smaller CI gate (16 held-out prompts, UniPC 20 steps, CFG 5)."""
+the reference's frames), on the smaller CI gate (16 held-out prompts, UniPC 30 steps, CFG 5)."""
 
 from __future__ import annotations
 

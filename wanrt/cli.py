@@ -22,6 +22,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Generate a video with a Wan2.1 model and write it as an MP4 (16 fps).")
     _add_model_args(g)
     g.add_argument("-o", "--output", default="output.mp4", help="output MP4 path (default: output.mp4)")
+    g.add_argument("--crf", type=int, default=18,
+                   help="x264 constant rate factor of the MP4, 0 (lossless coding) to 51; lower is better "
+                        "(default: 18)")
     g.add_argument("--teacache-threshold", type=float, default=None,
                    help="TeaCache step skipping (e.g. 0.08 for t2v-1.3b, 0.2 with --teacache-mode e0 for 14B; "
                         "default: off)")
@@ -309,10 +312,12 @@ def _generate(args, argv: list[str]) -> int:
     import threading
 
     from .request import check_output_path
+    from .video import check_crf
 
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(args, argv)
     output = check_output_path(args.output)  # first: a finished video must have somewhere to go
+    check_crf(args.crf)
     try:
         parallel = _parallel(args)
     except RuntimeError as e:
@@ -351,7 +356,7 @@ def _generate(args, argv: list[str]) -> int:
             distributed.shutdown()
     if not root:
         return 0
-    path = _save(video, output)
+    path = _save(video, output, args.crf)
     f, h, w, _ = video.frames.shape
     print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps} fps), seed {video.seed}")
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
@@ -367,8 +372,8 @@ def _generate(args, argv: list[str]) -> int:
     return 0
 
 
-def _save(video, output):
-    """Write the MP4; on Ctrl-C remove the ``.part`` file; if the write fails keep the frames (``.npy`` in the
+def _save(video, output, crf: int = 18):
+    """Write the MP4 (x264 ``crf``); on Ctrl-C remove the ``.part`` file; if the write fails keep the frames (``.npy`` in the
     temporary directory) and say where, in a GenerationError."""
     import tempfile
 
@@ -378,7 +383,7 @@ def _save(video, output):
 
     part = output.with_name(output.name + ".part")
     try:
-        return video.save(output)
+        return video.save(output, crf=crf)
     except KeyboardInterrupt:
         part.unlink(missing_ok=True)
         raise

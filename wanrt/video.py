@@ -30,6 +30,12 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).contiguous().numpy()  # [F, H, W, 3]
 
 
+def check_crf(crf: int) -> None:
+    """Raise ValueError unless ``crf`` is an x264 constant rate factor: an integer from 0 (lossless) to 51."""
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise ValueError(f"crf must be an integer from 0 (lossless) to 51, got {crf!r}")
+
+
 class Mp4Writer:
     """Incremental H.264 MP4 writer (PyAV): frames go to disk as they are produced.
 
@@ -40,16 +46,17 @@ class Mp4Writer:
     Args:
         path: output file ending in .mp4; parent folders are created.
         fps: frames per second (Wan's native rate is 16).
-        crf: x264 constant rate factor (lower is better quality).
+        crf: x264 constant rate factor, 0 (lossless) to 51 (lower is better quality).
 
     Raises:
-        ValueError: a path not ending in .mp4 (at construction); frames of the wrong shape or dtype, odd sizes,
+        ValueError: a path not ending in .mp4 or a crf outside 0..51 (at construction); frames of the wrong shape or dtype, odd sizes,
             or a size change between writes (at ``write``).
     """
 
     def __init__(self, path: str | os.PathLike, fps: int = 16, crf: int = 18):
         if Path(path).suffix.lower() != ".mp4":
             raise ValueError(f"only MP4 output is supported; the path must end in .mp4, got {str(path)!r}")
+        check_crf(crf)
         self.path = Path(path)
         self.fps, self.crf = fps, crf
         self.frames_written = 0

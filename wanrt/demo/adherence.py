@@ -3,10 +3,15 @@ object have the colour the caption names, and does it move (or grow, or shrink) 
 
 * Foreground: pixels far (> 60 in RGB) from their row's median colour over the whole clip (the backgrounds are plain
   or vertical gradients, and the objects cover a small part of each row over time).
-* Colour: the named colour (:data:`wanrt.demo.data.COLORS`) nearest to most foreground pixels over the clip.
-* Motion: the centroid and area of that colour's pixels in the first and last quarter of the frames. An area ratio
-  beyond 1.6 (or below 1 / 1.6) with the centroid shifted by less than half the radius reads as grows / shrinks;
-  otherwise the larger of the horizontal and vertical shifts (at least 3 pixels) gives left / right / up / down.
+* Colour: the hue of the foreground. Each foreground pixel with a saturation of at least 0.25 takes the named colour
+  (:data:`wanrt.demo.data.COLORS`) of the nearest hue; an unsaturated one is "white" when bright (value above 0.6)
+  and no colour otherwise. The colour most pixels take wins. Hue, not the nearest RGB value: a soft object's edge
+  pixels are darker blends with the background, and a dark orange is nearer red than orange in RGB though its hue
+  is orange's.
+* Motion: the centroid and area of the foreground pixels of that colour in the first and last quarter of the
+  frames. An area ratio beyond 1.6 (or below 1 / 1.6) with the centroid shifted by less than half the radius reads
+  as grows / shrinks; otherwise the larger of the horizontal and vertical shifts (at least 3 pixels) gives left /
+  right / up / down.
 """
 
 from __future__ import annotations
@@ -18,7 +23,35 @@ import numpy as np
 from .data import COLORS, ClipSpec
 
 _NAMES = list(COLORS)
+_WHITE = _NAMES.index("white")
+_MIN_SATURATION = 0.25  # below: no hue (white when bright, else nothing)
+_MIN_WHITE_VALUE = 0.6
+
+
+def _hsv(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees in [0, 360)), saturation and value (both in [0, 1]) of RGB values ``x [..., 3]`` in [0, 255]."""
+    x = x.astype(np.float32) / 255.0
+    hi, lo = x.max(-1), x.min(-1)
+    span = hi - lo
+    safe = np.where(span > 0, span, 1.0)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    hue = np.where(hi == r, ((g - b) / safe) % 6, np.where(hi == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60
+    sat = np.where(hi > 0, span / np.where(hi > 0, hi, 1.0), 0.0)
+    return hue, sat, hi
+
+
 _RGB = np.array([COLORS[n] for n in _NAMES], np.float32)  # [K, 3]
+_HUE = _hsv(_RGB)[0]  # [K]
+_CHROMATIC = np.array([k for k in range(len(_NAMES)) if k != _WHITE])
+
+
+def color_classes(x: np.ndarray) -> np.ndarray:
+    """The index into the named colours (``list(COLORS)``) of each RGB value of ``x [..., 3]`` (uint8 or float in
+    [0, 255]): nearest hue if saturated, white if unsaturated and bright, -1 (no colour) otherwise."""
+    hue, sat, val = _hsv(x)
+    gap = np.abs((hue[..., None] - _HUE[_CHROMATIC] + 180) % 360 - 180)  # [..., K-1] circular hue distance
+    nearest = _CHROMATIC[gap.argmin(-1)]
+    return np.where(sat >= _MIN_SATURATION, nearest, np.where(val > _MIN_WHITE_VALUE, _WHITE, -1))
 
 
 @dataclass(frozen=True)
@@ -36,11 +69,14 @@ def read_clip(frames: np.ndarray) -> Reading:
     fg = np.linalg.norm(x - bg, axis=-1) > 60  # [F, H, W]
     if fg.sum() < 4:
         return Reading(None, None)
-    pix = x[fg]  # [N, 3]
-    nearest = np.argmin(((pix[:, None, :] - _RGB[None]) ** 2).sum(-1), axis=1)
-    k = int(np.bincount(nearest, minlength=len(_NAMES)).argmax())
+    classes = color_classes(x)  # [F, H, W]
+    votes = classes[fg]
+    votes = votes[votes >= 0]
+    if votes.size == 0:
+        return Reading(None, None)
+    k = int(np.bincount(votes, minlength=len(_NAMES)).argmax())
     color = _NAMES[k]
-    own = fg & (np.argmin(((x[..., None, :] - _RGB) ** 2).sum(-1), axis=-1) == k)  # [F, H, W]
+    own = fg & (classes == k)  # [F, H, W]: the object's pixels
     f = len(frames)
     q = max(1, f // 4)
 
