@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import math
 import os
+import queue
 import sys
 import time
 from pathlib import Path
@@ -208,8 +209,6 @@ def _run_parallel(row, checkpoint, prompts, gate):
              for r in range(world)]
     for p in procs:
         p.start()
-    import queue
-
     deadline = time.monotonic() + 1800
     try:
         while True:  # a rank that dies (e.g. cannot import this module) fails the row at once, not at the deadline

@@ -372,9 +372,9 @@ def _generate(args, argv: list[str]) -> int:
     return 0
 
 
-def _save(video, output, crf: int = 18):
-    """Write the MP4 (x264 ``crf``); on Ctrl-C remove the ``.part`` file; if the write fails keep the frames (``.npy`` in the
-    temporary directory) and say where, in a GenerationError."""
+def _save(video, output, crf: int):
+    """Write the MP4 (x264 ``crf``); on Ctrl-C remove the ``.part`` file; if the write fails keep the frames
+    (``.npy`` in the temporary directory) and say where, in a GenerationError."""
     import tempfile
 
     import numpy as np

@@ -49,8 +49,8 @@ class Mp4Writer:
         crf: x264 constant rate factor, 0 (lossless) to 51 (lower is better quality).
 
     Raises:
-        ValueError: a path not ending in .mp4 or a crf outside 0..51 (at construction); frames of the wrong shape or dtype, odd sizes,
-            or a size change between writes (at ``write``).
+        ValueError: a path not ending in .mp4 or a crf outside 0..51 (at construction); frames of the wrong
+            shape or dtype, odd sizes, or a size change between writes (at ``write``).
     """
 
     def __init__(self, path: str | os.PathLike, fps: int = 16, crf: int = 18):
