@@ -361,8 +361,11 @@ def _body_layouts_four(rank, world):
     import wanrt
     from wanrt import ParallelConfig as P
 
+    from wanrt.checkpoints.tiny import cached_tiny_checkpoint
+
+    fixture = cached_tiny_checkpoint("official", "tiny")  # the random dim-64 fixture: 2 heads
     with pytest.raises(ValueError, match=r"2 heads do not divide by ulysses 4.*ulysses 2 x ring 2"):
-        wanrt.Engine("tiny", parallel=P(ulysses=4), **KW)
+        wanrt.Engine("tiny", fixture, parallel=P(ulysses=4), **KW)
     with pytest.raises(ValueError, match="world size is 4"):
         wanrt.Engine("tiny", parallel=P(ulysses=2), **KW)
     cases = [
@@ -483,7 +486,10 @@ def test_cli_nproc_runs_torchrun_and_rank_0_alone_writes(tmp_path):
 def test_cli_parallel_errors_are_one_line_with_exit_codes(tmp_path):
     r = _cli(["--ulysses", "2", "-o", "x.mp4"], tmp_path)  # a layout, no torchrun
     assert r.returncode == 2 and "torchrun" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = _cli(["--nproc", "2", "--ulysses", "4", "-o", "x.mp4"], tmp_path)  # 4 does not divide the 2 heads
+    from wanrt.checkpoints.tiny import cached_tiny_checkpoint
+
+    fixture = str(cached_tiny_checkpoint("official", "tiny"))  # the random dim-64 fixture: 2 heads
+    r = _cli(["--nproc", "2", "--ulysses", "4", "--checkpoint-dir", fixture, "-o", "x.mp4"], tmp_path)  # 4 ∤ 2 heads
     assert r.returncode == 2, r.stderr
     import re
 

@@ -153,9 +153,9 @@ _ARCH_FLF2V = Architecture("flf2v", dim=5120, ffn_dim=13824, num_heads=40, num_l
 AREA_480P = 480 * 832
 
 #: The tiny model the project trained (``wanrt/demo``, shipped in the package): the Wan2.1 DiT at dim 128, FFN
-#: 512, 2 heads of 64, 4 blocks, reading 128 text tokens of width 64. A whole video in a second on a CPU.
+#: 512, 4 heads of 32, 4 blocks, reading 128 text tokens of width 64. A whole video in a second on a CPU.
 TINY_ARCH = Architecture(
-    "t2v", dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=16, text_dim=64, text_len=128
+    "t2v", dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_dim=16, text_dim=64, text_len=128
 )
 #: The random tiny checkpoints (``wanrt make-tiny-checkpoint``, the tests' fixtures): dim 64, 2 blocks, so the
 #: test suite stays fast. The ``tiny`` preset accepts both (:attr:`Preset.fixture_archs`).
