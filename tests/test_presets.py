@@ -91,7 +91,7 @@ def test_the_tiny_preset_is_the_trained_size_and_accepts_its_random_fixtures(tmp
 
     tiny = get_preset("tiny")
     assert (tiny.arch.dim, tiny.arch.ffn_dim, tiny.arch.num_heads, tiny.arch.num_layers, tiny.arch.text_len) == \
-        (128, 512, 2, 4, 128)
+        (128, 512, 4, 4, 128)
     assert tiny.fixture_archs == (TINY_FIXTURE_ARCH,) and TINY_FIXTURE_ARCH.dim == 64
     assert tiny.for_arch(TINY_ARCH) is tiny
     assert tiny.for_arch(TINY_FIXTURE_ARCH).arch == TINY_FIXTURE_ARCH

@@ -52,7 +52,7 @@ def test_every_row_ran_and_keeps_its_floor(gate):
     assert expected <= set(rows), f"rows missing: {expected - set(rows)}"
     errors = {n: r["error"] for n, r in rows.items() if "error" in r}
     assert not errors, errors
-    assert q.check_floors(list(rows.values())) == []
+    assert q.check_floors(list(rows.values()), min_adherence=q.CI_MIN_ADHERENCE) == []
 
 
 def test_the_gate_tells_paths_apart(gate):
