@@ -322,7 +322,8 @@ def test_diffusers_config_round_trip(model_type):
     [
         (dict(dim=49), "not divisible"),
         (dict(dim=54, num_heads=6), "head_dim=9 must be even"),
-        (dict(model_type="vace"), "VACE"),
+        (dict(model_type="vace", vace_layers=(0, 5)), "below num_layers"),
+        (dict(model_type="s2v"), "model_type must be one of"),
         (dict(freq_dim=33), "freq_dim"),
         (dict(patch_size=(1, 2)), "patch_size"),
         (dict(text_len=0), "text_len"),

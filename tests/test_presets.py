@@ -66,7 +66,7 @@ def test_architecture_of_a_dit_config_checks_and_finds_presets():
     assert DiTConfig(model_type="flf2v", dim=8, ffn_dim=8, num_heads=1, num_layers=1, in_dim=36, out_dim=16,
                      text_len=77).model_type in TASKS
     with pytest.raises(ValueError, match="model_type must be one of"):
-        DiTConfig(model_type="vace", dim=8, ffn_dim=8, num_heads=1, num_layers=1, in_dim=16, out_dim=16)
+        DiTConfig(model_type="s2v", dim=8, ffn_dim=8, num_heads=1, num_layers=1, in_dim=16, out_dim=16)
 
     # A size no preset has: its task's defaults, its own architecture (text_len included).
     odd = Architecture.from_dit(DiTConfig(model_type="i2v", dim=256, ffn_dim=512, num_heads=2, num_layers=3,

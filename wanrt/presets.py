@@ -31,7 +31,7 @@ I2V_NEGATIVE_PROMPT = "镜头晃动，" + DEFAULT_NEGATIVE_PROMPT
 FLF2V_NEGATIVE_PROMPT = "镜头切换，" + I2V_NEGATIVE_PROMPT
 
 #: The model types (``DiTConfig.model_type``, ``Architecture.model_type``) and preset tasks.
-TASKS = ("t2v", "i2v", "flf2v")
+TASKS = ("t2v", "i2v", "flf2v", "vace")
 
 
 log = logging.getLogger("wanrt")
@@ -42,7 +42,7 @@ class Architecture:
     """The DiT hyper-parameters a preset expects, compared with a checkpoint's (:meth:`from_dit`).
 
     Attributes:
-        model_type: "t2v", "i2v" or "flf2v".
+        model_type: "t2v", "i2v", "flf2v" or "vace".
         dim: hidden size of the DiT residual stream.
         ffn_dim: hidden size of the feed-forward network.
         num_heads: attention heads (head_dim = dim / num_heads).
@@ -52,6 +52,7 @@ class Architecture:
         text_dim: width of the text-encoder output (4096 for UMT5-XXL).
         text_len: number of text tokens the context is zero-padded to (512).
         image_dim: width of the CLIP image features the DiT projects (1280 for ViT-H/14; i2v/flf2v only).
+        vace_layers: the blocks a VACE model adds its hints after (vace only; see ``DiTConfig.vace_layers``).
     """
 
     model_type: str
@@ -64,6 +65,7 @@ class Architecture:
     text_dim: int = 4096
     text_len: int = 512
     image_dim: int = 1280
+    vace_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in TASKS:
@@ -83,7 +85,7 @@ class Preset:
 
     Attributes:
         name: preset name used by ``Engine(name)`` and ``wanrt generate --model``.
-        task: "t2v", "i2v" or "flf2v".
+        task: "t2v", "i2v", "flf2v" or "vace".
         arch: the expected DiT architecture.
         height, width: default output size in pixels (multiples of 16).
         num_frames: default frame count (4k+1).
@@ -251,7 +253,7 @@ def resolution_hint(names: Iterable[str]) -> str | None:
 
 #: The fields that tell the presets apart, and those :func:`check_against` compares.
 _MATCH_FIELDS = ("model_type", "dim", "ffn_dim", "num_heads", "num_layers", "in_dim")
-_CHECK_FIELDS = _MATCH_FIELDS + ("out_dim", "text_dim", "image_dim")
+_CHECK_FIELDS = _MATCH_FIELDS + ("out_dim", "text_dim", "image_dim", "vace_layers")
 
 
 def _fields(arch: Architecture | Mapping[str, object]) -> Mapping[str, object]:
@@ -261,7 +263,8 @@ def _fields(arch: Architecture | Mapping[str, object]) -> Mapping[str, object]:
 def _differences(preset: Preset, expected: Architecture, arch: Mapping[str, object]) -> list[str]:
     """``"field: checkpoint X, preset Y"`` for each checked field of ``arch`` that differs from ``expected``."""
     return [f"{f}: checkpoint {arch[f]!r}, preset {getattr(expected, f)!r}" for f in _CHECK_FIELDS
-            if f in arch and arch[f] != getattr(expected, f) and not (f == "image_dim" and preset.task == "t2v")]
+            if f in arch and arch[f] != getattr(expected, f)
+            and not (f == "image_dim" and preset.task in ("t2v", "vace"))]
 
 
 def check_against(preset: Preset, arch: Architecture | Mapping[str, object]) -> None:

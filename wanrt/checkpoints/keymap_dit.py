@@ -5,6 +5,8 @@ exactly (module path plus ``.weight`` / ``.bias``, or a bare parameter name), so
 a bijection on the keys of both layouts and an unknown key raises instead of passing
 through silently. Note the block norm swap: diffusers ``norm2`` (the affine norm before
 cross-attention) is official ``norm3``; norm1/norm2 of the official block have no params.
+VACE models (diffusers ``WanVACETransformer3DModel``) add ``vace_patch_embedding`` and ``vace_blocks.N.``: the
+block map plus ``proj_in`` / ``proj_out`` = official ``before_proj`` / ``after_proj``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _TOP: tuple[tuple[str, str, bool], ...] = (
     ("condition_embedder.image_embedder.pos_embed", "img_emb.emb_pos", True),
     ("proj_out", "head.head", False),
     ("scale_shift_table", "head.modulation", True),
+    ("vace_patch_embedding", "vace_patch_embedding", False),
 )
 
 # Inside ``blocks.N.``.
@@ -51,7 +54,10 @@ _BLOCK: tuple[tuple[str, str, bool], ...] = (
     ("ffn.net.2", "ffn.2", False),
 )
 
-_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
+# Inside ``vace_blocks.N.``: a block plus the hint stream's projections.
+_VACE_BLOCK = _BLOCK + (("proj_in", "before_proj", False), ("proj_out", "after_proj", False))
+
+_BLOCK_KEY = re.compile(r"(vace_blocks|blocks)\.(\d+)\.(.+)")
 
 
 def _expand(table: tuple[tuple[str, str, bool], ...]) -> dict[str, str]:
@@ -70,12 +76,14 @@ _TO_OFFICIAL_TOP = _expand(_TOP)
 _TO_OFFICIAL_BLOCK = _expand(_BLOCK)
 _FROM_OFFICIAL_TOP = {v: k for k, v in _TO_OFFICIAL_TOP.items()}
 _FROM_OFFICIAL_BLOCK = {v: k for k, v in _TO_OFFICIAL_BLOCK.items()}
+_TO_OFFICIAL_VACE = _expand(_VACE_BLOCK)
+_FROM_OFFICIAL_VACE = {v: k for k, v in _TO_OFFICIAL_VACE.items()}
 
 
-def _map(key: str, top: dict[str, str], block: dict[str, str], what: str) -> str:
+def _map(key: str, top: dict[str, str], blocks: dict[str, dict[str, str]], what: str) -> str:
     m = _BLOCK_KEY.fullmatch(key)
-    if m is not None and m.group(2) in block:
-        return f"blocks.{m.group(1)}.{block[m.group(2)]}"
+    if m is not None and m.group(3) in blocks[m.group(1)]:
+        return f"{m.group(1)}.{m.group(2)}.{blocks[m.group(1)][m.group(3)]}"
     if m is None and key in top:
         return top[key]
     raise KeyError(f"not a {what} DiT key: {key!r}")
@@ -89,7 +97,7 @@ def dit_to_official(key: str) -> str:
     Raises:
         KeyError: if ``key`` is not a diffusers Wan2.1 DiT parameter name.
     """
-    return _map(key, _TO_OFFICIAL_TOP, _TO_OFFICIAL_BLOCK, "diffusers")
+    return _map(key, _TO_OFFICIAL_TOP, {"blocks": _TO_OFFICIAL_BLOCK, "vace_blocks": _TO_OFFICIAL_VACE}, "diffusers")
 
 
 def dit_from_official(key: str) -> str:
@@ -100,4 +108,5 @@ def dit_from_official(key: str) -> str:
     Raises:
         KeyError: if ``key`` is not an official Wan2.1 DiT parameter name.
     """
-    return _map(key, _FROM_OFFICIAL_TOP, _FROM_OFFICIAL_BLOCK, "official")
+    return _map(key, _FROM_OFFICIAL_TOP, {"blocks": _FROM_OFFICIAL_BLOCK, "vace_blocks": _FROM_OFFICIAL_VACE},
+                "official")

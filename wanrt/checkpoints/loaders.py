@@ -37,6 +37,7 @@ log = logging.getLogger("wanrt")
 
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_VACE_BLOCK = re.compile(r"^vace_blocks\.(\d+)\.")
 
 
 def _device(device) -> torch.device:
@@ -93,12 +94,15 @@ def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], text_len: int = 5
         CheckpointError: a key the inference needs is absent (names ``file``, the weights, and the key).
     """
     from ..models.dit import DiTConfig
+    from ..models.dit_config import default_vace_layers
 
     try:
         dim, in_dim = shapes["patch_embedding.weight"][:2]
         layers = 1 + max(int(m.group(1)) for k in shapes if (m := _BLOCK.match(k)))
+        vace = "vace_patch_embedding.weight" in shapes
         cfg = dict(
-            model_type="flf2v" if "img_emb.emb_pos" in shapes else "i2v" if "img_emb.proj.0.weight" in shapes else "t2v",
+            model_type="vace" if vace else "flf2v" if "img_emb.emb_pos" in shapes else
+            "i2v" if "img_emb.proj.0.weight" in shapes else "t2v",
             dim=dim, in_dim=in_dim, num_layers=layers,
             ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
             freq_dim=shapes["time_embedding.0.weight"][1],
@@ -106,6 +110,10 @@ def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], text_len: int = 5
             out_dim=shapes["head.head.weight"][0] // 4,
             num_heads=max(1, dim // 128), text_len=text_len,
         )
+        if vace:  # which blocks get the hints is not in the tensors: the count placed evenly (the released ones)
+            count = 1 + max(int(m.group(1)) for k in shapes if (m := _VACE_BLOCK.match(k)))
+            cfg.update(vace_in_dim=shapes["vace_patch_embedding.weight"][1],
+                       vace_layers=default_vace_layers(layers, count))
     except (KeyError, ValueError) as e:
         key = e.args[0] if isinstance(e, KeyError) and e.args else None
         raise CheckpointError(f"cannot infer the DiT architecture from the keys (missing {e})", file, key) from e

@@ -2,8 +2,9 @@
 
 Reproduces ``WanModel`` of the official code (``wan/modules/model.py``) with the same
 parameter names, so ``state_dict()`` keys are exactly the official checkpoint keys
-(docs/model-reference.md §2, §3, §9). Image conditioning (i2v, flf2v) is an option of the
-same module, selected by ``DiTConfig.model_type``.
+(docs/model-reference.md §2, §3, §9). Image conditioning (i2v, flf2v) and VACE's hint stream
+(``VaceWanModel``, ``wan/modules/vace_model.py``) are options of the same module, selected by
+``DiTConfig.model_type``.
 
 Dtype rule (docs/CONTRACTS.md): every Linear / Conv casts its input to its own weight dtype.
 With all weights float32 the whole model runs in float32. With the big Linear weights in
@@ -319,6 +320,23 @@ class Block(nn.Module):
         return torch.cat([self.ffn(h[:, s:s + chunk]) for s in range(0, h.shape[1], chunk)], dim=1)
 
 
+class VaceBlock(Block):
+    """Official ``VaceWanAttentionBlock``: a :class:`Block` on the hint stream ``c``.
+
+    The first (``block_id`` 0) adds the main stream's patch-embedded tokens: ``c = before_proj(c) + x``. Each
+    returns the stream after the block and its hint ``after_proj(c)``, which :class:`WanDiT` adds (times the
+    conditioning scale) to the main stream after block ``vace_layers[block_id]``. Official keys
+    ``vace_blocks.N.before_proj`` / ``after_proj`` (diffusers ``proj_in`` / ``proj_out``).
+    """
+
+    def __init__(self, cfg: DiTConfig, block_id: int) -> None:
+        super().__init__(cfg)
+        self.block_id = block_id
+        if block_id == 0:
+            self.before_proj = Linear(cfg.dim, cfg.dim)
+        self.after_proj = Linear(cfg.dim, cfg.dim)
+
+
 class Head(nn.Module):
     """Official ``Head``: ``head(norm(x) * (1 + scale) + shift)``.
 
@@ -384,6 +402,8 @@ class DiTInputs:
         rope: RoPE rotations of the token grid.
         grid: Token grid ``(F', H', W')``.
         sp: sequence parallel attention when ``x`` is one rank's token shard (``wanrt.parallel.dit``), else None.
+        vace: VACE only: the patch-embedded hint-stream input ``[B, S, dim]`` (sharded like ``x``), else None.
+        vace_scale: VACE only: float32 conditioning scale per VACE block ``[len(vace_layers)]``.
     """
 
     x: torch.Tensor
@@ -394,6 +414,8 @@ class DiTInputs:
     rope: RopeTable
     grid: tuple[int, int, int]
     sp: Any = None
+    vace: torch.Tensor | None = None
+    vace_scale: torch.Tensor | None = None
 
 
 _KEEP_FP32 = re.compile(
@@ -434,6 +456,12 @@ class WanDiT(nn.Module):
         self.head = Head(dim, math.prod(cfg.patch_size) * cfg.out_dim, cfg.eps)
         if cfg.has_image_input:
             self.img_emb = MLPProj(cfg.image_dim, dim, with_pos=cfg.model_type == "flf2v")
+        if cfg.has_vace:
+            self.vace_patch_embedding = nn.Conv3d(
+                cfg.vace_in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+            )
+            self.vace_blocks = nn.ModuleList(VaceBlock(cfg, n) for n in range(len(cfg.vace_layers)))
+            self._vace_after = {layer: n for n, layer in enumerate(cfg.vace_layers)}  # main block -> hint
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self._rope_last: tuple[Any, RopeTable] | None = None
         self.plan = _EAGER
@@ -510,6 +538,8 @@ class WanDiT(nn.Module):
         *,
         y: torch.Tensor | None = None,
         clip_fea: torch.Tensor | None = None,
+        vace_context: torch.Tensor | None = None,
+        vace_scale: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity.
 
@@ -526,6 +556,11 @@ class WanDiT(nn.Module):
             clip_fea: i2v/flf2v only: CLIP ViT-H/14 penultimate features
                 ``[B, 257, image_dim]`` (i2v) or ``[B, 514, image_dim]`` (flf2v: first then
                 last frame).
+            vace_context: vace only (and required there): the hint-stream input ``[B, vace_in_dim, F, H, W]``
+                on the latent grid of ``x`` (inactive latents 16, reactive latents 16, the 8x8 pixel mask 64;
+                official ``vace_context``, diffusers ``control_hidden_states``).
+            vace_scale: vace only: how strongly the hints steer (official ``context_scale``, diffusers
+                ``control_hidden_states_scale``): a float, or a tensor of one scale per VACE block.
 
         Returns:
             float32 velocity ``[B, out_dim, F, H, W]``.
@@ -533,7 +568,7 @@ class WanDiT(nn.Module):
         Raises:
             ValueError: on missing/unexpected conditioning or any shape mismatch.
         """
-        inp = self.prepare(x, t, context, y=y, clip_fea=clip_fea)
+        inp = self.prepare(x, t, context, y=y, clip_fea=clip_fea, vace_context=vace_context, vace_scale=vace_scale)
         x, pending = self.run_blocks(inp)
         return self.run_head(inp, x, pending)[0]
 
@@ -550,6 +585,8 @@ class WanDiT(nn.Module):
         *,
         y: torch.Tensor | None = None,
         clip_fea: torch.Tensor | None = None,
+        vace_context: torch.Tensor | None = None,
+        vace_scale: float | torch.Tensor = 1.0,
     ) -> DiTInputs:
         """Everything before the blocks: checks, patch embedding, time and text (and image) embeddings,
         RoPE rotations. Arguments and errors as :meth:`forward`."""
@@ -569,8 +606,10 @@ class WanDiT(nn.Module):
         if cfg.has_image_input:
             context_img = self.img_emb(self._check_clip(clip_fea, b))  # [B, N_img, dim]
         elif clip_fea is not None:
-            raise ValueError("clip_fea is only accepted by i2v/flf2v models (model_type='t2v')")
-        return DiTInputs(x, e, e0, context, context_img, self._rope(grid, x.device), grid)
+            raise ValueError(f"clip_fea is only accepted by i2v/flf2v models (model_type={cfg.model_type!r})")
+        vace, scale = self._vace_tokens(vace_context, vace_scale, x, grid)
+        return DiTInputs(x, e, e0, context, context_img, self._rope(grid, x.device), grid, vace=vace,
+                         vace_scale=scale)
 
     def time_embeddings(
         self, t: torch.Tensor | float, batch: int, device: torch.device | None = None
@@ -601,17 +640,74 @@ class WanDiT(nn.Module):
         groups = [slice(s, s + 1) for s in range(b)] if self.microbatch and b > 1 else [slice(None)]
         xs = [inp.x[g] for g in groups]
         pendings: list = [None] * len(groups)  # (y, gate) of the previous block's FFN, fused with the next norm
+        hints = [self.run_vace(inp, g) for g in groups] if inp.vace is not None else None
         for i, block in enumerate(self.blocks):
             if mover is not None:
                 mover.before(i)
             for j, g in enumerate(groups):
                 xs[j], pendings[j] = self._block(block, xs[j], pendings[j], inp, g)
+                if hints is not None and i in self._vace_after:  # official: x = block(x) + hint * context_scale
+                    n = self._vace_after[i]
+                    x = gated_residual(xs[j], *pendings[j], backend=self.plan.fused)
+                    xs[j], pendings[j] = x + hints[j][n].float() * inp.vace_scale[n], None
             if mover is not None:
                 mover.after(i)
         if len(groups) == 1:
             return xs[0], pendings[0]
         pending = None if pendings[0] is None else tuple(torch.cat(p, dim=0) for p in zip(*pendings, strict=True))
         return torch.cat(xs, dim=0), pending
+
+    def run_vace(self, inp: DiTInputs, g: slice = slice(None)) -> list[torch.Tensor]:
+        """The VACE blocks on the hint stream of the samples ``g`` (official ``forward_vace``): one hint
+        ``[b, S, dim]`` per VACE block, in ``vace_layers`` order (unscaled)."""
+        plan, eps = self.plan, self.config.eps
+        c, hints = inp.vace[g], []
+        for block in self.vace_blocks:
+            if block.block_id == 0:
+                c = block.before_proj(c) + inp.x[g].to(compute_dtype(block.before_proj))
+            mod = block.chunks(inp.e0[g])
+            sa = block.self_attn
+            quant = input_quant_dtype(sa.q, sa.k, sa.v) if plan.quant == plan.fused else None
+            h = modulated_layer_norm(c, mod[0], mod[1], eps, out_dtype=compute_dtype(sa.q), quantize=quant,
+                                     backend=plan.fused)
+            context_img = inp.context_img[g] if inp.context_img is not None else None
+            c, (y, gate) = block(c, h, mod, inp.rope, inp.context[g], context_img, plan, inp.sp)
+            c = gated_residual(c, y, gate, backend=plan.fused)  # [b, S, dim] fp32
+            hints.append(block.after_proj(c))
+        return hints
+
+    def _vace_tokens(self, vace_context: torch.Tensor | None, vace_scale, x: torch.Tensor,
+                     grid: tuple[int, int, int]):
+        """The patch-embedded hint-stream input ``[B, S, dim]`` and the float32 scales ``[len(vace_layers)]``
+        (None, None for a model without VACE). Raises ValueError on a missing or misshapen input."""
+        cfg = self.config
+        if not cfg.has_vace:
+            if vace_context is not None:
+                raise ValueError(f"vace_context is only accepted by VACE models (model_type={cfg.model_type!r})")
+            return None, None
+        if vace_context is None:
+            raise ValueError("a VACE model needs vace_context [B, vace_in_dim, F, H, W] (for plain text-to-video "
+                             "give the official empty input: zero latents of a gray video and an all-ones mask)")
+        b = x.shape[0]
+        pt, ph, pw = cfg.patch_size
+        expected = (b, cfg.vace_in_dim, grid[0] * pt, grid[1] * ph, grid[2] * pw)
+        if vace_context.ndim != 5 or tuple(vace_context.shape) != expected:
+            raise ValueError(f"vace_context must be {list(expected)} (the latent grid of x), got "
+                             f"{list(vace_context.shape)}")
+        if vace_context.device != x.device:
+            raise ValueError(f"vace_context is on {vace_context.device}, the model on {x.device}")
+        c = self.vace_patch_embedding(vace_context.to(self.vace_patch_embedding.weight.dtype))
+        c = c.flatten(2).transpose(1, 2)  # [B, S, dim], the token order of x
+        n = len(cfg.vace_layers)
+        if not isinstance(vace_scale, torch.Tensor) and not math.isfinite(vace_scale):
+            raise ValueError(f"vace_scale must be finite, got {vace_scale}")
+        scale = torch.as_tensor(vace_scale, dtype=torch.float32, device=x.device)
+        if scale.ndim == 0:
+            scale = scale.expand(n)
+        if scale.shape != (n,):
+            raise ValueError(f"vace_scale must be a float or {n} scales (one per VACE block), got shape "
+                             f"{list(scale.shape)}")
+        return c, scale
 
     def _block(self, block: Block, x: torch.Tensor, pending, inp: DiTInputs, g: slice):
         """One block on the samples ``g`` of the batch: its norm1 fused with the previous block's gated FFN add."""

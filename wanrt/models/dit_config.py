@@ -10,6 +10,9 @@ from typing import Any
 
 from ..presets import TASKS
 
+#: VACE's hint-stream input channels: inactive latents 16 + reactive latents 16 + the 8x8 pixel mask 64 (§VACE).
+VACE_IN_DIM = 96
+
 CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16x16 patches + CLS (§5)
 ROPE_MAX_POS = 1024  # positions per RoPE axis (§2.8)
 
@@ -20,6 +23,19 @@ _OFFICIAL_FIELDS = (
 )
 # Not in the official config.json; written by to_official_config only when non-default.
 _EXTRA_FIELDS = ("patch_size", "text_dim", "qk_norm", "cross_attn_norm", "image_dim")
+# In the official config.json of a VACE model (``VaceWanModel``) only.
+_VACE_FIELDS = ("vace_layers", "vace_in_dim")
+
+
+def default_vace_layers(num_layers: int, count: int | None = None) -> tuple[int, ...]:
+    """The blocks a VACE model adds hints after: the official default ``range(0, num_layers, 2)``, or, given the
+    number of VACE blocks ``count`` (a checkpoint without a config), ``count`` blocks evenly from 0 (the 14B's
+    ``[0, 5, ..., 35]`` is 8 of 40). Raises ValueError when ``count`` blocks do not spread evenly."""
+    if count is None or count == len(range(0, num_layers, 2)):
+        return tuple(range(0, num_layers, 2))
+    if count < 1 or num_layers % count:
+        raise ValueError(f"cannot place {count} VACE blocks evenly over {num_layers} blocks: give vace_layers")
+    return tuple(range(0, num_layers, num_layers // count))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,9 +43,10 @@ class DiTConfig:
     """Architecture of a Wan2.1 DiT (official ``WanModel`` constructor arguments).
 
     Attributes:
-        model_type: ``'t2v'``, ``'i2v'`` or ``'flf2v'``. i2v/flf2v add the CLIP image
+        model_type: ``'t2v'``, ``'i2v'``, ``'flf2v'`` or ``'vace'``. i2v/flf2v add the CLIP image
             projection ``img_emb`` and the image keys/values of cross-attention; flf2v also
-            adds ``img_emb.emb_pos`` (two images, ``2*257`` tokens).
+            adds ``img_emb.emb_pos`` (two images, ``2*257`` tokens). vace is t2v plus the hint stream
+            (``vace_patch_embedding`` and ``vace_blocks``, official ``VaceWanModel``).
         patch_size: ``(pt, ph, pw)`` Conv3d kernel and stride of the patch embedding.
         text_len: Text tokens after zero-padding (512).
         in_dim: Input channels (16 for t2v; 36 = 16 noise + 20 conditioning for i2v/flf2v).
@@ -44,6 +61,10 @@ class DiTConfig:
         qk_norm: RMS-normalise q and k over the full ``dim``.
         cross_attn_norm: Affine layer norm (``norm3``) before cross-attention.
         image_dim: Width of the CLIP image features (1280), used by i2v/flf2v only.
+        vace_layers: vace only: the main blocks after which a hint is added, one VACE block each, strictly
+            increasing from 0 (default the official ``range(0, num_layers, 2)``; the released 1.3B has
+            ``[0, 2, ..., 28]``, the 14B ``[0, 5, ..., 35]``). None for the other model types.
+        vace_in_dim: vace only: channels of the hint-stream input (96).
 
     Raises:
         ValueError: from ``__post_init__`` on an inconsistent or unsupported configuration.
@@ -64,15 +85,14 @@ class DiTConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     image_dim: int = 1280
+    vace_layers: tuple[int, ...] | None = None
+    vace_in_dim: int = VACE_IN_DIM
 
     def __post_init__(self) -> None:
         # JSON gives lists; store a tuple so the config stays hashable.
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         if self.model_type not in TASKS:
-            raise ValueError(
-                f"model_type must be one of {TASKS}, got {self.model_type!r}"
-                + (" (VACE is not supported)" if self.model_type == "vace" else "")
-            )
+            raise ValueError(f"model_type must be one of {TASKS}, got {self.model_type!r}")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints, got {self.patch_size}")
         for name in ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
@@ -90,6 +110,34 @@ class DiTConfig:
             raise ValueError(f"freq_dim={self.freq_dim} must be even ([cos, sin] halves)")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        self._check_vace()
+
+    def _check_vace(self) -> None:
+        layers = self.vace_layers
+        if self.model_type != "vace":
+            if layers is not None:
+                raise ValueError(f"vace_layers is only for model_type='vace' (got {self.model_type!r})")
+            return
+        if layers is None:
+            layers = default_vace_layers(self.num_layers) if isinstance(self.num_layers, int) else ()
+        if isinstance(layers, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                       for i in layers):
+            raise ValueError(f"vace_layers must be a list of block indices, got {layers!r}")
+        layers = tuple(layers)
+        object.__setattr__(self, "vace_layers", layers)
+        if not layers or layers[0] != 0:
+            raise ValueError(f"vace_layers must start at block 0 (the first VACE block adds the tokens), got "
+                             f"{list(layers)}")
+        if any(b <= a for a, b in zip(layers, layers[1:])) or layers[-1] >= self.num_layers:
+            raise ValueError(f"vace_layers must be strictly increasing block indices below num_layers="
+                             f"{self.num_layers}, got {list(layers)}")
+        if not isinstance(self.vace_in_dim, int) or isinstance(self.vace_in_dim, bool) or self.vace_in_dim < 1:
+            raise ValueError(f"vace_in_dim must be a positive int, got {self.vace_in_dim!r}")
+
+    @property
+    def has_vace(self) -> bool:
+        """True for VACE models (the hint stream: ``vace_patch_embedding``, ``vace_blocks``)."""
+        return self.model_type == "vace"
 
     @property
     def head_dim(self) -> int:
@@ -104,7 +152,7 @@ class DiTConfig:
     @property
     def image_tokens(self) -> int:
         """CLIP tokens expected in ``clip_fea``: 257 (i2v), 514 (flf2v), 0 (t2v)."""
-        return {"t2v": 0, "i2v": CLIP_TOKENS, "flf2v": 2 * CLIP_TOKENS}[self.model_type]
+        return {"i2v": CLIP_TOKENS, "flf2v": 2 * CLIP_TOKENS}.get(self.model_type, 0)
 
     @classmethod
     def from_official_config(cls, config: Mapping[str, Any]) -> DiTConfig:
@@ -124,6 +172,8 @@ class DiTConfig:
         if missing:
             raise ValueError(f"official DiT config is missing {missing}")
         kwargs = {k: config[k] for k in _OFFICIAL_FIELDS + _EXTRA_FIELDS if k in config}
+        if kwargs.get("model_type") == "vace":
+            kwargs.update({k: config[k] for k in _VACE_FIELDS if config.get(k) is not None})
         return cls(**kwargs)
 
     def to_official_config(self) -> dict[str, Any]:
@@ -133,8 +183,10 @@ class DiTConfig:
         cross_attn_norm, image_dim) are added only when they differ from the defaults, so
         tiny test configs round-trip through :meth:`from_official_config`.
         """
-        out: dict[str, Any] = {"_class_name": "WanModel"}
+        out: dict[str, Any] = {"_class_name": "VaceWanModel" if self.has_vace else "WanModel"}
         out.update({k: getattr(self, k) for k in _OFFICIAL_FIELDS})
+        if self.has_vace:
+            out.update(vace_layers=list(self.vace_layers), vace_in_dim=self.vace_in_dim)
         for f in dataclasses.fields(self):
             if f.name in _EXTRA_FIELDS and getattr(self, f.name) != f.default:
                 value = getattr(self, f.name)
@@ -146,7 +198,8 @@ class DiTConfig:
         """Build from a diffusers ``WanTransformer3DModel`` ``config.json`` dict (§3).
 
         ``image_dim`` + ``added_kv_proj_dim`` select i2v, and ``pos_embed_seq_len`` (514)
-        flf2v. Missing fields take the diffusers constructor defaults.
+        flf2v; ``vace_layers`` (``WanVACETransformer3DModel``) vace. Missing fields take the diffusers
+        constructor defaults.
 
         Raises:
             ValueError: for configs this model cannot represent (qk_norm other than
@@ -161,7 +214,12 @@ class DiTConfig:
         image_dim = config.get("image_dim")
         added_kv = config.get("added_kv_proj_dim")
         pos_len = config.get("pos_embed_seq_len")
-        if image_dim is None and added_kv is None:
+        vace = config.get("_class_name") == "WanVACETransformer3DModel" or "vace_layers" in config
+        if vace and (image_dim is not None or added_kv is not None):
+            raise ValueError("a diffusers VACE config with image input is not a Wan2.1 VACE model")
+        if vace:
+            model_type = "vace"
+        elif image_dim is None and added_kv is None:
             if pos_len is not None:
                 raise ValueError("pos_embed_seq_len is set but the config has no image input")
             model_type = "t2v"
@@ -190,10 +248,13 @@ class DiTConfig:
             qk_norm=True,
             cross_attn_norm=config.get("cross_attn_norm", True),
             image_dim=image_dim if image_dim is not None else 1280,
+            vace_layers=tuple(config.get("vace_layers", (0, 5, 10, 15, 20, 25, 30, 35))) if vace else None,
+            vace_in_dim=config.get("vace_in_channels", VACE_IN_DIM),
         )
 
     def to_diffusers_config(self) -> dict[str, Any]:
-        """Constructor kwargs of diffusers ``WanTransformer3DModel`` for this architecture.
+        """Constructor kwargs of diffusers ``WanTransformer3DModel`` (``WanVACETransformer3DModel`` for vace) for
+        this architecture.
 
         Raises:
             ValueError: if ``qk_norm`` is False (diffusers always has the q/k norms) or, for
@@ -205,7 +266,8 @@ class DiTConfig:
         if self.has_image_input and self.text_len != 512:
             raise ValueError("diffusers supports image conditioning only with text_len=512")
         image = self.has_image_input
-        return {
+        vace = {"vace_layers": list(self.vace_layers), "vace_in_channels": self.vace_in_dim} if self.has_vace else {}
+        return vace | {
             "patch_size": tuple(self.patch_size),
             "num_attention_heads": self.num_heads,
             "attention_head_dim": self.head_dim,

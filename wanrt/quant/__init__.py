@@ -28,8 +28,10 @@ from .layers import (
     quantize_rowwise,
 )
 
-#: DiT Linears quantized by default (official names): attention projections and the FFN of every block.
-DIT_QUANT_PATTERN = re.compile(r"^blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|k|v|o|k_img|v_img)|ffn\.(0|2))$")
+#: DiT Linears quantized by default (official names): attention projections and the FFN of every block, VACE's
+#: blocks included (their ``before_proj`` / ``after_proj`` stay in the compute dtype, as the embeddings do).
+DIT_QUANT_PATTERN = re.compile(
+    r"^(vace_)?blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|k|v|o|k_img|v_img)|ffn\.(0|2))$")
 
 
 #: UMT5 encoder Linears quantized by ``text_encoder_precision``: attention projections and the gated FFN.

@@ -48,18 +48,29 @@ class GuidedStep:
         y: i2v/flf2v: the conditioning ``[1, 20, F, H, W]`` (mask 4 + VAE latent 16), shared by both branches
             (only the text differs between them, ``docs/model-reference.md`` §7.9).
         clip_fea: i2v/flf2v: CLIP features ``[1, 257 or 514, image_dim]``, shared by both branches.
+        vace_context: vace: the hint-stream input ``[1, 96, F, H, W]``, shared by both branches (official
+            ``vace.py`` gives the same ``vace_context`` to the conditional and unconditional passes).
+        vace_scale: vace: float32 conditioning scale per VACE block ``[len(vace_layers)]``.
 
     Raises:
-        ValueError: embeddings of the wrong shape (the DiT's own checks).
+        ValueError: conditioning the model does not take (or lacks), embeddings of the wrong shape (the DiT's
+            own checks).
     """
 
     def __init__(self, model: WanDiT, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float, *,
                  batch_cfg: bool = False, teacache=None, graphs=None, recorder: Recorder | None = None,
-                 y: torch.Tensor | None = None, clip_fea: torch.Tensor | None = None):
-        if (y is None) != (clip_fea is None):
-            raise ValueError("give both y and clip_fea (image-conditioned models) or neither")
+                 y: torch.Tensor | None = None, clip_fea: torch.Tensor | None = None,
+                 vace_context: torch.Tensor | None = None, vace_scale: torch.Tensor | None = None):
+        given = {"y": y, "clip_fea": clip_fea, "vace_context": vace_context, "vace_scale": vace_scale}
+        names = shared_inputs(model.config)
+        extra = sorted(k for k, v in given.items() if v is not None and k not in names)
+        missing = [k for k in names if given[k] is None]
+        if extra or missing:
+            raise ValueError(f"a {model.config.model_type} model takes {list(names) or 'no conditioning'} "
+                             f"besides the text; got {extra} it does not take" if extra else
+                             f"a {model.config.model_type} model needs {missing}")
         self.model = model
-        self.image = () if y is None else (y, clip_fea)
+        self.shared = tuple(given[k] for k in names)
         self.guidance_scale = float(guidance_scale)
         self.branches = BRANCHES if uncond is not None else BRANCHES[:1]
         text_len = model.config.text_len
@@ -76,8 +87,9 @@ class GuidedStep:
 
     # ------------------------------------------------------------------ the model calls
     def _image(self, batch: int) -> tuple[torch.Tensor, ...]:
-        """The image conditioning ``(y, clip_fea)`` for a batch of ``batch`` branches (views), or ()."""
-        return tuple(c.expand(batch, *c.shape[1:]) for c in self.image)
+        """The shared conditioning (:func:`shared_inputs`) for a batch of ``batch`` branches (views), or ()."""
+        names = shared_inputs(self.model.config)
+        return tuple(c if n in _UNBATCHED else c.expand(batch, *c.shape[1:]) for n, c in zip(names, self.shared))
 
     def _computed(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
         with_residual = self.teacache is not None
@@ -100,7 +112,7 @@ class GuidedStep:
                  residual: torch.Tensor) -> torch.Tensor:
         """A skipped step: the blocks' output is the input plus the cached residual."""
         m = self.model
-        image = dict(zip(("y", "clip_fea"), self._image(x.shape[0])))
+        image = dict(zip(shared_inputs(m.config), self._image(x.shape[0])))
         inp = m.prepare(x, t, context, **image)
         return m.run_head(inp, inp.x.float() + residual)[0]
 
@@ -218,13 +230,28 @@ def denoise(step: Callable[[torch.Tensor, int, int], torch.Tensor], solver, x: t
     return x
 
 
+#: The shared inputs that are not per sample (no batch dimension to expand).
+_UNBATCHED = frozenset({"vace_scale"})
+
+
+def shared_inputs(config) -> tuple[str, ...]:
+    """The DiT inputs besides ``x``, ``t`` and ``context`` that a model type takes, in the positional order of
+    :func:`computed_forward` and the step graphs: ``("y", "clip_fea")`` (i2v/flf2v), ``("vace_context",
+    "vace_scale")`` (vace) or ``()``."""
+    if config.has_image_input:
+        return ("y", "clip_fea")
+    if config.has_vace:
+        return ("vace_context", "vace_scale")
+    return ()
+
+
 def computed_forward(model: WanDiT, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                     with_residual: bool, y: torch.Tensor | None = None,
-                     clip_fea: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     with_residual: bool, *shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The DiT forward of a computed step: velocity ``[B, 16, F, H, W]`` float32 and, for the step
     cache, the blocks' residual ``[B, S, dim]`` float32 (``None`` without ``with_residual``).
-    ``y`` and ``clip_fea`` are the image conditioning of i2v/flf2v models (see :meth:`WanDiT.forward`)."""
-    inp = model.prepare(x, t, context, y=y, clip_fea=clip_fea)
+    ``shared`` are the model type's other inputs (:func:`shared_inputs`: the image conditioning of i2v/flf2v,
+    the hint stream of vace; see :meth:`WanDiT.forward`)."""
+    inp = model.prepare(x, t, context, **dict(zip(shared_inputs(model.config), shared, strict=True)))
     xo, pending = model.run_blocks(inp)
     v, out = model.run_head(inp, xo, pending)
     return v, (out - inp.x.float()) if with_residual else None
