@@ -155,7 +155,7 @@ class Engine:
             self.text = BroadcastText(self.text, self.mesh, dev)
         self.image = ImageConditioner.load(files.get("image_encoder", ckpt), parts, self.vae,
                                            self.transformer.config.image_dim) \
-            if preset.task != "t2v" else None
+            if preset.task in ("i2v", "flf2v") else None
         self.image_encoder = self.image.image_encoder if self.image is not None else None
         self.memory_plan = None  # the offload plan (wanrt.offload.MemoryPlan), when the Engine offloads
         if offload:
@@ -166,7 +166,7 @@ class Engine:
         self._lock = device_lock(dev)
         if config.compile:
             name = config.compile if isinstance(config.compile, str) else "inductor"
-            for block in self.transformer.blocks:
+            for block in (*self.transformer.blocks, *getattr(self.transformer, "vace_blocks", ())):
                 block.compile(backend=name, fullgraph=True, dynamic=False)
         self.dit = self.transformer  # what the step runs: the DiT, or its sequence-parallel wrapper
         if self.mesh is not None and self.mesh.sp > 1:
@@ -188,8 +188,8 @@ class Engine:
 
     def _default_request(self) -> Request:
         """The preset's default request (its size and frame count), which the memory plan is made for."""
-        kw = {} if self.preset.task == "t2v" else {"image": np.zeros((self.preset.height, self.preset.width, 3),
-                                                                        np.uint8)}
+        kw = {} if self.preset.task in ("t2v", "vace") else {"image": np.zeros((self.preset.height,
+                                                                                  self.preset.width, 3), np.uint8)}
         return resolve_request(self.preset, "memory plan", seed=0, **kw)
 
     @property
@@ -254,7 +254,8 @@ class Engine:
         ``width``, ``num_frames``, ``num_inference_steps``, ``guidance_scale``, ``shift``, ``sample_solver``,
         ``seed``, ``prompt_embeds``, ``negative_prompt_embeds``, ``latents``, ``teacache_threshold``,
         ``teacache_mode``, ``teacache_coefficients``, ``timesteps`` / ``sigmas`` (a custom few-step schedule),
-        ``loras`` (``{name: strength}`` of runtime LoRAs for this call). The run itself is :meth:`run`.
+        ``loras`` (``{name: strength}`` of runtime LoRAs for this call); for VACE models ``video``, ``mask``,
+        ``reference_images``, ``conditioning_scale`` (:mod:`wanrt.vace`). The run itself is :meth:`run`.
 
         Returns / Raises: as :meth:`run`; ValueError for a bad request, before any work.
         """
@@ -310,6 +311,11 @@ class Engine:
                                                                      req.width, req.num_frames, timings)
             if mesh is not None:
                 image_cond = runner.broadcast_image(image_cond, mesh, self.device)
+        elif req.task == "vace":
+            with visiting(self, "vae"):  # the VAE encodes the source video and the reference images
+                image_cond = self._vace_conditioning(req, timings)
+            if mesh is not None:
+                image_cond = runner.broadcast_image(image_cond, mesh, self.device)
         streaming = self.transformer.offload is not None  # block offload: one forward per step, each block once
         batch_cfg = req.do_cfg and (self.config.use_cfg_batch or streaming) and (mesh is None or mesh.config.cfg == 1)
         if batch_cfg and not streaming and not cfg_batch_fits(req, self.preset, self.device, self.config.dit_dtype.itemsize,
@@ -338,6 +344,8 @@ class Engine:
                             sync=runner.RankSync(mesh, self.device) if mesh is not None else None)
         self._sync()
         timings["denoise"] = time.perf_counter() - t0
+        if req.references:  # VACE: the reference images' leading latent frames are not part of the video
+            x = x[:, :, req.references:]
         final = x.detach().to("cpu", torch.float32, copy=True)
         stats = {"cfg_batched": batch_cfg, "cuda_graphs": self._graph_stats(), "steps": req.num_inference_steps,
                  **stats}
@@ -367,6 +375,23 @@ class Engine:
         timings["vae_decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         return Video(frames=frames, fps=fps, seed=req.seed, latents=final, timings=timings, stats=stats)
+
+    def _vace_conditioning(self, req: Request, timings: dict[str, float]) -> dict[str, torch.Tensor]:
+        """VACE's shared DiT inputs for ``req``: ``{"vace_context": [1, 96, R + T, H/8, W/8], "vace_scale":
+        [len(vace_layers)]}`` float32 on the device (:func:`wanrt.vace.vace_context`; no source video is the
+        official empty input: a gray video, all to generate)."""
+        from .vace import vace_context
+
+        t0 = time.perf_counter()
+        shape = (req.num_frames, req.height, req.width)
+        video = (req.video.permute(3, 0, 1, 2).float() / 127.5 - 1) if req.video is not None else torch.zeros(3, *shape)
+        mask = req.mask[None] if req.mask is not None else torch.ones(1, *shape)
+        context = vace_context(self.vae, video, mask, req.reference_images or ())
+        scale = torch.full((len(self.transformer.config.vace_layers),), req.conditioning_scale,
+                           dtype=torch.float32, device=self.device)
+        self._sync()
+        timings["vae_encode"] = time.perf_counter() - t0
+        return {"vace_context": context.to(self.device, torch.float32), "vace_scale": scale}
 
     def calibrate_teacache(self, prompt: str, *, mode: str = "e", degree: int = 4, progress: bool = False,
                            **options) -> dict:
@@ -400,7 +425,7 @@ class Engine:
         prompt cache, the VAE runs once; for i2v/flf2v a mid-gray frame of exactly this size conditions it).
         Returns its timings; raises ValueError as ``generate()`` for a bad size."""
         images = {}
-        if self.preset.task != "t2v":
+        if self.preset.task in ("i2v", "flf2v"):
             height = self.preset.height if height is None else height
             width = self.preset.width if width is None else width
             gray = np.full((height, width, 3), 128, np.uint8)
@@ -519,7 +544,7 @@ def _check_files(files: dict, task: str) -> dict[str, Path]:
     unknown = set(files) - set(FILE_PARTS)
     if unknown:
         raise ValueError(f"files: unknown part(s) {sorted(unknown)}; parts are {list(FILE_PARTS)}")
-    needed = ["dit", "text_encoder", "vae"] + (["image_encoder"] if task != "t2v" else [])
+    needed = ["dit", "text_encoder", "vae"] + (["image_encoder"] if task in ("i2v", "flf2v") else [])
     missing = [p for p in needed if files.get(p) is None]
     if missing:
         raise ValueError(f"files: missing {missing} (a {task} Engine needs {needed})")
@@ -549,4 +574,5 @@ def _layout(config: EngineConfig, num_heads: int, guidance_scale: float, quiet: 
 
 
 _CALIBRATION_OPTIONS = {"negative_prompt", "image", "last_image", "max_area", "height", "width", "num_frames",
-                        "num_inference_steps", "guidance_scale", "shift", "sample_solver", "seed"}
+                        "num_inference_steps", "guidance_scale", "shift", "sample_solver", "seed", "video", "mask",
+                        "reference_images", "conditioning_scale"}

@@ -139,7 +139,7 @@ class Preset:
 
     @property
     def max_area(self) -> int | None:
-        """Default pixel area of the output for i2v/flf2v (``height * width``; the official ``--size`` read as
+        """Default pixel area of the output for i2v/flf2v (and VACE's source video) (``height * width``; the official ``--size`` read as
         an area), None for t2v."""
         return self.height * self.width if self.task != "t2v" else None
 
@@ -151,6 +151,10 @@ _ARCH_13B = Architecture("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers
 _ARCH_14B = Architecture("t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16)
 _ARCH_I2V = Architecture("i2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36)
 _ARCH_FLF2V = Architecture("flf2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36)
+#: VACE (``Wan2.1-VACE-1.3B`` / ``-14B``): the t2v DiTs plus the hint stream; the 1.3B adds a hint after every
+#: other block, the 14B after every fifth (their config.json ``vace_layers``).
+_ARCH_VACE_13B = dataclasses.replace(_ARCH_13B, model_type="vace", vace_layers=tuple(range(0, 30, 2)))
+_ARCH_VACE_14B = dataclasses.replace(_ARCH_14B, model_type="vace", vace_layers=tuple(range(0, 40, 5)))
 #: 480P area of the official sizes (``832*480``): the i2v default shift is 3.0 at this area, 5.0 otherwise.
 AREA_480P = 480 * 832
 
@@ -170,6 +174,10 @@ TINY_I2V_ARCH = Architecture(
 )
 TINY_FLF2V_ARCH = Architecture(
     "flf2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=36, text_dim=64, image_dim=160
+)
+#: A tiny VACE model: the tiny DiT with a hint after each of its 2 blocks.
+TINY_VACE_ARCH = Architecture(
+    "vace", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, text_dim=64, vace_layers=(0, 1)
 )
 
 PRESETS: Mapping[str, Preset] = {
@@ -191,6 +199,9 @@ PRESETS: Mapping[str, Preset] = {
             "flf2v-14b-720p", "flf2v", _ARCH_FLF2V, height=720, width=1280, shift=16.0,
             negative_prompt=FLF2V_NEGATIVE_PROMPT, supported_sizes=_SIZES_14B,
         ),
+        # vace: 50 steps, shift 16 (generate.py: "flf2v" or "vace" in the task), the t2v negative prompt.
+        Preset("vace-1.3b", "vace", _ARCH_VACE_13B, shift=16.0, supported_sizes=_SIZES_13B),
+        Preset("vace-14b", "vace", _ARCH_VACE_14B, shift=16.0, supported_sizes=_SIZES_14B),
         Preset(
             "tiny", "t2v", TINY_ARCH, height=64, width=96, num_frames=9, num_inference_steps=4,
             supported_sizes=(), fixture_archs=(TINY_FIXTURE_ARCH,),
@@ -202,6 +213,10 @@ PRESETS: Mapping[str, Preset] = {
         Preset(
             "tiny-flf2v", "flf2v", TINY_FLF2V_ARCH, height=64, width=96, num_frames=9, num_inference_steps=4,
             shift=16.0, negative_prompt=FLF2V_NEGATIVE_PROMPT, supported_sizes=(),
+        ),
+        Preset(
+            "tiny-vace", "vace", TINY_VACE_ARCH, height=64, width=96, num_frames=9, num_inference_steps=4,
+            shift=16.0, supported_sizes=(),
         ),
     )
 }
@@ -310,7 +325,8 @@ def preset_for_arch(arch: Architecture | Mapping[str, object], resolution: str |
 def generic_preset(arch: Architecture) -> Preset:
     """Sampling defaults for a checkpoint no preset describes: its task's defaults (t2v-1.3b, i2v-14b-480p,
     flf2v-14b-720p), named ``"custom"``, with its own architecture and no supported-size list."""
-    base = {"t2v": "t2v-1.3b", "i2v": "i2v-14b-480p", "flf2v": "flf2v-14b-720p"}[arch.model_type]
+    base = {"t2v": "t2v-1.3b", "i2v": "i2v-14b-480p", "flf2v": "flf2v-14b-720p",
+            "vace": "vace-1.3b"}[arch.model_type]
     return dataclasses.replace(PRESETS[base], name="custom", arch=arch, supported_sizes=())
 
 

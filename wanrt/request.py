@@ -86,7 +86,7 @@ class Request:
 
     Attributes:
         preset: name of the preset whose defaults filled the request.
-        task: "t2v", "i2v" or "flf2v".
+        task: "t2v", "i2v", "flf2v" or "vace".
         prompt: the text (None when ``prompt_embeds`` is given).
         negative_prompt: the unconditional text: the caller's, else the preset's default; None when guidance is
             off or ``negative_prompt_embeds`` is given.
@@ -102,6 +102,12 @@ class Request:
         timesteps, sigmas: a custom schedule (:func:`wanrt.sampling.schedulers.custom_schedule`; the few-step
             distilled models' recipes), or None for the solver's own; ``num_inference_steps`` is its length.
         loras: ``((name, strength), ...)``: strengths of the Engine's runtime LoRAs for this call only, or None.
+        video: vace: the source/control video at the output size, uint8 ``[F, H, W, 3]`` (resized and cropped, its
+            first ``num_frames`` frames), or None (none: the official empty input, a gray video).
+        mask: vace: float32 ``[F, H, W]`` in [0, 1] at the output size (1 = generate, 0 = keep), or None (all 1).
+        reference_images: vace: ``[3, H, W]`` float32 in [-1, 1], each fitted on a white canvas of the output
+            size, or None. Each is one more latent frame in front of the video's (dropped before the decode).
+        conditioning_scale: vace: how strongly the VACE hints steer (official ``context_scale``).
     """
 
     preset: str
@@ -126,6 +132,10 @@ class Request:
     timesteps: tuple[float, ...] | None = None
     sigmas: tuple[float, ...] | None = None
     loras: tuple[tuple[str, float], ...] | None = None
+    video: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    reference_images: tuple[torch.Tensor, ...] | None = None
+    conditioning_scale: float = 1.0
 
     def schedule(self):
         """The custom schedule ``(sigmas [n + 1], timesteps [n])`` of ``timesteps`` / ``sigmas``, or None."""
@@ -136,9 +146,16 @@ class Request:
         return custom_schedule(timesteps=self.timesteps, sigmas=self.sigmas, shift=self.shift)
 
     @property
+    def references(self) -> int:
+        """The reference images' latent frames in front of the video's (vace; 0 otherwise)."""
+        return len(self.reference_images) if self.reference_images else 0
+
+    @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
-        """``[1, 16, (F-1)/4+1, H/8, W/8]``: the shape of the initial noise and final latents."""
-        return (1, LATENT_CHANNELS, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+        """``[1, 16, R + (F-1)/4+1, H/8, W/8]``: the shape of the initial noise and denoised latents (``R``: the
+        reference images' frames, which the decode drops)."""
+        return (1, LATENT_CHANNELS, self.references + (self.num_frames - 1) // 4 + 1, self.height // 8,
+                self.width // 8)
 
     @property
     def do_cfg(self) -> bool:
@@ -247,6 +264,12 @@ def image_size(preset: Preset, image_hw: tuple[int, int], *, height: int | None 
 def _images(preset: Preset, image, last_image, max_area, height, width):
     """``(first, last, height, width, max_area)``: the images loaded (and the last one fitted), the size."""
     task = preset.task
+    if task == "vace":
+        if image is not None or last_image is not None:
+            raise ValueError(f"preset {preset.name!r} (VACE) takes no image/last_image: give the frames to keep as "
+                             "video=... with a mask (first-frames extension), or subject images as "
+                             "reference_images=[...]")
+        return None, None, height, width, max_area
     if task == "t2v":
         if image is not None or last_image is not None:
             raise ValueError(f"preset {preset.name!r} is text-to-video and takes no image; load an i2v "
@@ -273,6 +296,71 @@ def _images(preset: Preset, image, last_image, max_area, height, width):
 
 
 MIN_TEACACHE_STEPS = 8
+
+
+def _vace_inputs(preset: Preset, video, mask, reference_images, conditioning_scale, height, width, num_frames,
+                 max_area):
+    """The VACE fields of the request (``{}`` for other models) and the size: ``(fields, height, width, num_frames,
+    max_area)``. The video and mask are loaded, sized (:func:`wanrt.vace.vace_size` without an explicit size) and
+    cropped here, the reference images fitted: nothing later depends on the user's files."""
+    given = [n for n, v in (("video", video), ("mask", mask), ("reference_images", reference_images),
+                            ("conditioning_scale", conditioning_scale)) if v is not None]
+    if preset.task != "vace":
+        if given:
+            raise ValueError(f"{', '.join(given)}: VACE inputs; preset {preset.name!r} ({preset.task}) takes none "
+                             "(load a VACE checkpoint: vace-1.3b, vace-14b)")
+        return {}, height, width, num_frames, max_area
+    from .images import load_image
+    from .vace import MAX_REFERENCE_IMAGES, fit_reference, load_mask, load_video, resize_crop, vace_size
+
+    scale = 1.0 if conditioning_scale is None else _finite("conditioning_scale", conditioning_scale)
+    if mask is not None and video is None:
+        raise ValueError("mask without video: the mask says which pixels of the video to keep (0) and generate (1); "
+                         "give video=... too")
+    frames = load_video(video, name="video") if video is not None else None
+    m = load_mask(mask, name="mask") if mask is not None else None
+    if m is not None and m.shape[0] != frames.shape[0]:
+        raise ValueError(f"mask has {m.shape[0]} frames but video has {frames.shape[0]}; give one mask frame per "
+                         "video frame")
+    if (height is None) != (width is None):
+        raise ValueError("give both height and width (the video is resized to cover it and centre-cropped) or "
+                         "neither")
+    if frames is not None and height is None:
+        area = preset.max_area if max_area is None else max_area
+        if not _is_int(area) or area <= 0:
+            raise ValueError(f"max_area must be a positive int (pixels, e.g. 480*832), got {area!r}")
+        height, width = vace_size(tuple(frames.shape[1:3]), area)
+        max_area = area
+    elif max_area is not None:
+        raise ValueError("max_area sizes a VACE generation from its video; without a video (or with height and "
+                         "width) leave it out")
+    height = preset.height if height is None else height
+    width = preset.width if width is None else width
+    if frames is not None:
+        n = frames.shape[0]
+        if num_frames is None:
+            num_frames = (n - 1) // 4 * 4 + 1
+        elif _is_int(num_frames) and num_frames > n:
+            raise ValueError(f"num_frames={num_frames} but the video has {n} frames; give a longer video or fewer "
+                             "frames")
+    if reference_images is not None and not isinstance(reference_images, (list, tuple)):
+        reference_images = [reference_images]
+    refs = list(reference_images or [])
+    if len(refs) > MAX_REFERENCE_IMAGES:
+        raise ValueError(f"{len(refs)} reference images; at most {MAX_REFERENCE_IMAGES} (each is one more latent "
+                         "frame in every step)")
+    for name, v in (("height", height), ("width", width)):
+        if not _is_int(v) or v <= 0 or v % 16:
+            raise ValueError(f"{name} must be a positive multiple of 16, got {v!r}")
+    fields = {"conditioning_scale": scale}
+    if refs:
+        fields["reference_images"] = tuple(fit_reference(load_image(r, name=f"reference_images[{i}]"), height, width)
+                                           for i, r in enumerate(refs))
+    if frames is not None and _is_int(num_frames) and num_frames >= 1:
+        fields["video"] = resize_crop(frames[:num_frames], height, width)
+        if m is not None:
+            fields["mask"] = resize_crop(m[:num_frames], height, width)
+    return fields, height, width, num_frames, max_area
 
 
 def _loras(loras) -> tuple[tuple[str, float], ...] | None:
@@ -338,6 +426,10 @@ def resolve_request(
     timesteps=None,
     sigmas=None,
     loras: dict[str, float] | None = None,
+    video=None,
+    mask=None,
+    reference_images=None,
+    conditioning_scale: float | None = None,
 ) -> Request:
     """Fill the preset's defaults into what was not given and judge everything (pure: no model is touched).
 
@@ -352,10 +444,15 @@ def resolve_request(
             frames, a missing or doubled prompt, bad embeddings or latents, TeaCache without coefficients or with
             fewer than 8 steps (it has nothing to skip there), a bad custom schedule (both ``timesteps`` and
             ``sigmas``, a length other than ``num_inference_steps``, values out of range or not decreasing), LoRA
-            strengths that are not ``{name: finite number}``.
+            strengths that are not ``{name: finite number}``; for VACE (:func:`_vace_inputs`): VACE inputs to
+            another model, a mask without a video or with another frame count, masks outside [0, 1], a video with
+            fewer frames than ``num_frames``, more than :data:`~wanrt.vace.MAX_REFERENCE_IMAGES` reference images,
+            a non-finite ``conditioning_scale``.
     """
     p = preset
     first, last, height, width, max_area = _images(p, image, last_image, max_area, height, width)
+    vace, height, width, num_frames, max_area = _vace_inputs(p, video, mask, reference_images, conditioning_scale,
+                                                             height, width, num_frames, max_area)
     height = p.height if height is None else height
     width = p.width if width is None else width
     num_frames = p.num_frames if num_frames is None else num_frames
@@ -407,7 +504,7 @@ def resolve_request(
     req = Request(p.name, p.task, prompt, negative, height, width, num_frames, steps, float(guidance_scale),
                   float(shift), solver, seed, first, last, max_area, prompt_embeds, negative_prompt_embeds, None,
                   teacache, None if timesteps is None else tuple(float(t) for t in timesteps),
-                  None if sigmas is None else tuple(float(x) for x in sigmas), _loras(loras))
+                  None if sigmas is None else tuple(float(x) for x in sigmas), _loras(loras), **vace)
     if latents is not None:
         lat_shape = req.latent_shape
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != lat_shape:

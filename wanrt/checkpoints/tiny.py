@@ -72,7 +72,7 @@ def tiny_vae_config(preset: Preset, base_dim: int | None = None):
 
 
 def is_tiny(preset: Preset) -> bool:
-    """True for the tiny presets (``tiny``, ``tiny-i2v``, ``tiny-flf2v``)."""
+    """True for the tiny presets (``tiny``, ``tiny-i2v``, ``tiny-flf2v``, ``tiny-vace``)."""
     return preset.name == "tiny" or preset.name.startswith("tiny-")
 
 
@@ -132,7 +132,7 @@ def dit_config_for(preset: Preset):
     a = preset.arch
     return DiTConfig(model_type=a.model_type, in_dim=a.in_dim, dim=a.dim, ffn_dim=a.ffn_dim, out_dim=a.out_dim,
                      num_heads=a.num_heads, num_layers=a.num_layers, text_dim=a.text_dim, text_len=a.text_len,
-                     image_dim=a.image_dim)
+                     image_dim=a.image_dim, vace_layers=a.vace_layers)
 
 
 def _save_safetensors_sharded(state: dict[str, torch.Tensor], folder: Path, base: str, shards: int,
@@ -184,10 +184,11 @@ def write_checkpoint(
         out_dir: destination folder (created; must not hold a checkpoint already).
         layout: "official" (config.json, diffusion_pytorch_model*.safetensors, Wan2.1_VAE.pth,
             models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/; i2v/flf2v add
-            models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) or "diffusers" (model_index.json,
-            transformer/, vae/, text_encoder/, tokenizer/, scheduler/; i2v/flf2v add image_encoder/ and
-            image_processor/, as ``WanImageToVideoPipeline``).
-        preset: "tiny", "tiny-i2v", "tiny-flf2v" (seconds on a CPU; "tiny" at its fixture size, dim 64 x 2
+            models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth; vace's config.json is a ``VaceWanModel``'s) or
+            "diffusers" (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/; i2v/flf2v add
+            image_encoder/ and image_processor/, as ``WanImageToVideoPipeline``; vace is a ``WanVACEPipeline``
+            with a ``WanVACETransformer3DModel``).
+        preset: "tiny", "tiny-i2v", "tiny-flf2v", "tiny-vace" (seconds on a CPU; "tiny" at its fixture size, dim 64 x 2
             blocks, :data:`~wanrt.presets.TINY_FIXTURE_ARCH`; a ``Preset`` that is not the registered one, e.g.
             without ``fixture_archs``, writes its own ``arch``) or a full-size preset such as "t2v-1.3b" (the real DiT and VAE
             architecture for benchmarks; the text encoder is a 2-layer UMT5 of the real width, since the
@@ -226,7 +227,7 @@ def write_checkpoint(
     t5_cfg = tiny_t5_config(p.arch.text_dim)
     t5 = randomize_(UMT5Encoder(t5_cfg), seed + 2).to(torch.bfloat16)
     clip_state = clip_cfg = None
-    if p.task != "t2v":
+    if p.task in ("i2v", "flf2v"):
         clip_cfg = tiny_clip_config(p)
         # fp16 values (the official file's dtype); the diffusers image_encoder/ holds the same values in fp32
         clip_state = {k: v.half().float() if v.is_floating_point() else v
@@ -248,13 +249,14 @@ def write_checkpoint(
     from .keymap_vae import vae_key_mapper
 
     diffusers_version = _diffusers_version()
+    vace = p.task == "vace"
     model_index = {
-        "_class_name": "WanPipeline" if clip_state is None else "WanImageToVideoPipeline",
+        "_class_name": "WanVACEPipeline" if vace else "WanPipeline" if clip_state is None else "WanImageToVideoPipeline",
         "_diffusers_version": diffusers_version,
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer": ["diffusers", "WanVACETransformer3DModel" if vace else "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
     if clip_state is not None:
@@ -264,7 +266,8 @@ def write_checkpoint(
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
     for sub in ("transformer", "vae", "text_encoder", "scheduler"):
         (out / sub).mkdir()
-    tcfg = {"_class_name": "WanTransformer3DModel", "_diffusers_version": diffusers_version,
+    tcfg = {"_class_name": "WanVACETransformer3DModel" if vace else "WanTransformer3DModel",
+            "_diffusers_version": diffusers_version,
             **dit_cfg.to_diffusers_config()}
     (out / "transformer" / "config.json").write_text(json.dumps(tcfg, indent=2))
     _save_safetensors_sharded({dit_from_official(k): v for k, v in dit.state_dict().items()},
