@@ -21,7 +21,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a video from a text prompt (and an image) and write an MP4",
                        description="Generate a video with a Wan2.1 model and write it as an MP4 (16 fps).")
     _add_model_args(g)
-    g.add_argument("-o", "--output", default="output.mp4", help="output MP4 path (default: output.mp4)")
+    g.add_argument("-o", "--output", default="output.mp4",
+                   help="output MP4 path (default: output.mp4); .png/.jpg/.webp writes one image (text-to-image: "
+                        "--num-frames defaults to 1)")
     g.add_argument("--crf", type=int, default=18,
                    help="x264 constant rate factor of the MP4, 0 (lossless coding) to 51; lower is better "
                         "(default: 18)")
@@ -161,6 +163,16 @@ def _add_model_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--last-image", default=None, help="flf2v: the last frame (an image file)")
     g.add_argument("--max-area", type=_area, default=None,
                    help="i2v/flf2v: output pixel area, as pixels or W*H (e.g. 832*480; default: the preset's)")
+    v = g.add_argument_group("VACE", "vace-1.3b / vace-14b (video editing; see the README's recipes)")
+    v.add_argument("--video", default=None,
+                   help="a source or control video file (resized to cover the output and centre-cropped); "
+                        "without --height/--width the output keeps its aspect ratio within the preset's area")
+    v.add_argument("--mask", default=None,
+                   help="a mask video of the same frame count: white = generate, black = keep")
+    v.add_argument("--reference-image", action="append", default=None, metavar="IMAGE",
+                   help="a subject or style image (repeat for several); fitted on a white canvas")
+    v.add_argument("--conditioning-scale", type=float, default=None,
+                   help="how strongly the video, mask and references steer (default 1.0)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (default: the official one)")
     g.add_argument("--height", type=int, default=None, help="height in pixels, a multiple of 16")
     g.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16")
@@ -187,7 +199,7 @@ def _more_parsers(sub) -> None:
     t.add_argument("dir", help="output folder (must be empty or absent)")
     t.add_argument("--layout", default="official", choices=["official", "diffusers"])
     t.add_argument("--preset", default="tiny",
-                   help="tiny, tiny-i2v, tiny-flf2v, or a full-size preset such as t2v-1.3b")
+                   help="tiny, tiny-i2v, tiny-flf2v, tiny-vace, or a full-size preset such as t2v-1.3b")
     t.add_argument("--shards", type=int, default=1, help="split the DiT weights into N safetensors shards")
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
@@ -222,7 +234,12 @@ def _request(args, **teacache):
     from .request import check_fits, resolve_request
 
     preset = get_preset(args.model)
-    if preset.task == "t2v":
+    if preset.task == "vace":
+        for flag, value in (("--image", args.image), ("--last-image", args.last_image)):
+            if value is not None:
+                raise ValueError(f"{flag} needs an i2v/flf2v model; {preset.name} is VACE: give the frames to keep "
+                                 "as --video with --mask, or subject images as --reference-image")
+    elif preset.task == "t2v":
         for flag, value in (("--image", args.image), ("--last-image", args.last_image), ("--max-area", args.max_area)):
             if value is not None:
                 raise ValueError(f"{flag} needs an i2v/flf2v model; {preset.name} is text-to-video")
@@ -237,7 +254,8 @@ def _request(args, **teacache):
         max_area=args.max_area, height=args.height, width=args.width, num_frames=args.num_frames,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
         sample_solver=args.solver, seed=args.seed, timesteps=getattr(args, "timesteps", None),
-        sigmas=getattr(args, "sigmas", None), **teacache)
+        sigmas=getattr(args, "sigmas", None), video=args.video, mask=args.mask, reference_images=args.reference_image,
+        conditioning_scale=args.conditioning_scale, **teacache)
     sp = (getattr(args, "ulysses", None) or 1) * (getattr(args, "ring", None) or 1)  # ranks sharing the tokens
     check_fits(req, preset, _device(args.device), sequence_parallel=sp)
     return req
@@ -312,12 +330,18 @@ def _generate(args, argv: list[str]) -> int:
     import threading
 
     from .request import check_output_path
-    from .video import check_crf
+    from .video import IMAGE_SUFFIXES, check_crf
 
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch(args, argv)
     output = check_output_path(args.output)  # first: a finished video must have somewhere to go
     check_crf(args.crf)
+    if output.suffix.lower() in IMAGE_SUFFIXES:  # text-to-image: one frame
+        if args.num_frames is None:
+            args.num_frames = 1
+        elif args.num_frames != 1:
+            raise ValueError(f"{output.name} is an image: it holds one frame, not --num-frames {args.num_frames} "
+                             "(write .mp4, or give --num-frames 1)")
     try:
         parallel = _parallel(args)
     except RuntimeError as e:
@@ -358,7 +382,9 @@ def _generate(args, argv: list[str]) -> int:
         return 0
     path = _save(video, output, args.crf)
     f, h, w, _ = video.frames.shape
-    print(f"wrote {path} ({f} frames, {w}x{h}, {video.fps} fps), seed {video.seed}")
+    what = f"{w}x{h} image" if f == 1 and output.suffix.lower() in IMAGE_SUFFIXES else \
+        f"{f} frames, {w}x{h}, {video.fps} fps"
+    print(f"wrote {path} ({what}), seed {video.seed}")
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in video.timings.items())
           + f" (backend {engine.plan.name})")
     if "offload" in video.stats:
@@ -523,6 +549,9 @@ def _calibrate(args) -> int:
     images = {"image": args.image, "last_image": args.last_image, "max_area": args.max_area}
     if engine.preset.task == "t2v":
         images = {}
+    elif engine.preset.task == "vace":
+        images = {"video": args.video, "mask": args.mask, "reference_images": args.reference_image,
+                  "conditioning_scale": args.conditioning_scale, "max_area": args.max_area}
     result = engine.calibrate_teacache(
         args.prompt, mode=args.mode, negative_prompt=args.negative_prompt, **images, height=args.height,
         width=args.width,

@@ -612,8 +612,9 @@ def check_fits(req: Request, preset: Preset, device: torch.device | str, **kw) -
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
-    """Judge where a video will be written, before any work: the extension is one we write (``.mp4``), the path
-    is not a directory, and its directory exists (or can be created) and is writable.
+    """Judge where a video will be written, before any work: the extension is one we write (``.mp4``, or for a
+    one-frame generation ``.png`` / ``.jpg`` / ``.jpeg`` / ``.webp``), the path is not a directory, and its
+    directory exists (or can be created) and is writable.
 
     Returns:
         The path (``~`` expanded). The directory is created when missing.
@@ -623,8 +624,11 @@ def check_output_path(path: str | os.PathLike) -> Path:
             writable (or cannot be created), with the directory named.
     """
     p = Path(path).expanduser()
-    if p.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ValueError(f"the output must end in {' or '.join(VIDEO_SUFFIXES)}, got {str(path)!r}")
+    from .video import IMAGE_SUFFIXES
+
+    if p.suffix.lower() not in VIDEO_SUFFIXES + IMAGE_SUFFIXES:
+        raise ValueError(f"the output must end in {', '.join(VIDEO_SUFFIXES + IMAGE_SUFFIXES)} (an image for "
+                         f"num_frames=1), got {str(path)!r}")
     if p.is_dir():
         raise ValueError(f"the output {str(p)!r} is a directory; give a file path such as {str(p / 'video.mp4')!r}")
     parent = p.parent if str(p.parent) else Path(".")

@@ -143,6 +143,46 @@ def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return np.stack(frames), rate
 
 
+#: The extensions a one-frame generation can be saved as (through Pillow).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _check_one_frame(frames, what: str) -> None:
+    if frames is None:
+        raise ValueError(f"{what}: the frames were not kept (keep_frames=False)")
+    if frames.ndim != 4 or frames.shape[0] != 1:
+        raise ValueError(f"{what} needs a one-frame generation (num_frames=1), this video has "
+                         f"{frames.shape[0] if frames.ndim == 4 else '?'} frames: save it as .mp4, or take frames[i]")
+
+
+def write_image(frames: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write the single frame of ``frames`` (uint8 ``[1, H, W, 3]``) as an image, its format from the extension
+    (:data:`IMAGE_SUFFIXES`), atomically (a ``.part`` file renamed). Returns the path.
+
+    Raises:
+        ValueError: not one frame, not uint8 RGB, or another extension.
+    """
+    from PIL import Image
+
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"an image path must end in {', '.join(IMAGE_SUFFIXES)}, got {str(path)!r}")
+    _check_one_frame(frames, f"saving {p.name}")
+    if frames.dtype != np.uint8 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [1, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}[suffix]
+    options = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}}.get(fmt, {})
+    tmp = p.with_name(p.name + ".part")
+    try:
+        Image.fromarray(frames[0], mode="RGB").save(tmp, format=fmt, **options)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
+
+
 @dataclass
 class Video:
     """A generated video.
@@ -170,8 +210,28 @@ class Video:
         """Number of frames."""
         return int(self.frames.shape[0])
 
+    @property
+    def image(self):
+        """The frame of a one-frame generation (text-to-image: ``num_frames=1``) as a ``PIL.Image.Image`` (RGB).
+
+        Raises:
+            ValueError: the video has more than one frame (take ``frames[i]``) or no frames were kept.
+        """
+        from PIL import Image
+
+        _check_one_frame(self.frames, "Video.image")
+        return Image.fromarray(self.frames[0], mode="RGB")
+
     def save(self, path: str | os.PathLike, crf: int = 18) -> Path:
-        """Write the video as H.264 MP4 at ``self.fps`` (see :func:`write_mp4`)."""
+        """Write the video as H.264 MP4 at ``self.fps`` (see :func:`write_mp4`), or a one-frame generation as an
+        image when ``path`` ends in ``.png``, ``.jpg`` / ``.jpeg`` or ``.webp`` (Pillow; JPEG at quality 95, WebP
+        lossless). Returns the path.
+
+        Raises:
+            ValueError: an image path for a video of several frames, another extension; as :func:`write_mp4`.
+        """
+        if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+            return write_image(self.frames, path)
         return write_mp4(self.frames, path, fps=self.fps, crf=crf)
 
     def __repr__(self) -> str:
