@@ -262,3 +262,153 @@ def test_a_corrupt_video_file_is_named(tmp_path):
 def test_vace_inputs_need_a_vace_model(kw):
     with pytest.raises(ValueError, match="VACE inputs"):
         resolve_request(get_preset("tiny"), "x", seed=0, **kw)
+
+
+# ------------------------------------------------------------------------------------------ accelerators
+
+
+def _inputs():
+    mask = np.zeros((9, 64, 96), np.uint8)
+    mask[:, 16:48, 24:72] = 255
+    return dict(video=_clip(11), mask=mask, reference_images=[_clip(12, 1, 48, 48)[0]], seed=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference_run(vace_ckpts):
+    e = wanrt.Engine("tiny-vace", vace_ckpts[0], device="cpu", precision="fp32", backend="eager")
+    return e.generate("a red square", num_inference_steps=3, **_inputs())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("opts", [dict(backend="sdpa"), dict(cfg_batch=True), dict(offload="block"),
+                                  dict(offload="model")], ids=["sdpa", "cfg-batch", "block-offload", "model-offload"])
+def test_accelerators_keep_the_reference_output(vace_ckpts, reference_run, opts):
+    e = wanrt.Engine("tiny-vace", vace_ckpts[0], device="cpu", precision="fp32", **{"backend": "eager", **opts})
+    v = e.generate("a red square", num_inference_steps=3, **_inputs())
+    assert _rel(v.latents, reference_run.latents) < 1e-5
+    assert np.abs(v.frames.astype(int) - reference_run.frames.astype(int)).max() <= 1
+    if "offload" in opts:
+        assert v.stats["offload"]["mode"] == opts["offload"]
+
+
+@torch.no_grad()
+def test_graph_replay_and_teacache(vace_ckpts, reference_run):
+    from test_cuda_graphs import FakeCapturer
+
+    from wanrt.sampling.loop import make_step_graphs
+
+    e = wanrt.Engine("tiny-vace", vace_ckpts[0], device="cpu", precision="fp32", backend="eager", cfg_batch=True)
+    cap = FakeCapturer(warmup=1)  # a replay re-executes the recorded ops: the hint inputs must be static buffers
+    e._graphs = make_step_graphs(e.transformer, capturer=cap)
+    v = e.generate("a red square", num_inference_steps=3, **_inputs())
+    plain = v.stats["cuda_graphs"]["plain"]
+    assert cap.captures == 1 and plain["replays"] == 2 and plain["fallbacks"] == 0
+    assert _rel(v.latents, reference_run.latents) < 1e-5
+    tc = e.generate("a red square", num_inference_steps=8, teacache_threshold=0.25,
+                    teacache_coefficients=(0, 0, 0, 0.1, 0), **_inputs())
+    assert tc.stats["teacache"]["cond"]["skipped"] >= 1 and torch.isfinite(tc.latents).all()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["int8", "fp8", "int8-wo"])
+def test_the_vace_blocks_quantize_like_the_main_blocks(vace_ckpts, reference_run, precision):
+    from wanrt.quant import SCHEMES
+
+    e = wanrt.Engine("tiny-vace", vace_ckpts[0], device="cpu", precision=precision, backend="eager")
+    dit = e.transformer
+    kinds = tuple(SCHEMES.values())
+    for blocks in (dit.blocks, dit.vace_blocks):
+        assert all(isinstance(b.self_attn.q, kinds) and isinstance(b.ffn[2], kinds) for b in blocks)
+    assert not isinstance(dit.vace_blocks[0].before_proj, kinds) and not isinstance(dit.vace_blocks[1].after_proj, kinds)
+    v = e.generate("a red square", num_inference_steps=3, **_inputs())
+    assert v.latents.shape == reference_run.latents.shape
+    assert _rel(v.latents, reference_run.latents) < 0.15  # 8-bit weights: close, not equal
+
+
+@torch.no_grad()
+def test_conditioning_scale_steers(vace_ckpts, reference_run):
+    e = wanrt.Engine("tiny-vace", vace_ckpts[0], device="cpu", precision="fp32", backend="eager")
+    off = e.generate("a red square", num_inference_steps=3, conditioning_scale=0.0, **_inputs())
+    assert _rel(off.latents, reference_run.latents) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ text-to-image
+
+
+@torch.no_grad()
+def test_one_frame_is_an_image(tmp_path):
+    from PIL import Image
+
+    e = wanrt.Engine("tiny", device="cpu", precision="fp32")
+    a = e.generate("a red circle", num_frames=1, seed=9, progress=False)
+    b = e.generate("a red circle", num_frames=1, seed=9, progress=False)
+    assert a.frames.shape == (1, 64, 96, 3) and a.latents.shape == (1, 16, 1, 8, 12)
+    assert np.array_equal(a.frames, b.frames)  # the seed decides (the noise is drawn on the CPU)
+    assert a.image.size == (96, 64) and np.array_equal(np.asarray(a.image), a.frames[0])
+    png = a.save(tmp_path / "out" / "circle.png")
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), a.frames[0])  # lossless
+    webp = a.save(tmp_path / "circle.webp")
+    assert np.array_equal(np.asarray(Image.open(webp).convert("RGB")), a.frames[0])  # lossless WebP
+    jpg = a.save(tmp_path / "circle.jpg")
+    assert np.abs(np.asarray(Image.open(jpg)).astype(int) - a.frames[0].astype(int)).mean() < 8
+    video = e.generate("a red circle", num_frames=5, seed=9, progress=False)
+    with pytest.raises(ValueError, match="one-frame generation"):
+        video.save(tmp_path / "x.png")
+    with pytest.raises(ValueError, match="one-frame generation"):
+        video.image
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.png.part").exists()
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_vace_recipes_and_text_to_image(tmp_path, capsys):
+    from PIL import Image
+
+    from wanrt.cli import main
+    from wanrt.video import read_mp4, write_mp4
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["make-tiny-checkpoint", str(ckpt), "--preset", "tiny-vace"]) == 0
+    assert main(["make-tiny-checkpoint", str(tmp_path / "dif"), "--preset", "tiny-vace", "--layout", "diffusers"]) == 0
+    src = write_mp4(_clip(13, 9, 48, 160), tmp_path / "src.mp4", crf=0)  # 10:3, more than the 64*96 area
+    mask = np.zeros((9, 48, 160, 3), np.uint8)
+    mask[:, 20:52, 40:88] = 255
+    mask_path = write_mp4(mask, tmp_path / "mask.mp4", crf=0)
+    ref = tmp_path / "ref.png"
+    Image.fromarray(_clip(14, 1, 40, 30)[0]).save(ref)
+    common = ["--model", "tiny-vace", "--checkpoint-dir", str(ckpt), "--prompt", "a red square", "--steps", "2",
+              "--device", "cpu", "--precision", "fp32", "--no-progress"]
+    out = tmp_path / "inpaint.mp4"
+    assert main(["generate", *common, "--video", str(src), "--mask", str(mask_path), "--reference-image", str(ref),
+                 "--reference-image", str(ref), "--conditioning-scale", "0.8", "-o", str(out)]) == 0
+    frames, _ = read_mp4(out)
+    assert frames.shape == (9, 48, 128, 3)  # the video's aspect within 24 cells of 16x16: 3 x 8
+    assert "vae_encode" in capsys.readouterr().out
+    image = tmp_path / "still.png"
+    assert main(["generate", *common, "--reference-image", str(ref), "-o", str(image)]) == 0
+    assert Image.open(image).size == (96, 64)
+    assert "96x64 image" in capsys.readouterr().out
+
+
+def test_cli_vace_errors_come_before_loading(tmp_path, monkeypatch, capsys):
+    import wanrt.engine
+    from wanrt.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded for bad input")
+
+    monkeypatch.setattr(wanrt.engine.Engine, "__init__", no_load)
+    mask = tmp_path / "mask.npy"
+    cases = (
+        (["--model", "vace-1.3b", "--mask", str(mask)], "mask without video"),
+        (["--model", "vace-1.3b", "--image", str(mask)], "--image needs an i2v/flf2v model"),
+        (["--model", "vace-1.3b", "--video", str(tmp_path / "none.mp4")], "none.mp4"),
+        (["--model", "t2v-1.3b", "--reference-image", str(mask)], "VACE inputs"),
+        (["--model", "tiny", "-o", str(tmp_path / "x.png"), "--num-frames", "5"], "holds one frame"),
+        (["--model", "vace-1.3b", "--reference-image", str(mask)] * 5, "at most 4"),
+    )
+    for argv, msg in cases:
+        rc = main(["generate", "--checkpoint-dir", str(tmp_path), "--prompt", "x", *argv])
+        assert rc == 2, argv
+        assert msg in capsys.readouterr().err, argv
