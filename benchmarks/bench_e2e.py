@@ -19,10 +19,13 @@ CPU: the process's peak resident set). Timings are medians over --repeats runs a
     python benchmarks/bench_e2e.py --device cuda --parts loop --preset t2v-1.3b --height 480 --width 832 \
         --frames 81 --steps 50 --repeats 1 --teacache-thresholds 0.08   # ~5-6 min on an H100 (gpu_suite.sh)
     python benchmarks/bench_e2e.py --preset tiny-i2v --parts pipelines   # image-to-video vs WanImageToVideoPipeline
+    python benchmarks/bench_e2e.py --preset tiny-vace --parts pipelines  # VACE inpainting vs WanVACEPipeline
 
 Image presets (tiny-i2v, tiny-flf2v, i2v-14b-*, flf2v-14b-720p) condition every run on a fixed random image of
 exactly --height x --width (and a second one as the last frame for flf2v), with wanrt's conditioning cache off,
-so every run encodes its image(s) as diffusers does.
+so every run encodes its image(s) as diffusers does. VACE presets (tiny-vace, vace-1.3b, vace-14b) run an
+inpainting request: a fixed random source video of exactly that size, a mask generating its central half, and one
+reference image.
 """
 
 from __future__ import annotations
@@ -67,11 +70,17 @@ def _task(a) -> str:
 
 
 def _images(a) -> dict:
-    """The conditioning images of an image preset (uint8 ``[H, W, 3]`` of exactly the video size), else {}."""
+    """The conditioning images of an image preset (uint8 ``[H, W, 3]`` of exactly the video size), the inputs of a
+    VACE one (a source video, its mask, a reference image), else {}."""
     task = _task(a)
     if task == "t2v":
         return {}
     rng = np.random.default_rng(0)
+    if task == "vace":
+        mask = np.zeros((a.frames, a.height, a.width), np.uint8)
+        mask[:, a.height // 4:3 * a.height // 4, a.width // 4:3 * a.width // 4] = 255
+        return {"video": rng.integers(0, 256, (a.frames, a.height, a.width, 3), dtype=np.uint8), "mask": mask,
+                "reference_images": [rng.integers(0, 256, (a.height, a.width, 3), dtype=np.uint8)]}
     first = rng.integers(0, 256, (a.height, a.width, 3), dtype=np.uint8)
     last = rng.integers(0, 256, (a.height, a.width, 3), dtype=np.uint8) if task == "flf2v" else None
     return {"image": first, "last_image": last}
@@ -101,12 +110,19 @@ def worker_diffusers(a) -> dict:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.precision]
     images = _images(a)
-    cls = diffusers.WanImageToVideoPipeline if images else diffusers.WanPipeline
-    pipe = cls.from_pretrained(a.ckpt, torch_dtype=dtype)
+    vace = _task(a) == "vace"
+    cls = diffusers.WanVACEPipeline if vace else diffusers.WanImageToVideoPipeline if images else diffusers.WanPipeline
+    pipe = cls.from_pretrained(a.ckpt, dtype=dtype)
     pipe.vae.to(torch.float32)
     pipe.to(a.device)
     pipe.set_progress_bar_config(disable=True)
-    if images:
+    if vace:
+        from PIL import Image
+
+        images = {"video": [Image.fromarray(f) for f in images["video"]],
+                  "mask": [Image.fromarray(m).convert("RGB") for m in images["mask"]],
+                  "reference_images": [Image.fromarray(r) for r in images["reference_images"]]}
+    elif images:
         from PIL import Image
 
         images = {k: Image.fromarray(v) for k, v in images.items() if v is not None}
@@ -175,6 +191,7 @@ LOOP_DEFAULTS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...] | None]
     "tiny": ("e", (0.10, 0.20, 0.30), (0.0, 0.0, 0.0, 0.1, 0.0)),
     "tiny-i2v": ("e", (0.10, 0.20, 0.30), (0.0, 0.0, 0.0, 0.1, 0.0)),
     "tiny-flf2v": ("e", (0.10, 0.20, 0.30), (0.0, 0.0, 0.0, 0.1, 0.0)),
+    "tiny-vace": ("e", (0.10, 0.20, 0.30), (0.0, 0.0, 0.0, 0.1, 0.0)),
     "i2v-14b-480p": ("e0", (0.13, 0.19, 0.26), None),
     "i2v-14b-720p": ("e0", (0.18, 0.20, 0.30), None),
 }
@@ -381,11 +398,15 @@ def _config_words(a) -> str:
 
 def run_pipelines(a, res: dict) -> list[str]:
     image = _task(a) != "t2v"
-    pipes = "WanImageToVideoPipeline" if image else "WanPipeline"
+    pipes = {"vace": "WanVACEPipeline", "t2v": "WanPipeline"}.get(_task(a), "WanImageToVideoPipeline")
     caption = (f"wanrt vs diffusers' {pipes}: {_config_words(a)} (diffusers layout, same weights for "
                f"both), {a.height}x{a.width}, {a.frames} frames, {a.steps} steps, CFG {a.guidance}, UniPC, precision "
                f"{a.precision}; median of {a.repeats} runs after one warm-up.")
-    if image:
+    if _task(a) == "vace":
+        caption += (" VACE inpainting: a source video, a mask generating its central half, one reference image; the "
+                    "denoise column includes their VAE encodes, which diffusers' pipeline call performs together with "
+                    "the loop.")
+    elif image:
         caption += (" The denoise column includes the image conditioning (CLIP and the VAE encode of the conditioning "
                     "video), which diffusers' pipeline call performs together with the loop.")
     den = "conditioning + denoise s" if image else "denoise s"

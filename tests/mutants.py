@@ -618,6 +618,49 @@ DEFECTS: tuple[Defect, ...] = (
         tests=("tests/test_demo_data.py::test_the_colour_is_read_by_hue_so_dark_edges_keep_their_colour",),
         what="the adherence score gives unsaturated pixels (gray, dark blends) the colour of their hue",
     ),
+    # ---------------------------------------------------------------------------- VACE
+    Defect(
+        name="vace-hint-before-the-block",
+        file="models/dit.py",
+        edits=(("                xs[j], pendings[j] = self._block(block, xs[j], pendings[j], inp, g)\n"
+                "                if hints is not None and i in self._vace_after:",
+                "                if hints is not None and i in self._vace_after and pendings[j] is None:\n"
+                "                    xs[j] = xs[j] + hints[j][self._vace_after[i]].float() * inp.vace_scale[0]\n"
+                "                xs[j], pendings[j] = self._block(block, xs[j], pendings[j], inp, g)\n"
+                "                if False:"),),
+        tests=("tests/test_vace_dit.py::test_parity_with_diffusers[video-1.0]",),
+        what="VACE hints are added to a block's input instead of its output (official: x = block(x) + hint)",
+    ),
+    Defect(
+        name="vace-first-block-without-the-tokens",
+        file="models/dit.py",
+        edits=(("                c = block.before_proj(c) + inp.x[g].to(compute_dtype(block.before_proj))",
+                "                c = block.before_proj(c)"),),
+        tests=("tests/test_vace_dit.py::test_parity_with_diffusers[video-1.0]",),
+        what="the first VACE block does not add the main stream's patch-embedded tokens to the hint stream",
+    ),
+    Defect(
+        name="vace-mask-blocks-transposed",
+        file="vace.py",
+        edits=(("m = mask[0].reshape(f, h // sh, sh, w // sw, sw).permute(2, 4, 0, 1, 3)",
+                "m = mask[0].reshape(f, h // sh, sh, w // sw, sw).permute(4, 2, 0, 1, 3)"),),
+        tests=("tests/test_vace.py::test_generation_matches_a_loop_of_diffusers_modules[inpaint+reference]",),
+        what="the 8x8 mask blocks fold into channels column-major (8*j + i) instead of row-major (8*i + j)",
+    ),
+    Defect(
+        name="vace-reference-frames-decoded",
+        file="engine.py",
+        edits=(("            x = x[:, :, req.references:]\n", "            pass\n"),),
+        tests=("tests/test_vace.py::test_generation_matches_a_loop_of_diffusers_modules[inpaint+reference]",),
+        what="the reference images' latent frames are decoded as part of the video",
+    ),
+    Defect(
+        name="vace-soft-mask-not-thresholded",
+        file="vace.py",
+        edits=(("    m = (mask > 0.5).to(torch.float32)\n", "    m = mask.to(torch.float32)\n"),),
+        tests=("tests/test_vace.py::test_a_soft_mask_splits_the_video_at_one_half",),
+        what="a soft mask blends the inactive and reactive videos instead of splitting the pixels at 0.5",
+    ),
     Defect(
         name="tiny-preset-refuses-its-fixtures",
         file="presets.py",

@@ -33,6 +33,15 @@ def _image():
     return np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
 
 
+def _vace_inputs():
+    """A VACE request's inputs at the test size: a source video with a mask (inpainting) and a reference image."""
+    rng = np.random.default_rng(1)
+    mask = np.zeros((9, 48, 80), np.uint8)
+    mask[:, 16:32, 16:64] = 255
+    return {"video": rng.integers(0, 256, (9, 48, 80, 3), dtype=np.uint8), "mask": mask,
+            "reference_images": [_image()]}
+
+
 def _velocity_error(eng, ref, opts) -> float:
     """One guided step's velocity of the parallel Engine against the single-process GuidedStep."""
     from wanrt.parallel import runner
@@ -143,11 +152,13 @@ def _two_rank_cases(group: str) -> list:
             ("ulysses 2", P(ulysses=2), "tiny", {}, OPTS),
             ("ulysses 2, batched CFG", P(ulysses=2), "tiny", {"cfg_batch": True}, OPTS),
             ("i2v ulysses 2", P(ulysses=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
+            ("vace ulysses 2", P(ulysses=2), "tiny-vace", {}, {**OPTS, **_vace_inputs()}),
         ],
         "ring": [
             ("ring 2", P(ring=2), "tiny", {}, OPTS),
             ("ring 2, guidance 1", P(ring=2), "tiny", {}, {**OPTS, "guidance_scale": 1.0}),
             ("i2v ring 2", P(ring=2), "tiny-i2v", {}, {**OPTS, "image": _image()}),
+            ("vace ring 2", P(ring=2), "tiny-vace", {}, {**OPTS, **_vace_inputs()}),
         ],
         "cfg": [
             ("cfg 2", P(cfg=2), "tiny", {}, OPTS),
@@ -163,6 +174,7 @@ def _two_rank_cases(group: str) -> list:
             ("ulysses 2, block offload", P(ulysses=2), "tiny", {"offload": "block"}, OPTS),
             ("teacache cfg 2, block offload", P(cfg=2), "tiny", {"offload": "block"}, {**OPTS, **TEACACHE}),
             ("i2v ring 2, model offload", P(ring=2), "tiny-i2v", {"offload": "model"}, {**OPTS, "image": _image()}),
+            ("vace cfg 2, block offload", P(cfg=2), "tiny-vace", {"offload": "block"}, {**OPTS, **_vace_inputs()}),
         ],
         "triton": [
             ("ring 2, Triton kernels (log-sum-exp from the kernel)", P(ring=2), "tiny", {"backend": "triton"},

@@ -92,7 +92,7 @@ def test_generation_matches_a_loop_of_diffusers_modules(vace_ckpts, case):
         video = _clip(1)
     if case == "inpaint+reference":
         mask = np.zeros((frames, h, w), np.float32)
-        mask[:, 16:48, 24:72] = 1.0  # generate the middle, keep the border
+        mask[:, 13:45, 21:70] = 1.0  # generate the middle, keep the border (edges inside 8x8 blocks)
         refs = [_clip(2, 1, 40, 40)[0]]  # a square subject image: fitted on a white canvas
     n_ref = len(refs)
     noise = torch.randn(1, 16, n_ref + 3, h // 8, w // 8, generator=gen)
@@ -412,3 +412,29 @@ def test_cli_vace_errors_come_before_loading(tmp_path, monkeypatch, capsys):
         rc = main(["generate", "--checkpoint-dir", str(tmp_path), "--prompt", "x", *argv])
         assert rc == 2, argv
         assert msg in capsys.readouterr().err, argv
+
+
+class _PoolVAE(torch.nn.Module):
+    """A stand-in VAE: 'latents' are every 4th frame average-pooled over 8x8 pixels (3 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def encode(self, x):
+        return F.avg_pool3d(x[:, :, ::4], (1, 8, 8))
+
+
+def test_a_soft_mask_splits_the_video_at_one_half():
+    from wanrt.vace import vace_context
+
+    video = torch.full((3, 5, 16, 16), 0.5)
+    mask = torch.full((1, 5, 16, 16), 0.4)
+    mask[..., 8:] = 0.6  # right half above one half: generated (reactive)
+    ctx = vace_context(_PoolVAE(), video, mask)
+    assert ctx.shape == (1, 3 + 3 + 64, 2, 2, 2)
+    inactive, reactive, m = ctx[0, :3], ctx[0, 3:6], ctx[0, 6:]
+    assert torch.all(inactive[..., 0] == 0.5) and torch.all(inactive[..., 1] == 0)
+    assert torch.all(reactive[..., 0] == 0) and torch.all(reactive[..., 1] == 0.5)
+    torch.testing.assert_close(m[:, :, :, 0], torch.full((64, 2, 2), 0.4))  # the mask channels stay soft
+    torch.testing.assert_close(m[:, :, :, 1], torch.full((64, 2, 2), 0.6))

@@ -21,7 +21,7 @@ Public API::
 from .checkpoints.io import CheckpointError
 from .checkpoints.layout import LayoutError
 from .checkpoints.loaders import load_image_encoder, load_text_encoder, load_transformer, load_vae
-from . import distributed
+from . import distributed, vace
 from .engine import Cancelled, Engine, EngineConfig, GenerationError
 from .parallel.config import ParallelConfig
 from .presets import PRESETS, Preset
