@@ -48,4 +48,5 @@ __all__ = [
     "Cancelled",
     "ParallelConfig",
     "distributed",
+    "vace",
 ]
