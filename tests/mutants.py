@@ -625,7 +625,7 @@ DEFECTS: tuple[Defect, ...] = (
         edits=(("                xs[j], pendings[j] = self._block(block, xs[j], pendings[j], inp, g)\n"
                 "                if hints is not None and i in self._vace_after:",
                 "                if hints is not None and i in self._vace_after and pendings[j] is None:\n"
-                "                    xs[j] = xs[j] + hints[j][self._vace_after[i]].float() * inp.vace_scale[0]\n"
+                "                    xs[j] = xs[j] + next(hints[j]).float() * inp.vace_scale[0]\n"
                 "                xs[j], pendings[j] = self._block(block, xs[j], pendings[j], inp, g)\n"
                 "                if False:"),),
         tests=("tests/test_vace_dit.py::test_parity_with_diffusers[video-1.0]",),

@@ -180,3 +180,21 @@ def test_hint_input_errors(pair):
     t2v = WanDiT(DiTConfig(model_type="t2v", **TINY))
     with pytest.raises(ValueError, match="only accepted by VACE models"):
         t2v(x, t, ctx, vace_context=vc)
+
+
+def test_each_hint_is_made_when_its_block_needs_it(pair):
+    """The hint stream runs interleaved with the main blocks: VACE block n right after main block vace_layers[n],
+    so one hint is alive at a time (the official code makes them all first); the output is the same."""
+    cfg, _, model = pair
+    order = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: order.append(f"main {i}")) for i, b in enumerate(model.blocks)]
+    hooks += [b.register_forward_hook(lambda m, a, o, n=n: order.append(f"vace {n}"))
+              for n, b in enumerate(model.vace_blocks)]
+    inp = inputs_for(cfg)
+    try:
+        with torch.no_grad():
+            model(inp["x"], inp["t"], inp["context"], vace_context=inp["vace_context"])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert order == ["main 0", "vace 0", "main 1", "main 2", "vace 1", "main 3"]

@@ -566,7 +566,9 @@ def _dit_forward_bytes(req: Request, preset: Preset, dtype_bytes: int, sequence_
     tokens = -(-req.tokens // max(1, sequence_parallel))
     if not ffn:
         return int(tokens * a.ffn_dim * dtype_bytes * 1.5)
-    return int(tokens * (4 * a.dim * 4 + (5 * a.dim + a.ffn_dim) * dtype_bytes) * 1.5)
+    # VACE: the hint stream (fp32) and one hint beside the main stream (the hints are made one at a time)
+    vace = tokens * a.dim * (4 + dtype_bytes) if preset.task == "vace" else 0
+    return int((tokens * (4 * a.dim * 4 + (5 * a.dim + a.ffn_dim) * dtype_bytes) + vace) * 1.5)
 
 
 def cfg_batch_fits(req: Request, preset: Preset, device: torch.device, dtype_bytes: int = 2,

@@ -640,7 +640,9 @@ class WanDiT(nn.Module):
         groups = [slice(s, s + 1) for s in range(b)] if self.microbatch and b > 1 else [slice(None)]
         xs = [inp.x[g] for g in groups]
         pendings: list = [None] * len(groups)  # (y, gate) of the previous block's FFN, fused with the next norm
-        hints = [self.run_vace(inp, g) for g in groups] if inp.vace is not None else None
+        # VACE: each hint is computed just before the main block that takes it (the hint stream is a chain of its
+        # own, read by no main block), so one hint and the stream are alive at a time, not all len(vace_layers)
+        hints = [self.vace_hints(inp, g) for g in groups] if inp.vace is not None else None
         for i, block in enumerate(self.blocks):
             if mover is not None:
                 mover.before(i)
@@ -649,7 +651,7 @@ class WanDiT(nn.Module):
                 if hints is not None and i in self._vace_after:  # official: x = block(x) + hint * context_scale
                     n = self._vace_after[i]
                     x = gated_residual(xs[j], *pendings[j], backend=self.plan.fused)
-                    xs[j], pendings[j] = x + hints[j][n].float() * inp.vace_scale[n], None
+                    xs[j], pendings[j] = x + next(hints[j]).float() * inp.vace_scale[n], None
             if mover is not None:
                 mover.after(i)
         if len(groups) == 1:
@@ -657,11 +659,11 @@ class WanDiT(nn.Module):
         pending = None if pendings[0] is None else tuple(torch.cat(p, dim=0) for p in zip(*pendings, strict=True))
         return torch.cat(xs, dim=0), pending
 
-    def run_vace(self, inp: DiTInputs, g: slice = slice(None)) -> list[torch.Tensor]:
-        """The VACE blocks on the hint stream of the samples ``g`` (official ``forward_vace``): one hint
-        ``[b, S, dim]`` per VACE block, in ``vace_layers`` order (unscaled)."""
+    def vace_hints(self, inp: DiTInputs, g: slice = slice(None)):
+        """The VACE blocks on the hint stream of the samples ``g`` (official ``forward_vace``), lazily: yields one
+        hint ``[b, S, dim]`` (unscaled) per VACE block, in ``vace_layers`` order, computing each when asked."""
         plan, eps = self.plan, self.config.eps
-        c, hints = inp.vace[g], []
+        c = inp.vace[g]
         for block in self.vace_blocks:
             if block.block_id == 0:
                 c = block.before_proj(c) + inp.x[g].to(compute_dtype(block.before_proj))
@@ -673,8 +675,7 @@ class WanDiT(nn.Module):
             context_img = inp.context_img[g] if inp.context_img is not None else None
             c, (y, gate) = block(c, h, mod, inp.rope, inp.context[g], context_img, plan, inp.sp)
             c = gated_residual(c, y, gate, backend=plan.fused)  # [b, S, dim] fp32
-            hints.append(block.after_proj(c))
-        return hints
+            yield block.after_proj(c)
 
     def _vace_tokens(self, vace_context: torch.Tensor | None, vace_scale, x: torch.Tensor,
                      grid: tuple[int, int, int]):
