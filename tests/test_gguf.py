@@ -62,7 +62,7 @@ def _write_gguf(path, model, qtype, float_type=T.F32):
     held = {}
     for i, (key, value) in enumerate(model.state_dict().items()):
         x = value.detach().float().numpy()
-        if key.startswith("blocks.") and key.endswith(".weight") and x.ndim == 2:
+        if key.startswith(("blocks.", "vace_blocks.")) and key.endswith(".weight") and x.ndim == 2:
             qtype = qtype_of(key)
             if qtype in ("Q8_0", "Q4_0", "Q5_0"):
                 q = gguf.quants.quantize(x, getattr(T, qtype))
@@ -212,3 +212,30 @@ def test_corrupt_and_unsupported_gguf_files_name_the_file(tmp_path):
         wanrt.load_transformer(path, device="cpu", quantization="int8", backend="eager")
     with pytest.raises(ValueError, match="disk placement streams safetensors"):
         wanrt.load_transformer(path, device="cpu", backend="eager", defer_blocks=True)
+
+
+def test_a_vace_gguf_file_loads_with_its_architecture_from_the_shapes(tmp_path):
+    """A VACE DiT in GGUF (main and VACE blocks quantized), read without a config: the hint stream is found from
+    the keys and the output is the float model's with the file's weights."""
+    import wanrt
+    from wanrt.checkpoints.tiny import dit_config_for
+    from wanrt.models.dit import WanDiT
+    from wanrt.presets import get_preset
+    from wanrt.quant.gguf import GGUFLinear
+
+    cfg = dataclasses.replace(dit_config_for(get_preset("tiny-vace")), num_heads=1)  # head_dim 64: inferred as 128s
+    torch.manual_seed(0)
+    model = WanDiT(cfg).eval()
+    path = tmp_path / "wan-vace-Q8_0.gguf"
+    held = _write_gguf(path, model, "Q8_0")
+    assert any(k.startswith("vace_blocks.") for k in held)
+    loaded = wanrt.load_transformer(path, device="cpu", dtype=torch.float32, backend="eager")
+    assert loaded.config.model_type == "vace" and loaded.config.vace_layers == (0, 1)
+    assert isinstance(loaded.vace_blocks[1].ffn[0], GGUFLinear)
+    x, t, ctx = _inputs(model)
+    vc = torch.randn(1, 96, *x.shape[2:], generator=torch.Generator().manual_seed(3))
+    reference = WanDiT(cfg).eval()
+    reference.load_state_dict({**model.state_dict(), **held})
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, ctx, vace_context=vc), reference(x, t, ctx, vace_context=vc),
+                                   rtol=1e-5, atol=1e-5)
