@@ -438,3 +438,22 @@ def test_a_soft_mask_splits_the_video_at_one_half():
     assert torch.all(reactive[..., 0] == 0) and torch.all(reactive[..., 1] == 0.5)
     torch.testing.assert_close(m[:, :, :, 0], torch.full((64, 2, 2), 0.4))  # the mask channels stay soft
     torch.testing.assert_close(m[:, :, :, 1], torch.full((64, 2, 2), 0.6))
+
+
+def test_loras_reach_the_vace_blocks_in_official_and_diffusers_names():
+    """A LoRA trained on a VACE model touches vace_blocks.N too: both naming schemes resolve to those modules."""
+    from wanrt.checkpoints.tiny import dit_config_for
+    from wanrt.lora.formats import read_lora
+    from wanrt.models.dit import WanDiT
+
+    model = WanDiT(dit_config_for(PRESET))
+    a, b = torch.randn(4, 64), torch.randn(64, 4)
+    official = read_lora({"diffusion_model.vace_blocks.1.self_attn.q.lora_A.weight": a,
+                          "diffusion_model.vace_blocks.1.self_attn.q.lora_B.weight": b}, model)
+    diffusers = read_lora({"transformer.vace_blocks.0.proj_out.lora_A.weight": a,
+                           "transformer.vace_blocks.0.proj_out.lora_B.weight": b,
+                           "transformer.vace_blocks.0.attn2.to_v.lora_A.weight": a,
+                           "transformer.vace_blocks.0.attn2.to_v.lora_B.weight": b}, model)
+    assert set(official.deltas) == {"vace_blocks.1.self_attn.q"} and not official.unmatched
+    assert set(diffusers.deltas) == {"vace_blocks.0.after_proj", "vace_blocks.0.cross_attn.v"}
+    assert not diffusers.unmatched
