@@ -136,6 +136,9 @@ def worker_diffusers(a) -> dict:
             num_inference_steps=a.steps, guidance_scale=a.guidance, generator=g, output_type="latent",
             **images).frames)
 
+        if vace:  # with output_type="latent" the pipeline keeps the reference frames; its decode drops them
+            lat = lat[:, :, len(images["reference_images"]):]
+
         def decode(lat=lat):
             mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(lat)
             std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1).to(lat)
