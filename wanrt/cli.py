@@ -120,6 +120,9 @@ def _add_engine_options(g) -> None:
     o.add_argument("--vram-budget-gb", type=float, default=None,
                    help="plan for this much GPU memory (GiB); refused before loading onto the GPU when it cannot be "
                         "met, naming the smallest feasible budget")
+    o.add_argument("--expert-swap", default="auto", choices=["auto", "on", "off"],
+                   help="Wan2.2 A14B: one expert on the GPU at a time (on), both (off), or on when both do not fit "
+                        "(auto)")
     o.add_argument("--offload-to-disk", action="store_true",
                    help="with block offload: read the streamed blocks from the checkpoint file at each copy instead "
                         "of holding them in host memory")
@@ -141,6 +144,10 @@ def _add_lora_args(lo) -> None:
                     help="apply a LoRA (any common format; repeatable; strength default 1)")
     lo.add_argument("--lora-mode", default="fuse", choices=["fuse", "runtime"],
                     help="fuse into the weights (default) or run as a low-rank branch beside them")
+    lo.add_argument("--lora-high", action="append", default=[], metavar="FILE[:STRENGTH]",
+                    help="Wan2.2 A14B: a LoRA for the high-noise expert only (the speed LoRAs' high half)")
+    lo.add_argument("--lora-low", action="append", default=[], metavar="FILE[:STRENGTH]",
+                    help="Wan2.2 A14B: a LoRA for the low-noise expert only")
 
 
 def _add_files_args(g) -> None:
@@ -178,7 +185,14 @@ def _add_model_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=None, help="width in pixels, a multiple of 16")
     g.add_argument("--num-frames", type=int, default=None, help="frames, 4k+1 (81 = 5 s)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
-    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale (Wan2.2 A14B: the high-noise expert's)")
+    w = g.add_argument_group("Wan2.2 A14B", "t2v-a14b / i2v-a14b: two experts switched at the boundary")
+    w.add_argument("--guidance-scale-2", type=float, default=None,
+                   help="the low-noise expert's guidance scale (default: official, 3.0 t2v / 3.5 i2v)")
+    w.add_argument("--boundary", type=float, default=None,
+                   help="switch to the low-noise expert below this fraction of 1000 timesteps (default: 0.875 "
+                        "t2v / 0.9 i2v)")
     g.add_argument("--shift", type=float, default=None, help="flow-matching sigma shift")
     g.add_argument("--solver", default=None, choices=SOLVERS, help="sampling solver")
     g.add_argument("--seed", type=int, default=None, help="seed (default: random, printed)")
@@ -226,6 +240,12 @@ def _area(text: str) -> int:
     return values[0] * (values[1] if len(values) == 2 else 1)
 
 
+def _expert_options(args) -> dict:
+    """``guidance_scale_2`` / ``boundary`` when given (Wan2.2 A14B; refused by the request for one DiT)."""
+    return {k: v for k, v in (("guidance_scale_2", getattr(args, "guidance_scale_2", None)),
+                              ("boundary", getattr(args, "boundary", None))) if v is not None}
+
+
 def _request(args, **teacache):
     """The request, resolved once and judged before any weight is loaded (minutes for a 14B model): sizes,
     frames, steps, numbers, the images, and the memory it needs on the device."""
@@ -243,6 +263,9 @@ def _request(args, **teacache):
         for flag, value in (("--image", args.image), ("--last-image", args.last_image), ("--max-area", args.max_area)):
             if value is not None:
                 raise ValueError(f"{flag} needs an i2v/flf2v model; {preset.name} is text-to-video")
+    elif preset.task == "ti2v":
+        if args.last_image is not None:
+            raise ValueError(f"--last-image needs a first-last-frame (flf2v) model; {preset.name} takes one --image")
     elif args.image is None:
         raise ValueError(f"--model {preset.name} ({preset.task}) needs --image")
     elif preset.task == "flf2v" and args.last_image is None:
@@ -255,7 +278,7 @@ def _request(args, **teacache):
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, shift=args.shift,
         sample_solver=args.solver, seed=args.seed, timesteps=getattr(args, "timesteps", None),
         sigmas=getattr(args, "sigmas", None), video=args.video, mask=args.mask, reference_images=args.reference_image,
-        conditioning_scale=args.conditioning_scale, **teacache)
+        conditioning_scale=args.conditioning_scale, **_expert_options(args), **teacache)
     sp = (getattr(args, "ulysses", None) or 1) * (getattr(args, "ring", None) or 1)  # ranks sharing the tokens
     check_fits(req, preset, _device(args.device), sequence_parallel=sp)
     return req
@@ -304,6 +327,9 @@ def _offload_options(args) -> dict:
         out["vram_budget_gb"] = args.vram_budget_gb
     if args.offload_to_disk:
         out["offload_to_disk"] = True
+    swap = getattr(args, "expert_swap", "auto")
+    if swap != "auto":
+        out["expert_swap"] = swap == "on"
     return out
 
 
@@ -358,7 +384,7 @@ def _generate(args, argv: list[str]) -> int:
                      offload_image_encoder=args.offload_image_encoder, parallel=parallel,
                      **_offload_options(args))
     root = engine.mesh is None or engine.mesh.is_root  # in a parallel run rank 0 alone prints and writes
-    for name in _load_loras(engine, args.lora, args.lora_mode):
+    for name in _load_loras(engine, args.lora, args.lora_mode, args.lora_high, args.lora_low):
         if root:
             info = engine.loras[name]
             print(f"LoRA {name}: {info['strength']:g} ({info['mode']}, {info['format']}, {info['targets']} layers"
@@ -392,9 +418,15 @@ def _generate(args, argv: list[str]) -> int:
     if "parallel" in video.stats:
         print(f"parallel: {video.stats['parallel']['layout']} ({video.stats['parallel']['backend']}), VAE decode on "
               f"{video.stats['parallel'].get('vae_decode')}")
+    if "experts" in video.stats:
+        ex = video.stats["experts"]
+        print(f"experts: high-noise {ex['steps']['high']} steps (guidance {ex['guidance_scale']['high']:g}), "
+              f"low-noise {ex['steps']['low']} steps (guidance {ex['guidance_scale']['low']:g}); {ex['placement']}")
     if "teacache" in video.stats:
-        print("teacache: " + "; ".join(f"{b} computed {c['computed']}, skipped {c['skipped']}"
-                                        for b, c in video.stats["teacache"].items()))
+        tc = video.stats["teacache"]
+        per = tc.items() if "experts" not in video.stats else \
+            [(f"{e} {b}", c) for e, branches in tc.items() for b, c in branches.items()]
+        print("teacache: " + "; ".join(f"{b} computed {c['computed']}, skipped {c['skipped']}" for b, c in per))
     return 0
 
 
@@ -450,7 +482,7 @@ def _serve(args, argv: list[str]) -> int:
                          text_encoder_device=args.text_encoder_device, offload_text_encoder=args.offload_text_encoder,
                          offload_image_encoder=args.offload_image_encoder, teacache_threshold=args.teacache_threshold,
                          parallel=parallel, **_offload_options(args))
-        _load_loras(engine, args.lora, args.lora_mode)
+        _load_loras(engine, args.lora, args.lora_mode, args.lora_high, args.lora_low)
         engines.append(engine)
     broadcast = None
     if parallel is not None:
@@ -485,12 +517,13 @@ def _serve(args, argv: list[str]) -> int:
     return 0
 
 
-def _load_loras(engine, specs: list[str], mode: str) -> list[str]:
-    """``--lora FILE[:STRENGTH]`` for each spec (names: the file's stem, made unique); returns the names."""
+def _load_loras(engine, specs: list[str], mode: str, high: list[str] = (), low: list[str] = ()) -> list[str]:
+    """``--lora FILE[:STRENGTH]`` for each spec (names: the file's stem, made unique), then ``--lora-high`` /
+    ``--lora-low`` (A14B: one expert each); returns the names."""
     from pathlib import Path
 
     names = []
-    for spec in specs:
+    for expert, spec in [("both", s) for s in specs] + [("high", s) for s in high] + [("low", s) for s in low]:
         path, strength = spec, 1.0
         head, sep, tail = spec.rpartition(":")
         if sep and head:
@@ -504,7 +537,7 @@ def _load_loras(engine, specs: list[str], mode: str) -> list[str]:
         while name in engine.loras:
             k += 1
             name = f"{stem}_{k}"
-        names.append(engine.load_lora(path, strength, name=name, mode=mode))
+        names.append(engine.load_lora(path, strength, name=name, mode=mode, expert=expert))
     return names
 
 
@@ -524,14 +557,18 @@ def _engine(args, **options):
                   backend=args.backend, **options)
 
 
-def _read_coefficients(path: str) -> tuple[str | None, tuple[float, ...]]:
-    """``(mode, coefficients)`` from a `wanrt calibrate-teacache` JSON file."""
+def _read_coefficients(path: str):
+    """``(mode, coefficients)`` from a `wanrt calibrate-teacache` JSON file (A14B: ``{"high": ..., "low": ...}``)."""
     import json
     from pathlib import Path
 
     try:
         data = json.loads(Path(path).read_text())
-        coefficients = tuple(float(c) for c in data["coefficients"])
+        raw = data["coefficients"]
+        if isinstance(raw, dict):  # A14B: one polynomial per expert
+            coefficients = {k: tuple(float(c) for c in raw[k]) for k in ("high", "low")}
+        else:
+            coefficients = tuple(float(c) for c in raw)
     except FileNotFoundError:
         raise
     except (ValueError, KeyError, TypeError) as e:
@@ -547,8 +584,10 @@ def _calibrate(args) -> int:
     sampling = _request(args, teacache_threshold=None)
     engine = _engine(args)
     images = {"image": args.image, "last_image": args.last_image, "max_area": args.max_area}
-    if engine.preset.task == "t2v":
+    if engine.preset.task == "t2v" or (engine.preset.task == "ti2v" and args.image is None):
         images = {}
+    elif engine.preset.task == "ti2v":
+        images = {"image": args.image, "max_area": args.max_area}
     elif engine.preset.task == "vace":
         images = {"video": args.video, "mask": args.mask, "reference_images": args.reference_image,
                   "conditioning_scale": args.conditioning_scale, "max_area": args.max_area}
@@ -557,13 +596,20 @@ def _calibrate(args) -> int:
         width=args.width,
         num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         shift=args.shift, sample_solver=args.solver, seed=sampling.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, **_expert_options(args),
     )
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    coefs = ", ".join(f"{c:.6g}" for c in result["coefficients"])
-    print(f"wrote {out}: mode {result['mode']}, coefficients [{coefs}] from {len(result['input_changes'])} steps")
+    def fmt(c) -> str:
+        return "[" + ", ".join(f"{v:.6g}" for v in c) + "]"
+
+    coefs, changes = result["coefficients"], result["input_changes"]
+    if isinstance(coefs, dict):  # A14B: per expert
+        what = "; ".join(f"{k} {fmt(coefs[k])} from {len(changes[k])} steps" for k in ("high", "low"))
+        print(f"wrote {out}: mode {result['mode']}, coefficients per expert: {what}")
+    else:
+        print(f"wrote {out}: mode {result['mode']}, coefficients {fmt(coefs)} from {len(changes)} steps")
     print(f"use: wanrt generate ... --teacache-threshold T --teacache-coefficients {out}")
     return 0
 

@@ -155,7 +155,10 @@ class ImageConditioner:
         return cls(encoder, vae, config.device, config.offload_image_encoder, config.image_cache_size)
 
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """CLIP features ``[n, 257, image_dim]`` (with ``offload`` the tower visits the device only for this)."""
+        """CLIP features ``[n, 257, image_dim]`` (with ``offload`` the tower visits the device only for this).
+        Raises ValueError when this conditioner has no image encoder (a model without CLIP)."""
+        if self.image_encoder is None:
+            raise ValueError("this model conditions on images without CLIP (Wan2.2 I2V-A14B): no image encoder")
         with visiting(self.image_encoder.model, self.device, self.offload):
             return self.image_encoder.encode(images)
 
@@ -172,12 +175,14 @@ class ImageConditioner:
         key = (digest.hexdigest(), height, width, num_frames)
         kept = self.cache.get(key)
         if kept is not None:
-            return {"y": kept[0], "clip_fea": kept[1]}, "cached"
-        t0 = time.perf_counter()
-        clip = self.encode_images([first] if last is None else [first, last])  # [n, 257, image_dim]
-        clip = clip.reshape(1, -1, clip.shape[-1]).to(self.device)  # [1, n*257, image_dim]
-        _sync(self.device)
-        timings["image_encoder"] = time.perf_counter() - t0
+            return self._inputs(*kept), "cached"
+        clip = None
+        if self.image_encoder is not None:  # Wan2.2's I2V-A14B conditions without CLIP
+            t0 = time.perf_counter()
+            clip = self.encode_images([first] if last is None else [first, last])  # [n, 257, image_dim]
+            clip = clip.reshape(1, -1, clip.shape[-1]).to(self.device)  # [1, n*257, image_dim]
+            _sync(self.device)
+            timings["image_encoder"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         first_r = resize_bicubic(first, height, width)
@@ -191,7 +196,11 @@ class ImageConditioner:
         _sync(self.device)
         timings["vae_encode"] = time.perf_counter() - t0
         self.cache.put(key, (y, clip))
-        return {"y": y, "clip_fea": clip}, "computed"
+        return self._inputs(y, clip), "computed"
+
+    @staticmethod
+    def _inputs(y: torch.Tensor, clip: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return {"y": y} if clip is None else {"y": y, "clip_fea": clip}
 
 
 def load_text_encoder(ckpt, cfg, text_len: int, quant_backend: str = "eager", tokenizer=None):

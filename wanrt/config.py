@@ -91,6 +91,9 @@ class EngineConfig:
             parallel, CFG parallel, sharded weights) or ``"auto"`` (a layout chosen from the world size and the
             head count, logged; ``Engine.parallel`` reports it). Needs a process group: launch with torchrun and
             call ``wanrt.distributed.init()`` first. The default device is then ``cuda:LOCAL_RANK``.
+        expert_swap: Wan2.2 A14B (two experts): True keeps one expert on the device at a time (the other in pinned
+            host memory; they trade places at the boundary), False keeps both there, None (default) swaps when the
+            second expert would not fit beside the first (never off CUDA). Ignored for one DiT.
     """
 
     device: torch.device
@@ -116,6 +119,7 @@ class EngineConfig:
     offload_window: int = 2
     offload_to_disk: bool = False
     parallel: ParallelConfig | str | None = None
+    expert_swap: bool | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -185,6 +189,8 @@ class EngineConfig:
                              "the GPUs (each holds 1/world of it); use one or the other")
         if self.parallel is not None and self.parallel != "auto" and not isinstance(self.parallel, ParallelConfig):
             raise ValueError(f"parallel must be None, 'auto' or a wanrt.ParallelConfig, got {self.parallel!r}")
+        if self.expert_swap is not None and not isinstance(self.expert_swap, bool):
+            raise ValueError(f"expert_swap must be None, True or False, got {self.expert_swap!r}")
 
     @property
     def use_cfg_batch(self) -> bool:

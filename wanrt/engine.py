@@ -65,7 +65,7 @@ class Engine:
         if files is not None:
             if checkpoint_dir is not None:
                 raise ValueError("give checkpoint_dir or files, not both")
-            self._files = _check_files(files, preset.task)
+            self._files = _check_files(files, preset.task, clip=preset.uses_clip)
             if config.parallel is not None:
                 _layout(config, preset.arch.num_heads, preset.guidance_scale, quiet=True)
             self._load(preset, Path(self._files["dit"]), config, check=True)
@@ -118,11 +118,20 @@ class Engine:
                 preset = preset.for_arch({f: getattr(shapes, f) for f in
                                           ("model_type", "dim", "ffn_dim", "num_layers", "in_dim")}) or preset
             arch = dit_config_for(preset)
-        self.transformer = load_transformer(ckpt, device="cpu" if host else dev, dtype=config.dit_dtype,
-                                            backend="eager" if host else config.backend, quantization=quant,
-                                            vae_backend=config.vae_backend, config=arch,
+        from .checkpoints.layout import expert_folders
+
+        experts = None if getattr(self, "_files", None) else expert_folders(ckpt)  # Wan2.2 A14B: (high, low)
+        if experts is not None:
+            _check_moe_config(config)
+        swap = config.expert_swap if experts is not None else False
+        self.transformer = load_transformer(experts[0] if experts else ckpt, device="cpu" if host or swap else dev,
+                                            dtype=config.dit_dtype, backend="eager" if host or swap else config.backend,
+                                            quantization=quant, vae_backend=config.vae_backend, config=arch,
                                             defer_blocks=config.offload_to_disk)  # disk: read when placed
-        self.preset = preset = choose_preset(preset, ckpt, self.transformer.config, check)
+        self.preset = preset = choose_preset(preset, ckpt, self.transformer.config, check, moe=experts is not None)
+        self.transformer_2, self.experts = None, None  # A14B: the low-noise expert, the placement of the two
+        if experts is not None:
+            self._load_low_noise_expert(experts[1], config, quant, swap)
         self.mesh, self._shard_stats = None, None
         if config.parallel is not None:
             from .parallel.mesh import build_mesh
@@ -153,10 +162,14 @@ class Engine:
             from .parallel.runner import BroadcastText
 
             self.text = BroadcastText(self.text, self.mesh, dev)
-        self.image = ImageConditioner.load(files.get("image_encoder", ckpt), parts, self.vae,
-                                           self.transformer.config.image_dim) \
-            if preset.task in ("i2v", "flf2v") else None
+        self.image = None
+        if preset.uses_clip:
+            self.image = ImageConditioner.load(files.get("image_encoder", ckpt), parts, self.vae,
+                                               self.transformer.config.image_dim)
+        elif preset.image_conditioned:  # Wan2.2 I2V-A14B: the conditioning latent alone, no CLIP
+            self.image = ImageConditioner(None, self.vae, dev, False, config.image_cache_size)
         self.image_encoder = self.image.image_encoder if self.image is not None else None
+        self._first_frames = None  # TI2V: the last image's VAE latent, keyed by content and size
         self.memory_plan = None  # the offload plan (wanrt.offload.MemoryPlan), when the Engine offloads
         if offload:
             from .offload.placement import place, plan_for
@@ -166,20 +179,53 @@ class Engine:
         self._lock = device_lock(dev)
         if config.compile:
             name = config.compile if isinstance(config.compile, str) else "inductor"
-            for block in (*self.transformer.blocks, *getattr(self.transformer, "vace_blocks", ())):
-                block.compile(backend=name, fullgraph=True, dynamic=False)
+            for dit in self._dits():
+                for block in (*dit.blocks, *getattr(dit, "vace_blocks", ())):
+                    block.compile(backend=name, fullgraph=True, dynamic=False)
         self.dit = self.transformer  # what the step runs: the DiT, or its sequence-parallel wrapper
         if self.mesh is not None and self.mesh.sp > 1:
             from .parallel.dit import SequenceParallelDiT
 
             self.dit = SequenceParallelDiT(self.transformer, self.mesh)
-        self._graphs = None
+        self._graphs = self._graphs_2 = None
         if config.use_cuda_graphs and shard:
             log.info("CUDA graphs are off with shard_weights (FSDP's gathers allocate per call)")
         elif config.use_cuda_graphs:
             from .sampling.loop import make_step_graphs
 
             self._graphs = make_step_graphs(self.dit)  # under sequence parallel the graph holds the collectives
+            if self.transformer_2 is not None:  # A14B: each expert its own graphs
+                self._graphs_2 = make_step_graphs(self.transformer_2)
+
+    def _load_low_noise_expert(self, folder: Path, config: EngineConfig, quant, swap: bool | None) -> None:
+        """A14B: load the low-noise expert beside the high-noise one (``self.transformer``) and decide where the two
+        live (:class:`~wanrt.offload.experts.ExpertSwap`: both on the device, or one at a time)."""
+        from .checkpoints.io import CheckpointError
+        from .checkpoints.loaders import load_transformer
+        from .offload.experts import RESERVE_BYTES, ExpertSwap, module_bytes
+
+        dev = config.device
+        if swap is None:  # auto: both on the device when the second fits beside the first
+            swap = dev.type == "cuda" and module_bytes(self.transformer) + RESERVE_BYTES > \
+                torch.cuda.mem_get_info(dev)[0]
+        self.transformer_2 = load_transformer(folder, device="cpu" if swap else dev, dtype=config.dit_dtype,
+                                              backend="eager" if swap else config.backend, quantization=quant,
+                                              vae_backend=config.vae_backend)
+        if self.transformer_2.config != self.transformer.config:
+            raise CheckpointError(f"{folder}: the low-noise expert's architecture differs from the high-noise one's "
+                                  f"({self.transformer_2.config} vs {self.transformer.config})")
+        if swap:  # the kernels are resolved for the compute device, not for the host the weights wait on
+            from .config import resolve_kernels
+
+            kernels = resolve_kernels(config, self.transformer.config.head_dim)
+            for dit in self._dits():
+                dit.set_backend(kernels)
+        self.experts = ExpertSwap((self.transformer, self.transformer_2), dev, swap)
+        log.info("A14B experts: %s", self.experts.describe())
+
+    def _dits(self) -> tuple:
+        """The DiTs of this Engine: the one, or A14B's (high-noise, low-noise) experts."""
+        return (self.transformer,) if self.transformer_2 is None else (self.transformer, self.transformer_2)
 
     @property
     def device(self) -> torch.device:
@@ -188,7 +234,7 @@ class Engine:
 
     def _default_request(self) -> Request:
         """The preset's default request (its size and frame count), which the memory plan is made for."""
-        kw = {} if self.preset.task in ("t2v", "vace") else {"image": np.zeros((self.preset.height,
+        kw = {} if not self.preset.image_conditioned else {"image": np.zeros((self.preset.height,
                                                                                   self.preset.width, 3), np.uint8)}
         return resolve_request(self.preset, "memory plan", seed=0, **kw)
 
@@ -284,7 +330,7 @@ class Engine:
             return self._run(req, callback, cancel, on_frames, keep_frames, progress, recorder, decode)
 
     def _run(self, req, callback, cancel, on_frames, keep_frames, progress, recorder, decode) -> Video:
-        from .sampling.loop import GuidedStep, denoise
+        from .sampling.loop import GuidedStep, KeepFrames, denoise
         from .sampling.schedulers import make_solver
 
         mesh = self.mesh
@@ -324,7 +370,19 @@ class Engine:
             batch_cfg = False
         from .cache.teacache import TeaCache
 
-        if mesh is None:
+        solver = make_solver(req.sample_solver, req.num_inference_steps, req.shift, schedule=req.schedule(),
+                             seed=req.seed)
+        if req.task == "ti2v" and req.image is not None:  # TI2V image-to-video: the first latent frame is the image's
+            with visiting(self, "vae"):
+                fixed = self._ti2v_first_frame(req, timings)  # [1, 48, 1, H/16, W/16]
+            x = x.clone()  # (the caller's latents stay as given)
+            x[:, :, :1] = fixed
+            image_cond = {"token_mask": _first_frame_token_mask(req)}
+            solver = KeepFrames(solver, fixed)
+        experts = None
+        if self.transformer_2 is not None:
+            step, teacache, experts = self._expert_step(req, cond, uncond, batch_cfg, recorder, image_cond, solver)
+        elif mesh is None:
             teacache = TeaCache(req.teacache, req.num_inference_steps) if req.teacache is not None else None
             step = GuidedStep(self.transformer, cond, uncond, req.guidance_scale, batch_cfg=batch_cfg,
                               teacache=teacache, graphs=self._graphs, recorder=recorder, **image_cond)
@@ -335,9 +393,8 @@ class Engine:
                                               image_cond=image_cond, device=self.device)
         t0 = time.perf_counter()
         moved = self.transformer.offload.moved_bytes if streaming else 0
+        swaps = self.experts.stats() if self.experts is not None else None
         with visiting(self, "dit"):
-            solver = make_solver(req.sample_solver, req.num_inference_steps, req.shift, schedule=req.schedule(),
-                                 seed=req.seed)
             with self._request_loras(req):
                 x = denoise(step, solver, x, seed=req.seed, callback=callback, cancel=cancel,
                             progress=progress and (mesh is None or mesh.is_root),
@@ -349,7 +406,15 @@ class Engine:
         final = x.detach().to("cpu", torch.float32, copy=True)
         stats = {"cfg_batched": batch_cfg, "cuda_graphs": self._graph_stats(), "steps": req.num_inference_steps,
                  **stats}
-        if teacache is not None:
+        if experts is not None:
+            after = self.experts.stats()
+            stats["experts"] = {"boundary": req.boundary, "steps": {"high": experts.counts[0], "low": experts.counts[1]},
+                                "guidance_scale": {"high": req.guidance_scale, "low": req.guidance_scale_2},
+                                "placement": after["mode"], "swaps": after["swaps"] - swaps["swaps"],
+                                "moved_bytes": after["moved_bytes"] - swaps["moved_bytes"]}
+            if teacache is not None:
+                stats["teacache"] = {name: tc.summary() for name, tc in zip(("high", "low"), teacache) if tc is not None}
+        elif teacache is not None:
             stats["teacache"] = teacache.summary() if mesh is None else runner.teacache_summary(teacache, mesh)
         if self.memory_plan is not None:
             stats["offload"] = {"plan": self.memory_plan.describe(), "mode": self.memory_plan.mode,
@@ -375,6 +440,47 @@ class Engine:
         timings["vae_decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         return Video(frames=frames, fps=fps, seed=req.seed, latents=final, timings=timings, stats=stats)
+
+    def _expert_step(self, req, cond, uncond, batch_cfg, recorder, shared, solver):
+        """A14B: ``(step, (teacache_high, teacache_low), expert_step)``: one :class:`GuidedStep` per expert (its own
+        guidance scale, TeaCache state, CUDA graphs and calibration record), switched at the boundary by
+        :class:`~wanrt.sampling.loop.ExpertStep`, which also puts each expert on the device for its steps."""
+        from .cache.teacache import TeaCache
+        from .sampling.loop import ExpertStep, GuidedStep
+
+        counts = ExpertStep((None, None), solver.timesteps.tolist(), req.boundary).counts
+        configs = (req.teacache, req.teacache_2)
+        scales = (req.guidance_scale, req.guidance_scale_2)
+        graphs = (self._graphs, self._graphs_2)
+        caches, steps = [], []
+        for e, dit in enumerate(self._dits()):
+            tc = TeaCache(configs[e], counts[e]) if configs[e] is not None and counts[e] > 0 else None
+            rec = recorder[e] if isinstance(recorder, (tuple, list)) else recorder
+            # an expert at guidance 1 needs no unconditional branch (its velocity is the conditional one)
+            steps.append(GuidedStep(dit, cond, uncond if scales[e] != 1.0 else None, scales[e], batch_cfg=batch_cfg,
+                                    teacache=tc, graphs=graphs[e], recorder=rec, **shared))
+            caches.append(tc)
+        step = ExpertStep(steps, solver.timesteps.tolist(), req.boundary, activate=self.experts.activate)
+        teacache = tuple(caches) if any(c is not None for c in caches) else None
+        return step, teacache, step
+
+    def _ti2v_first_frame(self, req: Request, timings: dict[str, float]) -> torch.Tensor:
+        """TI2V image-to-video: the image scaled to cover the output size with Lanczos, centre-cropped, VAE-encoded:
+        ``[1, 48, 1, H/16, W/16]`` float32 on the device (official ``textimage2video.py``), kept for the last image."""
+        import hashlib
+
+        from .images import resize_crop_lanczos
+
+        key = (hashlib.sha1(req.image.numpy().tobytes()).hexdigest(), tuple(req.image.shape), req.height, req.width)
+        if self._first_frames is not None and self._first_frames[0] == key:
+            return self._first_frames[1]
+        t0 = time.perf_counter()
+        img = resize_crop_lanczos(req.image, req.height, req.width)  # [3, H, W] in [-1, 1]
+        z = self.vae.encode(img[None, :, None]).to(self.device, torch.float32)  # [1, 48, 1, H/16, W/16]
+        self._sync()
+        timings["vae_encode"] = time.perf_counter() - t0
+        self._first_frames = (key, z)
+        return z
 
     def _vace_conditioning(self, req: Request, timings: dict[str, float]) -> dict[str, torch.Tensor]:
         """VACE's shared DiT inputs for ``req``: ``{"vace_context": [1, 96, R + T, H/8, W/8], "vace_scale":
@@ -406,6 +512,7 @@ class Engine:
         from .cache.teacache import CalibrationRecord
 
         record = CalibrationRecord(mode)  # raises for an unknown mode
+        records = (record, CalibrationRecord(mode)) if self.transformer_2 is not None else None
         bad = set(options) - _CALIBRATION_OPTIONS
         if bad:
             raise ValueError(f"unexpected arguments {sorted(bad)}")
@@ -413,10 +520,22 @@ class Engine:
         if req.num_inference_steps < degree + 2:
             raise ValueError(f"calibration needs at least {degree + 2} steps for a degree-{degree} fit, got "
                              f"{req.num_inference_steps}")
-        self.run(req, progress=progress, recorder=record, decode=False)
-        return {"mode": mode, "coefficients": list(record.fit(degree)), "input_changes": record.input_changes,
-                "output_changes": record.output_changes, "preset": self.preset.name, "height": req.height,
-                "width": req.width, "num_frames": req.num_frames, "num_inference_steps": req.num_inference_steps}
+        self.run(req, progress=progress, recorder=records or record, decode=False)
+        common = {"mode": mode, "preset": self.preset.name, "height": req.height, "width": req.width,
+                  "num_frames": req.num_frames, "num_inference_steps": req.num_inference_steps}
+        if records is None:
+            return {**common, "coefficients": list(record.fit(degree)), "input_changes": record.input_changes,
+                    "output_changes": record.output_changes}
+        # A14B: one polynomial per expert, each from its own steps (pass the dict as teacache_coefficients)
+        fits = {}
+        for label, rec in zip(("high", "low"), records):
+            if len(rec.input_changes) < degree + 1:
+                raise ValueError(f"the {label}-noise expert runs too few steps of this request to fit a degree-{degree} "
+                                 "polynomial: calibrate with more num_inference_steps")
+            fits[label] = list(rec.fit(degree))
+        return {**common, "coefficients": fits,
+                "input_changes": {"high": records[0].input_changes, "low": records[1].input_changes},
+                "output_changes": {"high": records[0].output_changes, "low": records[1].output_changes}}
 
     def warmup(self, *, height: int | None = None, width: int | None = None, num_frames: int | None = None,
                guidance_scale: float | None = None, teacache_threshold: float | None = UNSET) -> dict[str, float]:
@@ -435,7 +554,8 @@ class Engine:
                              progress=False, **images).timings
 
     # ------------------------------------------------------------------ LoRA
-    def load_lora(self, path, strength: float = 1.0, name: str | None = None, mode: str = "fuse") -> str:
+    def load_lora(self, path, strength: float = 1.0, name: str | None = None, mode: str = "fuse",
+                  expert: str = "both") -> str:
         """Apply a LoRA file (any format of :mod:`wanrt.lora.formats`) to the DiT; returns its name (default: the
         file's stem).
 
@@ -445,36 +565,80 @@ class Engine:
         (``generate(..., loras={name: s})``). CUDA graphs are recaptured when runtime branches come or go; fused
         changes are in place. The prompt and image caches stay valid. See :mod:`wanrt.lora.apply`.
 
+        ``expert`` (Wan2.2 A14B): ``"high"``, ``"low"`` or ``"both"`` (default) experts; the Wan2.2 speed LoRAs
+        ship as a high/low pair: load each with its expert (under one name each, or the same name for both).
+
         Raises:
             FileNotFoundError; LoraError (a ValueError): a refused format, no matching key, a shape mismatch, a name
-            already loaded, fusing into GGUF, sharded or block-offloaded weights (use ``mode="runtime"``).
+            already loaded, fusing into GGUF, sharded or block-offloaded weights (use ``mode="runtime"``); ValueError:
+            an ``expert`` other than high/low/both, or high/low for a model of one DiT.
         """
         from .lora import manager_of, read_lora
 
+        targets = self._lora_targets(expert)
         with self._lock:
-            adapter = read_lora(path, self.transformer, name)
-            out = manager_of(self.transformer, self.device).add(adapter, strength, mode)
+            out = None
+            for dit in targets:
+                adapter = read_lora(path, dit, name)
+                out = manager_of(dit, self.device).add(adapter, strength, mode)
             self._lora_changed()
             return out
 
+    def _lora_targets(self, expert: str) -> tuple:
+        if expert not in ("both", "high", "low"):
+            raise ValueError(f"expert must be 'high', 'low' or 'both', got {expert!r}")
+        if self.transformer_2 is None:
+            if expert != "both":
+                raise ValueError(f"expert={expert!r} applies to a Wan2.2 A14B model (two experts); "
+                                 f"{self.preset.name!r} has one DiT")
+            return (self.transformer,)
+        return {"both": self._dits(), "high": (self.transformer,), "low": (self.transformer_2,)}[expert]
+
+    def _managers(self) -> list:
+        """The LoRA managers of the DiTs that have one."""
+        return [m for m in (getattr(d, "lora", None) for d in self._dits()) if m is not None]
+
     def set_lora_strengths(self, strengths: dict[str, float]) -> None:
         """Set the strengths of loaded LoRAs (``{name: strength}``); fused ones are recomputed from their base.
-        Raises KeyError for a name not loaded."""
+        Raises KeyError for a name not loaded (on either A14B expert)."""
         with self._lock:
-            self._lora_manager().set_strengths(strengths)
+            managers = self._managers()
+            unknown = [n for n in strengths if not any(n in m.loaded for m in managers)]
+            if unknown or not managers:
+                raise KeyError(f"LoRA(s) {unknown or list(strengths)} not loaded")
+            for m in managers:
+                mine = {n: v for n, v in strengths.items() if n in m.loaded}
+                if mine:
+                    m.set_strengths(mine)
 
     def unload_lora(self, name: str | None = None) -> None:
-        """Unload LoRA ``name`` (every LoRA with None); fused weights return to their base bit for bit.
-        Raises KeyError for a name not loaded."""
+        """Unload LoRA ``name`` (every LoRA with None; from each A14B expert that has it); fused weights return to
+        their base bit for bit. Raises KeyError for a name not loaded."""
         with self._lock:
-            self._lora_manager().remove(name)
+            managers = self._managers()
+            if name is not None and not any(name in m.loaded for m in managers):
+                raise KeyError(f"LoRA {name!r} is not loaded")
+            if not managers:
+                self._lora_manager().remove(name)  # raises as the manager does
+            for m in managers:
+                if name is None or name in m.loaded:
+                    m.remove(name)
             self._lora_changed()
 
     @property
     def loras(self) -> dict[str, dict]:
-        """The loaded LoRAs: ``{name: {"strength", "mode", "format", "source", "targets", "rank"}}``."""
-        mgr = getattr(self.transformer, "lora", None)
-        return {} if mgr is None else mgr.info()
+        """The loaded LoRAs: ``{name: {"strength", "mode", "format", "source", "targets", "rank"}}`` (A14B: also
+        ``"experts"``, the experts it is loaded on, ``["high"]``, ``["low"]`` or both)."""
+        if self.transformer_2 is None:
+            mgr = getattr(self.transformer, "lora", None)
+            return {} if mgr is None else mgr.info()
+        out: dict[str, dict] = {}
+        for label, dit in zip(("high", "low"), self._dits()):
+            mgr = getattr(dit, "lora", None)
+            for n, info in ({} if mgr is None else mgr.info()).items():
+                entry = out.setdefault(n, dict(info, experts=[]))
+                entry["experts"].append(label)
+        return out
 
     def _lora_manager(self):
         from .lora import manager_of
@@ -484,21 +648,24 @@ class Engine:
     def _lora_changed(self) -> None:
         """Runtime branches changed the blocks' ops: the captured CUDA graphs are dropped (recaptured on next use).
         Fused changes write the weights in place, so the graphs stay valid."""
-        mgr = getattr(self.transformer, "lora", None)
-        generation = mgr.generation if mgr is not None else 0
-        if self._graphs is not None and generation != getattr(self, "_lora_generation", 0):
-            self._graphs.plain.clear()
-            self._graphs.with_residual.clear()
+        generation = sum(m.generation for m in self._managers())
+        if generation != getattr(self, "_lora_generation", 0):
+            for graphs in (self._graphs, self._graphs_2):
+                if graphs is not None:
+                    graphs.plain.clear()
+                    graphs.with_residual.clear()
         self._lora_generation = generation
+
+    def _runtime_loras(self) -> set[str]:
+        return {n for m in self._managers() for n in m.runtime_names()}
 
     def _check_loras(self, req) -> None:
         """Per-call strengths name runtime LoRAs of this Engine (ValueError otherwise, before any work)."""
-        mgr = getattr(self.transformer, "lora", None)
-        runtime = set(mgr.runtime_names()) if mgr is not None else set()
+        runtime = self._runtime_loras()
         for name, _ in req.loras or ():
             if name not in runtime:
-                what = "is fused (change it with set_lora_strengths)" if mgr is not None and name in mgr.loaded \
-                    else "is not loaded"
+                fused = any(name in m.loaded for m in self._managers())
+                what = "is fused (change it with set_lora_strengths)" if fused else "is not loaded"
                 raise ValueError(f"loras: {name!r} {what}; per-call strengths apply to runtime LoRAs "
                                  f"(loaded with mode='runtime': {sorted(runtime) or 'none'})")
 
@@ -509,22 +676,29 @@ class Engine:
         if not req.loras:
             return contextlib.nullcontext()
         self._check_loras(req)
-        mgr = self.transformer.lora
+        wanted = dict(req.loras)
 
         @contextlib.contextmanager
         def applied():
-            before = {n: mgr.loaded[n].strength for n, _ in req.loras}
-            mgr.set_strengths(dict(req.loras))
+            managers = [(m, {n: v for n, v in wanted.items() if n in m.loaded}) for m in self._managers()]
+            before = [(m, {n: m.loaded[n].strength for n in mine}) for m, mine in managers]
+            for m, mine in managers:
+                if mine:
+                    m.set_strengths(mine)
             try:
                 yield
             finally:
-                mgr.set_strengths(before)
+                for m, old in before:
+                    if old:
+                        m.set_strengths(old)
 
         return applied()
 
     def _graph_stats(self) -> dict | None:
         if self._graphs is None:
             return None
+        if self._graphs_2 is not None:
+            return {"high": self._graphs.stats(), "low": self._graphs_2.stats()}
         return self._graphs.stats()
 
     def _sync(self) -> None:
@@ -532,19 +706,39 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
 
+def _first_frame_token_mask(req: Request) -> torch.Tensor:
+    """TI2V image-to-video: ``[L]`` float64, 0 on the first latent frame's tokens (timestep 0: the image is clean),
+    1 elsewhere (official ``mask2[0][0][:, ::2, ::2]``; tokens run frame by frame)."""
+    _, _, _, h, w = req.latent_shape
+    mask = torch.ones(req.tokens, dtype=torch.float64)
+    mask[: (h // 2) * (w // 2)] = 0
+    return mask
+
+
+def _check_moe_config(config: EngineConfig) -> None:
+    """What an A14B Engine (two experts) does not take yet; ValueError before any weight is read."""
+    if config.parallel is not None:
+        raise ValueError("parallel layouts with two experts (Wan2.2 A14B) are not supported yet: run it in one "
+                         "process (expert_swap keeps one expert on the GPU at a time)")
+    if config.offload != "none":
+        raise ValueError("offload / vram_budget_gb do not apply to Wan2.2 A14B yet: its experts take turns on the "
+                         "device with expert_swap=True (the default when both do not fit)")
+
+
 #: the parts ``Engine(files=...)`` takes (ComfyUI's single files); "tokenizer" is a folder, optional.
 FILE_PARTS = ("dit", "text_encoder", "vae", "image_encoder", "tokenizer")
 
 
-def _check_files(files: dict, task: str) -> dict[str, Path]:
+def _check_files(files: dict, task: str, *, clip: bool = True) -> dict[str, Path]:
     """``files`` of ``Engine(files=...)`` as paths: known parts only, "dit", "text_encoder", "vae" (and
-    "image_encoder" for i2v/flf2v) present, every path existing. Raises ValueError / FileNotFoundError naming the part."""
+    "image_encoder" for i2v/flf2v with CLIP) present, every path existing. Raises ValueError / FileNotFoundError
+    naming the part."""
     if not isinstance(files, dict):
         raise ValueError(f"files must be a dict of part -> path, got {type(files).__name__}")
     unknown = set(files) - set(FILE_PARTS)
     if unknown:
         raise ValueError(f"files: unknown part(s) {sorted(unknown)}; parts are {list(FILE_PARTS)}")
-    needed = ["dit", "text_encoder", "vae"] + (["image_encoder"] if task in ("i2v", "flf2v") else [])
+    needed = ["dit", "text_encoder", "vae"] + (["image_encoder"] if task in ("i2v", "flf2v") and clip else [])
     missing = [p for p in needed if files.get(p) is None]
     if missing:
         raise ValueError(f"files: missing {missing} (a {task} Engine needs {needed})")
@@ -575,4 +769,4 @@ def _layout(config: EngineConfig, num_heads: int, guidance_scale: float, quiet: 
 
 _CALIBRATION_OPTIONS = {"negative_prompt", "image", "last_image", "max_area", "height", "width", "num_frames",
                         "num_inference_steps", "guidance_scale", "shift", "sample_solver", "seed", "video", "mask",
-                        "reference_images", "conditioning_scale"}
+                        "reference_images", "conditioning_scale", "guidance_scale_2", "boundary"}

@@ -526,3 +526,49 @@ def conditioning_video(first: torch.Tensor, last: torch.Tensor | None, num_frame
         Same as :func:`conditioning_chunks`.
     """
     return torch.cat(list(conditioning_chunks(first, last, num_frames, temporal_factor=temporal_factor)), dim=2)
+
+
+# ---------------------------------------------------------------------------------------------- Wan2.2 TI2V
+
+
+def best_output_size(image_height: int, image_width: int, max_area: int, *, multiple: int = 32) -> tuple[int, int]:
+    """Wan2.2 TI2V's output size for an image: ``(height, width)``, multiples of ``multiple`` (VAE stride 16 x patch
+    2), area at most ``max_area``, aspect ratio closest to the image's (official ``wan/utils/utils.py``
+    ``best_output_size``: the width rounded down first, or the height first, whichever keeps the ratio better).
+
+    Raises:
+        ValueError: ``max_area`` too small for one ``multiple x multiple`` block at this aspect ratio.
+    """
+    ratio = image_width / image_height
+    ow = (max_area * ratio) ** 0.5
+    oh = max_area / ow
+    ow1 = int(ow // multiple * multiple)
+    oh2 = int(oh // multiple * multiple)
+    if ow1 < multiple or oh2 < multiple:
+        raise ValueError(f"max_area {max_area} is too small for a {image_width}x{image_height} image: each side "
+                         f"needs at least {multiple} px")
+    oh1 = int(max_area / ow1 // multiple * multiple)
+    ow2 = int(max_area / oh2 // multiple * multiple)
+    if oh1 < multiple or ow2 < multiple:
+        raise ValueError(f"max_area {max_area} is too small for a {image_width}x{image_height} image")
+    r1, r2 = ow1 / oh1, ow2 / oh2
+    if max(ratio / r1, r1 / ratio) < max(ratio / r2, r2 / ratio):
+        return oh1, ow1
+    return oh2, ow2
+
+
+def resize_crop_lanczos(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Wan2.2 TI2V's image preprocessing: scale ``[3, H, W]`` (in [-1, 1]) to cover ``height x width`` with PIL's
+    Lanczos filter on the 8-bit values, then centre-crop (official ``textimage2video.py``: ``scale = max(ow / iw,
+    oh / ih)``, ``resize((round(iw * scale), round(ih * scale)), LANCZOS)``, crop at ``((w - ow) // 2, (h - oh) //
+    2)``). Returns ``[3, height, width]`` float32 in [-1, 1]."""
+    Image = _import_pil()[0]
+    _check_image_tensor(image, "image")
+    ih, iw = image.shape[1:]
+    rgb = ((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+    scale = max(width / iw, height / ih)
+    img = img.resize((round(iw * scale), round(ih * scale)), Image.LANCZOS)
+    x1, y1 = (img.width - width) // 2, (img.height - height) // 2
+    img = img.crop((x1, y1, x1 + width, y1 + height))
+    return _uint8_to_tensor(np.asarray(img, dtype=np.uint8))

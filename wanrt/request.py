@@ -108,6 +108,13 @@ class Request:
         reference_images: vace: ``[3, H, W]`` float32 in [-1, 1], each fitted on a white canvas of the output
             size, or None. Each is one more latent frame in front of the video's (dropped before the decode).
         conditioning_scale: vace: how strongly the VACE hints steer (official ``context_scale``).
+        guidance_scale_2: Wan2.2 A14B: the low-noise expert's CFG scale (``guidance_scale`` is the high-noise
+            expert's); None for one DiT.
+        boundary: Wan2.2 A14B: the high-noise expert runs while the timestep is ``>= boundary * 1000``; None for
+            one DiT.
+        teacache_2: A14B: the low-noise expert's step skipping (``teacache`` is the high-noise expert's), or None.
+        latent_channels, vae_stride: the VAE's latent channels (16, or 48 for the Wan2.2 VAE) and spatial stride
+            (8, or 16), from the preset.
     """
 
     preset: str
@@ -136,6 +143,11 @@ class Request:
     mask: torch.Tensor | None = None
     reference_images: tuple[torch.Tensor, ...] | None = None
     conditioning_scale: float = 1.0
+    guidance_scale_2: float | None = None
+    boundary: float | None = None
+    latent_channels: int = LATENT_CHANNELS
+    vae_stride: int = VAE_STRIDE[1]
+    teacache_2: TeaCacheConfig | None = None
 
     def schedule(self):
         """The custom schedule ``(sigmas [n + 1], timesteps [n])`` of ``timesteps`` / ``sigmas``, or None."""
@@ -152,15 +164,24 @@ class Request:
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
-        """``[1, 16, R + (F-1)/4+1, H/8, W/8]``: the shape of the initial noise and denoised latents (``R``: the
-        reference images' frames, which the decode drops)."""
-        return (1, LATENT_CHANNELS, self.references + (self.num_frames - 1) // 4 + 1, self.height // 8,
-                self.width // 8)
+        """``[1, C, R + (F-1)/4+1, H/s, W/s]``: the shape of the initial noise and denoised latents (``C``, ``s``:
+        16 and 8 for the Wan2.1 VAE, 48 and 16 for Wan2.2's; ``R``: the reference images' frames, which the decode
+        drops)."""
+        s = self.vae_stride
+        return (1, self.latent_channels, self.references + (self.num_frames - 1) // 4 + 1, self.height // s,
+                self.width // s)
 
     @property
     def do_cfg(self) -> bool:
-        """Whether the unconditional branch runs (guidance scale other than 1)."""
-        return self.guidance_scale != 1.0
+        """Whether the unconditional branch runs (a guidance scale other than 1; either expert's for A14B)."""
+        return self.guidance_scale != 1.0 or (self.guidance_scale_2 is not None and self.guidance_scale_2 != 1.0)
+
+    def guidance_at(self, t: float) -> float:
+        """The CFG scale at timestep ``t`` (0..1000): the high-noise expert's above the boundary, else the low-noise
+        expert's (A14B); ``guidance_scale`` for one DiT."""
+        if self.boundary is None or t >= self.boundary * 1000:
+            return self.guidance_scale
+        return self.guidance_scale_2
 
     @property
     def tokens(self) -> int:
@@ -183,10 +204,11 @@ def _finite(name: str, v) -> float:
     return f
 
 
-def _check_size(height, width, num_frames, steps) -> None:
+def _check_size(height, width, num_frames, steps, multiple: int = 16) -> None:
     for name, v in (("height", height), ("width", width)):
-        if not _is_int(v) or v <= 0 or v % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16, got {v!r}")
+        if not _is_int(v) or v <= 0 or v % multiple:
+            why = "" if multiple == 16 else " (the Wan2.2 VAE's 16x compression times the 2x2 patch)"
+            raise ValueError(f"{name} must be a positive multiple of {multiple}{why}, got {v!r}")
     if not _is_int(num_frames) or num_frames < 1 or (num_frames - 1) % 4:
         raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 81), got {num_frames!r}")
     if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
@@ -270,6 +292,29 @@ def _images(preset: Preset, image, last_image, max_area, height, width):
                              "video=... with a mask (first-frames extension), or subject images as "
                              "reference_images=[...]")
         return None, None, height, width, max_area
+    if task == "ti2v":
+        if last_image is not None:
+            raise ValueError(f"preset {preset.name!r} (Wan2.2 TI2V) takes one image (its first frame), not last_image")
+        if image is None:
+            if max_area is not None:
+                raise ValueError("max_area applies when an image is given; for text-to-video give height and width")
+            return None, None, height, width, None
+        from .images import best_output_size, load_image
+
+        first = load_image(image, name="image")
+        if (height is None) != (width is None):
+            raise ValueError("give both height and width (the image is scaled to cover that size and centre-cropped) "
+                             "or neither (the size then follows the image's aspect ratio within max_area)")
+        if height is None:
+            if max_area is None:
+                max_area = preset.max_area
+            if not _is_int(max_area) or max_area <= 0:
+                raise ValueError(f"max_area must be a positive int (pixels, e.g. 704*1280), got {max_area!r}")
+            height, width = best_output_size(first.shape[1], first.shape[2], max_area,
+                                             multiple=preset.size_multiple)
+        elif max_area is not None:
+            raise ValueError("give either max_area or height and width, not both")
+        return first, None, height, width, max_area
     if task == "t2v":
         if image is not None or last_image is not None:
             raise ValueError(f"preset {preset.name!r} is text-to-video and takes no image; load an i2v "
@@ -296,6 +341,23 @@ def _images(preset: Preset, image, last_image, max_area, height, width):
 
 
 MIN_TEACACHE_STEPS = 8
+
+
+def _experts(preset: Preset, guidance_scale_2, boundary) -> tuple[float | None, float | None]:
+    """``(guidance_scale_2, boundary)`` of a Wan2.2 A14B request (the preset's where not given); refused for one
+    DiT."""
+    if not preset.is_moe:
+        given = [n for n, v in (("guidance_scale_2", guidance_scale_2), ("boundary", boundary)) if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to a Wan2.2 A14B model (two experts); preset "
+                             f"{preset.name!r} runs one DiT")
+        return None, None
+    g2 = preset.guidance_scale_2 if guidance_scale_2 is None else _finite("guidance_scale_2", guidance_scale_2)
+    b = preset.boundary if boundary is None else _finite("boundary", boundary)
+    if not 0.0 <= b <= 1.0:
+        raise ValueError(f"boundary must be in [0, 1] (a fraction of the 1000 training timesteps: 0 runs only the "
+                         f"high-noise expert, 1 only the low-noise one), got {boundary!r}")
+    return float(g2), float(b)
 
 
 def _vace_inputs(preset: Preset, video, mask, reference_images, conditioning_scale, height, width, num_frames,
@@ -430,6 +492,8 @@ def resolve_request(
     mask=None,
     reference_images=None,
     conditioning_scale: float | None = None,
+    guidance_scale_2: float | None = None,
+    boundary: float | None = None,
 ) -> Request:
     """Fill the preset's defaults into what was not given and judge everything (pure: no model is touched).
 
@@ -447,7 +511,13 @@ def resolve_request(
             strengths that are not ``{name: finite number}``; for VACE (:func:`_vace_inputs`): VACE inputs to
             another model, a mask without a video or with another frame count, masks outside [0, 1], a video with
             fewer frames than ``num_frames``, more than :data:`~wanrt.vace.MAX_REFERENCE_IMAGES` reference images,
-            a non-finite ``conditioning_scale``.
+            a non-finite ``conditioning_scale``; Wan2.2: ``guidance_scale_2`` / ``boundary`` (outside [0, 1]) for a
+            model of one DiT, a size not a multiple of 32 for the Wan2.2 VAE, ``last_image`` for TI2V.
+
+    Wan2.2 TI2V takes an optional ``image`` (then image-to-video: the output size follows the image within
+    ``max_area`` by the official ``best_output_size``, or is the given ``height x width``, the image scaled to cover
+    it and centre-cropped). A14B: ``guidance_scale`` is the high-noise expert's CFG scale, ``guidance_scale_2`` the
+    low-noise one's, ``boundary`` the switch (a fraction of 1000 timesteps).
     """
     p = preset
     first, last, height, width, max_area = _images(p, image, last_image, max_area, height, width)
@@ -466,10 +536,11 @@ def resolve_request(
             raise ValueError(f"num_inference_steps={num_inference_steps} but the custom schedule has {n} steps")
         num_inference_steps = n
     steps = p.num_inference_steps if num_inference_steps is None else num_inference_steps
-    _check_size(height, width, num_frames, steps)
+    _check_size(height, width, num_frames, steps, p.size_multiple)
     if last is not None and num_frames < 5:
         raise ValueError(f"first-last-frame generation needs num_frames >= 5 (4k+1), got {num_frames}")
     guidance_scale = p.guidance_scale if guidance_scale is None else _finite("guidance_scale", guidance_scale)
+    guidance_scale_2, boundary = _experts(p, guidance_scale_2, boundary)
     solver = p.sample_solver if sample_solver is None else sample_solver
     if solver not in SOLVER_NAMES:
         raise ValueError(f"sample_solver must be one of {SOLVER_NAMES}, got {solver!r}")
@@ -495,16 +566,29 @@ def resolve_request(
     prompt_embeds = _check_embeds("prompt_embeds", prompt_embeds, a.text_dim, a.text_len)
     negative_prompt_embeds = _check_embeds("negative_prompt_embeds", negative_prompt_embeds, a.text_dim, a.text_len)
     negative = None
-    if guidance_scale != 1.0 and negative_prompt_embeds is None:
+    if (guidance_scale != 1.0 or guidance_scale_2 not in (None, 1.0)) and negative_prompt_embeds is None:
         negative = p.negative_prompt if negative_prompt is None or negative_prompt == "" else negative_prompt
-    teacache = _teacache(p, teacache_threshold, teacache_mode, teacache_coefficients, teacache_defaults)
+    teacache_2 = None
+    if p.is_moe and teacache_coefficients is not None and not isinstance(teacache_coefficients, dict):
+        raise ValueError("teacache_coefficients of a Wan2.2 A14B model are one polynomial per expert: "
+                         "{'high': [...], 'low': [...]} (what `wanrt calibrate-teacache` writes for it)")
+    if isinstance(teacache_coefficients, dict):
+        if not p.is_moe or set(teacache_coefficients) != {"high", "low"}:
+            raise ValueError("teacache_coefficients as a dict is {'high': [...], 'low': [...]}, for a Wan2.2 A14B "
+                             f"model (two experts); got keys {sorted(teacache_coefficients)} for preset {p.name!r}")
+        teacache = _teacache(p, teacache_threshold, teacache_mode, teacache_coefficients["high"], teacache_defaults)
+        teacache_2 = _teacache(p, teacache_threshold, teacache_mode, teacache_coefficients["low"], teacache_defaults)
+    else:
+        teacache = _teacache(p, teacache_threshold, teacache_mode, teacache_coefficients, teacache_defaults)
     if teacache is not None and steps < MIN_TEACACHE_STEPS:
         raise ValueError(f"TeaCache needs at least {MIN_TEACACHE_STEPS} steps (below that every step matters and it "
                          f"skips nothing useful); this request has {steps}: leave teacache_threshold unset")
     req = Request(p.name, p.task, prompt, negative, height, width, num_frames, steps, float(guidance_scale),
                   float(shift), solver, seed, first, last, max_area, prompt_embeds, negative_prompt_embeds, None,
                   teacache, None if timesteps is None else tuple(float(t) for t in timesteps),
-                  None if sigmas is None else tuple(float(x) for x in sigmas), _loras(loras), **vace)
+                  None if sigmas is None else tuple(float(x) for x in sigmas), _loras(loras), **vace,
+                  guidance_scale_2=guidance_scale_2, boundary=boundary, latent_channels=p.latent_channels,
+                  vae_stride=p.vae_stride[1], teacache_2=teacache_2)
     if latents is not None:
         lat_shape = req.latent_shape
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != lat_shape:

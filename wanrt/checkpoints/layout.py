@@ -21,6 +21,7 @@ from .io import check_folder_links, check_symlink_loop
 
 OFFICIAL_DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
+OFFICIAL_VAE22 = "Wan2.2_VAE.pth"
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_TOKENIZER = "google/umt5-xxl"
 OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -151,6 +152,39 @@ def _refuse_both_layouts(root: Path) -> None:
     )
 
 
+#: Wan2.2 A14B: the official subfolders of the two experts (``config.high_noise_checkpoint`` / ``low_noise_checkpoint``).
+OFFICIAL_EXPERTS = ("high_noise_model", "low_noise_model")
+
+
+def expert_folders(path: str | Path) -> tuple[Path, Path] | None:
+    """The ``(high_noise, low_noise)`` expert folders of a Wan2.2 A14B checkpoint, or None for one DiT.
+
+    Official layout: ``high_noise_model/`` and ``low_noise_model/`` (each a DiT folder: config.json and weights)
+    beside ``Wan2.1_VAE.pth`` and the UMT5 files. diffusers: ``transformer/`` (high noise) and ``transformer_2/``
+    (low noise, used below ``boundary_ratio * 1000``), ``model_index.json`` naming ``transformer_2``.
+
+    Raises:
+        LayoutError: one expert folder without the other.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return None
+    high, low = (root / n for n in OFFICIAL_EXPERTS)
+    if high.is_dir() or low.is_dir():
+        if not (high.is_dir() and low.is_dir()):
+            have, miss = (high, low) if high.is_dir() else (low, high)
+            raise LayoutError(f"{root}: {have.name}/ without {miss.name}/ (a Wan2.2 A14B checkpoint has both experts)")
+        return high, low
+    if (root / "model_index.json").is_file():
+        index = read_json(root / "model_index.json")
+        second = index.get("transformer_2")
+        if isinstance(second, list) and second[0] is not None:  # diffusers writes [null, null] for an absent part
+            if not (root / "transformer_2").is_dir():
+                raise LayoutError(f"{root}: model_index.json names transformer_2 but there is no transformer_2/ folder")
+            return root / "transformer", root / "transformer_2"
+    return None
+
+
 def detect_layout(path: str | Path) -> CheckpointLayout:
     """Detect the layout of a checkpoint folder.
 
@@ -195,6 +229,15 @@ def detect_layout(path: str | Path) -> CheckpointLayout:
             part("image_encoder"),
         )
     cfg_path = root / "config.json"
+    experts = expert_folders(root) if not cfg_path.is_file() else None
+    if experts is not None:  # official Wan2.2 A14B: the experts' folders, the other parts at the top
+
+        def top(name: str) -> Path | None:
+            p = root / name
+            return p if p.exists() else None
+
+        return CheckpointLayout("official", root, experts[0], top(OFFICIAL_VAE), top(OFFICIAL_T5),
+                                top(OFFICIAL_TOKENIZER), top(OFFICIAL_CLIP))
     if cfg_path.is_file():
         kind = config_kind(read_json(cfg_path))
         if kind == "official":

@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 
 from ..presets import PRESETS, Preset, get_preset
-from .layout import OFFICIAL_CLIP, OFFICIAL_DIT_WEIGHTS, OFFICIAL_T5, OFFICIAL_TOKENIZER, OFFICIAL_VAE
+from .layout import (
+    OFFICIAL_CLIP,
+    OFFICIAL_DIT_WEIGHTS,
+    OFFICIAL_EXPERTS,
+    OFFICIAL_T5,
+    OFFICIAL_TOKENIZER,
+    OFFICIAL_VAE,
+    OFFICIAL_VAE22,
+)
 
 LAYOUTS = ("official", "diffusers")
 TINY_VOCAB = 384
@@ -66,9 +74,20 @@ def tiny_vae_config(preset: Preset, base_dim: int | None = None):
     ``base_dim`` overrides either."""
     from ..models.vae import VAEConfig
 
+    if preset.vae == "wan2.2":  # TI2V-5B's VAE: the released one (160 / 256), or a small one for the tiny presets
+        if base_dim is not None:
+            return VAEConfig.wan22(base_dim=base_dim, decoder_base_dim=2 * base_dim)
+        return tiny_vae22_config() if is_tiny(preset) else VAEConfig.wan22()
     if base_dim is not None:
         return VAEConfig(base_dim=base_dim)
     return VAEConfig(base_dim=8) if is_tiny(preset) else VAEConfig()
+
+
+def tiny_vae22_config():
+    """A small Wan2.2 VAE config (the released architecture at base 8 / decoder 16: the tiny presets' VAE)."""
+    from ..models.vae import VAEConfig
+
+    return VAEConfig.wan22(base_dim=8, decoder_base_dim=16)
 
 
 def is_tiny(preset: Preset) -> bool:
@@ -222,21 +241,27 @@ def write_checkpoint(
 
     dit_cfg = dit_config_for(p)
     dit = randomize_(WanDiT(dit_cfg), seed)
+    dit_2 = randomize_(WanDiT(dit_cfg), seed + 10) if p.is_moe else None  # A14B: the low-noise expert
     vae_cfg = tiny_vae_config(p, vae_base_dim)
     vae = randomize_(WanVAE(vae_cfg), seed + 1)
     t5_cfg = tiny_t5_config(p.arch.text_dim)
     t5 = randomize_(UMT5Encoder(t5_cfg), seed + 2).to(torch.bfloat16)
     clip_state = clip_cfg = None
-    if p.task in ("i2v", "flf2v"):
+    if p.uses_clip:
         clip_cfg = tiny_clip_config(p)
         # fp16 values (the official file's dtype); the diffusers image_encoder/ holds the same values in fp32
         clip_state = {k: v.half().float() if v.is_floating_point() else v
                       for k, v in official_clip_state(clip_cfg, seed=seed + 3).items()}
 
     if layout == "official":
-        write_official_dit(out, dit, shards)
-        del dit
-        torch.save(vae.state_dict(), out / OFFICIAL_VAE)
+        if dit_2 is not None:  # A14B: high_noise_model/ and low_noise_model/, no config.json at the top
+            for folder, expert in zip(OFFICIAL_EXPERTS, (dit, dit_2)):
+                (out / folder).mkdir()
+                write_official_dit(out / folder, expert, shards)
+        else:
+            write_official_dit(out, dit, shards)
+        del dit, dit_2
+        torch.save(vae.state_dict(), out / (OFFICIAL_VAE22 if p.vae == "wan2.2" else OFFICIAL_VAE))
         torch.save(t5.state_dict(), out / OFFICIAL_T5)
         build_tiny_tokenizer(out / OFFICIAL_TOKENIZER, vocab_size=t5_cfg.vocab_size)
         if clip_state is not None:  # the official CLIP file is fp16 (the text tower's tokenizer is not needed)
@@ -250,8 +275,9 @@ def write_checkpoint(
 
     diffusers_version = _diffusers_version()
     vace = p.task == "vace"
+    image_pipeline = p.image_conditioned  # WanImageToVideoPipeline (Wan2.2's I2V-A14B without CLIP too)
     model_index = {
-        "_class_name": "WanVACEPipeline" if vace else "WanPipeline" if clip_state is None else "WanImageToVideoPipeline",
+        "_class_name": "WanVACEPipeline" if vace else "WanImageToVideoPipeline" if image_pipeline else "WanPipeline",
         "_diffusers_version": diffusers_version,
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
@@ -263,6 +289,12 @@ def write_checkpoint(
         model_index.update(image_encoder=["transformers", "CLIPVisionModel"],
                            image_processor=["transformers", "CLIPImageProcessor"])
         _write_image_encoder(out, clip_state, clip_cfg)
+    elif image_pipeline:  # diffusers writes absent optional parts as [null, null]
+        model_index.update(image_encoder=[None, None], image_processor=[None, None])
+    if dit_2 is not None:  # A14B: transformer/ is the high-noise expert, transformer_2/ the low-noise one
+        model_index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=p.boundary)
+    if p.task == "ti2v":  # Wan2.2 TI2V: per-token timesteps (diffusers' expand_timesteps)
+        model_index["expand_timesteps"] = True
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
     for sub in ("transformer", "vae", "text_encoder", "scheduler"):
         (out / sub).mkdir()
@@ -272,7 +304,12 @@ def write_checkpoint(
     (out / "transformer" / "config.json").write_text(json.dumps(tcfg, indent=2))
     _save_safetensors_sharded({dit_from_official(k): v for k, v in dit.state_dict().items()},
                               out / "transformer", "diffusion_pytorch_model.safetensors", shards)
-    del dit
+    if dit_2 is not None:
+        (out / "transformer_2").mkdir()
+        (out / "transformer_2" / "config.json").write_text(json.dumps(tcfg, indent=2))
+        _save_safetensors_sharded({dit_from_official(k): v for k, v in dit_2.state_dict().items()},
+                                  out / "transformer_2", "diffusion_pytorch_model.safetensors", shards)
+    del dit, dit_2
     vcfg = {"_class_name": "AutoencoderKLWan", "_diffusers_version": diffusers_version, **vae_cfg.to_diffusers_config()}
     (out / "vae" / "config.json").write_text(json.dumps(vcfg, indent=2))
     from_off = vae_key_mapper("diffusers", vae_cfg)
@@ -353,7 +390,9 @@ def cached_tiny_checkpoint(layout: str = "official", preset: str = "tiny") -> Pa
         raise ValueError(f"only the tiny presets are cached, got {preset!r}")
     name = "tiny" if preset == "tiny" else preset
     final = cache_dir() / f"{name}-{layout}-v1"
-    if (final / ("config.json" if layout == "official" else "model_index.json")).is_file():
+    marker = "model_index.json" if layout == "diffusers" else \
+        f"{OFFICIAL_EXPERTS[0]}/config.json" if get_preset(preset).is_moe else "config.json"
+    if (final / marker).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))

@@ -51,6 +51,9 @@ class GuidedStep:
         vace_context: vace: the hint-stream input ``[1, 96, F, H, W]``, shared by both branches (official
             ``vace.py`` gives the same ``vace_context`` to the conditional and unconditional passes).
         vace_scale: vace: float32 conditioning scale per VACE block ``[len(vace_layers)]``.
+        token_mask: Wan2.2 TI2V image-to-video: ``[L]`` float64, 0 for the tokens of the fixed first latent frame
+            and 1 elsewhere; the DiT then gets per-token timesteps ``t * token_mask`` (``[n, L]``; official
+            ``textimage2video.py``: ``mask2[0][0][:, ::2, ::2] * t``). None: one timestep per sample.
 
     Raises:
         ValueError: conditioning the model does not take (or lacks), embeddings of the wrong shape (the DiT's
@@ -60,7 +63,8 @@ class GuidedStep:
     def __init__(self, model: WanDiT, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float, *,
                  batch_cfg: bool = False, teacache=None, graphs=None, recorder: Recorder | None = None,
                  y: torch.Tensor | None = None, clip_fea: torch.Tensor | None = None,
-                 vace_context: torch.Tensor | None = None, vace_scale: torch.Tensor | None = None):
+                 vace_context: torch.Tensor | None = None, vace_scale: torch.Tensor | None = None,
+                 token_mask: torch.Tensor | None = None):
         given = {"y": y, "clip_fea": clip_fea, "vace_context": vace_context, "vace_scale": vace_scale}
         names = shared_inputs(model.config)
         extra = sorted(k for k, v in given.items() if v is not None and k not in names)
@@ -84,6 +88,7 @@ class GuidedStep:
         self._out: torch.Tensor | None = None  # the guided velocity buffer
         self._kept: dict[str, torch.Tensor] = {}  # per-branch copies of graph outputs
         self._t: torch.Tensor | None = None  # timestep buffer
+        self.token_mask = token_mask
 
     # ------------------------------------------------------------------ the model calls
     def _image(self, batch: int) -> tuple[torch.Tensor, ...]:
@@ -96,7 +101,7 @@ class GuidedStep:
         image = self._image(x.shape[0])
         if self.graphs is None:
             return computed_forward(self.model, x, t, context, with_residual, *image)
-        key = graph_key(self.model, x, context, *image)
+        key = (*graph_key(self.model, x, context, *image), tuple(t.shape))
         if with_residual:
             return self.graphs.with_residual(key, x, t, context, *image)
         return self.graphs.plain(key, x, t, context, *image), None
@@ -118,7 +123,7 @@ class GuidedStep:
 
     # ------------------------------------------------------------------ one step
     def __call__(self, x: torch.Tensor, t: float, step: int) -> torch.Tensor:
-        """Guided velocity ``[1, 16, F, H, W]`` float32 at timestep ``t`` (step index ``step``).
+        """Guided velocity ``[1, C, F, H, W]`` float32 at timestep ``t`` (step index ``step``).
 
         The result is a buffer owned by this object, overwritten by the next call.
         """
@@ -126,6 +131,8 @@ class GuidedStep:
         if self._t is None or self._t.device != x.device:
             self._t = torch.empty(n, device=x.device, dtype=torch.float64)  # exact for int and float t
         tt = self._t.fill_(t)  # [n], the step's timestep for each branch
+        if self.token_mask is not None:  # [n, L]: per-token timesteps (the fixed frame's tokens at 0)
+            tt = self.token_mask.to(x.device, torch.float64)[None].mul(t).expand(n, -1)
         compute = {b: True for b in self.branches}
         mod_inputs: dict[str, torch.Tensor] = {}
         if self.teacache is not None or self.recorder is not None:
@@ -170,6 +177,64 @@ class GuidedStep:
         # v_u + g·(v_c − v_u), written into the step's buffer.
         return torch.lerp(velocities["uncond"], velocities["cond"], self.guidance_scale, out=self._out)
 
+
+
+class ExpertStep:
+    """Wan2.2 A14B: the step of the expert whose timesteps these are (official ``text2video.py``,
+    ``_prepare_model_for_timestep``): the high-noise expert while ``t >= boundary * 1000``, then the low-noise one.
+
+    Each expert's step (a :class:`GuidedStep` with its own guidance scale, TeaCache state and CUDA graphs) sees its
+    own step indices from 0, so a TeaCache warms up, keeps its residuals and computes its last step per expert.
+
+    Args:
+        steps: ``(high, low)`` step callables ``step(x, t, i)``.
+        timesteps: the solver's timesteps (0..1000), in order.
+        boundary: the switch as a fraction of 1000 (0: the high-noise expert only; 1: the low-noise one only).
+        activate: called with 0 (high) or 1 (low) before the first step of each expert (e.g.
+            :meth:`wanrt.offload.experts.ExpertSwap.activate`), or None.
+
+    Attributes:
+        counts: ``(high, low)`` steps each expert runs.
+    """
+
+    def __init__(self, steps, timesteps, boundary: float, activate: Callable[[int], None] | None = None):
+        self.steps = tuple(steps)
+        self.threshold = float(boundary) * 1000
+        self.expert_of = [0 if float(t) >= self.threshold else 1 for t in timesteps]
+        self.counts = (self.expert_of.count(0), self.expert_of.count(1))
+        self.first = (0, self.counts[0])
+        self.activate = activate
+
+    def __call__(self, x: torch.Tensor, t: float, step: int) -> torch.Tensor:
+        e = self.expert_of[step]
+        local = step - self.first[e]
+        if local == 0 and self.activate is not None:
+            self.activate(e)
+        return self.steps[e](x, t, local)
+
+
+class KeepFrames:
+    """A solver whose update keeps the first latent frames fixed (Wan2.2 TI2V image-to-video: official
+    ``textimage2video.py`` sets ``latent = (1 - mask2) * z + mask2 * latent`` after every step, mask2 0 on the
+    first latent frame; with a 0/1 mask that is exactly writing ``z`` there).
+
+    Args:
+        solver: from :func:`wanrt.sampling.make_solver`.
+        fixed: ``[1, C, n, H, W]``: the first ``n`` latent frames to keep.
+    """
+
+    def __init__(self, solver, fixed: torch.Tensor):
+        self.solver = solver
+        self.fixed = fixed
+        self.timesteps = solver.timesteps
+
+    def __getattr__(self, name):
+        return getattr(self.solver, name)
+
+    def step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        out = self.solver.step(v, i, x)
+        out[:, :, : self.fixed.shape[2]] = self.fixed
+        return out
 
 
 def denoise(step: Callable[[torch.Tensor, int, int], torch.Tensor], solver, x: torch.Tensor, *, seed: int | None = None,
