@@ -390,7 +390,7 @@ def check_against(preset: Preset, arch: Architecture | Mapping[str, object]) -> 
         return
     wrong = _differences(preset, preset.arch, arch)
     if wrong:
-        matching = [p.name for p in PRESETS.values() if any(
+        matching = [p.name for p in PRESETS.values() if p.is_moe == preset.is_moe and any(
             all(arch.get(f, getattr(a, f)) == getattr(a, f) for f in _MATCH_FIELDS) for a in (p.arch, *p.fixture_archs))]
         hint = f"; the checkpoint matches preset(s) {matching}" if matching else ""
         raise ValueError(f"checkpoint does not match preset {preset.name!r}: " + "; ".join(wrong) + hint)
