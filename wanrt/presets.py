@@ -31,7 +31,7 @@ I2V_NEGATIVE_PROMPT = "镜头晃动，" + DEFAULT_NEGATIVE_PROMPT
 FLF2V_NEGATIVE_PROMPT = "镜头切换，" + I2V_NEGATIVE_PROMPT
 
 #: The model types (``DiTConfig.model_type``, ``Architecture.model_type``) and preset tasks.
-TASKS = ("t2v", "i2v", "flf2v", "vace")
+TASKS = ("t2v", "i2v", "flf2v", "vace", "ti2v")
 
 
 log = logging.getLogger("wanrt")
