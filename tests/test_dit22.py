@@ -126,6 +126,19 @@ def test_first_frame_tokens_see_t0(ti2v):
     assert rel_err(out, zero) > 1e-2
 
 
+def test_per_token_timesteps_microbatched_and_ffn_chunked(ti2v):
+    """The memory plans (samples through each block one at a time, FFN in token chunks) slice the per-token rows."""
+    _, _, model, inputs = ti2v
+    t = ti2v_timesteps()
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        want = model(t=t, **inputs)
+        model.microbatch = True
+        model.set_ffn_chunk(7)
+        got = model(t=t, **inputs)
+    assert_close(got, want, torch.float32, name="microbatch + ffn chunks")
+
+
 # ------------------------------------------------------------------------- (b) constant rows: the [B] path
 
 
