@@ -677,4 +677,29 @@ DEFECTS: tuple[Defect, ...] = (
         tests=("tests/test_demo_train.py::test_cpu_conv3d_goes_through_onednn_and_matches_the_reference",),
         what="the oneDNN convolution ignores the spatial zero padding",
     ),
+    # ---------------------------------------------------------------------------- Wan2.2 per-token timesteps
+    Defect(
+        name="per-token-t-first-token-for-all",
+        file="models/dit.py",
+        edits=(("            t, index = torch.unique(t, sorted=True, return_inverse=True)  # [K] distinct values, [B, L] rows",
+                "            t, index = t[:, 0], torch.arange(t.shape[0], device=t.device)[:, None].expand_as(t)"),),
+        tests=("tests/test_dit22.py::test_per_token_timesteps_match_diffusers",),
+        what="every token of a sample takes the sample's first timestep (t[:, 0]) instead of its own",
+    ),
+    Defect(
+        name="per-token-modulation-kernel-reads-row-0",
+        file="kernels/modnorm.py",
+        edits=(("    return 0 if t is None or t.shape[1] == 1 else t.stride(1)",
+                "    return 0"),),
+        tests=("tests/kernels/test_modnorm.py::test_per_token_modulation_matches_eager",),
+        what="the fused modulated-norm kernels read the first token's modulation row for every token",
+    ),
+    Defect(
+        name="sp-per-token-t-not-sharded",
+        file="parallel/dit.py",
+        edits=(("F.pad(inp.t_index, (0, shards.padded - shards.length))[:, lo:hi]",
+                "F.pad(inp.t_index, (0, shards.padded - shards.length))[:, :hi - lo]"),),
+        tests=("tests/test_dit22.py::test_sequence_parallel_per_token_timesteps_gloo",),
+        what="every rank of a sequence-parallel run reads rank 0's per-token timestep rows",
+    ),
 )

@@ -110,6 +110,35 @@ def test_gated_residual_layer_norm_matches_eager(b, s, d, out_dtype, mod_batch, 
     assert_close(h, rh, out_dtype, name="gated_residual_layer_norm h")
 
 
+def _token_mods(b, s, d, batch, seed):
+    """(gate, shift, scale) float32 per token [batch, S, D] (batch in {1, B}), chunks of one [batch, S, 6, D]
+    table as the DiT's per-token timesteps give them: views with token stride 6*D."""
+    table = _rand(1 if batch == 1 else b, s, 6, d, seed=seed, scale=0.5)
+    return table[:, :, 0], table[:, :, 1], table[:, :, 2]
+
+
+@pytest.mark.parametrize("b, s, d", [(1, 1, 16), (2, 7, 24), (2, 45, 40)])
+@pytest.mark.parametrize("mod_batch", [1, "B"])
+@pytest.mark.parametrize("x_dtype, out_dtype", [(F32, BF16), (F32, F32), (BF16, BF16)])
+def test_per_token_modulation_matches_eager(b, s, d, mod_batch, x_dtype, out_dtype):
+    """Wan2.2 per-token timesteps: modulation [B or 1, S, D] read row by row (the token stride) in all three ops."""
+    x = _rand(b, s, d, seed=11, dtype=x_dtype, scale=2.0)
+    y = _rand(b, s, d, seed=12, dtype=BF16)
+    gate, shift, scale = _token_mods(b, s, d, mod_batch, seed=13)
+    assert gate.stride(1) == 6 * d  # a strided view reaches the kernel as it is
+    hm = modulated_layer_norm(x, shift, scale, None, None, EPS, out_dtype)
+    ref = modulated_layer_norm_eager(x, shift, scale, EPS, out_dtype=out_dtype)
+    assert_close(hm, ref, _tol_dtype(x_dtype, out_dtype), name="per-token modulated_layer_norm")
+    assert_close(gated_residual(x, y, gate), gated_residual_eager(x, y, gate), F32, name="per-token gated_residual")
+    x_new, h = gated_residual_layer_norm(x, y, gate, shift, scale, None, None, EPS, out_dtype)
+    rx, rh = gated_residual_layer_norm_eager(x, y, gate, EPS, shift=shift, scale=scale, out_dtype=out_dtype)
+    assert_close(x_new, rx, F32, name="per-token gated_residual_layer_norm x_new")
+    assert_close(h, rh, out_dtype, name="per-token gated_residual_layer_norm h")
+    if s > 1:  # each token reads its own row: a per-sample modulation of row 0 gives another result
+        other = modulated_layer_norm(x, shift[:, :1], scale[:, :1], None, None, EPS, out_dtype)
+        assert not torch.equal(other[:, 1:], hm[:, 1:])
+
+
 @pytest.mark.parametrize(
     "gate, shift, scale", [(False, False, False), (True, False, False), (False, True, True), (False, False, True)]
 )
@@ -205,9 +234,9 @@ def test_modnorm_empty():
     [
         ({"x": torch.randn(6, 16)}, r"x must be \[B, S, D\]"),
         ({"y": torch.randn(2, 3, 8)}, "y must be a float tensor shaped like x"),
-        ({"gate": torch.randn(2, 1, 8)}, r"gate must be float32 \[B=2 or 1, 1, D=16\]"),
+        ({"gate": torch.randn(2, 1, 8)}, r"gate must be float32 \[B=2 or 1, 1 or S=3, D=16\]"),
         ({"gate": torch.randn(3, 1, 16)}, r"gate must be float32 \[B=2 or 1"),
-        ({"shift": torch.randn(2, 3, 16)}, "shift must be float32"),
+        ({"shift": torch.randn(2, 2, 16)}, "shift must be float32"),
         ({"scale": torch.randn(2, 1, 16).bfloat16()}, "scale must be float32"),
         ({"weight": torch.randn(8)}, r"weight must be a float \[D=16\]"),
         ({"bias": torch.randn(16, 1)}, r"bias must be a float \[D=16\]"),

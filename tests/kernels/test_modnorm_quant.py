@@ -42,7 +42,7 @@ def _same(a: QuantizedActivation, b: QuantizedActivation):
 @BITWISE_IN_INTERPRETER
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=["fp8", "int8"])
 @pytest.mark.parametrize("b, s, d", [(1, 1, 16), (2, 7, 40), (1, 33, 64)])
-@pytest.mark.parametrize("variant", ["gated+mod", "no-gate+mod", "affine", "batch1-mod", "big"])
+@pytest.mark.parametrize("variant", ["gated+mod", "no-gate+mod", "affine", "batch1-mod", "big", "per-token"])
 def test_gated_residual_norm_quant_matches_eager(qdtype, b, s, d, variant):
     x, y = _t(b, s, d, seed=1), _t(b, s, d, dtype=torch.bfloat16, seed=2)
     gate, shift, scale = (_t(b, 1, d, seed=k) for k in (3, 4, 5))
@@ -55,6 +55,9 @@ def test_gated_residual_norm_quant_matches_eager(qdtype, b, s, d, variant):
         kw = dict(shift=shift[:1], scale=scale[:1])
     elif variant == "big":
         x = x * 1e3 + 100
+    elif variant == "per-token":  # Wan2.2 per-token timesteps: one modulation row per token, chunks of one table
+        table = _t(b, s, 6, d, seed=11)  # [B, S, 6, D]: token stride 6*D
+        gate, kw = table[:, :, 2], dict(shift=table[:, :, 0], scale=table[:, :, 1])
     ref = gated_residual_layer_norm(x, y, gate, 1e-6, out_dtype=torch.bfloat16, quantize=qdtype, backend="eager", **kw)
     out = gated_residual_layer_norm(x, y, gate, 1e-6, out_dtype=torch.bfloat16, quantize=qdtype, backend="triton",
                                     **kw)

@@ -94,22 +94,35 @@ def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], text_len: int = 5
         CheckpointError: a key the inference needs is absent (names ``file``, the weights, and the key).
     """
     from ..models.dit import DiTConfig
-    from ..models.dit_config import default_vace_layers
+    from ..models.dit_config import TI2V_LATENT_DIM, default_vace_layers
 
     try:
         dim, in_dim = shapes["patch_embedding.weight"][:2]
         layers = 1 + max(int(m.group(1)) for k in shapes if (m := _BLOCK.match(k)))
         vace = "vace_patch_embedding.weight" in shapes
+        out_dim = shapes["head.head.weight"][0] // 4
+        clip = "img_emb.proj.0.weight" in shapes
+        if vace:
+            model_type = "vace"
+        elif "img_emb.emb_pos" in shapes:
+            model_type = "flf2v"
+        elif clip or in_dim > out_dim:  # Wan2.2 I2V-A14B: the conditioning latent y, no img_emb (no CLIP)
+            model_type = "i2v"
+        else:  # Wan2.2 TI2V-5B: a t2v architecture on 48-channel latents
+            model_type = "ti2v" if in_dim == out_dim == TI2V_LATENT_DIM else "t2v"
         cfg = dict(
-            model_type="vace" if vace else "flf2v" if "img_emb.emb_pos" in shapes else
-            "i2v" if "img_emb.proj.0.weight" in shapes else "t2v",
+            model_type=model_type,
             dim=dim, in_dim=in_dim, num_layers=layers,
             ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
             freq_dim=shapes["time_embedding.0.weight"][1],
             text_dim=shapes["text_embedding.0.weight"][1],
-            out_dim=shapes["head.head.weight"][0] // 4,
+            out_dim=out_dim,
             num_heads=max(1, dim // 128), text_len=text_len,
         )
+        if clip:
+            cfg.update(image_dim=shapes["img_emb.proj.0.weight"][0])
+        elif model_type == "i2v":
+            cfg.update(image_dim=None)
         if vace:  # which blocks get the hints is not in the tensors: the count placed evenly (the released ones)
             count = 1 + max(int(m.group(1)) for k in shapes if (m := _VACE_BLOCK.match(k)))
             cfg.update(vace_in_dim=shapes["vace_patch_embedding.weight"][1],
@@ -118,6 +131,20 @@ def dit_config_from_shapes(shapes: dict[str, tuple[int, ...]], text_len: int = 5
         key = e.args[0] if isinstance(e, KeyError) and e.args else None
         raise CheckpointError(f"cannot infer the DiT architecture from the keys (missing {e})", file, key) from e
     return DiTConfig(**cfg)
+
+
+def reconcile_clip(cfg, keys):
+    """``cfg`` with ``image_dim=None`` when it is an i2v config with CLIP but the checkpoint (its tensor names
+    ``keys``: official ``img_emb.*`` or diffusers ``condition_embedder.image_embedder.*``, any prefix) has no CLIP
+    projection: Wan2.2 I2V-A14B's config.json has Wan2.1 i2v's form, only its weights say that it has no CLIP. Any
+    other config is returned unchanged."""
+    import dataclasses
+
+    if cfg is None or cfg.model_type != "i2v" or cfg.image_dim is None:
+        return cfg
+    if any("img_emb." in k or "image_embedder." in k for k in keys):
+        return cfg
+    return dataclasses.replace(cfg, image_dim=None)
 
 
 def _single_gguf(folder: Path) -> Path | None:
@@ -270,6 +297,8 @@ def load_transformer(path, device=None, dtype=torch.bfloat16, *, config=None, ba
             cfg = DiTConfig.from_official_config(raw) if config_kind(raw) == "official" else DiTConfig.from_diffusers_config(raw)
         elif cfg is None:
             cfg = _config_from_source(src, mapper)
+        if config is None:  # a config.json of Wan2.1 i2v's form over the weights of a CLIP-less (Wan2.2) i2v
+            cfg = reconcile_clip(cfg, src.keys())
         # Resolve the kernels before reading any weight, so a backend that cannot run fails fast.
         target = _device(device)
         compute = dtype or torch.bfloat16

@@ -29,13 +29,14 @@ from wanrt.kernels.qk_norm_rope import OUT_DTYPES
 def _modnorm_kernel(
     x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, xnew_ptr, h_ptr,
     n_rows, S, D, eps,
-    sxb, sxs, syb, sys, sgb, sshb, sscb,
+    sxb, sxs, syb, sys, sgb, sgs, sshb, sshs, sscb, sscs,
     BLOCK: tl.constexpr, ROWS: tl.constexpr,
     HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, WRITE_X: tl.constexpr, DO_NORM: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROUND_X: tl.constexpr,
     HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
-    # One tile = ROWS tokens x BLOCK channels; rows are b * S + s, modulation row b = row // S.
+    # One tile = ROWS tokens x BLOCK channels; rows are b * S + s. Modulation row of token (b, s): b * s?b + s * s?s
+    # (s?s = 0 for a per-sample modulation [B, 1, D], its row stride for a per-token one [B, S, D]).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     d = tl.arange(0, BLOCK)  # [BLOCK]
     d_ok = d < D
@@ -49,7 +50,7 @@ def _modnorm_kernel(
     if HAS_Y:
         y = tl.load(y_ptr + (b * syb + s * sys)[:, None] + dd, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
-            y = y * tl.load(gate_ptr + (b * sgb)[:, None] + dd, mask=mask, other=0.0)
+            y = y * tl.load(gate_ptr + (b * sgb + s * sgs)[:, None] + dd, mask=mask, other=0.0)
         z = z + y  # x.float() + y.float() * gate
     if WRITE_X:
         tl.store(xnew_ptr + (r64 * D)[:, None] + dd, z, mask=mask)
@@ -66,9 +67,9 @@ def _modnorm_kernel(
         if ROUND_X:  # WanLayerNorm's .type_as(x) for a low-precision x
             n = cast_rne(n, x_ptr.dtype.element_ty, RNE_BF16).to(tl.float32)
         if HAS_SCALE:
-            n = n * (1.0 + tl.load(scale_ptr + (b * sscb)[:, None] + dd, mask=mask, other=0.0))
+            n = n * (1.0 + tl.load(scale_ptr + (b * sscb + s * sscs)[:, None] + dd, mask=mask, other=0.0))
         if HAS_SHIFT:
-            n = n + tl.load(shift_ptr + (b * sshb)[:, None] + dd, mask=mask, other=0.0)
+            n = n + tl.load(shift_ptr + (b * sshb + s * sshs)[:, None] + dd, mask=mask, other=0.0)
         tl.store(h_ptr + (r64 * D)[:, None] + dd, cast_rne(n, h_ptr.dtype.element_ty, RNE_BF16), mask=mask)
 
 
@@ -84,12 +85,12 @@ def _check_modnorm_args(op, x, y, gate, shift, scale, weight, bias, out_dtype) -
     if y is not None and (tuple(y.shape) != tuple(x.shape) or y.dtype not in TORCH_FLOAT_DTYPES):
         raise ValueError(f"{op}: y must be a float tensor shaped like x {tuple(x.shape)}, got {y.dtype} "
                          f"{tuple(y.shape)}")
-    bsz, _, dim = x.shape
+    bsz, seq, dim = x.shape
     for name, t in (("gate", gate), ("shift", shift), ("scale", scale)):
-        if t is not None and (t.ndim != 3 or t.shape[0] not in (1, bsz) or tuple(t.shape[1:]) != (1, dim)
-                              or t.dtype != torch.float32):
-            raise ValueError(f"{op}: {name} must be float32 [B={bsz} or 1, 1, D={dim}] for x {tuple(x.shape)}, "
-                             f"got {t.dtype} {tuple(t.shape)}")
+        if t is not None and (t.ndim != 3 or t.shape[0] not in (1, bsz) or t.shape[1] not in (1, seq)
+                              or t.shape[2] != dim or t.dtype != torch.float32):
+            raise ValueError(f"{op}: {name} must be float32 [B={bsz} or 1, 1 or S={seq}, D={dim}] for x "
+                             f"{tuple(x.shape)}, got {t.dtype} {tuple(t.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (tuple(t.shape) != (dim,) or t.dtype not in TORCH_FLOAT_DTYPES):
             raise ValueError(f"{op}: {name} must be a float [D={dim}] tensor, got {t.dtype} {tuple(t.shape)}")
@@ -103,7 +104,13 @@ def _rows_of(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _mod_stride(t: torch.Tensor | None) -> int:
+    """The modulation's sample stride (0 when it is shared by the batch)."""
     return 0 if t is None or t.shape[0] == 1 else t.stride(0)
+
+
+def _mod_token_stride(t: torch.Tensor | None) -> int:
+    """The modulation's token stride: 0 per sample (``[B, 1, D]``), its row stride per token (``[B, S, D]``)."""
+    return 0 if t is None or t.shape[1] == 1 else t.stride(1)
 
 
 def _modnorm_launch(
@@ -139,7 +146,8 @@ def _modnorm_launch(
         dummy if x_new is None else x_new, dummy if h is None else h,
         n_rows, s, dim, float(eps),
         x.stride(0), x.stride(1), 0 if y is None else y.stride(0), 0 if y is None else y.stride(1),
-        _mod_stride(gate), _mod_stride(shift), _mod_stride(scale),
+        _mod_stride(gate), _mod_token_stride(gate), _mod_stride(shift), _mod_token_stride(shift),
+        _mod_stride(scale), _mod_token_stride(scale),
         BLOCK=block, ROWS=rows,
         HAS_Y=y is not None, HAS_GATE=gate is not None, WRITE_X=write_x, DO_NORM=h is not None,
         HAS_W=weight is not None, HAS_B=bias is not None,
@@ -229,8 +237,8 @@ def modulated_layer_norm(
 
     Args:
         x: ``[B, S, D]`` float32/bfloat16/float16; any B and S strides.
-        shift: float32 ``[B or 1, 1, D]`` or ``None`` (no shift).
-        scale: float32 ``[B or 1, 1, D]`` or ``None`` (no scale).
+        shift: float32 ``[B or 1, 1 or S, D]`` (per sample or per token) or ``None`` (no shift).
+        scale: float32 ``[B or 1, 1 or S, D]`` (per sample or per token) or ``None`` (no scale).
         weight: LayerNorm weight ``[D]`` (any float dtype) or ``None``.
         bias: LayerNorm bias ``[D]`` (any float dtype) or ``None``.
         eps: LayerNorm epsilon (1e-6 in the DiT).
@@ -256,7 +264,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) 
     Args:
         x: Residual ``[B, S, D]`` float32 (bf16/fp16 in block 0).
         y: Branch output ``[B, S, D]``, any float dtype.
-        gate: float32 ``[B or 1, 1, D]`` or ``None`` (gate 1).
+        gate: float32 ``[B or 1, 1 or S, D]`` (per sample or per token) or ``None`` (gate 1).
 
     Returns:
         A new float32 ``[B, S, D]`` tensor.
@@ -290,9 +298,9 @@ def gated_residual_layer_norm(
     Args:
         x: Residual ``[B, S, D]`` float32 (bf16/fp16 in block 0).
         y: Branch output ``[B, S, D]``, any float dtype.
-        gate: float32 ``[B or 1, 1, D]`` or ``None`` (gate 1).
-        shift: float32 ``[B or 1, 1, D]`` or ``None``.
-        scale: float32 ``[B or 1, 1, D]`` or ``None``.
+        gate: float32 ``[B or 1, 1 or S, D]`` (per sample or per token) or ``None`` (gate 1).
+        shift: float32 ``[B or 1, 1 or S, D]`` (per sample or per token) or ``None``.
+        scale: float32 ``[B or 1, 1 or S, D]`` (per sample or per token) or ``None``.
         weight: LayerNorm weight ``[D]`` or ``None``.
         bias: LayerNorm bias ``[D]`` or ``None``.
         eps: LayerNorm epsilon.

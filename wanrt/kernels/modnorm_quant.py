@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from wanrt.kernels._common import cast_rne, check_device, interpreting, quantize_row, row_launch
-from wanrt.kernels.modnorm import _check_modnorm_args, _mod_stride, _rows_of
+from wanrt.kernels.modnorm import _check_modnorm_args, _mod_stride, _mod_token_stride, _rows_of
 from wanrt.kernels.quant import QMAX
 
 
@@ -29,13 +29,13 @@ from wanrt.kernels.quant import QMAX
 def _residual_norm_quant_kernel(
     x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, w_ptr, bias_ptr, xnew_ptr, q_ptr, qs_ptr,
     S, D, eps, qmax, inv_qmax,
-    sxb, sxs, syb, sys, sgb, sshb, sscb,
+    sxb, sxs, syb, sys, sgb, sgs, sshb, sshs, sscb, sscs,
     BLOCK: tl.constexpr, HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, WRITE_X: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROUND_X: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_SCALE: tl.constexpr, OUT_DTYPE: tl.constexpr, IS_INT8: tl.constexpr, SCALE_RECIP: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
-    # One program = one token row; modulation row b = row // S.
+    # One program = one token row (b, s); its modulation row b * s?b + s * s?s (s?s = 0: per-sample modulation).
     row = tl.program_id(0).to(tl.int64)
     b = row // S
     s = row % S
@@ -45,7 +45,7 @@ def _residual_norm_quant_kernel(
     if HAS_Y:
         y = tl.load(y_ptr + b * syb + s * sys + d, mask=ok, other=0.0).to(tl.float32)
         if HAS_GATE:
-            y = y * tl.load(gate_ptr + b * sgb + d, mask=ok, other=0.0)
+            y = y * tl.load(gate_ptr + b * sgb + s * sgs + d, mask=ok, other=0.0)
         z = z + y
     if WRITE_X:
         tl.store(xnew_ptr + row * D + d, z, mask=ok)
@@ -59,9 +59,9 @@ def _residual_norm_quant_kernel(
     if ROUND_X:
         n = cast_rne(n, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
     if HAS_SCALE:
-        n = n * (1.0 + tl.load(scale_ptr + b * sscb + d, mask=ok, other=0.0))
+        n = n * (1.0 + tl.load(scale_ptr + b * sscb + s * sscs + d, mask=ok, other=0.0))
     if HAS_SHIFT:
-        n = n + tl.load(shift_ptr + b * sshb + d, mask=ok, other=0.0)
+        n = n + tl.load(shift_ptr + b * sshb + s * sshs + d, mask=ok, other=0.0)
     n = cast_rne(n, OUT_DTYPE, INTERPRET).to(tl.float32)  # the Linear's input dtype, as in eager
     n = tl.where(ok, n, 0.0)
     q, qs = quantize_row(n, qmax, inv_qmax, IS_INT8, SCALE_RECIP, INTERPRET)
@@ -101,7 +101,8 @@ def _launch(x, y, gate, shift, scale, weight, bias, eps, out_dtype, qdtype, writ
         x_new if write_x else dummy, q, qs,
         s, dim, float(eps), qmax, float(torch.tensor(1.0 / qmax, dtype=torch.float32)),
         x.stride(0), x.stride(1), 0 if y is None else y.stride(0), 0 if y is None else y.stride(1),
-        _mod_stride(gate), _mod_stride(shift), _mod_stride(scale),
+        _mod_stride(gate), _mod_token_stride(gate), _mod_stride(shift), _mod_token_stride(shift),
+        _mod_stride(scale), _mod_token_stride(scale),
         BLOCK=block, HAS_Y=y is not None, HAS_GATE=gate is not None, WRITE_X=write_x,
         HAS_W=weight is not None, HAS_B=bias is not None, ROUND_X=y is None and x.dtype != torch.float32,
         HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, OUT_DTYPE=_TL_DTYPE[out_dtype],

@@ -1,4 +1,5 @@
-"""Wan2.1 diffusion transformer (DiT): text-to-video, image-to-video and first-last-frame.
+"""Wan2.1/Wan2.2 diffusion transformer (DiT): text-to-video, image-to-video (with or without CLIP),
+first-last-frame, VACE and Wan2.2 TI2V (per-token timesteps).
 
 Reproduces ``WanModel`` of the official code (``wan/modules/model.py``) with the same
 parameter names, so ``state_dict()`` keys are exactly the official checkpoint keys
@@ -253,7 +254,7 @@ class Block(nn.Module):
             else nn.Identity()
         )
         self.cross_attn = CrossAttention(
-            dim, cfg.num_heads, cfg.qk_norm, cfg.eps, with_image=cfg.has_image_input
+            dim, cfg.num_heads, cfg.qk_norm, cfg.eps, with_image=cfg.has_clip
         )
         self.norm2 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(
@@ -262,9 +263,12 @@ class Block(nn.Module):
         self.modulation = _modulation_parameter(6, dim)
         self.ffn_chunk: int | None = None  # tokens per FFN chunk (WanDiT.set_ffn_chunk)
 
-    def chunks(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def chunks(self, e0: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, ...] | TokenMod:
         """``(modulation + e0).chunk(6)``: shift/scale/gate of self-attention, then of the FFN;
-        each float32 ``[B, 1, dim]``."""
+        each float32 ``[B, 1, dim]``. With per-token timesteps (``index [B, L]`` into the rows of the
+        distinct values' ``e0 [K, 6, dim]``) a :class:`TokenMod` whose items are float32 ``[B, L, dim]``."""
+        if index is not None:
+            return TokenMod(self.modulation.float() + e0, index)  # [K, 6, dim]
         return (self.modulation.float() + e0).chunk(6, dim=1)
 
     def forward(
@@ -291,25 +295,24 @@ class Block(nn.Module):
             ``(x, (y, gate))``: the float32 residual after cross-attention and the FFN output
             with its gate; the block's output is ``x + y * gate``.
         """
-        _, _, gate_sa, shift_ff, scale_ff, gate_ff = mod
-        fused = plan.fused
+        fused = plan.fused  # mod is read by index where used: per-token items are gathered then (TokenMod)
         prequant = plan.quant == fused  # the norm quantizes for the 8-bit Linears only with the plan's quant kernel
         y = self.self_attn(h, rope, plan, sp) if sp is not None else self.self_attn(h, rope, plan)  # [B, S, dim]
         if isinstance(self.norm3, LayerNorm):
             x, h = gated_residual_layer_norm(
-                x, y, gate_sa, self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias,
+                x, y, mod[2], self.norm3.eps, weight=self.norm3.weight, bias=self.norm3.bias,
                 out_dtype=compute_dtype(self.cross_attn.q),
                 quantize=input_quant_dtype(self.cross_attn.q) if prequant else None, backend=fused,
             )  # x fp32 [B, S, dim], h = norm3(x)
         else:
-            x = h = gated_residual(x, y, gate_sa, backend=fused)  # [B, S, dim] fp32
+            x = h = gated_residual(x, y, mod[2], backend=fused)  # [B, S, dim] fp32
         y = self.cross_attn(h, context, context_img, plan)  # [B, S, dim]
         x, h = gated_residual_layer_norm(
-            x, y, None, self.norm2.eps, shift=shift_ff, scale=scale_ff,
+            x, y, None, self.norm2.eps, shift=mod[3], scale=mod[4],
             out_dtype=compute_dtype(self.ffn[0]), quantize=input_quant_dtype(self.ffn[0]) if prequant else None,
             backend=fused,
         )  # x + cross-attention; h = norm2(x) * (1 + scale_ff) + shift_ff
-        return x, (self.feed_forward(h), gate_ff)
+        return x, (self.feed_forward(h), mod[5])
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """The FFN on ``h`` ``[B, S, dim]``, in token chunks of ``ffn_chunk`` when set (per token: the same values,
@@ -350,8 +353,13 @@ class Head(nn.Module):
         self.head = Linear(dim, out_features)
         self.modulation = _modulation_parameter(2, dim)
 
-    def chunks(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(shift, scale)`` = ``(modulation + e).chunk(2)``, each float32 ``[B, 1, dim]``."""
+    def chunks(self, e: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shift, scale)`` = ``(modulation + e).chunk(2)``, each float32 ``[B, 1, dim]``; with per-token
+        timesteps (``index [B, L]`` into the rows of the distinct values' ``e [K, dim]``) each ``[B, L, dim]``
+        (official Wan2.2 ``modulation.unsqueeze(0) + e.unsqueeze(2)`` per token)."""
+        if index is not None:
+            mod = TokenMod(self.modulation.float() + e.unsqueeze(1), index)  # [K, 2, dim]
+            return mod[0], mod[1]
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
         return shift, scale
 
@@ -359,6 +367,30 @@ class Head(nn.Module):
         """x float32 ``[B, S, dim]``, e float32 ``[B, dim]`` → ``[B, S, pt*ph*pw*out_dim]``."""
         shift, scale = self.chunks(e)
         return self.head(modulated_layer_norm(x, shift, scale, self.norm.eps, out_dtype=self.head.weight.dtype))
+
+
+class TokenMod:
+    """Per-token modulation, gathered one chunk at a time where an op reads it.
+
+    ``table [K, n, dim]`` float32 holds ``modulation + e0`` (or the head's ``modulation + e``) of the ``K`` distinct
+    timesteps; ``index [B, L]`` (int64) names each token's row. ``mod[i]`` is chunk ``i`` of every token,
+    ``table[index, i]`` ``[B, L, dim]``: the same numbers as the official per-token ``(modulation.unsqueeze(0) +
+    e0).chunk(n, dim=2)``, but only the chunk an op reads is materialised, when it reads it (the official
+    ``e0 [B, L, 6, dim]`` and its per-block sum are six chunks each, alive through the whole forward).
+    """
+
+    __slots__ = ("index", "table")
+
+    def __init__(self, table: torch.Tensor, index: torch.Tensor) -> None:
+        self.table, self.index = table, index
+
+    def __len__(self) -> int:
+        return self.table.shape[1]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return F.embedding(self.index, self.table[:, i])  # [B, L, dim]: the token's row of chunk i
 
 
 class MLPProj(nn.Module):
@@ -395,8 +427,10 @@ class DiTInputs:
 
     Attributes:
         x: Patch-embedded tokens ``[B, S, dim]`` (the patch embedding's dtype): the blocks' input.
-        e: float32 time embedding ``[B, dim]`` (the head's modulation; TeaCache mode "e").
-        e0: float32 time projection ``[B, 6, dim]`` (the blocks' modulation; TeaCache mode "e0").
+        e: float32 time embedding ``[B, dim]`` (the head's modulation; TeaCache mode "e"); with per-token
+            timesteps (``t_index`` set) the embedding of the ``K`` distinct timesteps ``[K, dim]``.
+        e0: float32 time projection ``[B, 6, dim]`` (the blocks' modulation; TeaCache mode "e0"); with
+            per-token timesteps ``[K, 6, dim]``.
         context: Embedded text ``[B, text_len, dim]``.
         context_img: Embedded CLIP tokens ``[B, N_img, dim]`` (i2v/flf2v) or None.
         rope: RoPE rotations of the token grid.
@@ -404,6 +438,8 @@ class DiTInputs:
         sp: sequence parallel attention when ``x`` is one rank's token shard (``wanrt.parallel.dit``), else None.
         vace: VACE only: the patch-embedded hint-stream input ``[B, S, dim]`` (sharded like ``x``), else None.
         vace_scale: VACE only: float32 conditioning scale per VACE block ``[len(vace_layers)]``.
+        t_index: per-token timesteps only (a ``[B, L]`` ``t`` whose rows are not constant): int64 ``[B, S]``, each
+            token's row of ``e``/``e0`` (sharded like ``x``); None otherwise (``e``/``e0`` per sample).
     """
 
     x: torch.Tensor
@@ -416,6 +452,7 @@ class DiTInputs:
     sp: Any = None
     vace: torch.Tensor | None = None
     vace_scale: torch.Tensor | None = None
+    t_index: torch.Tensor | None = None
 
 
 _KEEP_FP32 = re.compile(
@@ -454,7 +491,7 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(dim, math.prod(cfg.patch_size) * cfg.out_dim, cfg.eps)
-        if cfg.has_image_input:
+        if cfg.has_clip:
             self.img_emb = MLPProj(cfg.image_dim, dim, with_pos=cfg.model_type == "flf2v")
         if cfg.has_vace:
             self.vace_patch_embedding = nn.Conv3d(
@@ -546,14 +583,18 @@ class WanDiT(nn.Module):
         Args:
             x: Noisy latents ``[B, C, F, H, W]``; ``C = in_dim`` for t2v, ``in_dim - y.shape[1]``
                 for i2v/flf2v. F, H, W must be divisible by ``patch_size``.
-            t: Timesteps ``[B]`` (or a scalar, used for every sample) on the 0..1000 scale,
-                int or float.
+            t: Timesteps on the 0..1000 scale, int or float: ``[B]`` (or a scalar, used for every sample), or
+                per token ``[B, L]`` with ``L = F'·H'·W'`` the video tokens (unpadded, the patch embedding's
+                token order ``f·H'W' + h·W' + w``; Wan2.2 TI2V: 0 on the first latent frame's tokens). Only the
+                distinct values of ``t`` are embedded; a ``[B, L]`` ``t`` whose rows are constant is the
+                ``[B]`` path exactly (docs/CONTRACTS.md, "Timesteps").
             context: Text features ``[B, L, text_dim]``, ``L <= text_len``; zero-padded here to
                 ``text_len`` (pad shorter prompts with zeros yourself when batching: the
                 result is the same, cross-attention is unmasked).
             y: i2v/flf2v only: conditioning ``[B, C_y, F, H, W]`` (mask 4 + VAE latent 16),
                 concatenated after ``x`` on channels before the patch embedding.
-            clip_fea: i2v/flf2v only: CLIP ViT-H/14 penultimate features
+            clip_fea: i2v/flf2v with CLIP only (``config.has_clip``; refused by Wan2.2's CLIP-less i2v): CLIP
+                ViT-H/14 penultimate features
                 ``[B, 257, image_dim]`` (i2v) or ``[B, 514, image_dim]`` (flf2v: first then
                 last frame).
             vace_context: vace only (and required there): the hint-stream input ``[B, vace_in_dim, F, H, W]``
@@ -600,30 +641,67 @@ class WanDiT(nn.Module):
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, dim, F', H', W']
         x = x.flatten(2).transpose(1, 2)  # [B, S, dim]
 
-        e, e0 = self.time_embeddings(t, b, x.device)  # [B, dim], [B, 6, dim]
+        # [B, dim], [B, 6, dim]; per-token t: [K, dim], [K, 6, dim] of the K distinct values, and index [B, L]
+        e, e0, t_index = self.time_tables(t, b, x.device, tokens=x.shape[1])
         context = self.text_embedding(self._check_context(context, b))  # [B, text_len, dim]
         context_img = None
-        if cfg.has_image_input:
+        if cfg.has_clip:
             context_img = self.img_emb(self._check_clip(clip_fea, b))  # [B, N_img, dim]
         elif clip_fea is not None:
-            raise ValueError(f"clip_fea is only accepted by i2v/flf2v models (model_type={cfg.model_type!r})")
+            what = "this i2v model has none (image_dim=None)" if cfg.has_image_input else \
+                f"model_type={cfg.model_type!r}"
+            raise ValueError(f"clip_fea is only accepted by i2v/flf2v models with CLIP ({what})")
         vace, scale = self._vace_tokens(vace_context, vace_scale, x, grid)
         return DiTInputs(x, e, e0, context, context_img, self._rope(grid, x.device), grid, vace=vace,
-                         vace_scale=scale)
+                         vace_scale=scale, t_index=t_index)
 
     def time_embeddings(
         self, t: torch.Tensor | float, batch: int, device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(e, e0)``: the float32 time embedding ``[B, dim]`` and its projection ``[B, 6, dim]``.
 
-        Float64 sinusoid, then the fp32 time MLP (keep_fp32 weights). Cheap: step caches call it to
+        Float64 sinusoid, then the fp32 time MLP (keep_fp32 weights). Cheap: step caches (TeaCache) call it to
         decide whether a step runs the blocks before any other work.
+
+        Per-token timesteps (``t [B, L]`` with a non-constant row) give the step caches' signal of the
+        per-token embedding without materialising it: ``e [B*K, dim]`` and ``e0 [B*K, 6, dim]``, row
+        ``b*K + k`` the embedding of the ``k``-th distinct value times the number of tokens of sample ``b`` at
+        that value. For any two steps with the same distinct-value layout, ``rel_l1`` of these equals ``rel_l1``
+        of the official per-token ``e [B, L, dim]`` / ``e0 [B, L, 6, dim]`` (each token counted once).
         """
         device = device if device is not None else self.head.modulation.device
-        t = self._check_timesteps(t, batch, device)  # [B]
-        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim)).float()  # [B, dim]
-        e0 = self.time_projection(e).float().unflatten(1, (6, self.config.dim))  # [B, 6, dim]
-        return e, e0
+        e, e0, index = self.time_tables(t, batch, device)
+        if index is None:
+            return e, e0
+        k = e.shape[0]
+        counts = F.one_hot(index, k).sum(dim=1).to(torch.float32)  # [B, K] tokens per distinct value
+        return ((counts[:, :, None] * e).flatten(0, 1),  # [B*K, dim]
+                (counts[:, :, None, None] * e0).flatten(0, 1))  # [B*K, 6, dim]
+
+    def time_tables(
+        self, t: torch.Tensor | float, batch: int, device: torch.device | None = None, *, tokens: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(e, e0, index)``: the time embedding and projection of ``t`` (float32), as the blocks and head read them.
+
+        ``t`` ``[B]`` (or a scalar), or a ``[B, L]`` whose rows are constant: ``e [B, dim]``, ``e0 [B, 6, dim]``,
+        ``index`` None (the ``[B]`` path, bit for bit). Per-token ``t [B, L]`` (``L = tokens`` when given):
+        only the ``K`` distinct values of ``t`` are embedded, ``e [K, dim]``, ``e0 [K, 6, dim]``, and ``index``
+        int64 ``[B, L]`` names each token's row (Wan2.2 TI2V image-to-video: ``K = 2``, t=0 on the first latent
+        frame and t elsewhere). One host sync for a ``[B, L]`` ``t`` (are the rows constant; the distinct values).
+
+        Raises:
+            ValueError: ``t`` of another shape or a complex/bool dtype.
+        """
+        device = device if device is not None else self.head.modulation.device
+        t = self._check_timesteps(t, batch, device, tokens)  # [B] or [B, L]
+        if t.ndim == 2 and bool((t == t[:, :1]).all()):
+            t = t[:, 0]  # constant rows: exactly the [B] path, no per-token tensor
+        index = None
+        if t.ndim == 2:
+            t, index = torch.unique(t, sorted=True, return_inverse=True)  # [K] distinct values, [B, L] rows
+        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim)).float()  # [B or K, dim]
+        e0 = self.time_projection(e).float().unflatten(1, (6, self.config.dim))  # [B or K, 6, dim]
+        return e, e0, index
 
     def run_blocks(self, inp: DiTInputs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The transformer blocks on ``inp.x``.
@@ -667,7 +745,7 @@ class WanDiT(nn.Module):
         for block in self.vace_blocks:
             if block.block_id == 0:
                 c = block.before_proj(c) + inp.x[g].to(compute_dtype(block.before_proj))
-            mod = block.chunks(inp.e0[g])
+            mod = self._chunks(block, inp, g)
             sa = block.self_attn
             quant = input_quant_dtype(sa.q, sa.k, sa.v) if plan.quant == plan.fused else None
             h = modulated_layer_norm(c, mod[0], mod[1], eps, out_dtype=compute_dtype(sa.q), quantize=quant,
@@ -710,10 +788,17 @@ class WanDiT(nn.Module):
                              f"{list(scale.shape)}")
         return c, scale
 
+    @staticmethod
+    def _chunks(block: Block, inp: DiTInputs, g: slice):
+        """``block``'s modulation of the samples ``g`` (per-token timesteps: the distinct values' table, shared)."""
+        if inp.t_index is None:
+            return block.chunks(inp.e0[g])
+        return block.chunks(inp.e0, inp.t_index[g])
+
     def _block(self, block: Block, x: torch.Tensor, pending, inp: DiTInputs, g: slice):
         """One block on the samples ``g`` of the batch: its norm1 fused with the previous block's gated FFN add."""
         plan, eps = self.plan, self.config.eps
-        mod = block.chunks(inp.e0[g])  # 6 x [b, 1, dim] fp32
+        mod = self._chunks(block, inp, g)  # 6 x [b, 1, dim] fp32 (per-token t: [b, S, dim] each, when read)
         sa = block.self_attn
         out_dtype = compute_dtype(sa.q)
         quant = input_quant_dtype(sa.q, sa.k, sa.v)  # 8-bit q/k/v: quantize norm1's output once for all
@@ -754,7 +839,7 @@ class WanDiT(nn.Module):
         """:meth:`run_head` before the unpatchify: ``(tokens [B, S, pt*ph*pw*out_dim], blocks_out [B, S, dim])``
         (per token, so a rank can run it on its own token shard)."""
         plan, eps = self.plan, self.config.eps
-        shift, scale = self.head.chunks(inp.e)  # 2 x [B, 1, dim]
+        shift, scale = self.head.chunks(inp.e, inp.t_index)  # 2 x [B, 1, dim] (per-token t: [B, S, dim])
         head_dtype = self.head.head.weight.dtype
         if pending is None:
             h = modulated_layer_norm(x, shift, scale, eps, out_dtype=head_dtype, backend=plan.fused)
@@ -814,7 +899,7 @@ class WanDiT(nn.Module):
             x = torch.cat([x, y.to(x.dtype)], dim=1)  # [B, in_dim, F, H, W]
         else:
             if y is not None:
-                raise ValueError("y is only accepted by i2v/flf2v models (model_type='t2v')")
+                raise ValueError(f"y is only accepted by i2v/flf2v models (model_type={cfg.model_type!r})")
             if x.shape[1] != cfg.in_dim:
                 raise ValueError(
                     f"x must have in_dim={cfg.in_dim} channels, got {x.shape[1]} "
@@ -832,13 +917,16 @@ class WanDiT(nn.Module):
 
     @staticmethod
     def _check_timesteps(
-        t: torch.Tensor | int | float, batch: int, device: torch.device
+        t: torch.Tensor | int | float, batch: int, device: torch.device, tokens: int | None = None
     ) -> torch.Tensor:
         t = torch.as_tensor(t, device=device)
         if t.ndim == 0:
             t = t.expand(batch)  # [B]
-        if tuple(t.shape) != (batch,):
-            raise ValueError(f"t must be a scalar or [B={batch}], got shape {tuple(t.shape)}")
+        per_token = t.ndim == 2 and t.shape[0] == batch and t.shape[1] >= 1 and tokens in (None, t.shape[1])
+        if tuple(t.shape) != (batch,) and not per_token:
+            length = "L" if tokens is None else f"L={tokens} video tokens"
+            raise ValueError(f"t must be a scalar, [B={batch}] or per token [B={batch}, {length}], got shape "
+                             f"{tuple(t.shape)}")
         if t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"t must be int or float, got {t.dtype}")
         return t

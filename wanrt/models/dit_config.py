@@ -1,4 +1,4 @@
-"""The architecture of a Wan2.1 DiT (:class:`DiTConfig`: the official ``WanModel`` constructor arguments) and
+"""The architecture of a Wan2.1/Wan2.2 DiT (:class:`DiTConfig`: the official ``WanModel`` constructor arguments) and
 its two ``config.json`` forms, official and diffusers ``WanTransformer3DModel`` (docs/model-reference.md §1, §3).
 """
 
@@ -12,6 +12,10 @@ from ..presets import TASKS
 
 #: VACE's hint-stream input channels: inactive latents 16 + reactive latents 16 + the 8x8 pixel mask 64 (§VACE).
 VACE_IN_DIM = 96
+
+#: Wan2.2 TI2V-5B's latent channels (the 16x16x4 VAE): a text-to-video architecture with 48 in and out channels, which
+#: a diffusers config cannot tell from t2v except by them (§Wan2.2 DiT).
+TI2V_LATENT_DIM = 48
 
 CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16x16 patches + CLS (§5)
 ROPE_MAX_POS = 1024  # positions per RoPE axis (§2.8)
@@ -40,13 +44,15 @@ def default_vace_layers(num_layers: int, count: int | None = None) -> tuple[int,
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DiTConfig:
-    """Architecture of a Wan2.1 DiT (official ``WanModel`` constructor arguments).
+    """Architecture of a Wan2.1/Wan2.2 DiT (official ``WanModel`` constructor arguments).
 
     Attributes:
-        model_type: ``'t2v'``, ``'i2v'``, ``'flf2v'`` or ``'vace'``. i2v/flf2v add the CLIP image
-            projection ``img_emb`` and the image keys/values of cross-attention; flf2v also
-            adds ``img_emb.emb_pos`` (two images, ``2*257`` tokens). vace is t2v plus the hint stream
-            (``vace_patch_embedding`` and ``vace_blocks``, official ``VaceWanModel``).
+        model_type: ``'t2v'``, ``'i2v'``, ``'flf2v'``, ``'vace'`` or ``'ti2v'``. i2v/flf2v take the
+            conditioning latent ``y`` and (with ``image_dim`` set) add the CLIP image projection ``img_emb``
+            and the image keys/values of cross-attention; flf2v also adds ``img_emb.emb_pos`` (two images,
+            ``2*257`` tokens). vace is t2v plus the hint stream (``vace_patch_embedding`` and ``vace_blocks``,
+            official ``VaceWanModel``). ti2v (Wan2.2 TI2V-5B) is a t2v architecture (48 latent channels) that
+            is run with per-token timesteps (docs/model-reference.md §Wan2.2 DiT).
         patch_size: ``(pt, ph, pw)`` Conv3d kernel and stride of the patch embedding.
         text_len: Text tokens after zero-padding (512).
         in_dim: Input channels (16 for t2v; 36 = 16 noise + 20 conditioning for i2v/flf2v).
@@ -60,7 +66,9 @@ class DiTConfig:
         eps: Epsilon of the block/head layer norms and the q/k RMS norms.
         qk_norm: RMS-normalise q and k over the full ``dim``.
         cross_attn_norm: Affine layer norm (``norm3``) before cross-attention.
-        image_dim: Width of the CLIP image features (1280), used by i2v/flf2v only.
+        image_dim: Width of the CLIP image features (1280), used by i2v/flf2v only; ``None`` for an i2v
+            model without CLIP (Wan2.2 I2V-A14B: no ``img_emb``, cross-attention over the text alone).
+            flf2v always has CLIP.
         vace_layers: vace only: the main blocks after which a hint is added, one VACE block each, strictly
             increasing from 0 (default the official ``range(0, num_layers, 2)``; the released 1.3B has
             ``[0, 2, ..., 28]``, the 14B ``[0, 5, ..., 35]``). None for the other model types.
@@ -84,7 +92,7 @@ class DiTConfig:
     eps: float = 1e-6
     qk_norm: bool = True
     cross_attn_norm: bool = True
-    image_dim: int = 1280
+    image_dim: int | None = 1280
     vace_layers: tuple[int, ...] | None = None
     vace_in_dim: int = VACE_IN_DIM
 
@@ -98,6 +106,11 @@ class DiTConfig:
         for name in ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
                      "out_dim", "num_heads", "image_dim"):
             value = getattr(self, name)
+            if name == "image_dim" and value is None:
+                if self.model_type != "i2v":
+                    raise ValueError(f"image_dim=None (no CLIP) is only for model_type='i2v', got "
+                                     f"{self.model_type!r}")
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.num_layers, int) or self.num_layers < 0:
@@ -150,9 +163,17 @@ class DiTConfig:
         return self.model_type in ("i2v", "flf2v")
 
     @property
+    def has_clip(self) -> bool:
+        """True when the model expects CLIP features ``clip_fea`` (i2v/flf2v with ``image_dim`` set: ``img_emb``
+        and the image keys/values of cross-attention). False for Wan2.2's CLIP-less i2v."""
+        return self.has_image_input and self.image_dim is not None
+
+    @property
     def image_tokens(self) -> int:
-        """CLIP tokens expected in ``clip_fea``: 257 (i2v), 514 (flf2v), 0 (t2v)."""
-        return {"i2v": CLIP_TOKENS, "flf2v": 2 * CLIP_TOKENS}.get(self.model_type, 0)
+        """CLIP tokens expected in ``clip_fea``: 257 (i2v), 514 (flf2v), 0 (t2v, ti2v, vace, i2v without CLIP)."""
+        if not self.has_clip:
+            return 0
+        return {"i2v": CLIP_TOKENS, "flf2v": 2 * CLIP_TOKENS}[self.model_type]
 
     @classmethod
     def from_official_config(cls, config: Mapping[str, Any]) -> DiTConfig:
@@ -162,7 +183,10 @@ class DiTConfig:
         out_dim, text_len; the fields the official code keeps out of config.json
         (patch_size, text_dim, qk_norm, cross_attn_norm) take the constructor defaults unless
         present (:meth:`to_official_config` writes them when non-default). Keys starting with
-        ``_`` and unknown keys (e.g. ``window_size``) are ignored.
+        ``_`` and unknown keys (e.g. ``window_size``) are ignored. ``image_dim: null`` (written by
+        :meth:`to_official_config` for an i2v model without CLIP) gives ``image_dim=None``; the released
+        Wan2.2 I2V-A14B config.json does not say it (its form is Wan2.1 i2v's): the loaders tell it from the
+        weights (no ``img_emb.*`` keys, :func:`wanrt.checkpoints.loaders.reconcile_clip`).
 
         Raises:
             ValueError: if a required field is missing or the values are invalid.
@@ -181,7 +205,8 @@ class DiTConfig:
 
         Fields that the official config.json never holds (patch_size, text_dim, qk_norm,
         cross_attn_norm, image_dim) are added only when they differ from the defaults, so
-        tiny test configs round-trip through :meth:`from_official_config`.
+        tiny test configs round-trip through :meth:`from_official_config` (an i2v model without CLIP
+        writes ``image_dim: null``).
         """
         out: dict[str, Any] = {"_class_name": "VaceWanModel" if self.has_vace else "WanModel"}
         out.update({k: getattr(self, k) for k in _OFFICIAL_FIELDS})
@@ -198,8 +223,10 @@ class DiTConfig:
         """Build from a diffusers ``WanTransformer3DModel`` ``config.json`` dict (§3).
 
         ``image_dim`` + ``added_kv_proj_dim`` select i2v, and ``pos_embed_seq_len`` (514)
-        flf2v; ``vace_layers`` (``WanVACETransformer3DModel``) vace. Missing fields take the diffusers
-        constructor defaults.
+        flf2v; ``vace_layers`` (``WanVACETransformer3DModel``) vace. Without image fields, more input than
+        output channels (Wan2.2 I2V-A14B: 36 in, 16 out) is an i2v model without CLIP (``image_dim=None``),
+        and 48 input and output channels is Wan2.2 TI2V-5B (``'ti2v'``: diffusers has no field for it).
+        Missing fields take the diffusers constructor defaults.
 
         Raises:
             ValueError: for configs this model cannot represent (qk_norm other than
@@ -222,7 +249,14 @@ class DiTConfig:
         elif image_dim is None and added_kv is None:
             if pos_len is not None:
                 raise ValueError("pos_embed_seq_len is set but the config has no image input")
-            model_type = "t2v"
+            channels_in = config.get("in_channels", 16)
+            channels_out = config.get("out_channels") or channels_in
+            if channels_in > channels_out:  # the conditioning latent y concatenated: Wan2.2 i2v, no CLIP
+                model_type = "i2v"
+            elif channels_in == channels_out == TI2V_LATENT_DIM:
+                model_type = "ti2v"
+            else:
+                model_type = "t2v"
         elif image_dim is not None and added_kv == dim:
             if pos_len not in (None, 2 * CLIP_TOKENS):
                 raise ValueError(f"pos_embed_seq_len must be {2 * CLIP_TOKENS}, got {pos_len}")
@@ -247,7 +281,7 @@ class DiTConfig:
             eps=config.get("eps", 1e-6),
             qk_norm=True,
             cross_attn_norm=config.get("cross_attn_norm", True),
-            image_dim=image_dim if image_dim is not None else 1280,
+            image_dim=image_dim if image_dim is not None else None if model_type == "i2v" else 1280,
             vace_layers=tuple(config.get("vace_layers", (0, 5, 10, 15, 20, 25, 30, 35))) if vace else None,
             vace_in_dim=config.get("vace_in_channels", VACE_IN_DIM),
         )
@@ -263,9 +297,9 @@ class DiTConfig:
         """
         if not self.qk_norm:
             raise ValueError("diffusers WanTransformer3DModel cannot represent qk_norm=False")
-        if self.has_image_input and self.text_len != 512:
+        if self.has_clip and self.text_len != 512:
             raise ValueError("diffusers supports image conditioning only with text_len=512")
-        image = self.has_image_input
+        image = self.has_clip  # the CLIP fields; a CLIP-less i2v is told by its channels
         vace = {"vace_layers": list(self.vace_layers), "vace_in_channels": self.vace_in_dim} if self.has_vace else {}
         return vace | {
             "patch_size": tuple(self.patch_size),

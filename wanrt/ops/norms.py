@@ -184,11 +184,14 @@ def layer_norm_eager(
 
 
 def _check_mod(name: str, x: torch.Tensor, t: torch.Tensor | None) -> None:
+    """Modulation ``t``: per sample ``[B or 1, 1, D]`` or per token ``[B or 1, S, D]`` (Wan2.2 per-token
+    timesteps), for ``x [B, S, D]``."""
     if t is None:
         return
-    b, _, d = x.shape
-    if t.ndim != 3 or t.shape[1] != 1 or t.shape[2] != d or t.shape[0] not in (1, b):
-        raise ValueError(f"{name} must be [B={b} or 1, 1, D={d}] for x {tuple(x.shape)}, got {tuple(t.shape)}")
+    b, s, d = x.shape
+    if t.ndim != 3 or t.shape[1] not in (1, s) or t.shape[2] != d or t.shape[0] not in (1, b):
+        raise ValueError(f"{name} must be [B={b} or 1, 1 or S={s}, D={d}] for x {tuple(x.shape)}, got "
+                         f"{tuple(t.shape)}")
 
 
 def modulated_layer_norm(
@@ -212,8 +215,8 @@ def modulated_layer_norm(
 
     Args:
         x: ``[B, S, D]`` (float32 residual stream, or bf16 before block 0).
-        shift: float32 ``[B or 1, 1, D]`` or ``None``.
-        scale: float32 ``[B or 1, 1, D]`` or ``None``.
+        shift: float32 ``[B or 1, 1 or S, D]`` (per sample or per token) or ``None``.
+        scale: float32 ``[B or 1, 1 or S, D]`` (per sample or per token) or ``None``.
         eps: LayerNorm epsilon.
         weight: Optional LayerNorm weight ``[D]``; bias: optional ``[D]``.
         out_dtype: Result dtype (the next GEMM's weight dtype); ``None`` gives float32.
@@ -264,7 +267,7 @@ def gated_residual(
     Args:
         x: Residual ``[B, S, D]`` (float32, or bf16 in block 0).
         y: Branch output ``[B, S, D]`` (the GEMM dtype).
-        gate: float32 ``[B or 1, 1, D]`` or ``None`` (gate 1).
+        gate: float32 ``[B or 1, 1 or S, D]`` (per sample or per token) or ``None`` (gate 1).
         backend: ``"eager"`` or ``"triton"``.
 
     Returns:

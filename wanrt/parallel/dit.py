@@ -127,7 +127,7 @@ class SequenceParallelDiT:
 
     def prepare(self, x, t, context, *, y=None, clip_fea=None, vace_context=None, vace_scale=1.0) -> DiTInputs:
         """:meth:`WanDiT.prepare`, then this rank's shard: ``x`` ``[B, S_local, dim]`` (and VACE's hint-stream
-        tokens alike), ``rope`` its rows (identity on the padding), ``sp`` the cross-rank self-attention."""
+        tokens and the per-token timesteps' ``t_index`` alike), ``rope`` its rows (identity on the padding), ``sp`` the cross-rank self-attention."""
         inp = self.model.prepare(x, t, context, y=y, clip_fea=clip_fea, vace_context=vace_context,
                                  vace_scale=vace_scale)
         shards = TokenShards(inp.x.shape[1], self.mesh.sp)
@@ -135,6 +135,9 @@ class SequenceParallelDiT:
         tokens = F.pad(inp.x, (0, 0, 0, shards.padded - shards.length))[:, lo:hi]  # [B, S_local, dim]
         if inp.vace is not None:
             inp = dataclasses.replace(inp, vace=F.pad(inp.vace, (0, 0, 0, shards.padded - shards.length))[:, lo:hi])
+        if inp.t_index is not None:  # per-token timesteps: each token's modulation row, sharded as the tokens (pad
+            # tokens read row 0: any row will do, their queries are dropped and their keys masked)
+            inp = dataclasses.replace(inp, t_index=F.pad(inp.t_index, (0, shards.padded - shards.length))[:, lo:hi])
         rot = inp.rope.rot[:shards.length]  # [L, d/2] complex128 (rows past the grid rotate by 1)
         if rot.shape[0] < shards.padded:
             rot = torch.cat([rot, rot.new_ones(shards.padded - rot.shape[0], rot.shape[1])])

@@ -47,7 +47,8 @@ class GuidedStep:
         recorder: Called per branch and step with the modulated input and the branch's velocity.
         y: i2v/flf2v: the conditioning ``[1, 20, F, H, W]`` (mask 4 + VAE latent 16), shared by both branches
             (only the text differs between them, ``docs/model-reference.md`` §7.9).
-        clip_fea: i2v/flf2v: CLIP features ``[1, 257 or 514, image_dim]``, shared by both branches.
+        clip_fea: i2v/flf2v with CLIP: CLIP features ``[1, 257 or 514, image_dim]``, shared by both branches
+            (Wan2.2's CLIP-less i2v takes ``y`` alone).
         vace_context: vace: the hint-stream input ``[1, 96, F, H, W]``, shared by both branches (official
             ``vace.py`` gives the same ``vace_context`` to the conditional and unconditional passes).
         vace_scale: vace: float32 conditioning scale per VACE block ``[len(vace_layers)]``.
@@ -99,7 +100,7 @@ class GuidedStep:
     def _computed(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
         with_residual = self.teacache is not None
         image = self._image(x.shape[0])
-        if self.graphs is None:
+        if self.graphs is None or t.dim() > 1:  # per-token timesteps run eager: their distinct values are host reads
             return computed_forward(self.model, x, t, context, with_residual, *image)
         key = (*graph_key(self.model, x, context, *image), tuple(t.shape))
         if with_residual:
@@ -122,21 +123,27 @@ class GuidedStep:
         return m.run_head(inp, inp.x.float() + residual)[0]
 
     # ------------------------------------------------------------------ one step
-    def __call__(self, x: torch.Tensor, t: float, step: int) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor, step: int) -> torch.Tensor:
         """Guided velocity ``[1, C, F, H, W]`` float32 at timestep ``t`` (step index ``step``).
 
+        ``t`` is a number, or per token a tensor ``[L]`` (or ``[1, L]``) over the video tokens (Wan2.2 TI2V: 0 on
+        the first latent frame's tokens; :meth:`WanDiT.forward`); per-token timesteps run without CUDA graphs.
         The result is a buffer owned by this object, overwritten by the next call.
         """
         m, n = self.model, len(self.branches)
-        if self._t is None or self._t.device != x.device:
-            self._t = torch.empty(n, device=x.device, dtype=torch.float64)  # exact for int and float t
-        tt = self._t.fill_(t)  # [n], the step's timestep for each branch
-        if self.token_mask is not None:  # [n, L]: per-token timesteps (the fixed frame's tokens at 0)
-            tt = self.token_mask.to(x.device, torch.float64)[None].mul(t).expand(n, -1)
+        if self.token_mask is not None and not isinstance(t, torch.Tensor):  # [L]: the fixed frame's tokens at 0
+            t = self.token_mask.to(x.device, torch.float64) * t
+        if isinstance(t, torch.Tensor) and t.numel() > 1:  # per-token timesteps, the same for both branches
+            tt = t.to(device=x.device, dtype=torch.float64).reshape(1, -1).expand(n, -1)  # [n, L]
+        else:
+            if self._t is None or self._t.device != x.device:
+                self._t = torch.empty(n, device=x.device, dtype=torch.float64)  # exact for int and float t
+            tt = self._t.fill_(t)  # [n], the step's timestep for each branch
         compute = {b: True for b in self.branches}
         mod_inputs: dict[str, torch.Tensor] = {}
         if self.teacache is not None or self.recorder is not None:
-            e, e0 = m.time_embeddings(tt[:1], 1, x.device)  # the branches share t: one embedding
+            # the branches share t: one embedding (per-token t: the token-weighted distinct values, WanDiT.time_embeddings)
+            e, e0 = m.time_embeddings(tt[:1], 1, x.device)
             if self.teacache is not None:
                 mode = self.teacache.config.mode
             else:
@@ -301,10 +308,10 @@ _UNBATCHED = frozenset({"vace_scale"})
 
 def shared_inputs(config) -> tuple[str, ...]:
     """The DiT inputs besides ``x``, ``t`` and ``context`` that a model type takes, in the positional order of
-    :func:`computed_forward` and the step graphs: ``("y", "clip_fea")`` (i2v/flf2v), ``("vace_context",
-    "vace_scale")`` (vace) or ``()``."""
+    :func:`computed_forward` and the step graphs: ``("y", "clip_fea")`` (i2v/flf2v), ``("y",)`` (Wan2.2's i2v
+    without CLIP), ``("vace_context", "vace_scale")`` (vace) or ``()``."""
     if config.has_image_input:
-        return ("y", "clip_fea")
+        return ("y", "clip_fea") if config.has_clip else ("y",)
     if config.has_vace:
         return ("vace_context", "vace_scale")
     return ()
@@ -320,6 +327,15 @@ def computed_forward(model: WanDiT, x: torch.Tensor, t: torch.Tensor, context: t
     xo, pending = model.run_blocks(inp)
     v, out = model.run_head(inp, xo, pending)
     return v, (out - inp.x.float()) if with_residual else None
+
+
+def refuse_token_timesteps(t: torch.Tensor) -> None:
+    """Raise ValueError for per-token timesteps ``t [B, L]``: a captured step cannot run them (the distinct values
+    of ``t`` are found on the host and decide the shapes of the time embedding, which a replay would freeze)."""
+    if isinstance(t, torch.Tensor) and t.ndim > 1:
+        raise ValueError(f"per-token timesteps (t of shape {tuple(t.shape)}) cannot run in a CUDA graph: their "
+                         "distinct values are read on the host and shape the time embedding; run this model "
+                         "without step graphs (cuda_graphs off)")
 
 
 def graph_key(model: WanDiT, x: torch.Tensor, context: torch.Tensor, *image: torch.Tensor) -> tuple:
@@ -349,9 +365,11 @@ def make_step_graphs(model: WanDiT, max_graphs: int = 4, capturer=None) -> StepG
     from ..graph.cuda_graphs import StepGraphs
 
     def with_res(x, t, context, *image):
+        refuse_token_timesteps(t)
         return computed_forward(model, x, t, context, True, *image)
 
     def without_res(x, t, context, *image):
+        refuse_token_timesteps(t)
         return computed_forward(model, x, t, context, False, *image)[0]
 
     return StepGraphSet(plain=StepGraphs(without_res, max_graphs=max_graphs, capturer=capturer, name="dit"),
