@@ -305,3 +305,67 @@ def test_cli_generates_with_expert_options(a14b_ckpts, tmp_path, capsys):
                "--steps", "12", "--teacache-threshold", "0.05", "--teacache-coefficients", str(cal), "--device",
                "cpu", "--precision", "fp32", "-o", str(tmp_path / "c.mp4"), "--no-progress"])
     assert rc == 0
+
+
+# ------------------------------------------------------------------------------------------ I2V-A14B (no CLIP)
+
+
+@pytest.fixture(scope="module")
+def i2v_a14b_ckpts(tmp_path_factory):
+    from wanrt.checkpoints.tiny import write_checkpoint
+
+    root = tmp_path_factory.mktemp("i2v-a14b")
+    return (write_checkpoint(root / "official", layout="official", preset="tiny-i2v-a14b", seed=7),
+            write_checkpoint(root / "diffusers", layout="diffusers", preset="tiny-i2v-a14b", seed=7))
+
+
+@torch.no_grad()
+def test_i2v_a14b_matches_a_loop_of_two_diffusers_experts_without_clip(i2v_a14b_ckpts):
+    diffusers = pytest.importorskip("diffusers")
+    from test_i2v import _image, _reference_mask, _to_tensor
+
+    off, dif = i2v_a14b_ckpts
+    engine = wanrt.Engine("tiny-i2v-a14b", dif, **KW)
+    assert engine.image_encoder is None and engine.transformer.config.image_dim is None
+    high = diffusers.WanTransformer3DModel.from_pretrained(dif / "transformer").float().eval()
+    low = diffusers.WanTransformer3DModel.from_pretrained(dif / "transformer_2").float().eval()
+    vae = diffusers.AutoencoderKLWan.from_pretrained(dif / "vae").float().eval()
+    assert high.config.image_dim is None and high.config.in_channels == 36
+    first = _image(64, 96, 1)
+    cond, uncond = _embeds(engine.transformer.config.text_dim)
+    noise = torch.randn(1, 16, 3, 8, 12, generator=torch.Generator().manual_seed(5))
+    steps, shift, g_high, g_low, boundary = 8, 5.0, 3.5, 2.0, 0.9
+    ours = engine.generate(prompt_embeds=cond, negative_prompt_embeds=uncond, image=first, latents=noise,
+                           num_inference_steps=steps, guidance_scale=g_high, guidance_scale_2=g_low, shift=shift,
+                           sample_solver="euler", num_frames=9, progress=False)
+    video = torch.zeros(1, 3, 9, 64, 96)
+    video[:, :, 0] = _to_tensor(first)
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    y = torch.cat([_reference_mask(9, 8, 12, False), (vae.encode(video).latent_dist.mode() - mean) / std], 1)
+    sig = np.linspace(0.999, 0.0, steps + 1)[:-1]
+    sig = np.append(shift * sig / (1 + (shift - 1) * sig), 0.0)
+    x, used = noise.clone(), []
+    for i in range(steps):
+        t = torch.tensor([int(sig[i] * 1000)])
+        model, g = (high, g_high) if t.item() >= boundary * 1000 else (low, g_low)
+        used.append(model is high)
+        inp = torch.cat([x, y], dim=1)
+        v_c = model(inp, t, _pad(cond), return_dict=False)[0]
+        v_u = model(inp, t, _pad(uncond), return_dict=False)[0]
+        x = x + (sig[i + 1] - sig[i]) * (v_u + g * (v_c - v_u))
+    assert 0 < sum(used) < steps
+    assert _rel(ours.latents, x) < 1e-5
+    ref = ((vae.decode(x * std + mean, return_dict=False)[0].clamp(-1, 1)[0].permute(1, 2, 3, 0) + 1) * 127.5)
+    ref = ref.round().clamp(0, 255).to(torch.uint8).numpy()
+    assert np.abs(ours.frames.astype(int) - ref.astype(int)).max() <= 1
+    same = wanrt.Engine("tiny-i2v-a14b", off, **KW).generate(
+        prompt_embeds=cond, negative_prompt_embeds=uncond, image=first, latents=noise, num_inference_steps=steps,
+        guidance_scale=g_high, guidance_scale_2=g_low, shift=shift, sample_solver="euler", num_frames=9,
+        progress=False)
+    torch.testing.assert_close(same.latents, ours.latents, rtol=1e-5, atol=1e-5)
+    pipe = diffusers.WanImageToVideoPipeline.from_pretrained(str(dif), dtype=torch.float32)
+    assert pipe.transformer_2 is not None and pipe.image_encoder is None
+    with pytest.raises(ValueError, match="needs image"):
+        engine.generate("a cat", seed=0)
+    assert wanrt.Engine.from_pretrained(off, **KW).preset.name == "tiny-i2v-a14b"
