@@ -243,7 +243,7 @@ class VAEConfig:
         unsupported = []
         for key in ("in_channels", "out_channels"):
             if config.get(key, 3) != io:
-                unsupported.append(f"{key}={config[key]} (patch_size={patch} needs {io})")
+                unsupported.append(f"{key}={config.get(key, 3)} (patch_size={patch} needs {io})")
         if unsupported:
             raise ValueError(f"unsupported AutoencoderKLWan config: {', '.join(unsupported)}")
         dec_dim = config.get("decoder_base_dim")
