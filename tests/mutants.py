@@ -186,6 +186,14 @@ DEFECTS: tuple[Defect, ...] = (
         what="decode does not un-normalize the latents (z * std + mean skipped)",
     ),
     Defect(
+        name="vae22-dupup-first-chunk-keeps-wrong-frame",
+        file="models/vae.py",
+        edits=(("            x = x[:, :, ft - 1:]", "            x = x[:, :, :1]"),),
+        tests=("tests/test_vae22.py::test_encode_decode_parity[wan22-1]",),
+        what="on the first latent frame the Wan2.2 DupUp3D shortcut keeps its first duplicated frame instead of the "
+             "last (same shape, wrong values)",
+    ),
+    Defect(
         name="vae-latent-stats-not-applied-on-encode",
         file="models/vae.py",
         edits=(("return (mu.float() - mean) * inv_std", "return mu.float()"),),
