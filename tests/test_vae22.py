@@ -47,6 +47,11 @@ TINY = {
     # Another depth / block count / temporal pattern: exercises the derived indices and shortcut factors.
     "small": VAEConfig.wan22(base_dim=4, decoder_base_dim=8, dim_mult=(1, 2, 2), num_res_blocks=1,
                              temporal_downsample=(True, False)),
+    # Time doubled in the decoder stage that halves the channels (4d -> 2d), where the two frames a DupUp3D
+    # shortcut makes of one input frame differ, so which one the first latent frame keeps matters. (In the released
+    # layout the time-doubling stages keep their width: their duplicated frames are equal.)
+    "temporal_late": VAEConfig.wan22(base_dim=4, decoder_base_dim=8, num_res_blocks=1,
+                                     temporal_downsample=(True, True, False)),
 }
 
 
