@@ -186,6 +186,24 @@ DEFECTS: tuple[Defect, ...] = (
         what="decode does not un-normalize the latents (z * std + mean skipped)",
     ),
     Defect(
+        name="vae22-dupup-first-chunk-keeps-wrong-frame",
+        file="models/vae.py",
+        edits=(("            x = x[:, :, ft - 1:]", "            x = x[:, :, :1]"),),
+        # "temporal_late": its time-doubling decoder stage halves the channels, so the duplicated frames differ (in the
+        # released layout the time-doubling DupUp3D stages keep 1024 channels: their frames are equal, only the count
+        # matters, and a shape check catches a wrong count)
+        tests=("tests/test_vae22.py::test_encode_decode_parity[temporal_late-1]",),
+        what="on the first latent frame the Wan2.2 DupUp3D shortcut keeps its first duplicated frame instead of the "
+             "last (same shape, wrong values)",
+    ),
+    Defect(
+        name="vae22-avgdown-shortcut-dropped",
+        file="models/vae.py",
+        edits=(("        return x + shortcut\n", "        return x\n"),),
+        tests=("tests/test_vae22.py::test_encode_decode_parity[wan22-1]",),
+        what="a Wan2.2 encoder stage returns its main path without the AvgDown3D shortcut",
+    ),
+    Defect(
         name="vae-latent-stats-not-applied-on-encode",
         file="models/vae.py",
         edits=(("return (mu.float() - mean) * inv_std", "return mu.float()"),),

@@ -77,8 +77,9 @@ class Decoder:
         b, _, _, h, w = latents.shape
         key = (b, h, w)
         if key not in self._trt:
-            onnx = self.cache_dir / "onnx" / f"vae-decoder-{b}x{h * 8}x{w * 8}.onnx"
-            export_decoder_onnx(self.vae, onnx, height=h * 8, width=w * 8, batch=b)
+            s = self.vae.config.spatial_factor
+            onnx = self.cache_dir / "onnx" / f"vae-decoder-{b}x{h * s}x{w * s}.onnx"
+            export_decoder_onnx(self.vae, onnx, height=h * s, width=w * s, batch=b)
             self._trt[key] = TensorRTDecoder(build_decoder_engine(onnx, self.cache_dir), device=self.device)
         return self._trt[key]
 

@@ -1,4 +1,4 @@
-"""Key map between diffusers ``AutoencoderKLWan`` and the official ``Wan2.1_VAE.pth`` (``WanVAE_``).
+"""Key map between diffusers ``AutoencoderKLWan`` and the official ``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth`` (``WanVAE_``).
 
 Pure string maps (docs/model-reference.md §4.7; 194/194 keys
 for the released config):
@@ -26,6 +26,20 @@ The decoder index depends on ``num_res_blocks``: pass ``config`` (anything with
 ``num_res_blocks`` and ``attn_scales``, e.g. :class:`wanrt.models.vae.VAEConfig`) for configs
 other than Wan2.1's. With non-empty ``attn_scales`` the official decoder has attention blocks that
 diffusers' decoder lacks, so decoder block keys cannot be mapped and raise.
+
+The Wan2.2 layout (``config.is_residual``, ``Wan2.2_VAE.pth``, 196/196 keys for the released config) nests
+one block per stage; every other key is as above:
+
+=================================================  =========================================================
+diffusers (``AutoencoderKLWan(is_residual=True)``)  official (``wan/modules/vae2_2.py``)
+=================================================  =========================================================
+``encoder.down_blocks.i.resnets.k``                ``encoder.downsamples.i.downsamples.k`` (k < R)
+``encoder.down_blocks.i.downsampler``              ``encoder.downsamples.i.downsamples.R``
+``decoder.up_blocks.j.resnets.k``                  ``decoder.upsamples.j.upsamples.k`` (k <= R)
+``decoder.up_blocks.j.upsampler``                  ``decoder.upsamples.j.upsamples.{R+1}``
+=================================================  =========================================================
+
+The ``avg_shortcut`` modules (AvgDown3D / DupUp3D) have no parameters, so no keys.
 """
 
 from __future__ import annotations
@@ -64,14 +78,54 @@ _TOP_FROM_OFFICIAL = {v: k for k, v in _TOP_TO_OFFICIAL.items()}
 _PARAM = r"(weight|bias)"
 
 
-def _config_values(config: Any) -> tuple[int, tuple[float, ...]]:
+def _config_values(config: Any) -> tuple[int, tuple[float, ...], bool]:
     if config is None:
-        return 2, ()
-    return int(config.num_res_blocks), tuple(config.attn_scales)
+        return 2, (), False
+    return int(config.num_res_blocks), tuple(config.attn_scales), bool(getattr(config, "is_residual", False))
+
+
+def _residual_to_official(key: str, nrb: int) -> str | None:
+    """The Wan2.2 stage keys, diffusers -> official; None for keys shared with Wan2.1."""
+    m = re.fullmatch(r"(encoder)\.down_blocks\.(\d+)\.(resnets\.(\d+)|downsampler)\.(.+)", key) or re.fullmatch(
+        r"(decoder)\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsampler)\.(.+)", key)
+    if m is None:
+        if re.fullmatch(r"(encoder\.down_blocks|decoder\.up_blocks)\..+", key):
+            raise _bad(key, "diffusers")
+        return None
+    part, stage, _, res_idx, suffix = m.groups()
+    official = "downsamples" if part == "encoder" else "upsamples"
+    n_res = nrb if part == "encoder" else nrb + 1
+    if res_idx is not None:
+        if int(res_idx) >= n_res or suffix not in _RES_TO_OFFICIAL:
+            raise _bad(key, "diffusers")
+        return f"{part}.{official}.{stage}.{official}.{res_idx}.{_RES_TO_OFFICIAL[suffix]}"
+    if suffix not in _RESAMPLE:
+        raise _bad(key, "diffusers")
+    return f"{part}.{official}.{stage}.{official}.{n_res}.{suffix}"
+
+
+def _residual_from_official(key: str, nrb: int) -> str | None:
+    """The Wan2.2 stage keys, official -> diffusers; None for keys shared with Wan2.1."""
+    m = re.fullmatch(r"(encoder\.downsamples|decoder\.upsamples)\.(\d+)\.(.+)", key)
+    if m is None:
+        return None
+    part = "encoder" if m[1].startswith("encoder") else "decoder"
+    inner = "downsamples" if part == "encoder" else "upsamples"
+    n_res = nrb if part == "encoder" else nrb + 1
+    m2 = re.fullmatch(rf"{inner}\.(\d+)\.(.+)", m[3])
+    if m2 is None:
+        raise _bad(key, "official")
+    idx, suffix = int(m2[1]), m2[2]
+    blocks = "down_blocks" if part == "encoder" else "up_blocks"
+    if idx < n_res and suffix in _RES_FROM_OFFICIAL:
+        return f"{part}.{blocks}.{m[2]}.resnets.{idx}.{_RES_FROM_OFFICIAL[suffix]}"
+    if idx == n_res and suffix in _RESAMPLE:
+        return f"{part}.{blocks}.{m[2]}.{'downsampler' if part == 'encoder' else 'upsampler'}.{suffix}"
+    raise _bad(key, "official")
 
 
 def _bad(key: str, direction: str) -> ValueError:
-    return ValueError(f"not a Wan2.1 VAE key ({direction}): {key!r}")
+    return ValueError(f"not a Wan-VAE key of this layout ({direction}): {key!r}")
 
 
 def _block_suffix_to_official(suffix: str, key: str) -> str:
@@ -95,7 +149,8 @@ def vae_to_official(key: str, config: Any = None) -> str:
 
     Args:
         key: e.g. ``"decoder.up_blocks.1.resnets.0.conv_shortcut.weight"``.
-        config: object with ``num_res_blocks`` and ``attn_scales`` (default: Wan2.1, 2 and ()).
+        config: object with ``num_res_blocks``, ``attn_scales`` and optionally ``is_residual`` (default: Wan2.1,
+            2, () and False).
 
     Returns:
         e.g. ``"decoder.upsamples.4.shortcut.weight"``.
@@ -104,7 +159,9 @@ def vae_to_official(key: str, config: Any = None) -> str:
         ValueError: for a key that is not an AutoencoderKLWan (Wan2.1 layout) key, or a decoder
             block key when ``attn_scales`` is non-empty.
     """
-    nrb, attn_scales = _config_values(config)
+    nrb, attn_scales, residual = _config_values(config)
+    if residual and (out := _residual_to_official(key, nrb)) is not None:
+        return out
     m = re.fullmatch(rf"(quant_conv|post_quant_conv)\.{_PARAM}", key)
     if m:
         return f"{_TOP_TO_OFFICIAL[m[1]]}.{m[2]}"
@@ -145,7 +202,8 @@ def vae_from_official(key: str, config: Any = None) -> str:
 
     Args:
         key: e.g. ``"decoder.upsamples.7.time_conv.weight"``.
-        config: object with ``num_res_blocks`` and ``attn_scales`` (default: Wan2.1, 2 and ()).
+        config: object with ``num_res_blocks``, ``attn_scales`` and optionally ``is_residual`` (default: Wan2.1,
+            2, () and False).
 
     Returns:
         e.g. ``"decoder.up_blocks.1.upsamplers.0.time_conv.weight"``.
@@ -154,7 +212,9 @@ def vae_from_official(key: str, config: Any = None) -> str:
         ValueError: for a key that is not an official VAE key, or a decoder block key when
             ``attn_scales`` is non-empty.
     """
-    nrb, attn_scales = _config_values(config)
+    nrb, attn_scales, residual = _config_values(config)
+    if residual and (out := _residual_from_official(key, nrb)) is not None:
+        return out
     m = re.fullmatch(rf"(conv1|conv2)\.{_PARAM}", key)
     if m:
         return f"{_TOP_FROM_OFFICIAL[m[1]]}.{m[2]}"
@@ -194,7 +254,8 @@ def vae_key_mapper(to: str, config: Any = None) -> Callable[[str], str]:
     Args:
         to: ``"official"``: diffusers -> official keys (:func:`vae_to_official`; loading a diffusers file);
             ``"diffusers"``: official -> diffusers keys (:func:`vae_from_official`; writing one).
-        config: object with ``num_res_blocks`` and ``attn_scales`` (default: Wan2.1, 2 and ()).
+        config: object with ``num_res_blocks``, ``attn_scales`` and optionally ``is_residual`` (default: Wan2.1,
+            2, () and False).
 
     Returns:
         ``mapper(key)``, raising ``ValueError`` as the map it wraps.

@@ -3,7 +3,7 @@
 Layouts (docs/model-reference.md §10.1, §10.2):
 
 - **official** (Wan-AI/Wan2.1-*): ``config.json`` (WanModel fields), ``diffusion_pytorch_model.safetensors``
-  or shards + ``diffusion_pytorch_model.safetensors.index.json``, ``Wan2.1_VAE.pth``,
+  or shards + ``diffusion_pytorch_model.safetensors.index.json``, ``Wan2.1_VAE.pth`` (``Wan2.2_VAE.pth`` in TI2V-5B),
   ``models_t5_umt5-xxl-enc-bf16.pth`` and the tokenizer folder ``google/umt5-xxl/``; I2V/FLF2V add the
   CLIP ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`` (and ``xlm-roberta-large/``).
 - **diffusers** (``*-Diffusers``): ``model_index.json`` with ``transformer/``, ``vae/``, ``text_encoder/``,
@@ -21,7 +21,7 @@ from .io import check_folder_links, check_symlink_loop
 
 OFFICIAL_DIT_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OFFICIAL_VAE = "Wan2.1_VAE.pth"
-OFFICIAL_VAE22 = "Wan2.2_VAE.pth"
+OFFICIAL_VAE22 = "Wan2.2_VAE.pth"  # the Wan2.2 TI2V-5B VAE; the folder's VAE when OFFICIAL_VAE is absent
 OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
 OFFICIAL_TOKENIZER = "google/umt5-xxl"
 OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -39,7 +39,8 @@ class CheckpointLayout:
         kind: "official" or "diffusers".
         root: the checkpoint folder.
         transformer: DiT folder (holding config.json and the weights).
-        vae: VAE file (official ``.pth``) or diffusers ``vae/`` folder; None when absent.
+        vae: VAE file (official ``Wan2.1_VAE.pth``, else ``Wan2.2_VAE.pth``) or diffusers ``vae/`` folder; None
+            when absent.
         text_encoder: T5 ``.pth`` (official) or diffusers ``text_encoder/`` folder; None when absent.
         tokenizer: tokenizer folder; None when absent.
         image_encoder: CLIP image encoder of I2V/FLF2V checkpoints: the official
@@ -98,8 +99,8 @@ def config_kind(cfg: dict) -> str | None:
     return None
 
 
-_OFFICIAL_FILES = (OFFICIAL_DIT_WEIGHTS, OFFICIAL_DIT_WEIGHTS + ".index.json", OFFICIAL_VAE, OFFICIAL_T5,
-                   OFFICIAL_CLIP)
+_OFFICIAL_FILES = (OFFICIAL_DIT_WEIGHTS, OFFICIAL_DIT_WEIGHTS + ".index.json", OFFICIAL_VAE, OFFICIAL_VAE22,
+                   OFFICIAL_T5, OFFICIAL_CLIP)
 _DIFFUSERS_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "scheduler")
 # every name detection and the loaders look up in a checkpoint folder (checked for symlink loops)
 _LAYOUT_NAMES = ("model_index.json", "config.json", *_OFFICIAL_FILES, OFFICIAL_TOKENIZER, *_DIFFUSERS_PARTS,
@@ -236,7 +237,7 @@ def detect_layout(path: str | Path) -> CheckpointLayout:
             p = root / name
             return p if p.exists() else None
 
-        return CheckpointLayout("official", root, experts[0], top(OFFICIAL_VAE), top(OFFICIAL_T5),
+        return CheckpointLayout("official", root, experts[0], top(OFFICIAL_VAE) or top(OFFICIAL_VAE22), top(OFFICIAL_T5),
                                 top(OFFICIAL_TOKENIZER), top(OFFICIAL_CLIP))
     if cfg_path.is_file():
         kind = config_kind(read_json(cfg_path))
@@ -247,7 +248,8 @@ def detect_layout(path: str | Path) -> CheckpointLayout:
                 return p if p.exists() else None
 
             return CheckpointLayout(
-                "official", root, root, file(OFFICIAL_VAE), file(OFFICIAL_T5), file(OFFICIAL_TOKENIZER),
+                "official", root, root, file(OFFICIAL_VAE) or file(OFFICIAL_VAE22), file(OFFICIAL_T5),
+                file(OFFICIAL_TOKENIZER),
                 file(OFFICIAL_CLIP),
             )
         if kind == "diffusers":

@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -26,6 +27,7 @@ from .layout import (
     OFFICIAL_T5,
     OFFICIAL_TOKENIZER,
     OFFICIAL_VAE,
+    OFFICIAL_VAE22,
     LayoutError,
     config_kind,
     detect_layout,
@@ -512,60 +514,131 @@ def fp8_gemm_supported(device) -> bool:
 # VAE
 # ---------------------------------------------------------------------------------------------
 def vae_config_from_shapes(shapes: dict[str, tuple[int, ...]], *, file=None):
-    """Infer a ``VAEConfig`` from official-key tensor shapes (``Wan2.1_VAE.pth`` carries no config).
+    """Infer a ``VAEConfig`` from official-key tensor shapes (``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth`` carry no config).
 
-    Walks ``encoder.downsamples.N``: residual blocks (``.residual.2.weight``), attention blocks
+    Wan2.1 (flat) layout: walks ``encoder.downsamples.N``: residual blocks (``.residual.2.weight``), attention blocks
     (``.to_qkv.weight``) and resamples (``.resample.1.weight``, with ``.time_conv.weight`` when the
     resample also halves time) give num_res_blocks, dim_mult, attn_scales and temporal_downsample.
 
-    Raises:
-        CheckpointError: a key the inference needs is absent (names ``file``, the weights, and the key).
-    """
-    from ..models.vae import VAEConfig
+    Wan2.2 (residual) layout, recognized by nested ``encoder.downsamples.I.downsamples.K`` keys: one stage per
+    ``I``, its residual blocks and resample inside. Both: the patch size from the input channels of
+    ``encoder.conv1.weight`` (``3 p²``: 12 -> 2), ``decoder_base_dim`` from ``decoder.head.0.gamma`` (the last
+    decoder stage has ``decoder_base_dim * dim_mult[0]`` channels), and the published latent mean/std for
+    ``z_dim`` 16 (Wan2.1) or 48 (Wan2.2).
 
+    Raises:
+        CheckpointError: a key the inference needs is absent, or the shapes fit no Wan-VAE layout (names
+            ``file``, the weights, and the key).
+    """
+    from ..models.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, VAEConfig
+
+    key = "encoder.conv1.weight"
     try:
-        base = shapes["encoder.conv1.weight"][0]
-        z_dim = shapes["conv2.weight"][0]
-        idx = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.downsamples.")})
-        levels: list[list[str]] = [[]]
-        temporal: list[bool] = []
-        for i in idx:
-            p = f"encoder.downsamples.{i}."
-            if p + "resample.1.weight" in shapes:
-                temporal.append(p + "time_conv.weight" in shapes)
-                levels.append([])
-            elif p + "to_qkv.weight" in shapes:
-                levels[-1].append("attn")
-            else:
-                levels[-1].append(p + "residual.6.weight")
-        dim_mult, attn_scales = [], []
-        for li, level in enumerate(levels):
-            res = [k for k in level if k != "attn"]
-            dim_mult.append(shapes[res[-1]][0] // base)
-            if "attn" in level:
-                attn_scales.append(1.0 / 2**li)
-        num_res_blocks = len([k for k in levels[0] if k != "attn"])
+        base, in_ch = shapes[key][:2]
+        key = "conv2.weight"
+        z_dim = shapes[key][0]
+        residual = any(k.startswith("encoder.downsamples.") and ".downsamples." in k[len("encoder.downsamples."):]
+                       for k in shapes)
+        key = None
+        if residual:
+            num_res_blocks, dim_mult, temporal = _residual_vae_stages(shapes)
+            attn_scales: list[float] = []
+        else:
+            idx = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.downsamples.")})
+            levels: list[list[str]] = [[]]
+            temporal = []
+            for i in idx:
+                p = f"encoder.downsamples.{i}."
+                if p + "resample.1.weight" in shapes:
+                    temporal.append(p + "time_conv.weight" in shapes)
+                    levels.append([])
+                elif p + "to_qkv.weight" in shapes:
+                    levels[-1].append("attn")
+                else:
+                    levels[-1].append(p + "residual.6.weight")
+            dim_mult, attn_scales = [], []
+            for li, level in enumerate(levels):
+                res = [k for k in level if k != "attn"]
+                dim_mult.append(shapes[res[-1]][0] // base)
+                if "attn" in level:
+                    attn_scales.append(1.0 / 2**li)
+            num_res_blocks = len([k for k in levels[0] if k != "attn"])
+        key = "decoder.head.0.gamma"
+        dec_dim = shapes[key][0] // dim_mult[0]
     except (KeyError, IndexError, ValueError) as e:
-        key = e.args[0] if isinstance(e, KeyError) and e.args else None
+        key = e.args[0] if isinstance(e, KeyError) and e.args else key
         raise CheckpointError(f"cannot infer the VAE architecture from the keys (missing {e})", file, key) from e
-    return VAEConfig(
-        base_dim=base, z_dim=z_dim, dim_mult=tuple(dim_mult), num_res_blocks=num_res_blocks,
-        attn_scales=tuple(attn_scales), temporal_downsample=tuple(temporal),
-    )
+    patch = round((in_ch / 3) ** 0.5)
+    if 3 * patch * patch != in_ch:
+        raise CheckpointError(f"encoder.conv1.weight has {in_ch} input channels, not 3 * patch_size**2", file,
+                              "encoder.conv1.weight")
+    stats = {16: (WAN21_LATENTS_MEAN, WAN21_LATENTS_STD), 48: (WAN22_LATENTS_MEAN, WAN22_LATENTS_STD)}
+    if z_dim not in stats:
+        raise CheckpointError(f"z_dim={z_dim}: no published latent mean/std (16 for Wan2.1, 48 for Wan2.2)", file,
+                              "conv2.weight")
+    try:
+        return VAEConfig(
+            base_dim=base, z_dim=z_dim, dim_mult=tuple(dim_mult), num_res_blocks=num_res_blocks,
+            attn_scales=tuple(attn_scales), temporal_downsample=tuple(temporal),
+            latents_mean=stats[z_dim][0], latents_std=stats[z_dim][1], is_residual=residual, patch_size=patch,
+            decoder_base_dim=None if dec_dim == base else dec_dim,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"the VAE keys give an inconsistent architecture: {e}", file) from e
+
+
+def _vae_num_res_blocks(keys) -> int:
+    """Residual blocks per encoder stage of a diffusers-named VAE's keys (for the key map of a file without config)."""
+    flat = {k.split(".")[2] for k in keys if re.match(r"encoder\.down_blocks\.\d+\.norm1\.", k)}
+    nested = {k.split(".")[4] for k in keys if re.match(r"encoder\.down_blocks\.0\.resnets\.\d+\.", k)}
+    if nested:
+        return len(nested)
+    # Wan2.1: stage 0 is the blocks before the first resample (encoder.down_blocks.N.resample.*)
+    resamples = sorted(int(k.split(".")[2]) for k in keys if re.match(r"encoder\.down_blocks\.\d+\.resample\.", k))
+    return resamples[0] if resamples else max(1, len(flat))
+
+
+def _residual_vae_stages(shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[int], list[bool]]:
+    """``(num_res_blocks, dim_mult, temporal_downsample)`` of a Wan2.2 (residual) encoder's official keys.
+
+    Raises:
+        KeyError: a key the walk needs (stage 0's residual blocks, ``encoder.conv1.weight``).
+    """
+    base = shapes["encoder.conv1.weight"][0]
+    stages = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.downsamples.")})
+    if stages != list(range(len(stages))) or len(stages) < 2:
+        raise KeyError(f"encoder.downsamples.{len(stages)}.downsamples.0.residual.6.weight")
+    dim_mult: list[int] = []
+    temporal: list[bool] = []
+    num_res_blocks = 0
+    for i in stages:
+        p = f"encoder.downsamples.{i}.downsamples."
+        res = sorted({int(k[len(p):].split(".")[0]) for k in shapes if k.startswith(p) and ".residual." in k})
+        if not res:
+            raise KeyError(p + "0.residual.6.weight")
+        if i == 0:
+            num_res_blocks = len(res)
+        dim_mult.append(shapes[f"{p}{res[-1]}.residual.6.weight"][0] // base)
+        if i != stages[-1]:
+            if f"{p}{num_res_blocks}.resample.1.weight" not in shapes:
+                raise KeyError(f"{p}{num_res_blocks}.resample.1.weight")
+            temporal.append(f"{p}{num_res_blocks}.time_conv.weight" in shapes)
+    return num_res_blocks, dim_mult, temporal
 
 
 def load_vae(path, device=None, dtype=torch.float32):
-    """Load the Wan2.1 causal 3D VAE.
+    """Load the Wan2.1 or Wan2.2 causal 3D VAE (the architecture comes from the keys or the diffusers config).
 
     Args:
-        path: ``Wan2.1_VAE.pth``, an official checkpoint folder holding it, a diffusers pipeline folder,
-            or a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.safetensors).
+        path: ``Wan2.1_VAE.pth`` or ``Wan2.2_VAE.pth``, an official checkpoint folder holding one, a diffusers
+            pipeline folder, or a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.safetensors).
         device: target device (default: CUDA when available, else CPU).
         dtype: weight and compute dtype (the official VAE runs in float32, the default).
 
     Returns:
         ``WanVAE``: ``.encode(video [B,3,F,H,W] in [-1,1])`` → normalized latents
-        ``[B,16,1+(F-1)/4,H/8,W/8]``; ``.decode(latents)`` → video in [-1,1].
+        ``[B,z,1+(F-1)/4,H/s,W/s]`` (z=16, s=8 for Wan2.1; z=48, s=16 for Wan2.2); ``.decode(latents)`` → video
+        in [-1,1].
 
     Raises:
         FileNotFoundError, LayoutError, CheckpointError: as for :func:`load_transformer`.
@@ -581,7 +654,7 @@ def load_vae(path, device=None, dtype=torch.float32):
         else:
             layout = detect_layout(path)
             if layout.vae is None:
-                raise LayoutError(f"{path}: no VAE found (expected {OFFICIAL_VAE} or a vae/ folder)")
+                raise LayoutError(f"{path}: no VAE found (expected {OFFICIAL_VAE}, {OFFICIAL_VAE22} or a vae/ folder)")
             folder = layout.vae
         if folder.is_dir():
             cfg = VAEConfig.from_diffusers_config(read_json(folder / "config.json"))
@@ -596,7 +669,11 @@ def load_vae(path, device=None, dtype=torch.float32):
         keys = src.keys()
         diffusers = any(k.startswith(("quant_conv", "post_quant_conv")) or ".conv_in." in k or "up_blocks" in k for k in keys)
         if diffusers:
-            mapper = vae_key_mapper("official", cfg)
+            # without a config.json (a bare file), the nested stage names tell the Wan2.2 layout apart
+            residual = any(re.match(r"(encoder\.down_blocks\.\d+\.resnets|decoder\.up_blocks\.\d+\.upsampler\.)", k)
+                           for k in keys)
+            mapper = vae_key_mapper("official", cfg or SimpleNamespace(num_res_blocks=_vae_num_res_blocks(keys),
+                                                                        attn_scales=(), is_residual=residual))
         else:
             mapper = None
         if cfg is None:

@@ -83,11 +83,13 @@ def tiny_vae_config(preset: Preset, base_dim: int | None = None):
     return VAEConfig(base_dim=8) if is_tiny(preset) else VAEConfig()
 
 
-def tiny_vae22_config():
-    """A small Wan2.2 VAE config (the released architecture at base 8 / decoder 16: the tiny presets' VAE)."""
+def tiny_vae22_config(base_dim: int = 8, decoder_base_dim: int = 16):
+    """A small Wan2.2-layout VAE config (residual stages, 2x2 patchify, 48 latent channels, the released mean/std
+    and stage pattern) for tests and tiny checkpoints: the released ``Wan2.2_VAE.pth`` is ``base_dim=160``,
+    ``decoder_base_dim=256`` (:meth:`VAEConfig.wan22`)."""
     from ..models.vae import VAEConfig
 
-    return VAEConfig.wan22(base_dim=8, decoder_base_dim=16)
+    return VAEConfig.wan22(base_dim=base_dim, decoder_base_dim=decoder_base_dim)
 
 
 def is_tiny(preset: Preset) -> bool:

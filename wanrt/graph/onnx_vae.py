@@ -252,9 +252,23 @@ class _SteadyCache:
 # --------------------------------------------------------------------------------------------------
 
 
+def _refuse_wan22(vae: nn.Module) -> None:
+    """The step graphs reproduce the Wan2.1 decoder only.
+
+    Raises:
+        ValueError: for the Wan2.2 layout (``config.is_residual`` or a pixel patchify): its first step drops frames
+            in the DupUp3D shortcuts and its output is unpatchified, which these graphs do not implement.
+    """
+    cfg = vae.config
+    if getattr(cfg, "is_residual", False) or getattr(cfg, "patch_size", 1) != 1:
+        raise ValueError("ONNX/TensorRT export of the Wan2.2 VAE decoder (residual stages, 2x2 patchify) is not "
+                         "supported; decode it with the 'eager' or 'triton' VAE backend")
+
+
 class _StepBase(nn.Module):
     def __init__(self, vae: nn.Module, layout: Sequence[CacheSlotSpec] | None = None) -> None:
         super().__init__()
+        _refuse_wan22(vae)
         self.conv2 = vae.conv2
         self.decoder = vae.decoder
         self.layout = tuple(layout) if layout is not None else decoder_cache_layout(vae)
@@ -493,8 +507,8 @@ def export_decoder_onnx(
     Args:
         vae: a :class:`~wanrt.models.vae.WanVAE` with real weights.
         path: the step graph's file, conventionally ``*.onnx``; parent folders are created.
-        height, width: the video size in **pixels** (multiples of ``vae.config.spatial_factor``, 8);
-            the latents are ``height // 8 x width // 8``. Fixed in the graphs.
+        height, width: the video size in **pixels** (multiples of ``s = vae.config.spatial_factor``, 8 for
+            Wan2.1); the latents are ``height // s x width // s``. Fixed in the graphs.
         batch: the batch size, fixed in the graphs.
         opset: ONNX opset (>= 14, for scaled-dot-product attention).
         dtype: compute dtype of the graphs: ``torch.float32`` (matches ``WanVAE.decode`` to float32
@@ -507,9 +521,10 @@ def export_decoder_onnx(
         ``Path(path)``.
 
     Raises:
-        ValueError: bad size, batch, opset or dtype, or meta weights.
+        ValueError: bad size, batch, opset or dtype, meta weights, or a Wan2.2 VAE (not supported).
         BackendUnavailableError: the ``onnx`` package is missing.
     """
+    _refuse_wan22(vae)
     try:
         import onnx  # noqa: F401
     except ImportError as e:

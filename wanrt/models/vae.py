@@ -1,14 +1,22 @@
-"""Wan2.1 causal 3D VAE (Wan-VAE) in eager PyTorch, with the official numerics.
+"""Wan2.1 and Wan2.2 causal 3D VAEs (Wan-VAE) in eager PyTorch, with the official numerics.
 
-Reproduces ``WanVAE_`` of the official ``wan/modules/vae.py`` (docs/model-reference.md §4, §9.8):
-parameter names are the ``Wan2.1_VAE.pth`` keys, the encoder runs on chunks of 1, 4, 4, ... frames
-and the decoder on one latent frame at a time, with an explicit :class:`CausalCache` in place of
-the official ``feat_cache`` list and counter. Everything runs in the weights' dtype (float32 in the
-official code); ``encode``/``decode`` return float32.
+Reproduces ``WanVAE_`` of the official ``wan/modules/vae.py`` (Wan2.1) and of ``wan/modules/vae2_2.py``
+(Wan2.2, the TI2V-5B VAE: ``VAEConfig.wan22()``) (docs/model-reference.md §4, §9.8, "Wan2.2 VAE"):
+parameter names are the ``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth`` keys, the encoder runs on chunks of 1,
+4, 4, ... frames and the decoder on one latent frame at a time, with an explicit :class:`CausalCache` in
+place of the official ``feat_cache`` list and counter. Everything runs in the weights' dtype (float32 in
+the official code); ``encode``/``decode`` return float32.
 
-Shapes: video ``[B, 3, F, H, W]`` in [-1, 1] with ``F = 1 + 4k`` and ``H, W`` multiples of 8 (for the
-Wan2.1 config) <-> latents ``[B, 16, 1 + (F - 1) / 4, H / 8, W / 8]``, normalized with the published
+Shapes: video ``[B, 3, F, H, W]`` in [-1, 1] with ``F = 1 + 4k`` and ``H, W`` multiples of
+``s = config.spatial_factor`` (8 for Wan2.1, 16 for Wan2.2) <-> latents
+``[B, z_dim, 1 + (F - 1) / 4, H / s, W / s]`` (z_dim 16 / 48), normalized with the published
 per-channel mean/std.
+
+The Wan2.2 layout (``is_residual=True``, ``patch_size=2``) differs in four places: the video is
+pixel-patchified 2x2 into 12 channels around the encoder and decoder; each encoder stage is a
+:class:`DownResidualBlock` (its blocks plus an :class:`AvgDown3D` parameter-free shortcut); each decoder
+stage an :class:`UpResidualBlock` (its blocks plus a :class:`DupUp3D` shortcut that drops leading frames on
+the first latent frame); and the decoder's upsampling convs keep their channel count.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from wanrt.ops import attention
 __all__ = [
     "WAN21_LATENTS_MEAN",
     "WAN21_LATENTS_STD",
+    "WAN22_LATENTS_MEAN",
+    "WAN22_LATENTS_STD",
     "VAEConfig",
     "WanVAE",
     "CausalConv3d",
@@ -38,6 +48,12 @@ __all__ = [
     "ResampleMode",
     "Encoder3d",
     "Decoder3d",
+    "AvgDown3D",
+    "DupUp3D",
+    "DownResidualBlock",
+    "UpResidualBlock",
+    "patchify",
+    "unpatchify",
 ]
 
 WAN21_LATENTS_MEAN: tuple[float, ...] = (
@@ -48,23 +64,49 @@ WAN21_LATENTS_STD: tuple[float, ...] = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 )  # fmt: skip
+# Wan2.2 (TI2V-5B) VAE, 48 latent channels: the ``mean`` / ``std`` of ``Wan2_2_VAE.__init__`` in the official
+# ``wan/modules/vae2_2.py`` (the same values as the diffusers ``Wan2.2-TI2V-5B-Diffusers`` ``vae/config.json``).
+WAN22_LATENTS_MEAN: tuple[float, ...] = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)  # fmt: skip
+WAN22_LATENTS_STD: tuple[float, ...] = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Architecture of a Wan2.1-style VAE (defaults: the released ``Wan2.1_VAE.pth``).
+    """Architecture of a Wan-VAE (defaults: the released ``Wan2.1_VAE.pth``; :meth:`wan22`: ``Wan2.2_VAE.pth``).
 
     Attributes:
-        base_dim: channels of the first stage (official ``dim``; 96).
-        z_dim: latent channels (16).
+        base_dim: channels of the first encoder stage (official ``dim``; 96 for Wan2.1, 160 for Wan2.2).
+        z_dim: latent channels (16; 48 for Wan2.2).
         dim_mult: channel multiplier per stage; ``len(dim_mult) - 1`` stages halve H and W.
         num_res_blocks: residual blocks per encoder stage (the decoder has one more per stage).
         attn_scales: spatial scales (1.0, 0.5, ...) that get an AttentionBlock after each residual
-            block (empty for Wan2.1; diffusers' decoder does not implement them).
+            block (empty for Wan2.1; diffusers' decoder does not implement them; the residual layout has none).
         temporal_downsample: per downsampling stage, whether it also halves time (official and
             diffusers spell it ``temperal_downsample``); the decoder uses it reversed.
         latents_mean: per-channel latent mean, ``z_dim`` values (published Wan2.1 values).
         latents_std: per-channel latent std, ``z_dim`` positive values (published Wan2.1 values).
+        is_residual: the Wan2.2 layout: encoder stages are :class:`DownResidualBlock` (with an
+            :class:`AvgDown3D` shortcut), decoder stages :class:`UpResidualBlock` (with a :class:`DupUp3D`
+            shortcut), and the decoder's upsampling convs keep their channels (Wan2.1 halves them).
+        patch_size: pixel patchify ``p``: the video is rearranged ``b c f (h q) (w r) -> b (c r q) f h w``
+            (``q = r = p``) before the encoder, whose input has ``3 p²`` channels; the decoder outputs ``3 p²``
+            channels, rearranged back (1 for Wan2.1, 2 for Wan2.2).
+        decoder_base_dim: the decoder's base width (official ``dec_dim``; diffusers ``decoder_base_dim``);
+            None means ``base_dim`` (Wan2.1). 256 for Wan2.2.
 
     Raises:
         ValueError: on inconsistent values (see ``__post_init__``).
@@ -78,6 +120,9 @@ class VAEConfig:
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+    is_residual: bool = False
+    patch_size: int = 1
+    decoder_base_dim: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. from JSON) but store tuples so the config stays hashable and frozen.
@@ -89,11 +134,16 @@ class VAEConfig:
             ("latents_std", float),
         ):
             object.__setattr__(self, name, tuple(conv(v) for v in getattr(self, name)))
+        object.__setattr__(self, "is_residual", bool(self.is_residual))
         if self.base_dim < 1 or self.z_dim < 1 or self.num_res_blocks < 1:
             raise ValueError(
                 f"base_dim, z_dim and num_res_blocks must be >= 1, got "
                 f"{self.base_dim}, {self.z_dim}, {self.num_res_blocks}"
             )
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        if self.decoder_base_dim is not None and self.decoder_base_dim < 1:
+            raise ValueError(f"decoder_base_dim must be >= 1 or None, got {self.decoder_base_dim}")
         if len(self.dim_mult) < 2 or min(self.dim_mult) < 1:
             raise ValueError(f"dim_mult needs >= 2 positive entries, got {self.dim_mult}")
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
@@ -108,16 +158,67 @@ class VAEConfig:
             )
         if min(self.latents_std) <= 0:
             raise ValueError(f"latents_std must be positive, got {self.latents_std}")
+        if self.is_residual:
+            if self.attn_scales:
+                raise ValueError(f"the residual (Wan2.2) layout has no attention blocks, got attn_scales={self.attn_scales}")
+            last = len(self.dim_mult) - 1
+            enc = [self.base_dim * m for m in (1, *self.dim_mult)]
+            dec = [self.dec_dim * m for m in (self.dim_mult[-1], *self.dim_mult[::-1])]
+            for i in range(len(self.dim_mult)):
+                f = (4 * (2 if self.temporal_downsample[i] else 1)) if i != last else 1
+                if enc[i] * f % enc[i + 1]:  # AvgDown3D groups in * factor channels into out groups
+                    raise ValueError(f"encoder stage {i}: AvgDown3D {enc[i]} -> {enc[i + 1]} channels at factor {f} "
+                                     "does not divide evenly")
+                f = 4 * (2 if self.temporal_upsample[i] else 1) if i != last else 0
+                if f and dec[i + 1] * f % dec[i]:  # DupUp3D repeats each in channel out * factor / in times
+                    raise ValueError(f"decoder stage {i}: DupUp3D {dec[i]} -> {dec[i + 1]} channels at factor {f} "
+                                     "does not divide evenly")
+
+    @classmethod
+    def wan22(cls, base_dim: int = 160, decoder_base_dim: int | None = 256, **overrides: Any) -> VAEConfig:
+        """The Wan2.2 (TI2V-5B) VAE layout: residual stages, 2x2 patchify, 48 latent channels, its mean/std.
+
+        The defaults are the released ``Wan2.2_VAE.pth`` (official ``Wan2_2_VAE``: ``c_dim=160``, ``dec_dim=256``,
+        ``z_dim=48``, ``dim_mult=[1, 2, 4, 4]``, ``temperal_downsample=[False, True, True]``); small widths
+        (e.g. ``VAEConfig.wan22(base_dim=8, decoder_base_dim=16)``) give tiny test models of the same layout.
+
+        Args:
+            base_dim: encoder base width.
+            decoder_base_dim: decoder base width (None: ``base_dim``).
+            overrides: any other field.
+        """
+        fields: dict[str, Any] = dict(
+            base_dim=base_dim, decoder_base_dim=decoder_base_dim, z_dim=48, dim_mult=(1, 2, 4, 4), num_res_blocks=2,
+            attn_scales=(), temporal_downsample=(False, True, True), latents_mean=WAN22_LATENTS_MEAN,
+            latents_std=WAN22_LATENTS_STD, is_residual=True, patch_size=2,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def is_wan22(self) -> bool:
+        """True for the Wan2.2 (residual, patchified) layout."""
+        return self.is_residual
+
+    @property
+    def dec_dim(self) -> int:
+        """The decoder's base width (``decoder_base_dim``, or ``base_dim`` when None)."""
+        return self.base_dim if self.decoder_base_dim is None else self.decoder_base_dim
+
+    @property
+    def io_channels(self) -> int:
+        """Channels entering the encoder and leaving the decoder: ``3 * patch_size**2`` (3; 12 for Wan2.2)."""
+        return 3 * self.patch_size**2
 
     @property
     def temporal_factor(self) -> int:
-        """Frames per latent frame after the first (4 for Wan2.1)."""
+        """Frames per latent frame after the first (4 for Wan2.1 and Wan2.2)."""
         return 2 ** sum(self.temporal_downsample)
 
     @property
     def spatial_factor(self) -> int:
-        """Pixels per latent pixel along H and W (8 for Wan2.1)."""
-        return 2 ** (len(self.dim_mult) - 1)
+        """Pixels per latent pixel along H and W, the patchify included (8 for Wan2.1, 16 for Wan2.2)."""
+        return 2 ** (len(self.dim_mult) - 1) * self.patch_size
 
     @property
     def temporal_upsample(self) -> tuple[bool, ...]:
@@ -128,29 +229,27 @@ class VAEConfig:
     def from_diffusers_config(cls, config: Mapping[str, Any]) -> VAEConfig:
         """Builds the config from diffusers ``AutoencoderKLWan``'s ``config.json`` dict.
 
-        Missing keys take the diffusers defaults (which equal ours); ``_class_name``, ``dropout`` and
-        the scale-factor keys are ignored.
+        Missing keys take the diffusers defaults (which equal ours); ``_class_name``, ``dropout``,
+        ``clip_output`` and the scale-factor keys are ignored (``scale_factor_spatial`` is checked against the
+        layout when given). ``patch_size: null`` means 1.
 
         Raises:
-            ValueError: for a layout this module does not implement (Wan2.2's ``is_residual``,
-                ``patch_size``, a separate ``decoder_base_dim``, other than 3 in/out channels).
+            ValueError: for a layout this module does not implement: ``in_channels`` / ``out_channels`` other
+                than ``3 * patch_size**2``, or a ``scale_factor_spatial`` that contradicts the layout.
         """
+        d = cls()
+        patch = config.get("patch_size") or 1
+        io = 3 * patch * patch
         unsupported = []
-        if config.get("is_residual", False):
-            unsupported.append("is_residual=True (Wan2.2 VAE)")
-        if config.get("patch_size") not in (None, 1):
-            unsupported.append(f"patch_size={config['patch_size']}")
-        dec_dim = config.get("decoder_base_dim")
-        if dec_dim is not None and dec_dim != config.get("base_dim", 96):
-            unsupported.append(f"decoder_base_dim={dec_dim}")
         for key in ("in_channels", "out_channels"):
-            if config.get(key, 3) != 3:
-                unsupported.append(f"{key}={config[key]}")
+            if config.get(key, 3) != io:
+                unsupported.append(f"{key}={config.get(key, 3)} (patch_size={patch} needs {io})")
         if unsupported:
             raise ValueError(f"unsupported AutoencoderKLWan config: {', '.join(unsupported)}")
-        d = cls()
-        return cls(
-            base_dim=config.get("base_dim", d.base_dim),
+        dec_dim = config.get("decoder_base_dim")
+        base = config.get("base_dim", d.base_dim)
+        cfg = cls(
+            base_dim=base,
             z_dim=config.get("z_dim", d.z_dim),
             dim_mult=config.get("dim_mult", d.dim_mult),
             num_res_blocks=config.get("num_res_blocks", d.num_res_blocks),
@@ -158,11 +257,24 @@ class VAEConfig:
             temporal_downsample=config.get("temperal_downsample", d.temporal_downsample),
             latents_mean=config.get("latents_mean", d.latents_mean),
             latents_std=config.get("latents_std", d.latents_std),
+            is_residual=config.get("is_residual", False),
+            patch_size=patch,
+            decoder_base_dim=None if dec_dim is None or dec_dim == base else dec_dim,
         )
+        sf = config.get("scale_factor_spatial")
+        if patch > 1 and sf is not None and sf != cfg.spatial_factor:  # (Wan2.1 files keep diffusers' default 8)
+            raise ValueError(f"AutoencoderKLWan config: scale_factor_spatial={sf}, but the layout gives "
+                             f"{cfg.spatial_factor}")
+        return cfg
 
     def to_diffusers_config(self) -> dict[str, Any]:
-        """The ``AutoencoderKLWan`` constructor kwargs for this config (JSON-serializable lists)."""
-        return {
+        """The ``AutoencoderKLWan`` constructor kwargs for this config (JSON-serializable lists).
+
+        The Wan2.2 fields (``is_residual``, ``patch_size``, ``decoder_base_dim``, ``in/out_channels`` and the
+        scale factors) are written only when they differ from Wan2.1's, so a Wan2.1 config gives the same dict
+        as before.
+        """
+        out: dict[str, Any] = {
             "base_dim": self.base_dim,
             "z_dim": self.z_dim,
             "dim_mult": list(self.dim_mult),
@@ -172,6 +284,18 @@ class VAEConfig:
             "latents_mean": list(self.latents_mean),
             "latents_std": list(self.latents_std),
         }
+        if self.decoder_base_dim is not None:
+            out["decoder_base_dim"] = self.decoder_base_dim
+        if self.is_residual or self.patch_size != 1:
+            out.update(
+                is_residual=self.is_residual,
+                in_channels=self.io_channels,
+                out_channels=self.io_channels,
+                patch_size=self.patch_size,
+                scale_factor_temporal=self.temporal_factor,
+                scale_factor_spatial=self.spatial_factor,
+            )
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,7 +524,7 @@ class Resample(nn.Module):
     """Spatial (and optionally temporal) 2x resampling (official ``Resample``).
 
     * upsample: nearest-exact 2x (float32) then ``Conv2d(C, C/2, 3, p=1)`` per frame
-      (``resample.1``). ``UPSAMPLE3D`` first doubles time with ``time_conv``:
+      (``resample.1``; ``Conv2d(C, C, ...)`` in Wan2.2, ``upsample_out_dim=C``). ``UPSAMPLE3D`` first doubles time with ``time_conv``:
       ``CausalConv3d(C, 2C, (3,1,1), pad (1,0,0))`` whose two channel halves become frames 2i, 2i+1.
     * downsample: ``ZeroPad2d((0,1,0,1))`` then ``Conv2d(C, C, 3, stride 2)`` per frame.
       ``DOWNSAMPLE3D`` then halves time with ``time_conv``: ``CausalConv3d(C, C, (3,1,1), stride (2,1,1))``
@@ -411,11 +535,12 @@ class Resample(nn.Module):
     the chunk's last frame is stored); see :meth:`CausalCache.push`.
     """
 
-    def __init__(self, dim: int, mode: ResampleMode) -> None:
+    def __init__(self, dim: int, mode: ResampleMode, upsample_out_dim: int | None = None) -> None:
         super().__init__()
         self.mode = mode
         if mode in (ResampleMode.UPSAMPLE2D, ResampleMode.UPSAMPLE3D):
-            self.resample = nn.Sequential(_NearestUpsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            out = dim // 2 if upsample_out_dim is None else upsample_out_dim  # Wan2.2 keeps dim
+            self.resample = nn.Sequential(_NearestUpsample2x(), nn.Conv2d(dim, out, 3, padding=1))
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
         if mode is ResampleMode.UPSAMPLE3D:
@@ -483,6 +608,177 @@ class Resample(nn.Module):
         return self.time_conv.causal_conv(torch.cat([prev.to(x), x], dim=2))  # [B, C, (T+1-3)//2+1, H, W]
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Pixel patchify of the Wan2.2 VAE: ``b c f (h q) (w r) -> b (c r q) f h w`` with ``q = r = p``.
+
+    Output channel ``c * p² + r * p + q`` holds pixel ``(h * p + q, w * p + r)`` of input channel ``c``
+    (the column offset ``r`` before the row offset ``q``, as in the official ``patchify``).
+
+    Args:
+        x: ``[B, C, F, H, W]``, ``H`` and ``W`` multiples of ``p``.
+        p: patch size (1: ``x`` unchanged).
+
+    Returns:
+        ``[B, C p², F, H / p, W / p]``.
+    """
+    if p == 1:
+        return x
+    b, c, f, h, w = x.shape
+    x = x.reshape(b, c, f, h // p, p, w // p, p)  # [B, C, F, h, q, w, r]
+    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(b, c * p * p, f, h // p, w // p)  # [B, (C r q), F, h, w]
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of :func:`patchify`: ``b (c r q) f h w -> b c f (h q) (w r)``.
+
+    Args:
+        x: ``[B, C p², F, h, w]``.
+        p: patch size (1: ``x`` unchanged).
+
+    Returns:
+        ``[B, C, F, h p, w p]``.
+    """
+    if p == 1:
+        return x
+    b, cpp, f, h, w = x.shape
+    c = cpp // (p * p)
+    x = x.reshape(b, c, p, p, f, h, w)  # [B, C, r, q, F, h, w]
+    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c, f, h * p, w * p)  # [B, C, F, (h q), (w r)]
+
+
+class AvgDown3D(nn.Module):
+    """Parameter-free downsampling shortcut of a Wan2.2 encoder stage (official ``AvgDown3D``).
+
+    Time is zero-padded in front to a multiple of ``factor_t``; every ``factor_t x factor_s x factor_s`` block of
+    each input channel becomes ``factor = ft fs²`` channels (channel index ``c * factor + (i_t fs + i_h) fs + i_w``),
+    and consecutive groups of ``g = C_in * factor / C_out`` of those are averaged into one output channel:
+
+        ``y[o, t, h, w] = mean_{k < g} x'[o g + k, t, h, w]``.
+
+    Chunk-local (no cache): on a 1-frame first chunk with ``factor_t = 2`` the average includes the padded zero
+    frame, exactly as the official chunked encode.
+
+    Args:
+        in_channels, out_channels: ``C_in``, ``C_out`` (``C_in * factor`` divisible by ``C_out``).
+        factor_t, factor_s: temporal and spatial factors (1 or 2).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        self.out_channels, self.factor_t, self.factor_s = out_channels, factor_t, factor_s
+        factor = factor_t * factor_s * factor_s
+        if in_channels * factor % out_channels:
+            raise ValueError(f"AvgDown3D: {in_channels} * {factor} channels do not split into {out_channels} groups")
+        self.group_size = in_channels * factor // out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C_in, T, H, W] -> [B, C_out, ceil(T / ft), H / fs, W / fs]``."""
+        ft, fs = self.factor_t, self.factor_s
+        if ft == fs == 1 and self.group_size == 1:
+            return x  # the last stage: a mean over one value
+        pad = -x.shape[2] % ft
+        if pad:
+            x = F.pad(x, (0, 0, 0, 0, pad, 0))  # zero frames in front
+        b, c, t, h, w = x.shape
+        x = x.reshape(b, c, t // ft, ft, h // fs, fs, w // fs, fs)  # [B, C, T', ft, H', fs, W', fs]
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # [B, C, ft, fs_h, fs_w, T', H', W']
+        x = x.reshape(b, self.out_channels, self.group_size, t // ft, h // fs, w // fs)  # [B, C_out, g, T', H', W']
+        return x.mean(dim=2)
+
+
+class DupUp3D(nn.Module):
+    """Parameter-free upsampling shortcut of a Wan2.2 decoder stage (official ``DupUp3D``); the inverse layout of
+    :class:`AvgDown3D`: each input channel is repeated ``r = C_out * factor / C_in`` times (``repeat_interleave``),
+    and the ``C_out * factor`` channels are unfolded into ``factor_t x factor_s x factor_s`` blocks:
+
+        ``y[o, t ft + i_t, h fs + i_h, w fs + i_w] = x[(o factor + (i_t fs + i_h) fs + i_w) // r, t, h, w]``.
+
+    On the first latent frame (``first_chunk``) the first ``factor_t - 1`` output frames are dropped, so one
+    latent frame gives one frame there, as the main path (whose ``upsample3d`` skips its time_conv then).
+
+    Args:
+        in_channels, out_channels: ``C_in``, ``C_out`` (``C_out * factor`` divisible by ``C_in``).
+        factor_t, factor_s: temporal and spatial factors.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        self.out_channels, self.factor_t, self.factor_s = out_channels, factor_t, factor_s
+        factor = factor_t * factor_s * factor_s
+        if out_channels * factor % in_channels:
+            raise ValueError(f"DupUp3D: {out_channels} * {factor} channels are not a multiple of {in_channels}")
+        self.repeats = out_channels * factor // in_channels
+
+    def forward(self, x: torch.Tensor, first_chunk: bool = False) -> torch.Tensor:
+        """``[B, C_in, T, H, W] -> [B, C_out, T ft (- (ft - 1) on the first chunk), H fs, W fs]``."""
+        ft, fs = self.factor_t, self.factor_s
+        b, _, t, h, w = x.shape
+        x = x.repeat_interleave(self.repeats, dim=1)  # [B, C_out * factor, T, H, W]
+        x = x.view(b, self.out_channels, ft, fs, fs, t, h, w)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, self.out_channels, t * ft, h * fs, w * fs)
+        if first_chunk:
+            x = x[:, :, ft - 1:]
+        return x
+
+
+class DownResidualBlock(nn.Module):
+    """One Wan2.2 encoder stage (official ``Down_ResidualBlock``): ``downsamples(x) + avg_shortcut(x)``.
+
+    ``downsamples`` holds ``num_res_blocks`` :class:`ResidualBlock` and, except in the last stage, a downsampling
+    :class:`Resample` (``downsample3d`` where the stage halves time); ``avg_shortcut`` is an :class:`AvgDown3D`
+    with the same factors (1, 1 in the last stage).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, down: bool) -> None:
+        super().__init__()
+        self.avg_shortcut = AvgDown3D(in_dim, out_dim, 2 if temporal and down else 1, 2 if down else 1)
+        blocks: list[nn.Module] = []
+        for _ in range(num_res_blocks):
+            blocks.append(ResidualBlock(in_dim, out_dim))
+            in_dim = out_dim
+        if down:
+            blocks.append(Resample(out_dim, ResampleMode.DOWNSAMPLE3D if temporal else ResampleMode.DOWNSAMPLE2D))
+        self.downsamples = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        """``[B, C_in, T, H, W] -> [B, C_out, T', H', W']``."""
+        shortcut = self.avg_shortcut(x)
+        for block in self.downsamples:
+            x = block(x, cache)
+        return x + shortcut
+
+
+class UpResidualBlock(nn.Module):
+    """One Wan2.2 decoder stage (official ``Up_ResidualBlock``): ``upsamples(x) + avg_shortcut(x, first_chunk)``.
+
+    ``upsamples`` holds ``num_res_blocks + 1`` :class:`ResidualBlock` and, except in the last stage, an upsampling
+    :class:`Resample` keeping ``out_dim`` channels; ``avg_shortcut`` is then a :class:`DupUp3D` (factor_t 2 where
+    the stage doubles time, factor_s 2). The last stage has no shortcut (``avg_shortcut`` is None).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, up: bool) -> None:
+        super().__init__()
+        self.avg_shortcut = DupUp3D(in_dim, out_dim, 2 if temporal else 1, 2) if up else None
+        blocks: list[nn.Module] = []
+        for _ in range(num_res_blocks + 1):
+            blocks.append(ResidualBlock(in_dim, out_dim))
+            in_dim = out_dim
+        if up:
+            mode = ResampleMode.UPSAMPLE3D if temporal else ResampleMode.UPSAMPLE2D
+            blocks.append(Resample(out_dim, mode, upsample_out_dim=out_dim))
+        self.upsamples = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, cache: CausalCache, first_chunk: bool = False) -> torch.Tensor:
+        """``[B, C_in, T, H, W] -> [B, C_out, T', 2H, 2W]`` (``T' = 2T``, or ``2T - 1`` on the first chunk, where
+        the stage doubles time)."""
+        y = x
+        for block in self.upsamples:
+            y = block(y, cache)
+        if self.avg_shortcut is None:
+            return y
+        return y + self.avg_shortcut(x, first_chunk)  # after the main path: the shortcut is 4-8x the input
+
+
 # --------------------------------------------------------------------------------------------------
 # Encoder / decoder
 # --------------------------------------------------------------------------------------------------
@@ -492,16 +788,22 @@ class Encoder3d(nn.Module):
     """Official ``Encoder3d``: conv1, flat ``downsamples``, ``middle`` (Res, Attn, Res), ``head``.
 
     Output channels are ``2 * z_dim`` (mu and log-variance). Cache slots are numbered at build time.
+    Wan2.2 (``is_residual``): ``conv1`` takes the ``3 p²`` patchified channels and ``downsamples`` holds one
+    :class:`DownResidualBlock` per stage.
     """
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         dims = [config.base_dim * m for m in (1, *config.dim_mult)]
-        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1, cached=True)
+        self.conv1 = CausalConv3d(config.io_channels, dims[0], 3, padding=1, cached=True)
         blocks: list[nn.Module] = []
         scale = 1.0
         last = len(config.dim_mult) - 1
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if config.is_residual:  # Wan2.2: one DownResidualBlock per stage
+                temporal = i != last and config.temporal_downsample[i]
+                blocks.append(DownResidualBlock(in_dim, out_dim, config.num_res_blocks, temporal, down=i != last))
+                continue
             for _ in range(config.num_res_blocks):
                 blocks.append(ResidualBlock(in_dim, out_dim))
                 if scale in config.attn_scales:
@@ -520,7 +822,7 @@ class Encoder3d(nn.Module):
         self.num_cache_slots = assign_cache_slots(self)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        """One chunk ``[B, 3, T, H, W]`` -> ``[B, 2*z_dim, T', H/s, W/s]`` (T'=1 for T in {1, 4})."""
+        """One (patchified) chunk ``[B, 3 p², T, H, W]`` -> ``[B, 2*z_dim, T', H p/s, W p/s]`` (T'=1 for T in {1, 4})."""
         x = self.conv1(x, cache)
         for block in self.downsamples:
             x = block(x, cache)
@@ -532,6 +834,9 @@ class Encoder3d(nn.Module):
 class Decoder3d(nn.Module):
     """Official ``Decoder3d``: conv1, ``middle`` (Res, Attn, Res), flat ``upsamples``, ``head``.
 
+    Wan2.2 (``is_residual``): width ``decoder_base_dim``, one :class:`UpResidualBlock` per stage in
+    ``upsamples`` (no channel halving between stages), and a head to ``3 p²`` channels.
+
     Each stage has ``num_res_blocks + 1`` residual blocks, then (except the last) a Resample that
     halves the channels, so stages after the first start from ``dims[i] // 2`` channels.
     ``attn_scales`` are matched as in the official code, whose decoder scale starts at
@@ -541,14 +846,19 @@ class Decoder3d(nn.Module):
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        dims = [config.base_dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])]
+        dims = [config.dec_dim * m for m in (config.dim_mult[-1], *config.dim_mult[::-1])]
         self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1, cached=True)
         c = dims[0]
         self.middle = nn.ModuleList([ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c)])
         blocks: list[nn.Module] = []
         scale = 1.0 / 2 ** (len(config.dim_mult) - 2)
         last = len(config.dim_mult) - 1
+        self.is_residual = config.is_residual
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if config.is_residual:  # Wan2.2: one UpResidualBlock per stage, channels not halved
+                temporal = i != last and config.temporal_upsample[i]
+                blocks.append(UpResidualBlock(in_dim, out_dim, config.num_res_blocks, temporal, up=i != last))
+                continue
             if i > 0:
                 in_dim //= 2  # the previous stage's Resample halved the channels
             for _ in range(config.num_res_blocks + 1):
@@ -562,16 +872,21 @@ class Decoder3d(nn.Module):
                 scale *= 2.0
         self.upsamples = nn.ModuleList(blocks)
         c = dims[-1]
-        self.head = nn.ModuleList([RMSNorm(c, images=False), nn.SiLU(), CausalConv3d(c, 3, 3, padding=1, cached=True)])
+        self.head = nn.ModuleList(
+            [RMSNorm(c, images=False), nn.SiLU(), CausalConv3d(c, config.io_channels, 3, padding=1, cached=True)]
+        )
         self.num_cache_slots = assign_cache_slots(self)
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-        """One latent frame ``[B, z_dim, 1, h, w]`` -> ``[B, 3, 1 or 4, 8h, 8w]`` (unclamped)."""
+        """One latent frame ``[B, z_dim, 1, h, w]`` -> ``[B, 3 p², 1 or 4, h s/p, w s/p]`` (unclamped, patchified).
+
+        The first latent frame is the one that meets a fresh ``cache`` (official ``first_chunk=True``)."""
+        first_chunk = self.is_residual and cache.is_fresh
         x = self.conv1(x, cache)
         for block in self.middle:
             x = block(x, cache)
         for block in self.upsamples:
-            x = block(x, cache)
+            x = block(x, cache, first_chunk) if self.is_residual else block(x, cache)
         return self.head[2](self.head[1](self.head[0](x)), cache)
 
 
@@ -581,7 +896,11 @@ class Decoder3d(nn.Module):
 
 
 class WanVAE(nn.Module):
-    """The Wan2.1 VAE; ``state_dict()`` keys are exactly those of the official ``Wan2.1_VAE.pth``.
+    """The Wan2.1 / Wan2.2 VAE; ``state_dict()`` keys are exactly those of the official ``Wan2.1_VAE.pth``
+    (``Wan2.2_VAE.pth`` for :meth:`VAEConfig.wan22`).
+
+    Below, ``s = config.spatial_factor`` (8 for Wan2.1, 16 for Wan2.2) and ``z_dim`` is 16 or 48. Wan2.2 patchifies
+    the video 2x2 (:func:`patchify`) before the encoder and unpatchifies the decoder's output per chunk.
 
     Build on the meta device and load with ``load_state_dict(sd, assign=True)``. The module has no
     buffers: the latent mean/std are config values, turned into tensors on first use per device.
@@ -637,11 +956,11 @@ class WanVAE(nn.Module):
                 m.backend = conv
 
     def new_encoder_cache(self) -> CausalCache:
-        """An empty cache for one :meth:`encode_chunk` sequence (24 slots for Wan2.1)."""
+        """An empty cache for one :meth:`encode_chunk` sequence (24 slots for Wan2.1 and Wan2.2)."""
         return CausalCache.for_module(self.encoder)
 
     def new_decoder_cache(self) -> CausalCache:
-        """An empty cache for one :meth:`decode_chunk` sequence (32 slots for Wan2.1)."""
+        """An empty cache for one :meth:`decode_chunk` sequence (32 slots for Wan2.1 and Wan2.2)."""
         return CausalCache.for_module(self.decoder)
 
     # ---- latent normalization -----------------------------------------------------------------
@@ -695,16 +1014,16 @@ class WanVAE(nn.Module):
 
         Args:
             video: ``[B, 3, F, H, W]`` in [-1, 1], any float dtype (cast to the weights' dtype),
-                ``F = 1 + 4k``, ``H`` and ``W`` multiples of 8.
+                ``F = 1 + 4k``, ``H`` and ``W`` multiples of ``s``.
 
         Returns:
-            ``[B, z_dim, 1 + (F - 1) // 4, H // 8, W // 8]`` float32, ``(mu - mean) / std``.
+            ``[B, z_dim, 1 + (F - 1) // 4, H // s, W // s]`` float32, ``(mu - mean) / std``.
 
         Raises:
             ValueError: wrong ndim, channel count, frame count or spatial size.
         """
         self._check_video(video)
-        x = video.to(device=self.device, dtype=self.dtype)
+        x = patchify(video.to(device=self.device, dtype=self.dtype), self.config.patch_size)  # [B, 3p², F, H/p, W/p]
         tf = self.config.temporal_factor
         cache = self.new_encoder_cache()
         feats = [self.encoder(x[:, :, :1], cache)]  # frame 0 alone
@@ -725,7 +1044,7 @@ class WanVAE(nn.Module):
             cache: from :meth:`new_encoder_cache`; updated in place.
 
         Returns:
-            ``[B, z_dim, 1 (first chunk) or T / 4, H // 8, W // 8]`` float32 normalized latents.
+            ``[B, z_dim, 1 (first chunk) or T / 4, H // s, W // s]`` float32 normalized latents.
 
         Raises:
             ValueError: bad shape or chunk length, or a cache of the wrong size.
@@ -740,7 +1059,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"the first chunk must be exactly 1 frame, got {t}")
         if not cache.is_fresh and t % tf:
             raise ValueError(f"chunks after the first must hold a multiple of {tf} frames, got {t}")
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = patchify(x.to(device=self.device, dtype=self.dtype), self.config.patch_size)  # [B, 3p², T, H/p, W/p]
         return self._mu(self.encoder(x, cache))
 
     # ---- decode -------------------------------------------------------------------------------
@@ -765,7 +1084,7 @@ class WanVAE(nn.Module):
             latents: ``[B, z_dim, T, h, w]``, normalized, any float dtype.
 
         Returns:
-            ``[B, 3, 1 + 4 (T - 1), 8h, 8w]`` float32 in [-1, 1].
+            ``[B, 3, 1 + 4 (T - 1), s h, s w]`` float32 in [-1, 1].
 
         Raises:
             ValueError: wrong ndim or channel count.
@@ -775,7 +1094,8 @@ class WanVAE(nn.Module):
         x = self.conv2(z)  # [B, z, T, h, w]
         cache = self.new_decoder_cache()
         frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
-        return torch.cat(frames, dim=2).float().clamp_(-1.0, 1.0)  # [B, 3, 1 + 4(T-1), H, W]
+        video = unpatchify(torch.cat(frames, dim=2), self.config.patch_size)  # [B, 3, 1 + 4(T-1), H, W]
+        return video.float().clamp_(-1.0, 1.0)
 
     @torch.no_grad()
     def decode_stream(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -788,7 +1108,7 @@ class WanVAE(nn.Module):
             latents: ``[B, z_dim, T, h, w]``, normalized.
 
         Yields:
-            ``[B, 3, 1 or 4, 8h, 8w]`` float32 chunks in [-1, 1].
+            ``[B, 3, 1 or 4, s h, s w]`` float32 chunks in [-1, 1].
 
         Raises:
             ValueError: as :meth:`decode` (checked before the first chunk).
@@ -797,7 +1117,7 @@ class WanVAE(nn.Module):
         cache = self.new_decoder_cache()
         for i in range(latents.shape[2]):
             z = self.denormalize_latents(latents[:, :, i : i + 1].to(self.device)).to(self.dtype)
-            yield self.decoder(self.conv2(z), cache).float().clamp_(-1.0, 1.0)
+            yield unpatchify(self.decoder(self.conv2(z), cache), self.config.patch_size).float().clamp_(-1.0, 1.0)
 
     @torch.no_grad()
     def decode_chunk(self, latent_frame: torch.Tensor, cache: CausalCache) -> torch.Tensor:
@@ -808,7 +1128,7 @@ class WanVAE(nn.Module):
             cache: from :meth:`new_decoder_cache`; updated in place.
 
         Returns:
-            ``[B, 3, 1 (first frame) or 4, 8h, 8w]`` float32 in [-1, 1].
+            ``[B, 3, 1 (first frame) or 4, s h, s w]`` float32 in [-1, 1].
 
         Raises:
             ValueError: bad shape (more than one frame), or a cache of the wrong size.
@@ -819,4 +1139,4 @@ class WanVAE(nn.Module):
         if len(cache) != self.decoder.num_cache_slots:
             raise ValueError(f"cache has {len(cache)} slots, the decoder needs {self.decoder.num_cache_slots}")
         z = self.denormalize_latents(latent_frame.to(self.device)).to(self.dtype)
-        return self.decoder(self.conv2(z), cache).float().clamp_(-1.0, 1.0)
+        return unpatchify(self.decoder(self.conv2(z), cache), self.config.patch_size).float().clamp_(-1.0, 1.0)
