@@ -133,7 +133,7 @@ def test_preset_sizes_and_request():
     assert req.latent_shape == (1, 48, 31, 44, 80) and req.tokens == 31 * 22 * 40 and req.image is None
     # an image: the official best_output_size within the preset's area, multiples of 32
     req = resolve_request(p, "a cat", seed=0, image=np.zeros((1080, 1920, 3), np.uint8))
-    assert (req.height, req.width) == (704, 1280)
+    assert (req.height, req.width) == (704, 1248)  # the official rule keeps 16:9 closer at 1248 than 1280
     req = resolve_request(p, "a cat", seed=0, image=np.zeros((1000, 1000, 3), np.uint8))
     assert req.height % 32 == 0 and req.width % 32 == 0 and req.height * req.width <= 704 * 1280
     assert abs(req.height / req.width - 1) < 0.1

@@ -351,7 +351,7 @@ class Engine:
         image_cond, stats = {}, {}
         from .offload.placement import visiting
 
-        if req.image is not None:
+        if req.image is not None and self.image is not None:
             with visiting(self, "vae"):  # the VAE encodes the conditioning frames
                 image_cond, stats["image_conditioning"] = self.image(req.image, req.last_image, req.height,
                                                                      req.width, req.num_frames, timings)
