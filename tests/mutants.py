@@ -695,6 +695,52 @@ DEFECTS: tuple[Defect, ...] = (
         tests=("tests/test_demo_train.py::test_cpu_conv3d_goes_through_onednn_and_matches_the_reference",),
         what="the oneDNN convolution ignores the spatial zero padding",
     ),
+    # ---------------------------------------------------------------------------- Wan2.2 A14B and TI2V sampling
+    Defect(
+        name="a14b-boundary-strict",
+        file="sampling/loop.py",
+        edits=(("self.expert_of = [0 if float(t) >= self.threshold else 1 for t in timesteps]",
+                "self.expert_of = [0 if float(t) > self.threshold else 1 for t in timesteps]"),),
+        tests=("tests/test_a14b.py::test_generation_matches_a_loop_of_two_diffusers_experts[at-a-timestep]",),
+        what="the high-noise expert stops one timestep early (t > boundary instead of t >= boundary)",
+    ),
+    Defect(
+        name="a14b-one-guidance-scale",
+        file="engine.py",
+        edits=(("        scales = (req.guidance_scale, req.guidance_scale_2)",
+                "        scales = (req.guidance_scale, req.guidance_scale)"),),
+        tests=("tests/test_a14b.py::test_generation_matches_a_loop_of_two_diffusers_experts[official]",),
+        what="both experts guide with the high-noise expert's scale (the low-noise expert's guidance_scale_2 ignored)",
+    ),
+    Defect(
+        name="a14b-experts-swapped",
+        file="engine.py",
+        edits=(("        return (self.transformer,) if self.transformer_2 is None else (self.transformer, self.transformer_2)",
+                "        return (self.transformer,) if self.transformer_2 is None else (self.transformer_2, self.transformer)"),),
+        tests=("tests/test_a14b.py::test_generation_matches_a_loop_of_two_diffusers_experts[official]",),
+        what="the low-noise expert runs the high-noise steps and the other way round",
+    ),
+    Defect(
+        name="a14b-swap-evicts-without-copy-back",
+        file="offload/experts.py",
+        edits=(("        module._apply(_to_host)\n", "        pass\n"),),
+        tests=("tests/test_a14b.py::test_expert_swap_moves_one_expert_at_a_time",),
+        what="an expert leaving the device is not copied back to the host (a LoRA fused while resident is lost)",
+    ),
+    Defect(
+        name="ti2v-first-frame-not-kept",
+        file="sampling/loop.py",
+        edits=(("        out[:, :, : self.fixed.shape[2]] = self.fixed\n", ""),),
+        tests=("tests/test_ti2v.py::test_generation_matches_a_loop_of_diffusers_modules[i2v]",),
+        what="TI2V image-to-video lets the solver move the image's latent frame (not written back after each step)",
+    ),
+    Defect(
+        name="ti2v-first-frame-tokens-not-at-t0",
+        file="engine.py",
+        edits=(("    mask[: (h // 2) * (w // 2)] = 0\n", ""),),
+        tests=("tests/test_ti2v.py::test_generation_matches_a_loop_of_diffusers_modules[i2v]",),
+        what="the image's tokens get the step's timestep instead of 0",
+    ),
     # ---------------------------------------------------------------------------- Wan2.2 per-token timesteps
     Defect(
         name="per-token-t-first-token-for-all",

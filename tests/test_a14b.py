@@ -41,7 +41,8 @@ def _pad(e):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("boundary", [None, 0.0, 1.0], ids=["official", "high-only", "low-only"])
+@pytest.mark.parametrize("boundary", [None, 0.0, 1.0, "at-a-timestep"],
+                         ids=["official", "high-only", "low-only", "at-a-timestep"])
 def test_generation_matches_a_loop_of_two_diffusers_experts(a14b_ckpts, boundary):
     diffusers = pytest.importorskip("diffusers")
     _, dif = a14b_ckpts
@@ -52,6 +53,11 @@ def test_generation_matches_a_loop_of_two_diffusers_experts(a14b_ckpts, boundary
     h, w, frames, steps, shift, g_high, g_low = 64, 96, 9, 8, 12.0, 4.0, 2.5
     cond, uncond = _embeds(engine.transformer.config.text_dim)
     noise = torch.randn(1, 16, 3, h // 8, w // 8, generator=torch.Generator().manual_seed(1))
+    if boundary == "at-a-timestep":  # a timestep exactly at the boundary belongs to the high-noise expert
+        from wanrt.sampling.schedulers import make_solver
+
+        ts = [int(t) for t in make_solver("euler", steps, shift).timesteps[2:]]
+        boundary = next(t / 1000 for t in ts if t / 1000 * 1000 == t)
     extra = {} if boundary is None else {"boundary": boundary}
     ours = engine.generate(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise, height=h, width=w,
                            num_frames=frames, num_inference_steps=steps, guidance_scale=g_high,
@@ -202,6 +208,7 @@ def test_expert_swap_moves_one_expert_at_a_time():
     with torch.no_grad():
         a.weight.add_(1.0)  # e.g. a LoRA fused while resident
     swap.activate(1)
+    assert a.weight.data_ptr() != pa  # a left the "device" (its own copy) for host memory, b arrived
     assert torch.equal(a.weight, host_a + 1.0) and torch.equal(b.weight, host_b) and swap.swaps == 2
     with pytest.raises(ValueError, match="expert index"):
         swap.activate(2)

@@ -213,7 +213,8 @@ def _more_parsers(sub) -> None:
     t.add_argument("dir", help="output folder (must be empty or absent)")
     t.add_argument("--layout", default="official", choices=["official", "diffusers"])
     t.add_argument("--preset", default="tiny",
-                   help="tiny, tiny-i2v, tiny-flf2v, tiny-vace, or a full-size preset such as t2v-1.3b")
+                   help="tiny, tiny-i2v, tiny-flf2v, tiny-vace, tiny-ti2v, tiny-a14b, tiny-i2v-a14b, or a full-size "
+                        "preset such as t2v-1.3b")
     t.add_argument("--shards", type=int, default=1, help="split the DiT weights into N safetensors shards")
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
