@@ -20,6 +20,7 @@ CPU: the process's peak resident set). Timings are medians over --repeats runs a
         --frames 81 --steps 50 --repeats 1 --teacache-thresholds 0.08   # ~5-6 min on an H100 (gpu_suite.sh)
     python benchmarks/bench_e2e.py --preset tiny-i2v --parts pipelines   # image-to-video vs WanImageToVideoPipeline
     python benchmarks/bench_e2e.py --preset tiny-vace --parts pipelines  # VACE inpainting vs WanVACEPipeline
+    python benchmarks/bench_e2e.py --preset tiny-ti2v --height 64 --width 96 --parts pipelines [--ti2v-image]
 
 Image presets (tiny-i2v, tiny-flf2v, i2v-14b-*, flf2v-14b-720p) condition every run on a fixed random image of
 exactly --height x --width (and a second one as the last frame for flf2v), with wanrt's conditioning cache off,
@@ -73,9 +74,11 @@ def _images(a) -> dict:
     """The conditioning images of an image preset (uint8 ``[H, W, 3]`` of exactly the video size), the inputs of a
     VACE one (a source video, its mask, a reference image), else {}."""
     task = _task(a)
-    if task == "t2v":
+    if task == "t2v" or (task == "ti2v" and not a.ti2v_image):
         return {}
     rng = np.random.default_rng(0)
+    if task == "ti2v":  # TI2V image-to-video: the image of exactly the video size, encoded as the first latent frame
+        return {"image": rng.integers(0, 256, (a.height, a.width, 3), dtype=np.uint8)}
     if task == "vace":
         mask = np.zeros((a.frames, a.height, a.width), np.uint8)
         mask[:, a.height // 4:3 * a.height // 4, a.width // 4:3 * a.width // 4] = 255
@@ -400,8 +403,8 @@ def _config_words(a) -> str:
 
 
 def run_pipelines(a, res: dict) -> list[str]:
-    image = _task(a) != "t2v"
-    pipes = {"vace": "WanVACEPipeline", "t2v": "WanPipeline"}.get(_task(a), "WanImageToVideoPipeline")
+    image = bool(_images(a))
+    pipes = "WanVACEPipeline" if _task(a) == "vace" else "WanImageToVideoPipeline" if image else "WanPipeline"
     caption = (f"wanrt vs diffusers' {pipes}: {_config_words(a)} (diffusers layout, same weights for "
                f"both), {a.height}x{a.width}, {a.frames} frames, {a.steps} steps, CFG {a.guidance}, UniPC, precision "
                f"{a.precision}; median of {a.repeats} runs after one warm-up.")
@@ -409,6 +412,9 @@ def run_pipelines(a, res: dict) -> list[str]:
         caption += (" VACE inpainting: a source video, a mask generating its central half, one reference image; the "
                     "denoise column includes their VAE encodes, which diffusers' pipeline call performs together with "
                     "the loop.")
+    elif image and _task(a) == "ti2v":
+        caption += (" TI2V image-to-video: the denoise column includes the VAE encode of the image (the first latent "
+                    "frame, its tokens at timestep 0), which diffusers' pipeline call performs together with the loop.")
     elif image:
         caption += (" The denoise column includes the image conditioning (CLIP and the VAE encode of the conditioning "
                     "video), which diffusers' pipeline call performs together with the loop.")
@@ -445,6 +451,9 @@ def run_dit(a, r: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ti2v-image", action="store_true",
+                    help="TI2V presets (tiny-ti2v, ti2v-5b): image-to-video (a random image as the first frame; "
+                         "diffusers' WanImageToVideoPipeline) instead of text-to-video")
     ap.add_argument("--preset", default="tiny", help="architecture of the random checkpoint (tiny, tiny-i2v, "
                     "tiny-flf2v, t2v-1.3b, t2v-14b, ...)")
     ap.add_argument("--precision", default=None, help="fp32|bf16|fp16 (default: fp32 on CPU, bf16 on CUDA)")

@@ -472,7 +472,7 @@ class Engine:
         from .images import resize_crop_lanczos
 
         key = (hashlib.sha1(req.image.numpy().tobytes()).hexdigest(), tuple(req.image.shape), req.height, req.width)
-        if self._first_frames is not None and self._first_frames[0] == key:
+        if self._first_frames is not None and self._first_frames[0] == key and self.config.image_cache_size > 0:
             return self._first_frames[1]
         t0 = time.perf_counter()
         img = resize_crop_lanczos(req.image, req.height, req.width)  # [3, H, W] in [-1, 1]
