@@ -242,6 +242,32 @@ def test_image_to_video_with_an_uploaded_reference(tmp_path):
         client.__exit__(None, None, None)
 
 
+def test_wan22_fields_and_frame_rate(tmp_path):
+    """A14B's per-expert fields pass through the API (and are refused with their name); TI2V's seconds are at
+    24 fps."""
+    eng = wanrt.Engine("tiny-a14b", device="cpu", precision="fp32")
+    client, _ = _client(eng, tmp_path / "a14b")
+    try:
+        r = client.post("/v1/videos", json={"prompt": "a cat", **SMALL, "num_inference_steps": 8,
+                                            "guidance_scale_2": 2.0, "boundary": 0.5})
+        assert r.status_code == 200, r.text
+        assert _wait(client, r.json()["id"])["status"] == "completed"
+        err = client.post("/v1/videos", json={"prompt": "a cat", "boundary": 2}).json()["error"]
+        assert err["param"] == "boundary" and "boundary must be in" in err["message"]
+    finally:
+        client.__exit__(None, None, None)
+    ti2v = wanrt.Engine("tiny-ti2v", device="cpu", precision="fp32")
+    client, service = _client(ti2v, tmp_path / "ti2v")
+    try:
+        r = client.post("/v1/videos", json={"prompt": "a cat", "size": "96x64", "seconds": 0.2,
+                                            "num_inference_steps": 2, "seed": 1})
+        assert r.status_code == 200, r.text
+        job = _wait(client, r.json()["id"])
+        assert job["status"] == "completed" and service.store.get(job["id"]).params["num_frames"] == 5
+    finally:
+        client.__exit__(None, None, None)
+
+
 # ------------------------------------------------------------------------------------------------- durability
 
 def test_store_recovery_requeues_once_then_fails(tmp_path):

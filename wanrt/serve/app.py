@@ -25,7 +25,8 @@ log = logging.getLogger("wanrt.serve")
 FPS = 16
 #: fields a client may send, besides the image uploads (``input_reference``, ``last_reference``)
 FIELDS = ("model", "prompt", "size", "seconds", "num_frames", "negative_prompt", "seed", "num_inference_steps",
-          "guidance_scale", "shift", "sample_solver", "teacache_threshold", "loras", "timesteps")
+          "guidance_scale", "shift", "sample_solver", "teacache_threshold", "loras", "timesteps", "guidance_scale_2",
+          "boundary")
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,12 @@ class BadField(ValueError):
         self.param = param
 
 
-def _frames_of_seconds(seconds) -> int:
-    """The 4k+1 frame count nearest ``seconds`` at 16 fps (at least 1)."""
+def _frames_of_seconds(seconds, fps: int = FPS) -> int:
+    """The 4k+1 frame count nearest ``seconds`` at ``fps`` (the model's: 16, 24 for Wan2.2 TI2V; at least 1)."""
     s = float(seconds)
     if not math.isfinite(s) or s <= 0:
         raise BadField("seconds", f"seconds must be a positive number, got {seconds!r}")
-    return 4 * max(0, round(s * FPS / 4)) + 1
+    return 4 * max(0, round(s * fps / 4)) + 1
 
 
 def _size(size) -> tuple[int, int]:
@@ -83,8 +84,9 @@ def _size(size) -> tuple[int, int]:
 
 def _param_of(message: str) -> str | None:
     """The request field a validation message is about (its first field name), for the error's ``param``."""
-    names = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "shift", "sample_solver",
-             "seed", "teacache", "loras", "timesteps", "prompt", "negative_prompt", "image", "last_image")
+    names = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale_2", "guidance_scale", "shift",
+             "sample_solver", "seed", "teacache", "loras", "timesteps", "prompt", "negative_prompt", "image",
+             "last_image", "boundary")
     hits = [(message.find(n), n) for n in names if n in message]
     if not hits:
         return None
@@ -143,13 +145,13 @@ class Service:
             raise BadField("model", f"this server runs {self.model_name!r}, not {model!r}")
         params: dict = {"prompt": prompt}
         for key in ("negative_prompt", "seed", "num_inference_steps", "guidance_scale", "shift", "sample_solver",
-                    "teacache_threshold", "loras", "timesteps"):
+                    "teacache_threshold", "loras", "timesteps", "guidance_scale_2", "boundary"):
             if fields.get(key) is not None:
                 params[key] = fields[key]
         for key in ("seed", "num_inference_steps"):
             if key in params:
                 params[key] = _int(key, params[key])
-        for key in ("guidance_scale", "shift", "teacache_threshold"):
+        for key in ("guidance_scale", "shift", "teacache_threshold", "guidance_scale_2", "boundary"):
             if key in params:
                 params[key] = _float(key, params[key])
         if "loras" in params and isinstance(params["loras"], str):
@@ -164,7 +166,7 @@ class Service:
         if fields.get("num_frames") is not None:
             params["num_frames"] = _int("num_frames", fields["num_frames"])
         elif fields.get("seconds") is not None:
-            params["num_frames"] = _frames_of_seconds(fields["seconds"])
+            params["num_frames"] = _frames_of_seconds(fields["seconds"], self.engines[0].preset.fps)
         preset = self.engines[0].preset
         frames = params.get("num_frames", preset.num_frames)
         area = params.get("width", preset.width) * params.get("height", preset.height)
@@ -310,7 +312,7 @@ def create_app(service: Service):
             return _error(400, str(e), e.param)
         except ValueError as e:  # a body that is not JSON
             return _error(400, f"the body is not valid JSON: {e}")
-        seconds = f"{params['num_frames'] / FPS:g}"
+        seconds = f"{params['num_frames'] / service.engines[0].preset.fps:g}"
         try:
             job = service.store.add(params, service.model_name, f"{params['width']}x{params['height']}", seconds,
                                     max_queue=cfg.max_queue)
