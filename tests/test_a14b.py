@@ -376,3 +376,18 @@ def test_i2v_a14b_matches_a_loop_of_two_diffusers_experts_without_clip(i2v_a14b_
     with pytest.raises(ValueError, match="needs image"):
         engine.generate("a cat", seed=0)
     assert wanrt.Engine.from_pretrained(off, **KW).preset.name == "tiny-i2v-a14b"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_each_expert_quantizes(a14b_ckpts, precision):
+    from wanrt.quant import SCHEMES
+
+    kinds = tuple(SCHEMES.values())
+    ref = wanrt.Engine("tiny-a14b", a14b_ckpts[0], **KW).generate("a cat", seed=3, num_inference_steps=8,
+                                                                   progress=False)
+    e = wanrt.Engine("tiny-a14b", a14b_ckpts[0], **{**KW, "precision": precision})
+    for dit in (e.transformer, e.transformer_2):
+        assert all(isinstance(b.self_attn.q, kinds) and isinstance(b.ffn[2], kinds) for b in dit.blocks)
+    v = e.generate("a cat", seed=3, num_inference_steps=8, progress=False)
+    assert _rel(v.latents, ref.latents) < 0.15  # 8-bit weights: close, not equal
