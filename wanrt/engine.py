@@ -33,7 +33,8 @@ log = logging.getLogger("wanrt")
 
 
 class Engine:
-    """A loaded Wan2.1 model, ready to generate.
+    """A loaded Wan2.1 or Wan2.2 model, ready to generate (Wan2.2 A14B: two experts, ``transformer`` the high-noise
+    one and ``transformer_2`` the low-noise one, placed by ``experts``, an :class:`~wanrt.offload.experts.ExpertSwap`).
 
     Example:
         >>> video = wanrt.Engine("tiny").generate("a corgi surfing a wave", seed=7)
@@ -301,7 +302,9 @@ class Engine:
         ``seed``, ``prompt_embeds``, ``negative_prompt_embeds``, ``latents``, ``teacache_threshold``,
         ``teacache_mode``, ``teacache_coefficients``, ``timesteps`` / ``sigmas`` (a custom few-step schedule),
         ``loras`` (``{name: strength}`` of runtime LoRAs for this call); for VACE models ``video``, ``mask``,
-        ``reference_images``, ``conditioning_scale`` (:mod:`wanrt.vace`). The run itself is :meth:`run`.
+        ``reference_images``, ``conditioning_scale`` (:mod:`wanrt.vace`); for Wan2.2 A14B ``guidance_scale_2`` (the
+        low-noise expert's; ``guidance_scale`` is the high-noise one's) and ``boundary``; Wan2.2 TI2V takes an
+        optional ``image`` (image-to-video). The run itself is :meth:`run`.
 
         Returns / Raises: as :meth:`run`; ValueError for a bad request, before any work.
         """
