@@ -111,7 +111,7 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="ffn-gate-ignored",
         file="models/dit.py",
-        edits=(("return x, (self.feed_forward(h), gate_ff)", "return x, (self.feed_forward(h), torch.ones_like(gate_ff))"),),
+        edits=(("return x, (self.feed_forward(h), mod[5])", "return x, (self.feed_forward(h), torch.ones_like(mod[5]))"),),
         tests=("tests/test_dit.py::test_parity_with_diffusers[t2v]",),
         what="the blocks' gated FFN residual added without its gate",
     ),
@@ -569,8 +569,8 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="lora-graphs-not-recaptured",
         file="engine.py",
-        edits=(("            self._graphs.plain.clear()\n            self._graphs.with_residual.clear()\n",
-                "            pass\n"),),
+        edits=(("                    graphs.plain.clear()\n                    graphs.with_residual.clear()\n",
+                "                    pass\n"),),
         tests=("tests/test_lora.py::test_step_graphs_see_fused_changes_and_recapture_for_runtime_branches",),
         what="a runtime LoRA added after the step graphs were captured is never run (the graphs replay without it)",
     ),
