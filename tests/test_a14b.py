@@ -171,8 +171,12 @@ def test_preset_and_checkpoint_must_agree(a14b_ckpts, tmp_path):
     from wanrt.config import EngineConfig
     from wanrt.engine import _check_moe_config
 
-    with pytest.raises(ValueError, match="parallel layouts with two experts"):
-        _check_moe_config(EngineConfig(torch.device("cpu"), parallel="auto"))
+    from wanrt import ParallelConfig
+
+    with pytest.raises(ValueError, match="expert_swap and shard_weights do not combine"):
+        _check_moe_config(EngineConfig(torch.device("cpu"), parallel=ParallelConfig(ulysses=2, shard_weights=True),
+                                       expert_swap=True))
+    _check_moe_config(EngineConfig(torch.device("cpu"), parallel="auto"))  # layouts run both experts
     with pytest.raises(ValueError, match="do not apply to Wan2.2 A14B"):
         wanrt.Engine("tiny-a14b", a14b_ckpts[0], offload="model", **KW)
 

@@ -112,11 +112,13 @@ def _run_layouts(rank, cases, world=2) -> list[dict]:
         if layout.shard_weights:  # after the run every sharded Linear holds its shard only (resharded)
             from torch.distributed.tensor import DTensor
 
-            q = eng.transformer.blocks[0].self_attn.q.weight
-            assert isinstance(q, DTensor) and q.to_local().shape[0] == q.shape[0] // world, what
+            for dit in (eng.transformer, eng.transformer_2 or eng.transformer):  # (A14B: both experts)
+                q = dit.blocks[0].self_attn.q.weight
+                assert isinstance(q, DTensor) and q.to_local().shape[0] == q.shape[0] // world, what
         if "teacache_threshold" in opts:  # the decisions: equal on every rank and to the single process
             assert video.stats["teacache"] == ref_video.stats["teacache"], what
-            assert video.stats["teacache"]["cond"]["skipped"] > 0, what
+            tc = video.stats["teacache"]
+            assert tc.get("high", tc)["cond"]["skipped"] > 0, what  # (A14B: per expert)
         if preset == "tiny" and "teacache_threshold" not in opts:
             note["velocity_rel"] = _velocity_error(eng, ref_engine, opts)
             assert note["velocity_rel"] < REL, f"{what}: velocity rel {note['velocity_rel']:.2e}"
@@ -176,6 +178,15 @@ def _two_rank_cases(group: str) -> list:
             ("i2v ring 2, model offload", P(ring=2), "tiny-i2v", {"offload": "model"}, {**OPTS, "image": _image()}),
             ("vace cfg 2, block offload", P(cfg=2), "tiny-vace", {"offload": "block"}, {**OPTS, **_vace_inputs()}),
         ],
+        "a14b": [  # Wan2.2 A14B: both experts under each layout (3 steps: 2 high-noise, 1 low-noise)
+            ("a14b ulysses 2", P(ulysses=2), "tiny-a14b", {}, OPTS),
+            ("a14b cfg 2", P(cfg=2), "tiny-a14b", {}, {**OPTS, "guidance_scale_2": 1.0}),
+            ("a14b teacache ring 2", P(ring=2), "tiny-a14b", {},
+             {**OPTS, **TEACACHE, "teacache_coefficients": {"high": COEFS, "low": COEFS}}),
+            ("a14b shard_weights", P(ulysses=2, shard_weights=True), "tiny-a14b", {}, OPTS),
+            ("ti2v ulysses 2 (per-token timesteps)", P(ulysses=2), "tiny-ti2v", {},
+             {**OPTS, "height": 64, "width": 96, "image": _image()}),
+        ],
         "triton": [
             ("ring 2, Triton kernels (log-sum-exp from the kernel)", P(ring=2), "tiny", {"backend": "triton"},
              {**OPTS, "num_inference_steps": 1}),
@@ -187,7 +198,7 @@ def _body_layouts_two(group, rank, world):
     return _run_layouts(rank, _two_rank_cases(group))
 
 
-@pytest.mark.parametrize("group", ["ulysses", "ring", "cfg", "shard", "offload", "triton"])
+@pytest.mark.parametrize("group", ["ulysses", "ring", "cfg", "shard", "offload", "triton", "a14b"])
 def test_two_rank_layouts_match_one_process(group):
     import functools
 

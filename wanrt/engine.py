@@ -132,7 +132,7 @@ class Engine:
         self.preset = preset = choose_preset(preset, ckpt, self.transformer.config, check, moe=experts is not None)
         self.transformer_2, self.experts = None, None  # A14B: the low-noise expert, the placement of the two
         if experts is not None:
-            self._load_low_noise_expert(experts[1], config, quant, swap)
+            self._load_low_noise_expert(experts[1], config, quant, swap, host)
         self.mesh, self._shard_stats = None, None
         if config.parallel is not None:
             from .parallel.mesh import build_mesh
@@ -143,8 +143,10 @@ class Engine:
             if shard:
                 from .parallel.shard import shard_weights
 
-                self._shard_stats = shard_weights(self.transformer, self.mesh, dev)
-                self.transformer.set_backend(config.backend, vae=config.vae_backend)
+                for i, dit in enumerate(self._dits()):  # A14B: each expert sharded the same way
+                    stats = shard_weights(dit, self.mesh, dev)
+                    self._shard_stats = stats if i == 0 else {k: v + stats[k] for k, v in self._shard_stats.items()}
+                    dit.set_backend(config.backend, vae=config.vae_backend)
         files = self._files or {}
         self.vae = load_vae(files.get("vae", ckpt), device="cpu" if offload else dev, dtype=torch.float32)
         self.vae.set_backend(self.plan)  # the VAE's convolution, as resolved with the DiT's kernels
@@ -184,10 +186,13 @@ class Engine:
                 for block in (*dit.blocks, *getattr(dit, "vace_blocks", ())):
                     block.compile(backend=name, fullgraph=True, dynamic=False)
         self.dit = self.transformer  # what the step runs: the DiT, or its sequence-parallel wrapper
+        self.dit_2 = self.transformer_2  # A14B: the low-noise expert's
         if self.mesh is not None and self.mesh.sp > 1:
             from .parallel.dit import SequenceParallelDiT
 
             self.dit = SequenceParallelDiT(self.transformer, self.mesh)
+            if self.transformer_2 is not None:
+                self.dit_2 = SequenceParallelDiT(self.transformer_2, self.mesh)
         self._graphs = self._graphs_2 = None
         if config.use_cuda_graphs and shard:
             log.info("CUDA graphs are off with shard_weights (FSDP's gathers allocate per call)")
@@ -196,9 +201,10 @@ class Engine:
 
             self._graphs = make_step_graphs(self.dit)  # under sequence parallel the graph holds the collectives
             if self.transformer_2 is not None:  # A14B: each expert its own graphs
-                self._graphs_2 = make_step_graphs(self.transformer_2)
+                self._graphs_2 = make_step_graphs(self.dit_2)
 
-    def _load_low_noise_expert(self, folder: Path, config: EngineConfig, quant, swap: bool | None) -> None:
+    def _load_low_noise_expert(self, folder: Path, config: EngineConfig, quant, swap: bool | None,
+                               host: bool = False) -> None:
         """A14B: load the low-noise expert beside the high-noise one (``self.transformer``) and decide where the two
         live (:class:`~wanrt.offload.experts.ExpertSwap`: both on the device, or one at a time)."""
         from .checkpoints.io import CheckpointError
@@ -206,12 +212,12 @@ class Engine:
         from .offload.experts import RESERVE_BYTES, ExpertSwap, module_bytes
 
         dev = config.device
-        if swap is None:  # auto: both on the device when the second fits beside the first
-            swap = dev.type == "cuda" and module_bytes(self.transformer) + RESERVE_BYTES > \
+        if swap is None:  # auto: both on the device when the second fits beside the first (sharded: always both)
+            swap = not host and dev.type == "cuda" and module_bytes(self.transformer) + RESERVE_BYTES > \
                 torch.cuda.mem_get_info(dev)[0]
-        self.transformer_2 = load_transformer(folder, device="cpu" if swap else dev, dtype=config.dit_dtype,
-                                              backend="eager" if swap else config.backend, quantization=quant,
-                                              vae_backend=config.vae_backend)
+        self.transformer_2 = load_transformer(folder, device="cpu" if swap or host else dev, dtype=config.dit_dtype,
+                                              backend="eager" if swap or host else config.backend,
+                                              quantization=quant, vae_backend=config.vae_backend)
         if self.transformer_2.config != self.transformer.config:
             raise CheckpointError(f"{folder}: the low-noise expert's architecture differs from the high-noise one's "
                                   f"({self.transformer_2.config} vs {self.transformer.config})")
@@ -416,7 +422,8 @@ class Engine:
                                 "placement": after["mode"], "swaps": after["swaps"] - swaps["swaps"],
                                 "moved_bytes": after["moved_bytes"] - swaps["moved_bytes"]}
             if teacache is not None:
-                stats["teacache"] = {name: tc.summary() for name, tc in zip(("high", "low"), teacache) if tc is not None}
+                stats["teacache"] = {name: tc.summary() if mesh is None else runner.teacache_summary(tc, mesh)
+                                     for name, tc in zip(("high", "low"), teacache) if tc is not None}
         elif teacache is not None:
             stats["teacache"] = teacache.summary() if mesh is None else runner.teacache_summary(teacache, mesh)
         if self.memory_plan is not None:
@@ -456,12 +463,22 @@ class Engine:
         scales = (req.guidance_scale, req.guidance_scale_2)
         graphs = (self._graphs, self._graphs_2)
         caches, steps = [], []
-        for e, dit in enumerate(self._dits()):
-            tc = TeaCache(configs[e], counts[e]) if configs[e] is not None and counts[e] > 0 else None
-            rec = recorder[e] if isinstance(recorder, (tuple, list)) else recorder
+        for e, dit in enumerate((self.dit, self.dit_2)):
             # an expert at guidance 1 needs no unconditional branch (its velocity is the conditional one)
-            steps.append(GuidedStep(dit, cond, uncond if scales[e] != 1.0 else None, scales[e], batch_cfg=batch_cfg,
-                                    teacache=tc, graphs=graphs[e], recorder=rec, **shared))
+            unc = uncond if scales[e] != 1.0 else None
+            config = configs[e] if counts[e] > 0 else None
+            if self.mesh is not None:
+                from .parallel import runner
+
+                step, tc = runner.make_step(dit, self.mesh, cond, unc, scales[e], batch_cfg=batch_cfg,
+                                            teacache_config=config, num_steps=counts[e], graphs=graphs[e],
+                                            image_cond=shared, device=self.device)
+            else:
+                tc = TeaCache(config, counts[e]) if config is not None else None
+                rec = recorder[e] if isinstance(recorder, (tuple, list)) else recorder
+                step = GuidedStep(dit, cond, unc, scales[e], batch_cfg=batch_cfg, teacache=tc, graphs=graphs[e],
+                                  recorder=rec, **shared)
+            steps.append(step)
             caches.append(tc)
         step = ExpertStep(steps, solver.timesteps.tolist(), req.boundary, activate=self.experts.activate)
         teacache = tuple(caches) if any(c is not None for c in caches) else None
@@ -719,10 +736,10 @@ def _first_frame_token_mask(req: Request) -> torch.Tensor:
 
 
 def _check_moe_config(config: EngineConfig) -> None:
-    """What an A14B Engine (two experts) does not take yet; ValueError before any weight is read."""
-    if config.parallel is not None:
-        raise ValueError("parallel layouts with two experts (Wan2.2 A14B) are not supported yet: run it in one "
-                         "process (expert_swap keeps one expert on the GPU at a time)")
+    """What an A14B Engine (two experts) does not take; ValueError before any weight is read."""
+    if getattr(config.parallel, "shard_weights", False) and config.expert_swap:
+        raise ValueError("expert_swap and shard_weights do not combine: sharded experts stay on the GPUs (each rank "
+                         "holds 1/world of both)")
     if config.offload != "none":
         raise ValueError("offload / vram_budget_gb do not apply to Wan2.2 A14B yet: its experts take turns on the "
                          "device with expert_swap=True (the default when both do not fit)")
