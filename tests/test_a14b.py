@@ -395,3 +395,22 @@ def test_each_expert_quantizes(a14b_ckpts, precision):
         assert all(isinstance(b.self_attn.q, kinds) and isinstance(b.ffn[2], kinds) for b in dit.blocks)
     v = e.generate("a cat", seed=3, num_inference_steps=8, progress=False)
     assert _rel(v.latents, ref.latents) < 0.15  # 8-bit weights: close, not equal
+
+
+@torch.no_grad()
+def test_single_files_of_the_two_experts(a14b_ckpts):
+    """ComfyUI users keep A14B as two DiT files (high and low noise) beside the VAE and UMT5 files."""
+    off = a14b_ckpts[0]
+    files = {"dit": off / "high_noise_model" / "diffusion_pytorch_model.safetensors",
+             "dit_2": off / "low_noise_model" / "diffusion_pytorch_model.safetensors",
+             "text_encoder": off / "models_t5_umt5-xxl-enc-bf16.pth", "vae": off / "Wan2.1_VAE.pth",
+             "tokenizer": off / "google" / "umt5-xxl"}
+    kw = dict(seed=5, num_inference_steps=8, progress=False)
+    want = wanrt.Engine("tiny-a14b", off, **KW).generate("a red square", **kw)
+    e = wanrt.Engine("tiny-a14b", files=files, **KW)
+    assert e.transformer_2 is not None
+    torch.testing.assert_close(e.generate("a red square", **kw).latents, want.latents, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"missing \['dit_2'\]"):
+        wanrt.Engine("tiny-a14b", files={k: v for k, v in files.items() if k != "dit_2"}, **KW)
+    with pytest.raises(ValueError, match="dit_2 .* is for a Wan2.2 A14B preset"):
+        wanrt.Engine("tiny", files=files, **KW)

@@ -152,7 +152,9 @@ def _add_lora_args(lo) -> None:
 
 def _add_files_args(g) -> None:
     f = g.add_argument_group("single files", "instead of --checkpoint-dir, one file per part (ComfyUI's downloads)")
-    f.add_argument("--dit", default=None, help="the DiT: .safetensors (fp16/bf16/fp8/fp8-scaled) or .gguf")
+    f.add_argument("--dit", default=None, help="the DiT: .safetensors (fp16/bf16/fp8/fp8-scaled) or .gguf (Wan2.2 "
+                                               "A14B: the high-noise expert)")
+    f.add_argument("--dit-2", default=None, help="Wan2.2 A14B: the low-noise expert's file")
     f.add_argument("--text-encoder", default=None, help="UMT5 .safetensors (also umt5_xxl_fp8_e4m3fn_scaled)")
     f.add_argument("--vae", default=None, help="wan_2.1_vae.safetensors")
     f.add_argument("--image-encoder", default=None, help="i2v/flf2v: clip_vision_h.safetensors")
@@ -545,8 +547,8 @@ def _load_loras(engine, specs: list[str], mode: str, high: list[str] = (), low: 
 def _engine(args, **options):
     from .engine import Engine
 
-    files = {part: getattr(args, part) for part in ("dit", "text_encoder", "vae", "image_encoder", "tokenizer")
-             if getattr(args, part, None) is not None}
+    files = {part: getattr(args, part) for part in ("dit", "dit_2", "text_encoder", "vae", "image_encoder",
+                                                    "tokenizer") if getattr(args, part, None) is not None}
     if files:
         if args.checkpoint_dir is not None:
             raise ValueError("give --checkpoint-dir or the single files (--dit, --text-encoder, --vae, ...), not both")

@@ -46,7 +46,8 @@ class Engine:
         files: instead of ``checkpoint_dir``, one file per part, as ComfyUI users keep them: ``{"dit": the DiT
             (.safetensors in fp16/bf16/fp8/fp8-scaled, or .gguf), "text_encoder": UMT5 (.safetensors, also ComfyUI's
             scaled fp8 with its embedded tokenizer), "vae": ..., "image_encoder": CLIP vision (i2v/flf2v),
-            "tokenizer": a tokenizer folder, when the text-encoder file carries none}``.
+            "tokenizer": a tokenizer folder, when the text-encoder file carries none; Wan2.2 A14B: "dit" the high-noise
+            expert's file and "dit_2" the low-noise one's}``.
         checkpoint_dir: the checkpoint folder (official or diffusers layout); None only for the tiny presets
             (``tiny``: the model trained by the project, shipped in the package; ``tiny-i2v``/``tiny-flf2v``: a
             random checkpoint written once to ``$XDG_CACHE_HOME/wanrt``).
@@ -66,7 +67,7 @@ class Engine:
         if files is not None:
             if checkpoint_dir is not None:
                 raise ValueError("give checkpoint_dir or files, not both")
-            self._files = _check_files(files, preset.task, clip=preset.uses_clip)
+            self._files = _check_files(files, preset.task, clip=preset.uses_clip, moe=preset.is_moe)
             if config.parallel is not None:
                 _layout(config, preset.arch.num_heads, preset.guidance_scale, quiet=True)
             self._load(preset, Path(self._files["dit"]), config, check=True)
@@ -121,7 +122,9 @@ class Engine:
             arch = dit_config_for(preset)
         from .checkpoints.layout import expert_folders
 
-        experts = None if getattr(self, "_files", None) else expert_folders(ckpt)  # Wan2.2 A14B: (high, low)
+        files = getattr(self, "_files", None)
+        experts = expert_folders(ckpt) if not files else \
+            (files["dit"], files["dit_2"]) if files.get("dit_2") else None  # Wan2.2 A14B: (high, low)
         if experts is not None:
             _check_moe_config(config)
         swap = config.expert_swap if experts is not None else False
@@ -132,7 +135,7 @@ class Engine:
         self.preset = preset = choose_preset(preset, ckpt, self.transformer.config, check, moe=experts is not None)
         self.transformer_2, self.experts = None, None  # A14B: the low-noise expert, the placement of the two
         if experts is not None:
-            self._load_low_noise_expert(experts[1], config, quant, swap, host)
+            self._load_low_noise_expert(Path(experts[1]), config, quant, swap, host, arch)
         self.mesh, self._shard_stats = None, None
         if config.parallel is not None:
             from .parallel.mesh import build_mesh
@@ -204,7 +207,7 @@ class Engine:
                 self._graphs_2 = make_step_graphs(self.dit_2)
 
     def _load_low_noise_expert(self, folder: Path, config: EngineConfig, quant, swap: bool | None,
-                               host: bool = False) -> None:
+                               host: bool = False, arch=None) -> None:
         """A14B: load the low-noise expert beside the high-noise one (``self.transformer``) and decide where the two
         live (:class:`~wanrt.offload.experts.ExpertSwap`: both on the device, or one at a time)."""
         from .checkpoints.io import CheckpointError
@@ -217,7 +220,7 @@ class Engine:
                 torch.cuda.mem_get_info(dev)[0]
         self.transformer_2 = load_transformer(folder, device="cpu" if swap or host else dev, dtype=config.dit_dtype,
                                               backend="eager" if swap or host else config.backend,
-                                              quantization=quant, vae_backend=config.vae_backend)
+                                              quantization=quant, vae_backend=config.vae_backend, config=arch)
         if self.transformer_2.config != self.transformer.config:
             raise CheckpointError(f"{folder}: the low-noise expert's architecture differs from the high-noise one's "
                                   f"({self.transformer_2.config} vs {self.transformer.config})")
@@ -746,10 +749,10 @@ def _check_moe_config(config: EngineConfig) -> None:
 
 
 #: the parts ``Engine(files=...)`` takes (ComfyUI's single files); "tokenizer" is a folder, optional.
-FILE_PARTS = ("dit", "text_encoder", "vae", "image_encoder", "tokenizer")
+FILE_PARTS = ("dit", "dit_2", "text_encoder", "vae", "image_encoder", "tokenizer")
 
 
-def _check_files(files: dict, task: str, *, clip: bool = True) -> dict[str, Path]:
+def _check_files(files: dict, task: str, *, clip: bool = True, moe: bool = False) -> dict[str, Path]:
     """``files`` of ``Engine(files=...)`` as paths: known parts only, "dit", "text_encoder", "vae" (and
     "image_encoder" for i2v/flf2v with CLIP) present, every path existing. Raises ValueError / FileNotFoundError
     naming the part."""
@@ -758,7 +761,10 @@ def _check_files(files: dict, task: str, *, clip: bool = True) -> dict[str, Path
     unknown = set(files) - set(FILE_PARTS)
     if unknown:
         raise ValueError(f"files: unknown part(s) {sorted(unknown)}; parts are {list(FILE_PARTS)}")
-    needed = ["dit", "text_encoder", "vae"] + (["image_encoder"] if task in ("i2v", "flf2v") and clip else [])
+    needed = ["dit", "text_encoder", "vae"] + (["image_encoder"] if task in ("i2v", "flf2v") and clip else []) + \
+        (["dit_2"] if moe else [])
+    if not moe and files.get("dit_2") is not None:
+        raise ValueError("files: dit_2 (the low-noise expert) is for a Wan2.2 A14B preset (t2v-a14b, i2v-a14b)")
     missing = [p for p in needed if files.get(p) is None]
     if missing:
         raise ValueError(f"files: missing {missing} (a {task} Engine needs {needed})")
