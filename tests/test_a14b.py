@@ -414,3 +414,17 @@ def test_single_files_of_the_two_experts(a14b_ckpts):
         wanrt.Engine("tiny-a14b", files={k: v for k, v in files.items() if k != "dit_2"}, **KW)
     with pytest.raises(ValueError, match="dit_2 .* is for a Wan2.2 A14B preset"):
         wanrt.Engine("tiny", files=files, **KW)
+
+
+@torch.no_grad()
+def test_warmup_runs_both_experts(a14b_ckpts):
+    from test_cuda_graphs import FakeCapturer
+
+    from wanrt.sampling.loop import make_step_graphs
+
+    e = wanrt.Engine("tiny-a14b", a14b_ckpts[0], **KW)
+    caps = FakeCapturer(warmup=0), FakeCapturer(warmup=0)
+    e._graphs = make_step_graphs(e.transformer, capturer=caps[0])
+    e._graphs_2 = make_step_graphs(e.transformer_2, capturer=caps[1])
+    e.warmup()
+    assert caps[0].captures == 1 and caps[1].captures == 1  # each expert's step graph is ready

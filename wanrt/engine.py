@@ -572,6 +572,8 @@ class Engine:
             width = self.preset.width if width is None else width
             gray = np.full((height, width, 3), 128, np.uint8)
             images = {"image": gray, "last_image": gray if self.preset.task == "flf2v" else None}
+        if self.preset.is_moe:  # A14B: one step per expert (the first timestep is 999, the second below 990)
+            images["boundary"] = 0.99
         return self.generate("warm-up", height=height, width=width, num_frames=num_frames, num_inference_steps=2,
                              guidance_scale=guidance_scale, seed=0, teacache_threshold=teacache_threshold,
                              progress=False, **images).timings
