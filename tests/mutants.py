@@ -715,8 +715,8 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="a14b-experts-swapped",
         file="engine.py",
-        edits=(("        return (self.transformer,) if self.transformer_2 is None else (self.transformer, self.transformer_2)",
-                "        return (self.transformer,) if self.transformer_2 is None else (self.transformer_2, self.transformer)"),),
+        edits=(("        for e, dit in enumerate((self.dit, self.dit_2)):",
+                "        for e, dit in enumerate((self.dit_2, self.dit)):"),),
         tests=("tests/test_a14b.py::test_generation_matches_a_loop_of_two_diffusers_experts[official]",),
         what="the low-noise expert runs the high-noise steps and the other way round",
     ),
