@@ -699,8 +699,8 @@ DEFECTS: tuple[Defect, ...] = (
     Defect(
         name="a14b-boundary-strict",
         file="sampling/loop.py",
-        edits=(("self.expert_of = [0 if float(t) >= self.threshold else 1 for t in timesteps]",
-                "self.expert_of = [0 if float(t) > self.threshold else 1 for t in timesteps]"),),
+        edits=(("    return [0 if float(t) >= threshold else 1 for t in timesteps]",
+                "    return [0 if float(t) > threshold else 1 for t in timesteps]"),),
         tests=("tests/test_a14b.py::test_generation_matches_a_loop_of_two_diffusers_experts[at-a-timestep]",),
         what="the high-noise expert stops one timestep early (t > boundary instead of t >= boundary)",
     ),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import wanrt
+from test_i2v import _euler_sigmas
 from wanrt.presets import get_preset
 from wanrt.request import resolve_request
 
@@ -65,8 +66,7 @@ def test_generation_matches_a_loop_of_two_diffusers_experts(a14b_ckpts, boundary
 
     # diffusers' WanPipeline rule: transformer (high noise) while t >= boundary_ratio * 1000, then transformer_2
     ratio = PRESET.boundary if boundary is None else boundary
-    sig = np.linspace(0.999, 0.0, steps + 1)[:-1]
-    sig = np.append(shift * sig / (1 + (shift - 1) * sig), 0.0)
+    sig = _euler_sigmas(steps, shift)
     x, used = noise.clone(), []
     for i in range(steps):
         t = torch.tensor([int(sig[i] * 1000)])
@@ -354,8 +354,7 @@ def test_i2v_a14b_matches_a_loop_of_two_diffusers_experts_without_clip(i2v_a14b_
     mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
     y = torch.cat([_reference_mask(9, 8, 12, False), (vae.encode(video).latent_dist.mode() - mean) / std], 1)
-    sig = np.linspace(0.999, 0.0, steps + 1)[:-1]
-    sig = np.append(shift * sig / (1 + (shift - 1) * sig), 0.0)
+    sig = _euler_sigmas(steps, shift)
     x, used = noise.clone(), []
     for i in range(steps):
         t = torch.tensor([int(sig[i] * 1000)])

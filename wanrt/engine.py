@@ -67,7 +67,7 @@ class Engine:
         if files is not None:
             if checkpoint_dir is not None:
                 raise ValueError("give checkpoint_dir or files, not both")
-            self._files = _check_files(files, preset.task, clip=preset.uses_clip, moe=preset.is_moe)
+            self._files = _check_files(files, preset)
             if config.parallel is not None:
                 _layout(config, preset.arch.num_heads, preset.guidance_scale, quiet=True)
             self._load(preset, Path(self._files["dit"]), config, check=True)
@@ -122,9 +122,9 @@ class Engine:
             arch = dit_config_for(preset)
         from .checkpoints.layout import expert_folders
 
-        files = getattr(self, "_files", None)
-        experts = expert_folders(ckpt) if not files else \
-            (files["dit"], files["dit_2"]) if files.get("dit_2") else None  # Wan2.2 A14B: (high, low)
+        single = getattr(self, "_files", None)
+        experts = expert_folders(ckpt) if not single else \
+            (single["dit"], single["dit_2"]) if single.get("dit_2") else None  # Wan2.2 A14B: (high, low)
         if experts is not None:
             _check_moe_config(config)
         swap = config.expert_swap if experts is not None else False
@@ -389,11 +389,12 @@ class Engine:
                 fixed = self._ti2v_first_frame(req, timings)  # [1, 48, 1, H/16, W/16]
             x = x.clone()  # (the caller's latents stay as given)
             x[:, :, :1] = fixed
-            image_cond = {"token_mask": _first_frame_token_mask(req)}
+            image_cond = {"token_mask": _first_frame_token_mask(req).to(self.device)}
             solver = KeepFrames(solver, fixed)
         experts = None
         if self.transformer_2 is not None:
-            step, teacache, experts = self._expert_step(req, cond, uncond, batch_cfg, recorder, image_cond, solver)
+            step, teacache = self._expert_step(req, cond, uncond, batch_cfg, recorder, image_cond, solver)
+            experts = step
         elif mesh is None:
             teacache = TeaCache(req.teacache, req.num_inference_steps) if req.teacache is not None else None
             step = GuidedStep(self.transformer, cond, uncond, req.guidance_scale, batch_cfg=batch_cfg,
@@ -455,13 +456,14 @@ class Engine:
         return Video(frames=frames, fps=fps, seed=req.seed, latents=final, timings=timings, stats=stats)
 
     def _expert_step(self, req, cond, uncond, batch_cfg, recorder, shared, solver):
-        """A14B: ``(step, (teacache_high, teacache_low), expert_step)``: one :class:`GuidedStep` per expert (its own
+        """A14B: ``(expert_step, (teacache_high, teacache_low) or None)``: one :class:`GuidedStep` per expert (its own
         guidance scale, TeaCache state, CUDA graphs and calibration record), switched at the boundary by
         :class:`~wanrt.sampling.loop.ExpertStep`, which also puts each expert on the device for its steps."""
         from .cache.teacache import TeaCache
-        from .sampling.loop import ExpertStep, GuidedStep
+        from .sampling.loop import ExpertStep, GuidedStep, expert_counts
 
-        counts = ExpertStep((None, None), solver.timesteps.tolist(), req.boundary).counts
+        timesteps = solver.timesteps.tolist()
+        counts = expert_counts(timesteps, req.boundary)
         configs = (req.teacache, req.teacache_2)
         scales = (req.guidance_scale, req.guidance_scale_2)
         graphs = (self._graphs, self._graphs_2)
@@ -483,9 +485,9 @@ class Engine:
                                   recorder=rec, **shared)
             steps.append(step)
             caches.append(tc)
-        step = ExpertStep(steps, solver.timesteps.tolist(), req.boundary, activate=self.experts.activate)
+        step = ExpertStep(steps, timesteps, req.boundary, activate=self.experts.activate)
         teacache = tuple(caches) if any(c is not None for c in caches) else None
-        return step, teacache, step
+        return step, teacache
 
     def _ti2v_first_frame(self, req: Request, timings: dict[str, float]) -> torch.Tensor:
         """TI2V image-to-video: the image scaled to cover the output size with Lanczos, centre-cropped, VAE-encoded:
@@ -567,7 +569,7 @@ class Engine:
         prompt cache, the VAE runs once; for i2v/flf2v a mid-gray frame of exactly this size conditions it).
         Returns its timings; raises ValueError as ``generate()`` for a bad size."""
         images = {}
-        if self.preset.task in ("i2v", "flf2v"):
+        if self.preset.image_conditioned:
             height = self.preset.height if height is None else height
             width = self.preset.width if width is None else width
             gray = np.full((height, width, 3), 128, np.uint8)
@@ -754,16 +756,17 @@ def _check_moe_config(config: EngineConfig) -> None:
 FILE_PARTS = ("dit", "dit_2", "text_encoder", "vae", "image_encoder", "tokenizer")
 
 
-def _check_files(files: dict, task: str, *, clip: bool = True, moe: bool = False) -> dict[str, Path]:
+def _check_files(files: dict, preset: Preset) -> dict[str, Path]:
     """``files`` of ``Engine(files=...)`` as paths: known parts only, "dit", "text_encoder", "vae" (and
-    "image_encoder" for i2v/flf2v with CLIP) present, every path existing. Raises ValueError / FileNotFoundError
-    naming the part."""
+    "image_encoder" for i2v/flf2v with CLIP, "dit_2" for A14B) present, every path existing. Raises ValueError /
+    FileNotFoundError naming the part."""
     if not isinstance(files, dict):
         raise ValueError(f"files must be a dict of part -> path, got {type(files).__name__}")
     unknown = set(files) - set(FILE_PARTS)
     if unknown:
         raise ValueError(f"files: unknown part(s) {sorted(unknown)}; parts are {list(FILE_PARTS)}")
-    needed = ["dit", "text_encoder", "vae"] + (["image_encoder"] if task in ("i2v", "flf2v") and clip else []) + \
+    task, moe = preset.task, preset.is_moe
+    needed = ["dit", "text_encoder", "vae"] + (["image_encoder"] if preset.uses_clip else []) + \
         (["dit_2"] if moe else [])
     if not moe and files.get("dit_2") is not None:
         raise ValueError("files: dit_2 (the low-noise expert) is for a Wan2.2 A14B preset (t2v-a14b, i2v-a14b)")

@@ -193,7 +193,7 @@ class Preset:
     def max_area(self) -> int | None:
         """Default pixel area of the output for i2v/flf2v (and VACE's source video) (``height * width``; the official ``--size`` read as
         an area), None for t2v."""
-        return self.height * self.width if self.task not in ("t2v",) else None
+        return self.height * self.width if self.task != "t2v" else None
 
 
 _SIZES_14B = ((720, 1280), (1280, 720), (480, 832), (832, 480))

@@ -132,7 +132,7 @@ class GuidedStep:
         """
         m, n = self.model, len(self.branches)
         if self.token_mask is not None and not isinstance(t, torch.Tensor):  # [L]: the fixed frame's tokens at 0
-            t = self.token_mask.to(x.device, torch.float64) * t
+            t = self.token_mask.to(x.device, torch.float64) * t  # (a no-op move when made on the device)
         if isinstance(t, torch.Tensor) and t.numel() > 1:  # per-token timesteps, the same for both branches
             tt = t.to(device=x.device, dtype=torch.float64).reshape(1, -1).expand(n, -1)  # [n, L]
         else:
@@ -206,8 +206,7 @@ class ExpertStep:
 
     def __init__(self, steps, timesteps, boundary: float, activate: Callable[[int], None] | None = None):
         self.steps = tuple(steps)
-        self.threshold = float(boundary) * 1000
-        self.expert_of = [0 if float(t) >= self.threshold else 1 for t in timesteps]
+        self.expert_of = experts_of(timesteps, boundary)
         self.counts = (self.expert_of.count(0), self.expert_of.count(1))
         self.first = (0, self.counts[0])
         self.activate = activate
@@ -218,6 +217,18 @@ class ExpertStep:
         if local == 0 and self.activate is not None:
             self.activate(e)
         return self.steps[e](x, t, local)
+
+
+def experts_of(timesteps, boundary: float) -> list[int]:
+    """The expert of each timestep (0..1000): 0 (high noise) while ``t >= boundary * 1000``, then 1 (low noise)."""
+    threshold = float(boundary) * 1000
+    return [0 if float(t) >= threshold else 1 for t in timesteps]
+
+
+def expert_counts(timesteps, boundary: float) -> tuple[int, int]:
+    """``(high, low)``: how many of ``timesteps`` each A14B expert runs (:func:`experts_of`)."""
+    of = experts_of(timesteps, boundary)
+    return of.count(0), of.count(1)
 
 
 class KeepFrames:
